@@ -1,0 +1,16 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits with status 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, config key, argument, plugin name): the message
+    names it and says what was expected."""
+
+
+class ConfigError(UserError):
+    """An unknown config key, a value of the wrong type or an invalid combination."""
+
+
+class DatasetError(UserError):
+    """A dataset folder, file or variable table that does not meet the dataset contract."""

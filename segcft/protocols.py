@@ -1,0 +1,88 @@
+"""The contracts between pipeline stages (DESIGN.md "Contracts"), as typing Protocols.
+
+Plugins implement these; ``train.py``, ``cft.py`` and ``evaluate.py`` only rely on them.
+Batches are dicts (DESIGN.md): ``image`` (B, 1, *S) in [-1, 1], ``mask`` (B, *S) int64 labels,
+``regions`` (B, *S) int64 region ids (optional), ``parents`` (B, P) normalised float32,
+``exogenous`` (B, E) float32 (phantoms only), ``index`` (B,) int64 sample index.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch stays out of the import path of the CLI and the registry
+    import torch
+
+    from segcft.data.variables import DatasetInfo
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Image mechanism x = g(z, u; pa). An ``nn.Module``; ``spatial_dims`` is 2 or 3."""
+
+    spatial_dims: int
+
+    def elbo(self, x: "torch.Tensor", pa: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """Per-pixel terms averaged over the batch: ``loss`` (nll + beta*kl), ``nll``, ``kl``;
+        also ``nelbo`` (B,), the per-sample loss, for constraints and evaluation."""
+
+    def abduct(self, x: "torch.Tensor", pa: "torch.Tensor", temperature: float = 1.0) -> Any:
+        """Exogenous latents z ~ q(z | x, pa) (an object ``decode`` accepts; differentiable)."""
+
+    def decode(self, latents: Any, pa: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Likelihood loc and scale (B, 1, *S) for latents under parents ``pa``."""
+
+    def counterfactual(
+        self, x: "torch.Tensor", pa: "torch.Tensor", pa_cf: "torch.Tensor", particles: int = 1
+    ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """x_cf = clamp(mu* + sigma* (x - mu) / sigma, -1, 1), averaged over ``particles`` z draws;
+        returns (x_cf, per-pixel variance over particles or None when particles == 1)."""
+
+    def sample(self, pa: "torch.Tensor", temperature: float = 1.0) -> "torch.Tensor":
+        """Draw x from the prior given parents."""
+
+
+@runtime_checkable
+class Segmentor(Protocol):
+    """``forward(x) -> logits (B, C, *S)``; ``classes[0]`` is background."""
+
+    classes: tuple[str, ...]
+    spatial_dims: int
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Regressor(Protocol):
+    """Anti-causal predictor of every variable from the image, frozen during fine-tuning."""
+
+    spatial_dims: int
+
+    def __call__(self, x: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """``loc`` (B, P) (logit for binary variables) and ``scale`` (B, P) (1 for binary)."""
+
+    def nll(self, x: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+        """Per-variable negative log-likelihood (B, P) of normalised targets (binary: 0/1 or
+        soft probabilities, Bernoulli cross-entropy; continuous: Gaussian)."""
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """A map-style torch Dataset of sample dicts (the batch format without the B axis)."""
+
+    info: "DatasetInfo"
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, "torch.Tensor"]: ...
+
+
+@runtime_checkable
+class Phantom(Dataset, Protocol):
+    """A dataset that can redraw a subject: the exact counterfactual of every intervention."""
+
+    def render(
+        self, exogenous: "torch.Tensor", parents: "torch.Tensor"
+    ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
+        """(B, E) exogenous and (B, P) *physical* parent values -> image (B, 1, *S) in [-1, 1],
+        mask (B, *S) int64, regions (B, *S) int64 or None. Deterministic."""
