@@ -11,28 +11,66 @@ from dataclasses import dataclass, field
 
 @dataclass
 class HVAEConfig:
-    """Conditional hierarchical VAE (METHOD.md section 2)."""
+    """Conditional hierarchical VAE (METHOD.md section 2).
 
-    preset: str = field(default="64", metadata={"help": "architecture preset: 64, 192 or 3d"})
-    beta: float = field(default=1.0, metadata={"help": "KL weight"})
+    ``preset`` fills every architecture field left at its "preset" value (empty tuple, 0 or "");
+    a field set explicitly overrides the preset. Stage lists run from the full resolution down:
+    stage i has ``widths[i]`` channels, ``enc_blocks[i]`` encoder and ``dec_blocks[i]`` decoder
+    blocks, and is average-pooled by ``pool[i]`` (per axis, capped at the axis size) into stage i+1.
+    """
+
+    preset: str = field(default="64", metadata={"help": "architecture preset: 64 (2D, CPU-sized), 192 (2D, paper scale) or 3d (64x32x32 volumes)"})
+    widths: tuple[int, ...] = field(default=(), metadata={"help": "channels per stage, full resolution first (empty: preset)"})
+    enc_blocks: tuple[int, ...] = field(default=(), metadata={"help": "encoder residual blocks per stage (empty: preset)"})
+    dec_blocks: tuple[int, ...] = field(default=(), metadata={"help": "decoder blocks per stage, stochastic up to z_max_res (empty: preset)"})
+    pool: tuple[int, ...] = field(default=(), metadata={"help": "average-pool factor from stage i to i+1, one fewer than stages (empty: preset)"})
+    z_dim: int = field(default=0, metadata={"help": "latent channels per stochastic block (0: preset)"})
+    z_max_res: int = field(default=0, metadata={"help": "largest stage size (longest axis) with stochastic blocks; above it blocks are deterministic (0: preset)"})
+    bias_max_res: int = field(default=0, metadata={"help": "learned decoder biases at stages whose longest axis is at most this (0: preset)"})
+    bottleneck: int = field(default=0, metadata={"help": "residual-branch width = stage width / bottleneck (0: preset)"})
+    block: str = field(default="", metadata={"help": "block type: bottleneck (GELU, 1-3-3-1 convs) or light (ReLU, 3-3 convs) (empty: preset)"})
+    beta: float = field(default=1.0, metadata={"help": "KL weight in the per-pixel nelbo"})
+    std_init: float = field(default=0.0, metadata={"help": "if > 0, the likelihood scale starts at this value everywhere (0: learned from a random init)"})
+    x_logscale_min: float = field(default=-9.0, metadata={"help": "floor of the likelihood log-scale"})
 
 
 @dataclass
 class UNetConfig:
-    """MONAI UNet segmentor."""
+    """MONAI UNet segmentor: logits over background plus the dataset's structures."""
 
-    channels: tuple[int, ...] = field(default=(16, 32, 64, 128), metadata={"help": "feature widths per level"})
+    channels: tuple[int, ...] = field(
+        default=(16, 32, 64, 128),
+        metadata={"help": "feature widths per level; each level after the first halves the resolution"},
+    )
+    num_res_units: int = field(default=1, metadata={"help": "residual units per level (0: plain conv blocks)"})
+    norm: str = field(
+        default="instance",
+        metadata={"help": "normalisation layer: instance, group or batch (instance and group never use batch statistics)"},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability inside the conv blocks"})
 
 
 @dataclass
 class CNNRegressorConfig:
-    """Small CNN predicting every variable from the image."""
+    """Small CNN predicting every variable from the image (GroupNorm, no batch statistics)."""
 
     width: int = field(default=16, metadata={"help": "channels of the first conv"})
+    depth: int = field(default=4, metadata={"help": "stride-2 stages; the width doubles at each, up to max_width"})
+    max_width: int = field(default=128, metadata={"help": "channel cap of the deepest stages"})
+    groups: int = field(default=8, metadata={"help": "GroupNorm groups (must divide every width)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout before the output layer"})
+    min_scale: float = field(
+        default=1e-2, metadata={"help": "lower bound of the predicted std of continuous variables (normalised units)"}
+    )
 
 
 @dataclass
 class MechanismsConfig:
-    """Parent mechanisms (the SCM over scalar variables)."""
+    """Parent mechanisms (the SCM over scalar variables, METHOD.md section 1)."""
 
     hidden: int = field(default=32, metadata={"help": "MLP width of the conditional mechanisms"})
+    layers: int = field(default=2, metadata={"help": "hidden layers of each conditional MLP"})
+    spline_bins: int = field(default=8, metadata={"help": "bins of the rational-quadratic spline of continuous roots"})
+    spline_bound: float = field(
+        default=5.0, metadata={"help": "the root splines act on [-bound, bound] (normalised units), identity outside"}
+    )

@@ -1,0 +1,39 @@
+// Interface between the CPU dispatcher (soft_area_cpu.cpp) and the per-instruction-set kernels.
+// Each kernel translation unit is compiled with its own flags and exports one table; the
+// dispatcher picks a table at run time from the CPU's features.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../soft_area.h"
+
+namespace segcft {
+namespace cpu {
+
+// Spatial positions per chunk of the flattened spatial axes. Fixed (never derived from the
+// thread count) so that forward sums are identical for any number of threads.
+constexpr int64_t kChunk = 4096;
+// Region counts up to this use per-region masked vector accumulators; above it, a scalar scatter.
+constexpr int64_t kVecRegions = 8;
+
+struct KernelTable {
+  const char* name;
+  // Bytes of 64-byte-aligned scratch one worker needs for problem p.
+  std::size_t (*scratch_bytes)(const Problem& p);
+  // Raw sums over flattened spatial positions [begin, end) of batch item b into
+  // partial[c * max(R,1) + r] (overwritten).
+  void (*forward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
+                        void* scratch);
+  // dL/dlogits over flattened spatial positions [begin, end) of batch item b.
+  void (*backward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch);
+};
+
+KernelTable scalar_kernels();
+#if defined(SEGCFT_HAVE_X86_KERNELS)
+KernelTable avx2_kernels();
+KernelTable avx512_kernels();
+#endif
+
+}  // namespace cpu
+}  // namespace segcft

@@ -1,0 +1,121 @@
+// AVX2 + FMA + F16C soft-area kernels; compiled with those flags for this file only and
+// selected at run time when the CPU supports them.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace segcft {
+namespace cpu {
+namespace {
+
+struct Vec256 {
+  static constexpr int W = 8;
+  using S = float;
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256;  // all-ones / all-zeros lanes
+
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+
+  // exp(x) to about 2 ulp (Cephes polynomial); NaN in, NaN out; underflows to ~1e-38.
+  static F exp(F x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);  // second operand is returned for NaN
+    x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
+    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    F y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+
+  static F load_s(const float* p) { return _mm256_loadu_ps(p); }
+  static void store_s(float* p, F v) { _mm256_storeu_ps(p, v); }
+
+  template <DType DT>
+  static F load(const void* p) {
+    if constexpr (DT == DType::Float32) {
+      return _mm256_loadu_ps(static_cast<const float*>(p));
+    } else if constexpr (DT == DType::Float16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    } else {
+      const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    }
+  }
+
+  template <DType DT>
+  static void store(void* p, F v) {
+    if constexpr (DT == DType::Float32) {
+      _mm256_storeu_ps(static_cast<float*>(p), v);
+    } else if constexpr (DT == DType::Float16) {
+      _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      // Round to nearest even; NaN stays a quiet NaN.
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i h = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7fc0), nan);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+      _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    }
+  }
+
+  // 8 int64 ids -> int32 lanes (low halves; callers validate the range, this never reads
+  // out of bounds).
+  static I load_ids(const int64_t* p) {
+    const __m256i sel = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), sel);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4)), sel);
+    return _mm256_permute2x128_si256(a, b, 0x20);
+  }
+  static M eq(I ids, int r) { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(r))); }
+  static M valid(I ids, int R) {
+    const __m256i ge0 = _mm256_cmpgt_epi32(ids, _mm256_set1_epi32(-1));
+    const __m256i ltR = _mm256_cmpgt_epi32(_mm256_set1_epi32(R), ids);
+    return _mm256_castsi256_ps(_mm256_and_si256(ge0, ltR));
+  }
+  static M tail(int n) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+  static F mask_add(F acc, M m, F x) { return _mm256_add_ps(acc, _mm256_and_ps(m, x)); }
+  static F permute(I ids, F table, M ok) { return _mm256_and_ps(ok, _mm256_permutevar8x32_ps(table, ids)); }
+  static F gather(const float* base, I ids, M ok) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, ids, ok, 4);
+  }
+  // Horizontal sum in a fixed pairwise order.
+  static float hsum(F v) {
+    alignas(32) float a[W];
+    _mm256_store_ps(a, v);
+    for (int w = W / 2; w > 0; w /= 2)
+      for (int i = 0; i < w; ++i) a[i] += a[i + w];
+    return a[0];
+  }
+};
+
+#include "kernels_impl.h"
+
+std::size_t scratch_bytes(const Problem& p) { return scratch_bytes_impl<Vec256>(p); }
+
+}  // namespace
+
+KernelTable avx2_kernels() {
+  return {"avx2", &scratch_bytes, &forward_chunk_dispatch<Vec256>, &backward_chunk_dispatch<Vec256>};
+}
+
+}  // namespace cpu
+}  // namespace segcft

@@ -1,0 +1,111 @@
+// AVX-512 (F, BW, VL, DQ) soft-area kernels; compiled with AVX-512 flags for this file only and
+// selected at run time when the CPU supports them.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace segcft {
+namespace cpu {
+namespace {
+
+struct Vec512 {
+  static constexpr int W = 16;
+  using S = float;
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+
+  // exp(x) to about 2 ulp (Cephes polynomial); NaN in, NaN out; underflows to ~1e-38.
+  static F exp(F x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // second operand is returned for NaN
+    x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
+    const F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    F y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+  }
+
+  static F load_s(const float* p) { return _mm512_loadu_ps(p); }
+  static void store_s(float* p, F v) { _mm512_storeu_ps(p, v); }
+
+  template <DType DT>
+  static F load(const void* p) {
+    if constexpr (DT == DType::Float32) {
+      return _mm512_loadu_ps(p);
+    } else if constexpr (DT == DType::Float16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+    } else {
+      const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    }
+  }
+
+  template <DType DT>
+  static void store(void* p, F v) {
+    if constexpr (DT == DType::Float32) {
+      _mm512_storeu_ps(p, v);
+    } else if constexpr (DT == DType::Float16) {
+      _mm256_storeu_si256(static_cast<__m256i*>(p),
+                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      // Round to nearest even; NaN stays a quiet NaN.
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+      h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+      _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
+    }
+  }
+
+  // 16 int64 ids -> int32 lanes with signed saturation (huge ids stay out of range).
+  static I load_ids(const int64_t* p) {
+    const __m256i lo = _mm512_cvtsepi64_epi32(_mm512_loadu_si512(p));
+    const __m256i hi = _mm512_cvtsepi64_epi32(_mm512_loadu_si512(p + 8));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  static M eq(I ids, int r) { return _mm512_cmpeq_epi32_mask(ids, _mm512_set1_epi32(r)); }
+  static M valid(I ids, int R) { return _mm512_cmplt_epu32_mask(ids, _mm512_set1_epi32(R)); }
+  static M tail(int n) { return static_cast<M>((1u << n) - 1u); }
+  static F mask_add(F acc, M m, F x) { return _mm512_mask_add_ps(acc, m, acc, x); }
+  static F permute(I ids, F table, M ok) { return _mm512_maskz_permutexvar_ps(ok, ids, table); }
+  static F gather(const float* base, I ids, M ok) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, ids, base, 4);
+  }
+  // Horizontal sum in a fixed pairwise order.
+  static float hsum(F v) {
+    alignas(64) float a[W];
+    _mm512_store_ps(a, v);
+    for (int w = W / 2; w > 0; w /= 2)
+      for (int i = 0; i < w; ++i) a[i] += a[i + w];
+    return a[0];
+  }
+};
+
+#include "kernels_impl.h"
+
+std::size_t scratch_bytes(const Problem& p) { return scratch_bytes_impl<Vec512>(p); }
+
+}  // namespace
+
+KernelTable avx512_kernels() {
+  return {"avx512", &scratch_bytes, &forward_chunk_dispatch<Vec512>, &backward_chunk_dispatch<Vec512>};
+}
+
+}  // namespace cpu
+}  // namespace segcft

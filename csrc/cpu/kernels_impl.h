@@ -1,0 +1,245 @@
+// Generic soft-area chunk kernels over a vector abstraction `V`. Included by each kernel
+// translation unit inside an anonymous namespace, after it defines its vector type, so every
+// instruction set gets its own internal-linkage copy (no symbol can leak between units compiled
+// with different flags).
+//
+// V provides: W (lanes), S (scalar compute type), F (vector of S), I (vector of region ids), M
+// (lane mask); zero, set1, add, sub, mul, div, max, exp, load_s, store_s, load<DT>, store<DT>,
+// load_ids, eq, valid, tail, mask_add, select, permute, gather, hsum.
+
+template <DType DT>
+struct Storage;
+template <>
+struct Storage<DType::Float32> {
+  using T = float;
+};
+template <>
+struct Storage<DType::Float16> {
+  using T = std::uint16_t;
+};
+template <>
+struct Storage<DType::BFloat16> {
+  using T = std::uint16_t;
+};
+template <>
+struct Storage<DType::Float64> {
+  using T = double;
+};
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Loads n (<= W) logits at stride `stride`; lanes >= n read as zero.
+template <class V, DType DT>
+inline typename V::F load_x(const typename Storage<DT>::T* ptr, int64_t stride, int n) {
+  using T = typename Storage<DT>::T;
+  if (stride == 1 && n == V::W) return V::template load<DT>(ptr);
+  alignas(64) T buf[V::W];
+  for (int i = 0; i < V::W; ++i) buf[i] = T(0);
+  for (int i = 0; i < n; ++i) buf[i] = ptr[i * stride];
+  return V::template load<DT>(buf);
+}
+
+// Stores the first n lanes of v contiguously.
+template <class V, DType DT>
+inline void store_x(typename Storage<DT>::T* ptr, typename V::F v, int n) {
+  using T = typename Storage<DT>::T;
+  if (n == V::W) {
+    V::template store<DT>(ptr, v);
+    return;
+  }
+  alignas(64) T buf[V::W];
+  V::template store<DT>(buf, v);
+  for (int i = 0; i < n; ++i) ptr[i] = buf[i];
+}
+
+// Loads n (<= W) region ids at stride `stride`; lanes >= n read as -1 (matches no region).
+template <class V>
+inline typename V::I load_region_ids(const int64_t* ptr, int64_t stride, int n) {
+  if (stride == 1 && n == V::W) return V::load_ids(ptr);
+  alignas(64) int64_t buf[V::W];
+  for (int i = 0; i < V::W; ++i) buf[i] = -1;
+  for (int i = 0; i < n; ++i) buf[i] = ptr[i * stride];
+  return V::load_ids(buf);
+}
+
+// In place: logits of one vector of positions -> probabilities (softmax over C or sigmoid).
+template <class V>
+inline void probabilities(typename V::F* xs, int64_t C, Activation act) {
+  using F = typename V::F;
+  const F one = V::set1(1);
+  if (act == Activation::Sigmoid) {
+    for (int64_t c = 0; c < C; ++c) xs[c] = V::div(one, V::add(one, V::exp(V::sub(V::zero(), xs[c]))));
+    return;
+  }
+  F m = xs[0];
+  for (int64_t c = 1; c < C; ++c) m = V::max(m, xs[c]);
+  F s = V::zero();
+  for (int64_t c = 0; c < C; ++c) {
+    xs[c] = V::exp(V::sub(xs[c], m));
+    s = V::add(s, xs[c]);
+  }
+  const F inv = V::div(one, s);
+  for (int64_t c = 0; c < C; ++c) xs[c] = V::mul(xs[c], inv);
+}
+
+// Walks the flattened spatial range [begin, end) of batch item b row by row (rows along the
+// last spatial axis) and calls fn(flat_index, logits_base, region_base, length) per row segment.
+template <class T, class Fn>
+inline void for_each_segment(const Problem& p, int64_t b, int64_t begin, int64_t end, Fn&& fn) {
+  const int64_t n2 = p.size[2], n1 = p.size[1];
+  int64_t i2 = begin % n2, t = begin / n2;
+  int64_t i1 = t % n1, i0 = t / n1;
+  int64_t flat = begin;
+  while (flat < end) {
+    const int64_t len = min64(n2 - i2, end - flat);
+    const T* base = static_cast<const T*>(p.logits) + b * p.stride_b + i0 * p.stride_s[0] +
+                    i1 * p.stride_s[1] + i2 * p.stride_s[2];
+    const int64_t* rbase = nullptr;
+    if (p.regions != nullptr)
+      rbase = p.regions + b * p.region_stride_b + i0 * p.region_stride_s[0] +
+              i1 * p.region_stride_s[1] + i2 * p.region_stride_s[2];
+    fn(flat, base, rbase, len);
+    flat += len;
+    i2 += len;
+    if (i2 == n2) {
+      i2 = 0;
+      if (++i1 == n1) {
+        i1 = 0;
+        ++i0;
+      }
+    }
+  }
+}
+
+template <class V>
+std::size_t scratch_bytes_impl(const Problem& p) {
+  const int64_t C = p.channels, Rb = p.region_slots();
+  // xs, gs, gtab (C each), vector accumulators (C * Rb), scalar accumulators (C * R).
+  return sizeof(typename V::F) * static_cast<std::size_t>(3 * C + C * Rb) +
+         sizeof(typename V::S) * static_cast<std::size_t>(C * p.num_regions) + 64;
+}
+
+template <class V, DType DT>
+void forward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
+                        void* scratch) {
+  using F = typename V::F;
+  using S = typename V::S;
+  using T = typename Storage<DT>::T;
+  const int64_t C = p.channels, R = p.num_regions, Rb = p.region_slots();
+  const bool scatter = R > kVecRegions;
+  F* xs = static_cast<F*>(scratch);
+  F* acc = xs + 3 * C;
+  S* sacc = reinterpret_cast<S*>(acc + C * Rb);
+  for (int64_t i = 0; i < C * Rb; ++i) acc[i] = V::zero();
+  if (scatter)
+    for (int64_t i = 0; i < C * R; ++i) sacc[i] = S(0);
+  const int64_t sc = p.stride_c, s2 = p.stride_s[2], rs2 = p.region_stride_s[2];
+
+  for_each_segment<T>(p, b, begin, end, [&](int64_t, const T* base, const int64_t* rbase, int64_t len) {
+    for (int64_t j = 0; j < len; j += V::W) {
+      const int n = static_cast<int>(min64(V::W, len - j));
+      for (int64_t c = 0; c < C; ++c) xs[c] = load_x<V, DT>(base + c * sc + j * s2, s2, n);
+      probabilities<V>(xs, C, p.activation);
+      if (R == 0) {
+        if (n == V::W) {
+          for (int64_t c = 0; c < C; ++c) acc[c] = V::add(acc[c], xs[c]);
+        } else {
+          const typename V::M m = V::tail(n);
+          for (int64_t c = 0; c < C; ++c) acc[c] = V::mask_add(acc[c], m, xs[c]);
+        }
+      } else if (!scatter) {
+        const typename V::I ids = load_region_ids<V>(rbase + j * rs2, rs2, n);
+        for (int64_t r = 0; r < R; ++r) {
+          const typename V::M m = V::eq(ids, static_cast<int>(r));
+          for (int64_t c = 0; c < C; ++c) acc[c * R + r] = V::mask_add(acc[c * R + r], m, xs[c]);
+        }
+      } else {
+        alignas(64) S lanes[V::W];
+        for (int64_t c = 0; c < C; ++c) {
+          V::store_s(lanes, xs[c]);
+          for (int i = 0; i < n; ++i) {
+            const int64_t id = rbase[(j + i) * rs2];
+            if (static_cast<uint64_t>(id) < static_cast<uint64_t>(R)) sacc[c * R + id] += lanes[i];
+          }
+        }
+      }
+    }
+  });
+
+  for (int64_t i = 0; i < C * Rb; ++i) partial[i] = static_cast<double>(V::hsum(acc[i]));
+  if (scatter)
+    for (int64_t i = 0; i < C * R; ++i) partial[i] += static_cast<double>(sacc[i]);
+}
+
+template <class V, DType DT>
+void backward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
+  using F = typename V::F;
+  using S = typename V::S;
+  using T = typename Storage<DT>::T;
+  const int64_t C = p.channels, R = p.num_regions, Rb = p.region_slots();
+  const int64_t Sn = p.spatial_numel();
+  F* xs = static_cast<F*>(scratch);
+  F* gs = xs + C;
+  F* gtab = gs + C;
+  const S* g = static_cast<const S*>(p.grad) + b * C * Rb;
+  const bool permute = R > 0 && R <= V::W;
+  for (int64_t c = 0; c < C; ++c) {
+    if (R == 0) {
+      gtab[c] = V::set1(g[c]);
+    } else if (permute) {
+      alignas(64) S row[V::W];
+      for (int i = 0; i < V::W; ++i) row[i] = i < R ? g[c * R + i] : S(0);
+      gtab[c] = V::load_s(row);
+    }
+  }
+  T* out = static_cast<T*>(p.grad_logits) + b * C * Sn;
+  const int64_t sc = p.stride_c, s2 = p.stride_s[2], rs2 = p.region_stride_s[2];
+  const bool softmax = p.activation == Activation::Softmax;
+  const F one = V::set1(1);
+
+  for_each_segment<T>(p, b, begin, end, [&](int64_t flat, const T* base, const int64_t* rbase, int64_t len) {
+    for (int64_t j = 0; j < len; j += V::W) {
+      const int n = static_cast<int>(min64(V::W, len - j));
+      for (int64_t c = 0; c < C; ++c) xs[c] = load_x<V, DT>(base + c * sc + j * s2, s2, n);
+      probabilities<V>(xs, C, p.activation);
+      if (R == 0) {
+        for (int64_t c = 0; c < C; ++c) gs[c] = gtab[c];
+      } else {
+        const typename V::I ids = load_region_ids<V>(rbase + j * rs2, rs2, n);
+        const typename V::M ok = V::valid(ids, static_cast<int>(R));
+        for (int64_t c = 0; c < C; ++c)
+          gs[c] = permute ? V::permute(ids, gtab[c], ok) : V::gather(g + c * R, ids, ok);
+      }
+      T* o = out + flat + j;
+      if (softmax) {
+        F dot = V::zero();
+        for (int64_t c = 0; c < C; ++c) dot = V::add(dot, V::mul(xs[c], gs[c]));
+        for (int64_t c = 0; c < C; ++c) store_x<V, DT>(o + c * Sn, V::mul(xs[c], V::sub(gs[c], dot)), n);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          store_x<V, DT>(o + c * Sn, V::mul(gs[c], V::mul(xs[c], V::sub(one, xs[c]))), n);
+      }
+    }
+  });
+}
+
+template <class V>
+void forward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
+                            void* scratch) {
+  switch (p.dtype) {
+    case DType::Float32: return forward_chunk_impl<V, DType::Float32>(p, b, begin, end, partial, scratch);
+    case DType::Float16: return forward_chunk_impl<V, DType::Float16>(p, b, begin, end, partial, scratch);
+    case DType::BFloat16: return forward_chunk_impl<V, DType::BFloat16>(p, b, begin, end, partial, scratch);
+    default: return;
+  }
+}
+
+template <class V>
+void backward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
+  switch (p.dtype) {
+    case DType::Float32: return backward_chunk_impl<V, DType::Float32>(p, b, begin, end, scratch);
+    case DType::Float16: return backward_chunk_impl<V, DType::Float16>(p, b, begin, end, scratch);
+    case DType::BFloat16: return backward_chunk_impl<V, DType::BFloat16>(p, b, begin, end, scratch);
+    default: return;
+  }
+}

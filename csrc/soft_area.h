@@ -1,0 +1,112 @@
+// Soft area / soft volume kernels: shared declarations and conventions.
+//
+// Tensors cross from Python as raw data pointers plus shapes and element strides, so the
+// extension neither includes nor links libtorch.
+//
+// Conventions (CPU module segcft._C and CUDA module segcft._C_cuda alike):
+//   logits        (B, C, *S), 1 to 3 spatial axes S, any element strides, dtype DType.
+//   regions       optional int64 map (B, *S), any element strides, ids in [0, R).
+//   out           contiguous (B, C, max(R, 1)) raw sums of probabilities, float32 (float64 for
+//                 float64 logits on the CPU); zero-initialised by the kernel.
+//   grad          contiguous (B, C, max(R, 1)) dL/d(raw sum), same float type as out.
+//   grad_logits   contiguous (B, C, *S), same dtype as the logits.
+// Softmax backward: dL/dl[b,k,s] = p[b,k,s] (g[b,k,r(s)] - sum_c p[b,c,s] g[b,c,r(s)]);
+// sigmoid backward: dL/dl[b,k,s] = g[b,k,r(s)] p (1 - p).
+// Forward sums are accumulated in the compute precision inside fixed chunks of the flattened
+// spatial axes and combined in chunk order, so results are bitwise identical for any number of
+// threads. Region ids outside [0, R) are never used to index memory (callers validate them).
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace segcft {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+enum class Activation : int { Softmax = 0, Sigmoid = 1 };
+
+constexpr int kMaxSpatialDims = 3;
+
+// One soft-area problem with its spatial axes padded in front to three (size 1, stride 0).
+struct Problem {
+  const void* logits = nullptr;
+  DType dtype = DType::Float32;
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t size[kMaxSpatialDims] = {1, 1, 1};
+  int64_t stride_b = 0;
+  int64_t stride_c = 0;
+  int64_t stride_s[kMaxSpatialDims] = {0, 0, 0};
+  const int64_t* regions = nullptr;  // nullptr: no region map
+  int64_t region_stride_b = 0;
+  int64_t region_stride_s[kMaxSpatialDims] = {0, 0, 0};
+  int64_t num_regions = 0;  // R; 0 means no region map
+  Activation activation = Activation::Softmax;
+  const void* grad = nullptr;  // backward: (B, C, max(R,1)) float32 / float64
+  void* grad_logits = nullptr;  // backward: contiguous (B, C, *S), logits dtype
+
+  int64_t spatial_numel() const { return size[0] * size[1] * size[2]; }
+  int64_t region_slots() const { return num_regions > 0 ? num_regions : 1; }
+};
+
+// Builds a Problem from the binding arguments (shape [B, C, *S], element strides of the logits,
+// region strides [b, *s]) and throws std::invalid_argument (ValueError in Python) when they are
+// inconsistent. Spatial axes are padded in front to three.
+inline Problem make_problem(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
+                            const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
+                            const std::vector<int64_t>& region_strides, int64_t num_regions,
+                            int activation) {
+  if (shape.size() < 3 || shape.size() > 2 + kMaxSpatialDims)
+    throw std::invalid_argument("shape must be [B, C, *S] with 1 to 3 spatial axes, got " +
+                                std::to_string(shape.size()) + " entries");
+  if (strides.size() != shape.size())
+    throw std::invalid_argument("strides must have one entry per axis of shape");
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] < 0) throw std::invalid_argument("shape entries must be >= 0");
+    if (strides[i] < 0) throw std::invalid_argument("strides must be >= 0");
+  }
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument("dtype must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64)");
+  if (activation != 0 && activation != 1)
+    throw std::invalid_argument("activation must be 0 (softmax) or 1 (sigmoid)");
+  if (num_regions < 0 || num_regions > 0x7fffffff)
+    throw std::invalid_argument("num_regions must be in [0, 2^31)");
+  if ((regions_ptr != 0) != (num_regions > 0))
+    throw std::invalid_argument("regions_ptr must be set exactly when num_regions > 0");
+  const size_t nd = shape.size() - 2;
+  if (regions_ptr != 0 && region_strides.size() != nd + 1)
+    throw std::invalid_argument("region_strides must be [b, *s] with one entry per spatial axis plus one");
+  Problem p;
+  p.logits = reinterpret_cast<const void*>(logits_ptr);
+  p.dtype = static_cast<DType>(dtype);
+  p.batch = shape[0];
+  p.channels = shape[1];
+  p.stride_b = strides[0];
+  p.stride_c = strides[1];
+  const size_t pad = kMaxSpatialDims - nd;
+  for (size_t i = 0; i < nd; ++i) {
+    p.size[pad + i] = shape[2 + i];
+    p.stride_s[pad + i] = strides[2 + i];
+  }
+  if (regions_ptr != 0) {
+    p.regions = reinterpret_cast<const int64_t*>(regions_ptr);
+    p.region_stride_b = region_strides[0];
+    for (size_t i = 0; i < nd; ++i) p.region_stride_s[pad + i] = region_strides[1 + i];
+  }
+  p.num_regions = num_regions;
+  p.activation = static_cast<Activation>(activation);
+  return p;
+}
+
+namespace cpu {
+
+// Writes raw sums (B, C, max(R,1)) to out (float64 for Float64 logits, float32 otherwise).
+void soft_area_forward(const Problem& p, void* out, int num_threads);
+// Writes dL/dlogits for grad = dL/d(raw sums) into p.grad_logits.
+void soft_area_backward(const Problem& p, int num_threads);
+// Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
+const char* active_isa();
+
+}  // namespace cpu
+}  // namespace segcft

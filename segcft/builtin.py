@@ -1,0 +1,77 @@
+"""The built-in components, registered through the same hooks as any third-party plugin.
+
+Factories are lazy ``"module:attr"`` strings and configs are torch-free dataclasses, so this
+module imports neither torch nor model code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from segcft import PLUGIN_API_VERSION, hookimpl
+from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, TiffConfig
+from segcft.models.configs import CNNRegressorConfig, HVAEConfig, UNetConfig
+
+SEGCFT_PLUGIN_API_VERSION = PLUGIN_API_VERSION
+
+
+@hookimpl
+def segcft_register_datasets(register: Callable[..., None]) -> None:
+    """The two phantoms (exact counterfactuals) and user data stored as TIFF files."""
+    register(
+        "cxr-phantom",
+        "segcft.data.cxr_phantom:build",
+        config=CXRPhantomConfig,
+        dims=(2,),
+        description="2D chest X-ray phantom: lungs and heart, with exact counterfactuals",
+    )
+    register(
+        "ccta-phantom",
+        "segcft.data.ccta_phantom:build",
+        config=CCTAPhantomConfig,
+        dims=(3,),
+        description="3D straightened coronary artery phantom with plaque per segment region",
+    )
+    register(
+        "tiff",
+        "segcft.data.tiff:build",
+        config=TiffConfig,
+        dims=(2, 3),
+        description="user data: TIFF images and masks with a CSV of variables (dataset.yaml)",
+    )
+
+
+@hookimpl
+def segcft_register_generators(register: Callable[..., None]) -> None:
+    """The conditional hierarchical VAE image mechanism."""
+    register(
+        "hvae",
+        "segcft.models.hvae:build",
+        config=HVAEConfig,
+        dims=(2, 3),
+        description="conditional hierarchical VAE (VDVAE-style) with pixel-noise abduction",
+    )
+
+
+@hookimpl
+def segcft_register_segmentors(register: Callable[..., None]) -> None:
+    """The MONAI UNet segmentor."""
+    register(
+        "unet",
+        "segcft.models.unet:build",
+        config=UNetConfig,
+        dims=(2, 3),
+        description="MONAI UNet, softmax over the dataset's classes",
+    )
+
+
+@hookimpl
+def segcft_register_regressors(register: Callable[..., None]) -> None:
+    """The anti-causal CNN regressor."""
+    register(
+        "cnn",
+        "segcft.models.regressor:build",
+        config=CNNRegressorConfig,
+        dims=(2, 3),
+        description="small CNN predicting every variable from the image (Gaussian or Bernoulli)",
+    )

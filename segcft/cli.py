@@ -1,0 +1,439 @@
+"""The ``segcft`` command line (Click). Thin: parse arguments, build the config, call the library.
+
+Library modules are imported inside the commands, so ``segcft --help``, ``segcft plugins`` and
+``segcft list`` never import torch. Errors a user can cause print one line and exit with status
+2; ``segcft --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from segcft import __version__
+from segcft.errors import UserError
+
+KIND_CHOICES = {"generators": "generator", "segmentors": "segmentor", "regressors": "regressor", "datasets": "dataset"}
+
+
+class CommandUnavailable(UserError):
+    """A command whose library function is not part of this installation."""
+
+
+class _UserFacing(click.ClickException):
+    exit_code = 2
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    from segcft.plugins import PluginWarning
+
+    if issubclass(category, PluginWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+class SegcftGroup(click.Group):
+    """The root group: adds plugin subcommands on first use and turns UserError into one line."""
+
+    _commands_for: object = None
+    _plugin_commands: frozenset[str] = frozenset()
+
+    def _add_plugin_commands(self) -> None:
+        """Let plugins add subcommands (again when the plugin manager was rebuilt)."""
+        from segcft.plugins import get_plugin_manager
+
+        try:
+            pm = get_plugin_manager()
+        except UserError as exc:  # strict plugin loading, raised while Click parses arguments
+            raise _UserFacing(" ".join(str(exc).split())) from exc
+        if self._commands_for is pm:
+            return
+        for name in self._plugin_commands:
+            self.commands.pop(name, None)
+        before = set(self.commands)
+        self._commands_for = pm
+        pm.hook.segcft_register_commands(cli=self)
+        self._plugin_commands = frozenset(set(self.commands) - before)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise _UserFacing(" ".join(str(exc).split())) from exc
+
+
+def _library(module: str, attr: str, command: str) -> Callable[..., Any]:
+    """``module.attr``, or CommandUnavailable when that module or function does not exist yet.
+
+    Only the absence of the module itself is mapped; an import error inside it propagates."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise CommandUnavailable(
+                f"'segcft {command}' is not available in this installation: module {module} is missing"
+            ) from None
+        raise
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise CommandUnavailable(
+            f"'segcft {command}' is not available in this installation: {module}.{attr} is missing"
+        )
+    return fn
+
+
+def _complete_names(kind: str) -> Callable[[click.Context, click.Parameter, str], list[str]]:
+    """Shell completion of registered component names of ``kind``."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        from segcft.plugins import get_registry
+
+        return [n for n in get_registry().names(kind) if n.startswith(incomplete)]
+
+    return complete
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=SegcftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="segcft")
+@click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
+def cli(debug: bool) -> None:
+    """segcft: segmentor-guided counterfactual fine-tuning of deep structural causal models.
+
+    Components (datasets, generators, segmentors, regressors) come from plugins; see
+    'segcft plugins' and 'segcft list generators'.
+    """
+
+
+# -- plugins and components ------------------------------------------------------------------
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_command(as_json: bool) -> None:
+    """List installed plugins: distribution, version, hooks and registered names."""
+    from segcft.plugins import get_registry
+
+    infos = get_registry().plugins
+    if as_json:
+        _echo_json([p.to_dict() for p in infos])
+        return
+    for p in infos:
+        click.echo(f"{p.name} ({p.distribution} {p.version})")
+        if p.error:
+            click.echo(f"  skipped: {p.error}")
+            continue
+        click.echo(f"  hooks: {', '.join(p.hooks) or '-'}")
+        for kind, names in p.registered.items():
+            click.echo(f"  {kind}: {', '.join(names)}")
+
+
+def _field_rows(config: type) -> list[dict[str, Any]]:
+    from segcft.config import config_fields
+
+    return config_fields(config)
+
+
+def _generator_parameter_counts() -> Callable[[Any], str]:
+    """A function giving the parameter count of a generator built for the default dataset."""
+    cache: dict[str, Any] = {}
+
+    def count(entry: Any) -> str:
+        try:
+            if "info" not in cache:
+                from segcft.config import load_run_config
+                from segcft.plugins import get_registry
+
+                cfg = load_run_config()
+                dataset = get_registry().get("dataset", cfg.dataset.name).load()(cfg.dataset.params, "train")
+                cache["info"] = dataset.info
+            model = entry.load()(entry.config(), cache["info"])
+            return f"{sum(p.numel() for p in model.parameters()):,} (default config, {cache['info'].name})"
+        except Exception as exc:  # noqa: BLE001 - informational only
+            return f"unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+
+    return count
+
+
+@cli.command("list")
+@click.argument("kind", type=click.Choice(sorted(KIND_CHOICES)))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Show config fields (and generator parameter counts).")
+def list_command(kind: str, as_json: bool, verbose: bool) -> None:
+    """List registered components of one KIND with descriptions, dims and config fields."""
+    from segcft.plugins import get_registry
+
+    entries = get_registry().entries(KIND_CHOICES[kind])
+    count = _generator_parameter_counts() if verbose and kind == "generators" else None
+    rows = []
+    for e in entries:
+        row: dict[str, Any] = {
+            "name": e.name,
+            "aliases": list(e.aliases),
+            "plugin": e.plugin,
+            "dims": list(e.dims),
+            "description": e.description,
+            "factory": e.factory_path,
+            "config": _field_rows(e.config),
+        }
+        if count is not None:
+            row["parameters"] = count(e)
+        rows.append(row)
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        dims = "/".join(f"{d}D" for d in row["dims"])
+        click.echo(f"{row['name']}{aliases}  [{dims}, plugin {row['plugin']}]")
+        if row["description"]:
+            click.echo(f"    {row['description']}")
+        if verbose:
+            if "parameters" in row:
+                click.echo(f"    parameters: {row['parameters']}")
+            for f in row["config"]:
+                click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}")
+
+
+# -- train / evaluate / counterfactual -----------------------------------------------------------
+
+
+def _interventions(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> list[str]:
+    for v in values:
+        var, sep, val = v.partition("=")
+        if not sep or not var.strip() or not val.strip():
+            raise click.BadParameter(f"{v!r}: expected VAR=VALUE (VALUE: 12.5, +20%, -10% or x1.2)")
+    return list(values)
+
+
+@cli.command("train")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run config YAML (e.g. RUN/config.yaml of an earlier run).")
+@click.option("--preset", type=click.Choice(["smoke", "quick", "paper"]), default="quick", show_default=True,
+              help="Named preset applied under --config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config value, e.g. --set generator.beta=2.0 (repeatable).")
+@click.option("--dataset", shell_complete=_complete_names("dataset"), help="Dataset plugin name (see 'segcft list datasets').")
+@click.option("--generator", shell_complete=_complete_names("generator"), help="Generator plugin name; its parameters reset to that plugin's defaults.")
+@click.option("--segmentor", shell_complete=_complete_names("segmentor"), help="Segmentor plugin name.")
+@click.option("--regressor", shell_complete=_complete_names("regressor"), help="Regressor plugin name.")
+@click.option("--cft", "cft_modes", multiple=True, type=click.Choice(["none", "reg", "seg", "pos-seg"]),
+              help="Fine-tuning mode to train (repeatable); replaces cft.modes.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder [default: runs/<dataset>-<generator>-<time>].")
+@click.option("--resume", metavar="auto|PATH", help="Continue from the newest checkpoint (auto) or a checkpoint file.")
+@click.option("--only", multiple=True, metavar="STAGE", help="Run only this stage (repeatable).")
+@click.option("--from-stage", metavar="STAGE", help="Start at this stage, reusing earlier stages' checkpoints.")
+@click.option("--segmentor-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Use this trained segmentor instead of training one.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (overrides config 'device').")
+@click.option("--seed", type=int, help="Seed (overrides config 'seed').")
+def train_command(
+    config_file: Path | None,
+    preset: str,
+    overrides: tuple[str, ...],
+    dataset: str | None,
+    generator: str | None,
+    segmentor: str | None,
+    regressor: str | None,
+    cft_modes: tuple[str, ...],
+    run_dir: Path | None,
+    resume: str | None,
+    only: tuple[str, ...],
+    from_stage: str | None,
+    segmentor_checkpoint: Path | None,
+    device: str | None,
+    seed: int | None,
+) -> None:
+    """Train the causal model, the segmentor, the regressor, the generator and its fine-tuned
+    variants; writes the run folder and prints the path of its report.
+
+    Config merge order: preset <- --config <- component flags and --device/--seed/--cft <- --set.
+    """
+    from segcft.config import load_run_config
+
+    cfg = load_run_config(
+        config_file,
+        preset,
+        overrides,
+        components={"dataset": dataset, "generator": generator, "segmentor": segmentor, "regressor": regressor},
+        flags={"device": device, "seed": seed, "cft.modes": list(cft_modes) if cft_modes else None},
+    )
+    if resume is not None and run_dir is None:
+        raise click.UsageError("--resume needs --run-dir (the run to continue)")
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.dataset.name}-{cfg.generator.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_training = _library("segcft.train", "run_training", "train")
+    report = run_training(
+        cfg,
+        run_dir,
+        resume=resume,
+        only=list(only) or None,
+        from_stage=from_stage,
+        segmentor_checkpoint=segmentor_checkpoint,
+    )
+    click.echo(f"report: {report}")
+
+
+_RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@cli.command("evaluate")
+@click.option("--run", "run_dir", type=_RUN_DIR, required=True, help="Run folder written by 'segcft train'.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--n", type=click.IntRange(min=1), help="Number of subjects [default: the whole split].")
+def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
+    """Measure effectiveness, leakage, locality, composition and reversibility of every
+    fine-tuning mode; writes metrics.json, report.md and figures/ in the run folder."""
+    evaluate_run = _library("segcft.evaluate", "evaluate_run", "evaluate")
+    evaluate_run(run_dir, split=split, n=n)
+    click.echo(f"metrics: {run_dir / 'metrics.json'}\nreport: {run_dir / 'report.md'}")
+
+
+@cli.command("counterfactual")
+@click.option("--run", "run_dir", type=_RUN_DIR, required=True, help="Run folder written by 'segcft train'.")
+@click.option("--input", "input_", required=True, metavar="FILE_OR_ID",
+              help="An image file, or the index of a test sample of the run's dataset.")
+@click.option("--do", "interventions", multiple=True, required=True, metavar="VAR=VALUE", callback=_interventions,
+              help="Intervention (repeatable): absolute (12.5), relative (+20%, -10%) or a factor (x1.2).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output image (TIFF) of the counterfactual.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG figure.")
+@click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
+              help="z samples averaged (more than 1 also gives an uncertainty map).")
+def counterfactual_command(
+    run_dir: Path, input_: str, interventions: list[str], out: Path, png: Path | None, particles: int
+) -> None:
+    """Generate the counterfactual of one image under interventions on its variables."""
+    counterfactual = _library("segcft.evaluate", "counterfactual", "counterfactual")
+    result = counterfactual(run_dir, input_, interventions, out, png=png, particles=particles)
+    _echo_json(result)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Check, measure, export and show datasets."""
+
+
+@data_group.command("check")
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+def data_check(dataset: Path) -> None:
+    """Check a dataset folder against the dataset contract; exit 1 when problems are found."""
+    check_dataset = _library("segcft.data.tools", "check_dataset", "data check")
+    problems = check_dataset(dataset)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {dataset}", err=True)
+        sys.exit(1)
+    click.echo(f"{dataset}: ok")
+
+
+@data_group.command("measure")
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="CSV of the measured structure variables.")
+def data_measure(dataset: Path, out: Path) -> None:
+    """Measure the structure variables (areas/volumes) of a dataset from its masks."""
+    measure_dataset = _library("segcft.data.tools", "measure_dataset", "data measure")
+    measure_dataset(dataset, out)
+    click.echo(f"wrote {out}")
+
+
+@data_group.command("export")
+@click.option("--dataset", "name", required=True, shell_complete=_complete_names("dataset"),
+              help="Dataset plugin name (e.g. a phantom).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--n", type=click.IntRange(min=1), required=True, help="Number of samples.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the dataset's config, e.g. --set size=128 (repeatable).")
+def data_export(name: str, out: Path, n: int, overrides: tuple[str, ...]) -> None:
+    """Write N samples of a dataset as a TIFF dataset folder (loadable with --dataset tiff)."""
+    from segcft.config import component_params
+
+    config = component_params("dataset", name, overrides)
+    export_dataset = _library("segcft.data.tools", "export_dataset", "data export")
+    export_dataset(name, config, out, n)
+    click.echo(f"wrote {out}")
+
+
+@data_group.command("show")
+@click.argument("dataset")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write [default: show a window].")
+def data_show(dataset: str, out: Path | None) -> None:
+    """Plot a few samples of DATASET (a plugin name or a dataset folder) with masks and variables."""
+    show_dataset = _library("segcft.data.tools", "show_dataset", "data show")
+    show_dataset(dataset, out)
+    if out is not None:
+        click.echo(f"wrote {out}")
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@cli.command("doctor")
+def doctor_command() -> None:
+    """Report versions, plugins and the kernel backend used on each device."""
+    import platform
+
+    from segcft.plugins import get_registry
+
+    click.echo(f"segcft {__version__}, Python {platform.python_version()} ({sys.executable})")
+    try:
+        import torch
+
+        click.echo(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    except ImportError as exc:
+        click.echo(f"torch: not importable ({exc})")
+    registry = get_registry()
+    loaded = [p for p in registry.plugins if p.error is None]
+    click.echo(f"plugins: {', '.join(f'{p.name} ({p.distribution} {p.version})' for p in loaded)}")
+    for p in registry.plugins:
+        if p.error is not None:
+            click.echo(f"skipped plugin: {p.error}")
+    try:
+        backend_report = _library("segcft.ops", "backend_report", "doctor")
+    except CommandUnavailable as exc:
+        click.echo(f"kernels: unknown ({exc})")
+        return
+    click.echo(backend_report())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``segcft``); exits with the command's status."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="segcft")
+
+
+__all__ = ["cli", "main", "CommandUnavailable", "SegcftGroup"]

@@ -1,0 +1,200 @@
+"""PNG figures of a run: counterfactual grids, difference maps, segmentation overlays and
+training curves (matplotlib, Agg backend: no display needed).
+
+3D volumes (D, H, W) are shown as one (D, W) section at the H index with most voxels of the
+structure of interest (the middle one without a mask): a longitudinal view of a vessel that
+runs along D, a coronal one of an axial stack.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["counterfactual_grid", "counterfactual_png", "display_slice", "plot_training_curves"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def display_slice(volume: np.ndarray, focus: np.ndarray | None = None) -> int | None:
+    """Index along axis 1 (H) of the section shown for a 3D ``volume`` (None for a 2D image):
+    the one with most ``focus`` voxels, else the middle one."""
+    if volume.ndim == 2:
+        return None
+    if volume.ndim != 3:
+        raise ValueError(f"display_slice expects a 2D or 3D array, got shape {volume.shape}")
+    if focus is not None and focus.any():
+        return int(np.argmax(focus.sum(axis=(0, 2))))
+    return volume.shape[1] // 2
+
+
+def _section(a: np.ndarray, index: int | None) -> np.ndarray:
+    a = np.asarray(a)
+    while a.ndim > 3 or (a.ndim == 3 and index is None):
+        a = a[0]
+    return a if index is None else a[:, index, :]
+
+
+def counterfactual_grid(
+    factual: np.ndarray,
+    counterfactuals: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    out_png: Path | str,
+    title: str = "",
+    factual_mask: np.ndarray | None = None,
+    focus: np.ndarray | None = None,
+) -> Path:
+    """One row per mode: factual, counterfactual, difference map (x_cf - x, symmetric colour
+    scale shared by all rows, 0-255 units), and the counterfactual with the segmentation of it
+    overlaid (outlines of the factual segmentation in white when given).
+
+    Images are (*S) or (1, *S) in [-1, 1]; masks are label maps of the same spatial shape."""
+    plt = _pyplot()
+    factual = np.asarray(factual, dtype=np.float32)
+    idx = display_slice(np.squeeze(factual, axis=0) if factual.ndim in (3, 4) and factual.shape[0] == 1 else factual, focus)
+    x = _section(factual, idx)
+    modes = list(counterfactuals)
+    diffs = {m: (_section(counterfactuals[m], idx) - x) * 127.5 for m in modes}
+    vmax = max([float(np.abs(d).max()) for d in diffs.values()] + [1.0])
+    n = max(len(modes), 1)
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    fm = None if factual_mask is None else _section(factual_mask, idx)
+    for r, mode in enumerate(modes):
+        xc = _section(counterfactuals[mode], idx)
+        seg = _section(masks[mode], idx) if mode in masks else None
+        panels = [
+            (x, "factual", dict(cmap="gray", vmin=-1, vmax=1)),
+            (xc, f"{mode}: counterfactual", dict(cmap="gray", vmin=-1, vmax=1)),
+            (diffs[mode], "difference (0-255)", dict(cmap="RdBu_r", vmin=-vmax, vmax=vmax)),
+            (xc, "segmentation", dict(cmap="gray", vmin=-1, vmax=1)),
+        ]
+        for c, (img, label, kw) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(img, interpolation="nearest", **kw)
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+            if c == 2:
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        if seg is not None:
+            overlay = np.ma.masked_where(seg == 0, seg)
+            axes[r, 3].imshow(overlay, cmap="tab10", alpha=0.45, interpolation="nearest", vmin=0, vmax=9)
+        if fm is not None and fm.any():
+            axes[r, 3].contour(fm > 0, levels=[0.5], colors="white", linewidths=0.6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def counterfactual_png(
+    factual: np.ndarray,
+    counterfactual: np.ndarray,
+    out_png: Path | str,
+    std: np.ndarray | None = None,
+    title: str = "",
+    focus: np.ndarray | None = None,
+) -> Path:
+    """Factual, counterfactual, difference and (with several particles) the per-pixel standard
+    deviation of one what-if, from arrays in [-1, 1] of shape (*S)."""
+    plt = _pyplot()
+    idx = display_slice(np.asarray(factual), focus)
+    x, xc = _section(factual, idx), _section(counterfactual, idx)
+    diff = (xc - x) * 127.5
+    vmax = max(float(np.abs(diff).max()), 1.0)
+    panels = [
+        (x, "factual", dict(cmap="gray", vmin=-1, vmax=1)),
+        (xc, "counterfactual", dict(cmap="gray", vmin=-1, vmax=1)),
+        (diff, "difference (0-255)", dict(cmap="RdBu_r", vmin=-vmax, vmax=vmax)),
+    ]
+    if std is not None:
+        panels.append((_section(std, idx) * 127.5, "uncertainty (std, 0-255)", dict(cmap="magma")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2), squeeze=False)
+    for c, (img, label, kw) in enumerate(panels):
+        im = axes[0, c].imshow(img, interpolation="nearest", **kw)
+        axes[0, c].set_title(label, fontsize=8)
+        axes[0, c].axis("off")
+        if c >= 2:
+            fig.colorbar(im, ax=axes[0, c], fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _float(v: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "step", group: str = "stage") -> list[Path]:
+    """One PNG per training stage (``curves_<stage>.png``, or ``curves.png`` without a stage
+    column) with one panel per numeric column of the metrics CSV against ``x``.
+
+    Rows may leave columns empty (different stages log different metrics); a column that is
+    empty in a stage gets no panel there. Returns the written paths."""
+    csv_path, out_dir = Path(csv_path), Path(out_dir)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    columns = [c for c in rows[0] if c not in (x, group)]
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(row.get(group, "") or "", []).append(row)
+    plt = _pyplot()
+    written: list[Path] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, grows in groups.items():
+        xs = np.array([_float(r.get(x, "")) if x in r else i for i, r in enumerate(grows)], dtype=np.float64)
+        series: dict[str, np.ndarray] = {}
+        for col in columns:
+            ys = np.array([_float(r.get(col, "")) for r in grows], dtype=np.float64)
+            if np.isfinite(ys).any():
+                series[col] = ys
+        if not series:
+            continue
+        n = len(series)
+        ncols = min(3, n)
+        nrows = math.ceil(n / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 2.8 * nrows), squeeze=False)
+        for ax, (col, ys) in zip(axes.flat, series.items()):
+            keep = np.isfinite(ys) & np.isfinite(xs)
+            ax.plot(xs[keep], ys[keep], lw=1.0)
+            ax.set_title(col, fontsize=9)
+            ax.set_xlabel(x, fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        if name:
+            fig.suptitle(f"stage: {name}", fontsize=10)
+        fig.tight_layout()
+        out = out_dir / (f"curves_{_slug(name)}.png" if name else "curves.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

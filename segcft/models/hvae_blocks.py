@@ -1,0 +1,174 @@
+"""Building blocks of the conditional hierarchical VAE (METHOD.md section 2), 2D and 3D alike.
+
+Every layer takes the number of spatial dimensions as a parameter, so one implementation serves
+chest X-rays (2D) and CT volumes (3D). The likelihood and KL maths run in float32 even under
+bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_BIN_WIDTH = math.log(2.0 / 255.0)
+"""Log of the width of one of the 256 intensity bins on [-1, 1]."""
+
+
+def conv(dims: int, in_ch: int, out_ch: int, kernel: int) -> nn.Module:
+    """A same-padded convolution of ``dims`` spatial dimensions with a zero-initialised bias."""
+    cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    layer = cls(in_ch, out_ch, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def avg_pool(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Average-pool by a per-axis factor (2D or 3D)."""
+    if all(f == 1 for f in factors):
+        return x
+    pool = F.avg_pool2d if len(factors) == 2 else F.avg_pool3d
+    return pool(x, kernel_size=factors, stride=factors)
+
+
+def broadcast(v: torch.Tensor, dims: int) -> torch.Tensor:
+    """(B, C) -> (B, C, 1, ..., 1): a per-sample vector broadcast over ``dims`` spatial axes."""
+    return v.reshape(*v.shape, *([1] * dims))
+
+
+class Block(nn.Module):
+    """Pre-activation conv block: ``bottleneck`` (GELU; 1x1, kxk, kxk, 1x1 convs) or ``light``
+    (ReLU; kxk, kxk), with an optional residual connection and optional parent conditioning.
+
+    Parents enter as ``Linear(pa)`` added after the first convolution, broadcast over space. For
+    a 1x1 first convolution (bottleneck blocks) this is exactly a 1x1 convolution over
+    concat(input, tiled pa); for a kxk one it equals it away from the zero-padded border. No
+    full-size parent map is ever built."""
+
+    def __init__(
+        self,
+        dims: int,
+        in_width: int,
+        mid_width: int,
+        out_width: int,
+        kind: str,
+        kernel: int,
+        residual: bool,
+        cond_dim: int = 0,
+        last_scale: float = 1.0,
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self.residual = residual
+        if kind == "bottleneck":
+            shapes = [(in_width, mid_width, 1), (mid_width, mid_width, kernel), (mid_width, mid_width, kernel), (mid_width, out_width, 1)]
+            self.act: nn.Module = nn.GELU()
+        elif kind == "light":
+            shapes = [(in_width, mid_width, kernel), (mid_width, out_width, kernel)]
+            self.act = nn.ReLU()
+        else:
+            raise ValueError(f"unknown block type {kind!r}")
+        self.convs = nn.ModuleList(conv(dims, i, o, k) for i, o, k in shapes)
+        self.cond = nn.Linear(cond_dim, shapes[0][1]) if cond_dim > 0 else None
+        self.skip = conv(dims, in_width, out_width, 1) if residual and in_width != out_width else None
+        last = self.convs[-1]
+        with torch.no_grad():
+            if zero_last:
+                last.weight.zero_()
+            else:
+                last.weight.mul_(last_scale)
+
+    def forward(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        h = x
+        for i, layer in enumerate(self.convs):
+            h = layer(self.act(h))
+            if i == 0 and self.cond is not None:
+                h = h + broadcast(self.cond(pa), self.dims)
+        if not self.residual:
+            return h
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+def gaussian_kl(q_loc: torch.Tensor, q_logscale: torch.Tensor, p_loc: torch.Tensor, p_logscale: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) of diagonal Gaussians, summed over all but the batch axis, in float32 -> (B,)."""
+    q_loc, q_logscale, p_loc, p_logscale = (t.float() for t in (q_loc, q_logscale, p_loc, p_logscale))
+    kl = -0.5 + p_logscale - q_logscale + 0.5 * (torch.exp(2 * (q_logscale - p_logscale)) + ((q_loc - p_loc) * torch.exp(-p_logscale)) ** 2)
+    return kl.flatten(1).sum(1)
+
+
+def discretised_gaussian_log_prob(x: torch.Tensor, loc: torch.Tensor, logscale: torch.Tensor) -> torch.Tensor:
+    """Per-pixel log-probability of x in [-1, 1] under a Gaussian discretised into 256 bins
+    (edge bins take the tails), in float32. Falls back to the density times the bin width where
+    the bin mass underflows, so the gradient never vanishes."""
+    x, loc, logscale = x.float(), loc.float(), logscale.float()
+    inv_scale = torch.exp(-logscale)
+    centred = x - loc
+    upper = inv_scale * (centred + 1.0 / 255.0)
+    lower = inv_scale * (centred - 1.0 / 255.0)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)
+    mass = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    mid = inv_scale * centred
+    log_pdf_mid = -0.5 * mid**2 - logscale - 0.5 * math.log(2 * math.pi)
+    log_mass = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_pdf_mid + LOG_BIN_WIDTH)
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mass))
+
+
+class DecoderBlock(nn.Module):
+    """One top-down block: prior p(z | z_<) from the parent-free prior path ``p``, posterior
+    q(z | z_<, x, pa) from (decoder state, encoder activation, parents), then the state update
+    h += prior features + proj(concat(z, pa)) and a residual block.
+
+    Deterministic blocks (above ``z_max_res``) take z as the prior mean and have no posterior."""
+
+    def __init__(
+        self, dims: int, width: int, mid_width: int, z_dim: int, num_parents: int, kind: str, kernel: int, stochastic: bool, num_blocks: int
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self.z_dim = z_dim
+        self.stochastic = stochastic
+        scale = 1.0 / math.sqrt(num_blocks)
+        self.prior = Block(dims, width, mid_width, 2 * z_dim + width, kind, kernel, residual=False, zero_last=True)
+        self.posterior = (
+            Block(dims, 2 * width, mid_width, 2 * z_dim, kind, kernel, residual=False, cond_dim=num_parents) if stochastic else None
+        )
+        # z_proj + pa_proj is a 1x1 convolution over concat(z, tiled pa), with pa broadcast.
+        self.z_proj = conv(dims, z_dim, width, 1)
+        self.pa_proj = nn.Linear(num_parents, width)
+        self.prior_z_proj = conv(dims, z_dim, width, 1)
+        self.resnet = Block(dims, width, mid_width, width, kind, kernel, residual=True, last_scale=scale)
+        with torch.no_grad():
+            for layer in (self.z_proj, self.pa_proj, self.prior_z_proj):
+                layer.weight.mul_(scale)
+            nn.init.zeros_(self.pa_proj.bias)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        p: torch.Tensor,
+        pa: torch.Tensor,
+        act: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (h, p, z, kl). z comes from, in order: the argument (fixed latents), the
+        posterior when ``act`` is given (with kl (B,)), the prior at ``temperature`` otherwise."""
+        prior = self.prior(p)
+        p_loc, p_logscale, p_feat = prior.split([self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim], dim=1)
+        kl = None
+        if not self.stochastic:
+            z = p_loc
+        elif z is None and act is not None:
+            q_loc, q_logscale = self.posterior(torch.cat([h, act], dim=1), pa).chunk(2, dim=1)
+            z = q_loc + temperature * torch.exp(q_logscale) * torch.randn_like(q_loc)
+            kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
+        elif z is None:
+            z = p_loc + temperature * torch.exp(p_logscale) * torch.randn_like(p_loc)
+        h = h + p_feat + self.z_proj(z) + broadcast(self.pa_proj(pa), self.dims)
+        h = self.resnet(h)
+        p = p + p_feat + self.prior_z_proj(z)
+        return h, p, z, kl

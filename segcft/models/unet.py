@@ -1,0 +1,116 @@
+"""The built-in segmentor: a MONAI UNet (2D or 3D) with Dice + cross-entropy training.
+
+MONAI is imported inside the factory and the loss, never at registration, so listing plugins
+stays torch- and MONAI-free. ``segmentation_loss`` and ``dice`` work on any segmentor's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcft.data.variables import DatasetInfo
+from segcft.errors import ConfigError
+from segcft.models.configs import UNetConfig
+
+_NORMS = {"instance": "INSTANCE", "group": ("GROUP", {"num_groups": 8}), "batch": "BATCH"}
+
+
+class UNetSegmentor(nn.Module):
+    """Segmentor protocol over ``monai.networks.nets.UNet``: ``forward(x) -> logits (B, C, *S)``
+    with ``classes = info.class_names`` (index 0 is background).
+
+    Inputs of any size work: they are padded (edge replication) up to a multiple of the total
+    downsampling factor and the logits are cropped back, so every logit sees real image content."""
+
+    def __init__(self, config: UNetConfig, info: DatasetInfo) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        channels = tuple(int(c) for c in config.channels)
+        if len(channels) < 2 or min(channels) < 1:
+            raise ConfigError(
+                f"segmentor.params.channels must list at least two positive widths, got {list(config.channels)}"
+            )
+        if config.norm not in _NORMS:
+            raise ConfigError(f"segmentor.params.norm must be one of {sorted(_NORMS)}, got {config.norm!r}")
+        if config.norm == "group" and any(c % 8 for c in channels):
+            raise ConfigError(f"segmentor.params.norm 'group' uses 8 groups: every width must divide by 8, got {channels}")
+        if config.num_res_units < 0 or not 0.0 <= config.dropout < 1.0:
+            raise ConfigError(
+                f"segmentor.params.num_res_units must be >= 0 and dropout in [0, 1), "
+                f"got {config.num_res_units} and {config.dropout}"
+            )
+        if info.spatial_dims not in (2, 3):
+            raise ConfigError(f"the unet segmentor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D")
+        self.classes: tuple[str, ...] = tuple(info.class_names)
+        self.spatial_dims: int = info.spatial_dims
+        self.factor = 2 ** (len(channels) - 1)
+        self.net = UNet(
+            spatial_dims=info.spatial_dims,
+            in_channels=1,
+            out_channels=len(self.classes),
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=config.num_res_units,
+            norm=_NORMS[config.norm],
+            dropout=config.dropout,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 1, *S) in [-1, 1] -> logits (B, C, *S)."""
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != 1:
+            raise ValueError(f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}")
+        size = x.shape[2:]
+        target = [math.ceil(s / self.factor) * self.factor for s in size]
+        if list(size) == target:
+            return self.net(x)
+        pad: list[int] = []
+        for s, t in zip(reversed(size), reversed(target)):
+            pad += [(t - s) // 2, t - s - (t - s) // 2]
+        logits = self.net(F.pad(x, pad, mode="replicate"))
+        crop = tuple(slice(p0, p0 + s) for p0, s in zip(reversed(pad[0::2]), size))
+        return logits[(slice(None), slice(None)) + crop]
+
+
+def build(config: UNetConfig, info: DatasetInfo) -> UNetSegmentor:
+    """Factory registered as the ``unet`` segmentor."""
+    return UNetSegmentor(config, info)
+
+
+_LOSS: dict[str, Any] = {}
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dice + cross-entropy (``monai.losses.DiceCELoss``, softmax, one-hot labels), a scalar.
+
+    ``logits`` (B, C, *S), ``mask`` (B, *S) integer labels in [0, C)."""
+    if "dice_ce" not in _LOSS:
+        from monai.losses import DiceCELoss
+
+        _LOSS["dice_ce"] = DiceCELoss(to_onehot_y=True, softmax=True)
+    if mask.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
+    return _LOSS["dice_ce"](logits.float(), mask.unsqueeze(1).long())
+
+
+@torch.no_grad()
+def dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-structure Dice (C - 1,) of the argmax prediction, averaged over the batch; a sample
+    where a structure is absent from both prediction and mask counts as 1."""
+    if mask.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
+    num_classes = logits.shape[1]
+    pred = logits.argmax(1).flatten(1)
+    true = mask.flatten(1).long()
+    scores = []
+    for c in range(1, num_classes):
+        p, t = pred == c, true == c
+        inter = (p & t).sum(1).float()
+        total = (p.sum(1) + t.sum(1)).float()
+        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)).mean())
+    return torch.stack(scores) if scores else logits.new_zeros(0)

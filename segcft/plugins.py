@@ -1,0 +1,402 @@
+"""Plugin manager, hook specifications and the registry of component factories.
+
+Components (datasets, generators, segmentors, regressors) are registered by name through
+pluggy hooks; built-in ones (``segcft.builtin``) use exactly the same hooks as third-party
+plugins found through the ``segcft`` entry-point group. Hooks receive a ``register`` callback
+and record *factories*, never instances: a factory is a callable or a lazy ``"module:attr"``
+string, so loading the registry imports neither torch nor model code.
+
+Environment:
+- ``SEGCFT_LOAD_PLUGINS=a,b`` loads only those entry-point plugins (by entry-point or
+  distribution name); set but empty loads none. Built-in components always load.
+- ``SEGCFT_STRICT_PLUGINS=1`` turns a plugin that fails to load or register into an error
+  instead of a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import pluggy
+
+from segcft import PLUGIN_API_VERSION, __version__, hookimpl
+from segcft.errors import UserError
+
+PROJECT = "segcft"
+ENTRY_POINT_GROUP = "segcft"
+BUILTIN_PLUGIN = "segcft.builtin"
+API_VERSION_ATTRIBUTE = "SEGCFT_PLUGIN_API_VERSION"
+"""Module attribute a plugin sets to the ``PLUGIN_API_VERSION`` it was built for."""
+
+KINDS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
+HOOKS: dict[str, str] = {kind: f"segcft_register_{kind}s" for kind in KINDS}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Entry",
+    "KINDS",
+    "PluginError",
+    "PluginInfo",
+    "PluginWarning",
+    "Registry",
+    "UnknownPluginError",
+    "get_plugin_manager",
+    "get_registry",
+    "hookimpl",
+    "load_registry",
+    "reset",
+]
+
+
+class PluginError(UserError):
+    """A plugin that cannot be loaded or registers something invalid (strict mode, or an
+    explicit call that cannot continue)."""
+
+
+class UnknownPluginError(UserError):
+    """A component name that no installed plugin registered."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped; the rest of segcft keeps working."""
+
+
+class SegcftHookSpecs:
+    """The hooks a plugin may implement (decorate implementations with ``segcft.hookimpl``)."""
+
+    @hookspec
+    def segcft_register_datasets(self, register: Callable[..., None]) -> None:
+        """Register dataset factories ``build(config, split) -> Dataset``."""
+
+    @hookspec
+    def segcft_register_generators(self, register: Callable[..., None]) -> None:
+        """Register generator factories ``build(config, info) -> nn.Module`` (Generator protocol)."""
+
+    @hookspec
+    def segcft_register_segmentors(self, register: Callable[..., None]) -> None:
+        """Register segmentor factories ``build(config, info) -> nn.Module`` (Segmentor protocol)."""
+
+    @hookspec
+    def segcft_register_regressors(self, register: Callable[..., None]) -> None:
+        """Register regressor factories ``build(config, info) -> nn.Module`` (Regressor protocol)."""
+
+    @hookspec
+    def segcft_register_commands(self, cli: Any) -> None:
+        """Add Click subcommands to the ``segcft`` command group ``cli``."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: its name, typed config class and lazy factory."""
+
+    kind: str
+    name: str
+    factory: str | Callable[..., Any]
+    config: type
+    dims: tuple[int, ...] = (2, 3)
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    plugin: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """The factory callable; a ``"module:attr"`` factory is imported now (not at registration)."""
+        if not isinstance(self.factory, str):
+            return self.factory
+        module_name, _, attr = self.factory.partition(":")
+        module = importlib.import_module(module_name)
+        try:
+            obj = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(
+                f"{self.kind} {self.name!r} (plugin {self.plugin}): factory {self.factory!r} does not exist"
+            ) from None
+        return obj
+
+    @property
+    def factory_path(self) -> str:
+        """The factory as ``module:qualname`` text (for listings)."""
+        if isinstance(self.factory, str):
+            return self.factory
+        return f"{getattr(self.factory, '__module__', '?')}:{getattr(self.factory, '__qualname__', repr(self.factory))}"
+
+
+@dataclass
+class PluginInfo:
+    """A loaded (or skipped) plugin: where it comes from and what it registered."""
+
+    name: str
+    distribution: str
+    version: str
+    hooks: list[str] = field(default_factory=list)
+    registered: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``segcft plugins --json``)."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "hooks": list(self.hooks),
+            "registered": {k: list(v) for k, v in self.registered.items()},
+        }
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+class Registry:
+    """Name -> ``Entry`` per component kind, with aliases and close-match suggestions."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self.plugins: list[PluginInfo] = []
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}; expected one of {list(KINDS)}")
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of ``kind`` (without aliases), sorted."""
+        self._check_kind(kind)
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str) -> list[Entry]:
+        """Registered entries of ``kind``, sorted by name."""
+        return [self._entries[kind][n] for n in self.names(kind)]
+
+    def resolve(self, kind: str, name: str) -> str:
+        """Canonical name for ``name`` or one of its aliases; raises UnknownPluginError."""
+        self._check_kind(kind)
+        if name in self._entries[kind]:
+            return name
+        if name in self._aliases[kind]:
+            return self._aliases[kind][name]
+        known = sorted(self._entries[kind]) + sorted(self._aliases[kind])
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        installed = ", ".join(sorted(self._entries[kind])) or "none"
+        raise UnknownPluginError(f"unknown {kind} {name!r}{hint} (installed: {installed})")
+
+    def get(self, kind: str, name: str) -> Entry:
+        """The entry registered as ``name`` (or an alias of it) for ``kind``."""
+        return self._entries[kind][self.resolve(kind, name)]
+
+    def _owner(self, kind: str, name: str) -> Entry | None:
+        return self._entries[kind].get(self._aliases[kind].get(name, name))
+
+    def _commit(self, staged: Sequence[tuple[Entry, bool]]) -> None:
+        """Add one plugin's entries, all or none: a collision without ``override`` raises and
+        leaves the registry unchanged."""
+        entries = {k: dict(v) for k, v in self._entries.items()}
+        aliases = {k: dict(v) for k, v in self._aliases.items()}
+        try:
+            for entry, override in staged:
+                for key in (entry.name, *entry.aliases):
+                    owner = self._owner(entry.kind, key)
+                    if owner is None:
+                        continue
+                    if not override:
+                        raise PluginError(
+                            f"{entry.kind} name {key!r} is registered twice: by plugin {owner.plugin!r} and by "
+                            f"plugin {entry.plugin!r} (pass override=True to register() to replace it on purpose)"
+                        )
+                    self._entries[owner.kind].pop(owner.name, None)
+                    for alias in owner.aliases:
+                        self._aliases[owner.kind].pop(alias, None)
+                self._entries[entry.kind][entry.name] = entry
+                for alias in entry.aliases:
+                    self._aliases[entry.kind][alias] = entry.name
+        except Exception:
+            self._entries, self._aliases = entries, aliases
+            raise
+
+
+def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims: Any, aliases: Any) -> None:
+    where = f"plugin {plugin!r} registering {kind} {name!r}"
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(f"{where}: the name must be lower-case letters, digits, '.', '_' or '-'")
+    for alias in aliases:
+        if not isinstance(alias, str) or not _NAME_RE.match(alias):
+            raise PluginError(f"{where}: invalid alias {alias!r}")
+    if isinstance(factory, str):
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", factory):
+            raise PluginError(f"{where}: a factory string must look like 'package.module:function', got {factory!r}")
+    elif not callable(factory):
+        raise PluginError(f"{where}: the factory must be callable or a 'module:attr' string")
+    if not (isinstance(config, type) and dataclasses.is_dataclass(config)):
+        raise PluginError(f"{where}: config= must be a dataclass type, got {config!r}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(config)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise PluginError(f"{where}: every config field needs a default; {missing} have none")
+    if not dims or any(d not in (2, 3) for d in dims):
+        raise PluginError(f"{where}: dims must be a non-empty subset of (2, 3), got {dims!r}")
+
+
+def _make_register(kind: str, plugin: str, staged: list[tuple[Entry, bool]]) -> Callable[..., None]:
+    def register(
+        name: str,
+        factory: str | Callable[..., Any],
+        *,
+        config: type,
+        dims: Sequence[int] = (2, 3),
+        description: str = "",
+        aliases: Sequence[str] = (),
+        override: bool = False,
+    ) -> None:
+        """Record ``factory`` under ``name``; ``override=True`` replaces an earlier registration."""
+        aliases = tuple(aliases)
+        _validate(kind, plugin, name, factory, config, tuple(dims), aliases)
+        entry = Entry(kind, name, factory, config, tuple(sorted(set(dims))), description, aliases, plugin)
+        staged.append((entry, override))
+
+    return register
+
+
+def _strict() -> bool:
+    return os.environ.get("SEGCFT_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _selected(ep: importlib.metadata.EntryPoint) -> bool:
+    wanted = os.environ.get("SEGCFT_LOAD_PLUGINS")
+    if wanted is None:
+        return True
+    names = {_normalise(n) for n in wanted.split(",") if n.strip()}
+    dist = ep.dist.name if ep.dist is not None else ""
+    return _normalise(ep.name) in names or (bool(dist) and _normalise(dist) in names)
+
+
+def _problem(registry: Registry, info: PluginInfo, message: str) -> None:
+    info.error = message
+    registry.plugins.append(info)
+    if _strict():
+        raise PluginError(f"{message} (SEGCFT_STRICT_PLUGINS is set)")
+    warnings.warn(f"{message}; plugin skipped", PluginWarning, stacklevel=4)
+
+
+def _register_plugin(
+    pm: pluggy.PluginManager, registry: Registry, plugin: Any, info: PluginInfo
+) -> None:
+    """Register one plugin object and run its registration hooks; skip it as a unit on failure."""
+    label = f"plugin {info.name!r} ({info.distribution} {info.version})"
+    declared = getattr(plugin, API_VERSION_ATTRIBUTE, PLUGIN_API_VERSION)
+    if declared != PLUGIN_API_VERSION:
+        _problem(
+            registry,
+            info,
+            f"{label} was built for segcft plugin API {declared}, but segcft {__version__} provides API "
+            f"{PLUGIN_API_VERSION}; install a version of {info.distribution} made for this segcft",
+        )
+        return
+    try:
+        pm.register(plugin, name=info.name)
+        pm.check_pending()
+    except Exception as exc:  # noqa: BLE001 - any plugin failure is reported, not fatal
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        _problem(registry, info, f"{label} failed validation: {exc}")
+        return
+    info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+    staged: list[tuple[Entry, bool]] = []
+    try:
+        for kind in KINDS:
+            caller = getattr(pm.hook, HOOKS[kind])
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=_make_register(kind, info.name, staged))
+        registry._commit(staged)
+    except Exception as exc:  # noqa: BLE001
+        pm.unregister(plugin)
+        _problem(registry, info, f"{label} failed to register: {exc}")
+        return
+    for entry, _ in staged:
+        info.registered.setdefault(entry.kind + "s", []).append(entry.name)
+    registry.plugins.append(info)
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    unique = {(ep.dist.name if ep.dist else "", ep.name): ep for ep in eps}
+    return [unique[k] for k in sorted(unique)]
+
+
+def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: bool = True) -> tuple[pluggy.PluginManager, Registry]:
+    """Build a fresh plugin manager and registry: built-ins, then entry points, then ``extra_plugins``
+    (``(name, module_or_object)`` pairs, e.g. plugins defined inline in tests or notebooks)."""
+    from segcft import builtin
+
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(SegcftHookSpecs)
+    registry = Registry()
+    _register_plugin(pm, registry, builtin, PluginInfo(BUILTIN_PLUGIN, "segcft", __version__))
+    if entry_points:
+        for ep in _entry_points():
+            if not _selected(ep):
+                continue
+            dist = ep.dist.name if ep.dist is not None else "unknown"
+            version = ep.dist.version if ep.dist is not None else "unknown"
+            info = PluginInfo(ep.name, dist, version)
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break segcft
+                _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
+                         f"{type(exc).__name__}: {exc}")
+                continue
+            _register_plugin(pm, registry, plugin, info)
+    for name, plugin in extra_plugins:
+        _register_plugin(pm, registry, plugin, PluginInfo(name, "(inline)", ""))
+    return pm, registry
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _ensure() -> tuple[pluggy.PluginManager, Registry]:
+    if "registry" not in _STATE:
+        pm, registry = load_registry(_STATE.get("extra", ()))
+        _STATE["pm"], _STATE["registry"] = pm, registry
+    return _STATE["pm"], _STATE["registry"]
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (built on first use)."""
+    return _ensure()[0]
+
+
+def get_registry() -> Registry:
+    """The process-wide registry of component factories (built on first use)."""
+    return _ensure()[1]
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Add a plugin object (module, class or instance with hookimpls) to the process-wide registry."""
+    _STATE.setdefault("extra", []).append((name, plugin))
+    _STATE.pop("registry", None)
+    _STATE.pop("pm", None)
+
+
+def reset() -> None:
+    """Forget the process-wide registry and inline plugins (it is rebuilt on next use)."""
+    _STATE.clear()

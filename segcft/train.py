@@ -1,0 +1,875 @@
+"""The training pipeline behind ``segcft train``: every stage of a DSCM, its fine-tuned copies,
+evaluation and report, in one resumable run folder (DESIGN.md "Run directory", "Scale").
+
+Stages, in order: ``mechanisms`` (parent SCM) -> ``segmentor`` (the guide, seed s) and
+``eval_segmentor`` (seed s+1, grades the guide's work) -> ``regressor`` -> ``generator`` (and
+eps, its training-set nelbo) -> ``cft-<mode>`` for every fine-tuning mode -> ``evaluate``
+(metrics.json, report.md, figures). A stage whose final checkpoint exists is skipped; ``only``
+and ``from_stage`` redo chosen stages. Components come from the plugin registry by name.
+
+Run folder: ``config.yaml`` (resolved), ``dataset.json`` (metadata and normalisation),
+``checkpoints/<stage>.pt`` (final) and ``checkpoints/<stage>.last.pt`` (resume state: weights,
+optimiser, schedule, EMA, step, RNG), ``metrics.csv`` (+ ``tensorboard/`` when installed),
+``report.md``, ``metrics.json`` and ``figures/``. Under ``torchrun`` the stages run with DDP
+(NCCL on GPUs, gloo on CPUs); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from segcft.cft import MODES, CFTObjective, applicable_modes, check_mode
+from segcft.checkpoint import (
+    atomic_write_text,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    write_json,
+)
+from segcft.data.variables import DatasetInfo
+from segcft.dscm import DSCM
+from segcft.errors import ConfigError, UserError
+
+__all__ = ["STAGES", "Run", "load_run", "run_training", "stage_names"]
+
+log = logging.getLogger("segcft.train")
+
+STAGES: tuple[str, ...] = ("mechanisms", "segmentor", "eval_segmentor", "regressor", "generator", "cft", "evaluate")
+"""Stage groups in order; ``cft`` expands to ``cft-<mode>`` for every fine-tuned mode."""
+
+EPS_SAMPLES = 512
+"""eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
+
+
+# -- distributed context ----------------------------------------------------------------------
+@dataclass
+class _Dist:
+    """Process-group facts: single process unless launched by torchrun (WORLD_SIZE > 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        owns = True
+    return _Dist(rank, world, local_rank, owns)
+
+
+def _resolve_device(requested: str, d: _Dist) -> torch.device:
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was requested but no CUDA device is available (use --device cpu)")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", d.local_rank)
+
+
+# -- the trained run --------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run folder loaded for inference: every trained component, in eval mode, frozen."""
+
+    run_dir: Path
+    config: Any
+    info: DatasetInfo
+    device: torch.device
+    mechanisms: nn.Module
+    segmentor: nn.Module | None
+    eval_segmentor: nn.Module | None
+    regressor: nn.Module | None
+    generators: dict[str, nn.Module]
+    eps: float
+    _datasets: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def dataset(self, split: str) -> Any:
+        """The run's dataset for ``split`` (train, val or test), built once."""
+        if split not in ("train", "val", "test"):
+            raise UserError(f"split: expected train, val or test, got {split!r}")
+        if split not in self._datasets:
+            self._datasets[split] = _build_dataset(self.config, split)
+        return self._datasets[split]
+
+    def dscm(self, mode: str = "none") -> DSCM:
+        """The DSCM whose image mechanism is the generator fine-tuned in ``mode``."""
+        if mode not in self.generators:
+            raise UserError(f"mode {mode!r} was not trained in {self.run_dir}; available: {sorted(self.generators)}")
+        return DSCM(self.info, self.mechanisms, self.generators[mode])
+
+
+def load_run(run_dir: Path | str, device: str | None = None) -> Run:
+    """Load a run folder written by :func:`run_training` (weights-only checkpoints)."""
+    from segcft.config import read_yaml, run_config_from_dict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
+    cfg = run_config_from_dict(read_yaml(run_dir / "config.yaml"))
+    info = DatasetInfo.from_dict(json.loads((run_dir / "dataset.json").read_text()))
+    dev = _resolve_device(device or cfg.device, _Dist())
+    ck = run_dir / "checkpoints"
+
+    def frozen(module: nn.Module, state: dict[str, Any]) -> nn.Module:
+        module.load_state_dict(state["model"])
+        return module.to(dev).eval().requires_grad_(False)
+
+    def optional(kind: str, stage: str) -> nn.Module | None:
+        section = getattr(cfg, kind)
+        if not section.name or not (ck / f"{stage}.pt").is_file():
+            return None
+        return frozen(_build_component(kind, section, info), load_checkpoint(ck / f"{stage}.pt"))
+
+    from segcft.models.mechanisms import ParentSCM
+
+    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), load_checkpoint(ck / "mechanisms.pt"))
+    gen_state = load_checkpoint(ck / "generator.pt")
+    generators = {"none": frozen(_build_component("generator", cfg.generator, info), gen_state)}
+    for mode in cfg.cft.modes:
+        path = ck / f"cft-{mode}.pt"
+        if mode != "none" and path.is_file():
+            generators[mode] = frozen(_build_component("generator", cfg.generator, info), load_checkpoint(path))
+    return Run(
+        run_dir=run_dir,
+        config=cfg,
+        info=info,
+        device=dev,
+        mechanisms=mechanisms,
+        segmentor=optional("segmentor", "segmentor"),
+        eval_segmentor=optional("segmentor", "eval_segmentor"),
+        regressor=optional("regressor", "regressor"),
+        generators=generators,
+        eps=float(gen_state["eps"]),
+    )
+
+
+# -- components from the registry -------------------------------------------------------------
+def _entry(kind: str, section: Any) -> Any:
+    from segcft.plugins import get_registry
+
+    return get_registry().get(kind, section.name)
+
+
+def _build_component(kind: str, section: Any, info: DatasetInfo) -> nn.Module:
+    return _entry(kind, section).load()(section.params, info)
+
+
+def _build_dataset(cfg: Any, split: str) -> Any:
+    return _entry("dataset", cfg.dataset).load()(cfg.dataset.params, split)
+
+
+# -- metrics log ------------------------------------------------------------------------------
+class _MetricsLog:
+    """Append-only metrics.csv with a header that grows as stages log new keys (the file is
+    rewritten atomically when it does), plus TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.columns: list[str] = ["stage", "step"]
+        self.rows: list[dict[str, str]] = []
+        self.tb: Any = None
+        if not enabled:
+            return
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or self.columns)
+                self.rows = list(reader)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def drop_stage(self, stage: str, from_step: int = 0) -> None:
+        """Forget rows of ``stage`` at or after ``from_step`` (a stage redone or resumed)."""
+        if not self.enabled:
+            return
+        keep = [r for r in self.rows if not (r.get("stage") == stage and int(float(r.get("step") or 0)) >= from_step)]
+        if len(keep) != len(self.rows):
+            self.rows = keep
+            self._rewrite()
+
+    def log(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"stage": stage, "step": str(step), **{k: f"{v:.6g}" for k, v in values.items()}}
+        new = [k for k in row if k not in self.columns]
+        self.rows.append(row)
+        if new or not self.path.is_file():
+            self.columns += new
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def _rewrite(self) -> None:
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, self.columns)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -- progress -------------------------------------------------------------------------------
+class _Progress:
+    """tqdm bar on a terminal (rank 0), plain log lines otherwise."""
+
+    def __init__(self, stage: str, total: int, start: int, enabled: bool, every: int) -> None:
+        self.stage, self.total, self.every, self.enabled = stage, total, max(every, 1), enabled
+        self.bar = None
+        self.t0, self.s0 = time.perf_counter(), start
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        shown = {k: logs[k] for k in list(logs)[:4]}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"[{self.stage}] step {step}/{self.total} {text} ({rate:.2f} steps/s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- data order -------------------------------------------------------------------------------
+class _ResumableSampler(Sampler[int]):
+    """This rank's share of an endless, seeded sequence of shuffled epochs (DistributedSampler
+    order), starting ``offset`` samples into it: data order survives a resume exactly.
+    The global batch of step t is the same set of samples for any number of ranks."""
+
+    def __init__(self, n: int, d: _Dist, seed: int, offset: int = 0) -> None:
+        self.n, self.d, self.seed, self.offset = n, d, seed, offset
+
+    def __iter__(self) -> Iterator[int]:
+        ds = DistributedSampler(range(self.n), num_replicas=self.d.world, rank=self.d.rank, shuffle=True,
+                                seed=self.seed, drop_last=True)
+        per_epoch = len(ds)
+        if per_epoch == 0:
+            raise UserError(f"the training split has {self.n} samples, fewer than the {self.d.world} ranks")
+        epoch, skip = divmod(self.offset, per_epoch)
+        while True:
+            ds.set_epoch(epoch)
+            yield from list(ds)[skip:]
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader needs no length
+        return sys.maxsize
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+def stage_names(cfg: Any, info: DatasetInfo | None = None) -> list[str]:
+    """The concrete stages of a run, in order (``cft`` expanded per mode)."""
+    out = ["mechanisms"]
+    if cfg.segmentor.name:
+        out += ["segmentor", "eval_segmentor"]
+    if cfg.regressor.name:
+        out.append("regressor")
+    out.append("generator")
+    out += [f"cft-{m}" for m in cfg.cft.modes if m != "none"]
+    out.append("evaluate")
+    return out
+
+
+class _Pipeline:
+    def __init__(self, cfg: Any, run_dir: Path, d: _Dist, device: torch.device, resume: bool) -> None:
+        self.cfg, self.run_dir, self.d, self.device, self.resume = cfg, run_dir, d, device, resume
+        self.ck = run_dir / "checkpoints"
+        self.amp = device.type == "cuda"
+        self.metrics = _MetricsLog(run_dir / "metrics.csv", d.main)
+        self.train_set = _build_dataset(cfg, "train")
+        self.info: DatasetInfo = self.train_set.info
+        self.segmentor_checkpoint: Path | None = None
+
+    # ---- validation: one clear line before any training ----
+    def validate(self, stages: list[str]) -> None:
+        cfg, info = self.cfg, self.info
+        for kind in ("generator", "segmentor", "regressor"):
+            section = getattr(cfg, kind)
+            if kind == "generator" and not section.name:
+                raise ConfigError("generator.name: a generator plugin is required (e.g. --generator NAME)")
+            if not section.name:
+                continue
+            entry = _entry(kind, section)
+            if info.spatial_dims not in entry.dims:
+                dims = "/".join(f"{x}D" for x in entry.dims)
+                raise ConfigError(
+                    f"{kind} {section.name!r} supports {dims} data only; dataset {cfg.dataset.name!r} is {info.spatial_dims}D"
+                )
+            if kind != "segmentor":
+                _build_component(kind, section, info)  # parameter errors surface now, not mid-run
+        for mode in cfg.cft.modes:
+            check_mode(mode, info)
+            if mode == "reg" and not cfg.regressor.name:
+                raise ConfigError("cft.modes: 'reg' needs a regressor (regressor.name)")
+            if mode in ("seg", "pos-seg") and not cfg.segmentor.name:
+                raise ConfigError(f"cft.modes: {mode!r} needs a segmentor (segmentor.name)")
+        if cfg.segmentor.name:
+            must_train = [s for s in ("segmentor", "eval_segmentor") if s in stages and not self._done(s)]
+            if self.segmentor_checkpoint is not None and "segmentor" in must_train:
+                must_train.remove("segmentor")
+            if must_train and "mask" not in self.train_set[0]:
+                raise ConfigError(
+                    f"dataset {cfg.dataset.name!r} has no masks, but the {must_train[0]} stage must train a "
+                    f"segmentor on them (use --segmentor-checkpoint, or a dataset with masks)"
+                )
+            self._check_classes(_build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
+
+    def _check_classes(self, seg: nn.Module, what: str) -> None:
+        classes = tuple(getattr(seg, "classes", ()))
+        for v in self.info.structure_variables:
+            assert v.measure is not None
+            c = self.info.class_index(v.measure.structure)
+            if c >= len(classes) or classes[c] != v.measure.structure:
+                raise ConfigError(
+                    f"segmentor {what}: its classes {list(classes)} do not cover structure {v.measure.structure!r} "
+                    f"of variable {v.name!r} at index {c} (expected classes {list(self.info.class_names)})"
+                )
+
+    # ---- checkpoints ----
+    def _final(self, stage: str) -> Path:
+        return self.ck / f"{stage}.pt"
+
+    def _last(self, stage: str) -> Path:
+        return self.ck / f"{stage}.last.pt"
+
+    def _done(self, stage: str) -> bool:
+        if stage == "evaluate":
+            return (self.run_dir / "report.md").is_file() and (self.run_dir / "metrics.json").is_file()
+        return self._final(stage).is_file()
+
+    def _save_final(self, stage: str, state: dict[str, Any]) -> None:
+        if self.d.main:
+            save_checkpoint(self._final(stage), {"stage": stage, **state})
+            if self._last(stage).is_file():
+                self._last(stage).unlink()
+        self.d.barrier()
+
+    def invalidate(self, stage: str) -> None:
+        """Forget a stage's results so that it is trained again (its last checkpoint survives
+        when resuming: the redo then continues where it was interrupted)."""
+        if self.d.main:
+            doomed = [self._final(stage)] + ([] if self.resume else [self._last(stage)])
+            for p in doomed:
+                if p.is_file():
+                    p.unlink()
+            if stage == "evaluate":
+                for name in ("report.md", "metrics.json"):
+                    if (self.run_dir / name).is_file():
+                        (self.run_dir / name).unlink()
+        self.d.barrier()
+
+    # ---- the generic training loop ----
+    def fit(
+        self,
+        stage: str,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        sc: Any,
+        seed: int,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        extra_opt: torch.optim.Optimizer | None = None,
+        after_step: Callable[[], None] | None = None,
+        rng: torch.Generator | None = None,
+    ) -> nn.Module:
+        """Train ``model`` (the parameters that require grad) by minimising ``loss_fn(batch)``
+        (an nn.Module returning a dict with ``loss``) for ``sc.steps`` steps; returns the EMA copy
+        when ``sc.ema`` > 0, else ``model``. Resumes from ``<stage>.last.pt`` when asked."""
+        from segcft.optim import EMA, GuardedStepper, build_optimizer
+
+        if sc.steps < 1 or sc.batch_size < self.d.world:
+            raise ConfigError(f"train.{stage}: steps must be >= 1 and batch_size >= the number of ranks ({self.d.world})")
+        if sc.batch_size % self.d.world:
+            raise ConfigError(f"train.{stage}.batch_size {sc.batch_size} is not divisible by the {self.d.world} ranks")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, sched = build_optimizer(params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas)
+        ema = EMA(model, sc.ema) if sc.ema > 0 else None
+        stepper = GuardedStepper(params, opt, sched, sc.grad_clip, sc.grad_skip, ema, model)
+        step = 0
+        last = self._last(stage)
+        if self.resume and last.is_file():
+            state = load_checkpoint(last)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            stepper.load_state_dict(state["stepper"])
+            if extra_opt is not None:
+                extra_opt.load_state_dict(state["extra_optimizer"])
+                loss_fn.load_state_dict(state["loss_fn"])
+            if rng is not None:
+                rng.set_state(state["generator"])
+            restore_rng(state["rng"][min(self.d.rank, len(state["rng"]) - 1)])
+            step = int(state["step"])
+            self.metrics.drop_stage(stage, step + 1)
+            if self.d.main:
+                print(f"[{stage}] resuming from {last} at step {step}", flush=True)
+        else:
+            self.metrics.drop_stage(stage)
+        wrapped: nn.Module = loss_fn
+        if self.d.enabled:
+            wrapped = nn.parallel.DistributedDataParallel(
+                loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        local_batch = sc.batch_size // self.d.world
+        sampler = _ResumableSampler(len(self.train_set), self.d, seed, offset=step * local_batch)
+        loader = DataLoader(
+            self.train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
+            num_workers=4 if self.device.type == "cuda" else 0, pin_memory=self.device.type == "cuda",
+        )
+        progress = _Progress(stage, sc.steps, step, self.d.main, sc.log_every)
+        model.train()
+        sums: dict[str, float] = {}
+        count, t0 = 0, time.perf_counter()
+        batches = iter(loader)
+        while step < sc.steps:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = wrapped(batch)
+            out["loss"].backward()
+            result = stepper.step(out["loss"])
+            if extra_opt is not None:
+                if not result.skipped:
+                    extra_opt.step()
+                extra_opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            step += 1
+            logs = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+            logs["grad_norm"] = result.grad_norm
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            progress.update(step, logs)
+            if step % sc.log_every == 0 or step == sc.steps:
+                row = {k: v / count for k, v in sums.items()}
+                row.update(lr=sched.get_last_lr()[0], skipped=float(stepper.counts["skipped_nonfinite"] + stepper.counts["skipped_norm"]),
+                           samples_per_s=count * sc.batch_size / max(time.perf_counter() - t0, 1e-9))
+                self.metrics.log(stage, step, row)
+                sums, count, t0 = {}, 0, time.perf_counter()
+            if sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps:
+                self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng)
+        progress.close()
+        model.eval()
+        return ema.module if ema is not None else model
+
+    def _save_last(self, stage: str, step: int, model: nn.Module, opt: Any, sched: Any, ema: Any, stepper: Any,
+                   extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None) -> None:
+        rng_states = [capture_rng()]
+        if self.d.enabled:
+            gathered: list[Any] = [None] * self.d.world
+            dist.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        if self.d.main:
+            state: dict[str, Any] = {
+                "stage": stage, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "stepper": stepper.state_dict(), "rng": rng_states,
+            }
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            if extra_opt is not None:
+                state["extra_optimizer"] = extra_opt.state_dict()
+                state["loss_fn"] = loss_fn.state_dict()
+            if rng is not None:
+                state["generator"] = rng.get_state()
+            save_checkpoint(self._last(stage), state)
+        self.d.barrier()
+
+    # ---- stages ----
+    def _seeded(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def stage_mechanisms(self) -> None:
+        from segcft.models.mechanisms import ParentSCM
+
+        sc = self.cfg.train.mechanisms
+        loader = DataLoader(self.train_set, batch_size=64, shuffle=False, num_workers=0)
+        parents = torch.cat([b["parents"] for b in loader]).float()
+        self._seeded(self.cfg.seed)
+        scm = ParentSCM(self.info, self.cfg.mechanisms)
+        progress = _Progress("mechanisms", sc.steps, 0, self.d.main, sc.log_every)
+        losses = scm.fit(parents, steps=sc.steps, lr=sc.lr, batch_size=sc.batch_size, seed=self.cfg.seed,
+                         weight_decay=sc.weight_decay)
+        self.metrics.drop_stage("mechanisms")
+        for i in range(0, len(losses), max(sc.log_every, 1)):
+            chunk = losses[i : i + sc.log_every]
+            self.metrics.log("mechanisms", i + len(chunk), {"nll": sum(chunk) / len(chunk)})
+        progress.update(sc.steps, {"nll": losses[-1]})
+        progress.close()
+        self._save_final("mechanisms", {"model": scm.state_dict(), "nll": losses[-1]})
+
+    def stage_segmentor(self, stage: str, seed: int) -> None:
+        if stage == "segmentor" and self.segmentor_checkpoint is not None:
+            self._import_segmentor(self.segmentor_checkpoint)
+            return
+        self._seeded(seed)
+        seg = _build_component("segmentor", self.cfg.segmentor, self.info).to(self.device)
+        trained = self.fit(stage, seg, _SegmentorLoss(seg), self.cfg.train.segmentor, seed)
+        self._save_final(stage, {"model": trained.state_dict(), "seed": seed})
+
+    def _import_segmentor(self, path: Path) -> None:
+        seg = _build_component("segmentor", self.cfg.segmentor, self.info)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            loaded = load_checkpoint(path)
+            state = loaded.get("model", loaded)
+        try:
+            seg.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"--segmentor-checkpoint {path}: does not fit segmentor {self.cfg.segmentor.name!r}: {first}") from None
+        self._check_classes(seg, str(path))
+        self._save_final("segmentor", {"model": seg.state_dict(), "source": str(path)})
+
+    def stage_regressor(self) -> None:
+        seed = self.cfg.seed + 2
+        self._seeded(seed)
+        reg = _build_component("regressor", self.cfg.regressor, self.info).to(self.device)
+        trained = self.fit("regressor", reg, _RegressorLoss(reg), self.cfg.train.regressor, seed)
+        self._save_final("regressor", {"model": trained.state_dict()})
+
+    def stage_generator(self) -> None:
+        seed = self.cfg.seed + 3
+        self._seeded(seed)
+        gen = _build_component("generator", self.cfg.generator, self.info).to(self.device)
+        trained = self.fit("generator", gen, _GeneratorLoss(gen), self.cfg.train.generator, seed, betas=(0.9, 0.9))
+        eps = self._measure_eps(trained)
+        if self.d.main:
+            print(f"[generator] eps (training-set nelbo per pixel) = {eps:.5f}", flush=True)
+        self.metrics.log("generator", self.cfg.train.generator.steps, {"eps": eps})
+        self._save_final("generator", {"model": trained.state_dict(), "eps": eps})
+
+    @torch.no_grad()
+    def _measure_eps(self, gen: nn.Module) -> float:
+        """Mean per-pixel nelbo of the trained generator on the training split (a seeded subset of
+        at most EPS_SAMPLES samples), with a fixed seed for the posterior draws."""
+        n = len(self.train_set)
+        g = torch.Generator().manual_seed(self.cfg.seed + 4)
+        idx = torch.randperm(n, generator=g)[: min(n, EPS_SAMPLES)].tolist()
+        subset = torch.utils.data.Subset(self.train_set, idx)
+        loader = DataLoader(subset, batch_size=max(self.cfg.train.generator.batch_size, 1), shuffle=False)
+        torch.manual_seed(self.cfg.seed + 4)
+        total, count = 0.0, 0
+        gen.eval()
+        for batch in loader:
+            x, pa = batch["image"].to(self.device), batch["parents"].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                nelbo = gen.elbo(x, pa)["nelbo"].float()
+            total += float(nelbo.sum())
+            count += x.shape[0]
+        return total / count
+
+    def stage_cft(self, mode: str) -> None:
+        cfg = self.cfg
+        seed = cfg.seed + 10 + MODES.index(mode)
+        self._seeded(seed)
+        from segcft.models.mechanisms import ParentSCM
+
+        mech = ParentSCM(self.info, cfg.mechanisms)
+        mech.load_state_dict(load_checkpoint(self._final("mechanisms"))["model"])
+        mech = mech.to(self.device).eval().requires_grad_(False)
+        gen_state = load_checkpoint(self._final("generator"))
+        gen = _build_component("generator", cfg.generator, self.info)
+        gen.load_state_dict(gen_state["model"])
+        gen = gen.to(self.device)
+        segmentor = self._load_frozen("segmentor", "segmentor") if mode in ("seg", "pos-seg") else None
+        regressor = self._load_frozen("regressor", "regressor") if cfg.regressor.name else None
+        objective = CFTObjective(mode, self.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(self.device)
+        rng = torch.Generator().manual_seed(seed * 1000 + self.d.rank)
+        loss_fn = _CFTLoss(DSCM(self.info, mech, gen), objective, rng)
+        gsc = cfg.train.generator
+        sc = dataclasses.replace(gsc, steps=cfg.cft.steps, batch_size=cfg.cft.batch_size, lr=cfg.cft.lr, ema=0.0,
+                                 warmup=min(gsc.warmup, max(cfg.cft.steps // 10, 1)))
+        stage = f"cft-{mode}"
+        self.fit(stage, gen, loss_fn, sc, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
+                 after_step=objective.clamp_lambda, rng=rng)
+        self._save_final(stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]),
+                                 "lambda": float(objective.lmbda.detach())})
+
+    def _load_frozen(self, kind: str, stage: str) -> nn.Module:
+        module = _build_component(kind, getattr(self.cfg, kind), self.info)
+        module.load_state_dict(load_checkpoint(self._final(stage))["model"])
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def stage_evaluate(self) -> dict[str, Any]:
+        from segcft.evaluate import evaluate_run
+
+        result: dict[str, Any] = {}
+        if self.d.main:
+            ev = self.cfg.evaluate
+            result = evaluate_run(self.run_dir, split=ev.split, n=ev.n)
+        self.d.barrier()
+        return result
+
+    def curves(self) -> None:
+        if self.d.main and self.metrics.path.is_file():
+            from segcft.figures import plot_training_curves
+
+            plot_training_curves(self.metrics.path, self.run_dir / "figures")
+
+
+class _SegmentorLoss(nn.Module):
+    """Cross-entropy of segmentor logits against the label mask."""
+
+    def __init__(self, seg: nn.Module) -> None:
+        super().__init__()
+        self.seg = seg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        logits = self.seg(batch["image"])
+        return {"loss": F.cross_entropy(logits.float(), batch["mask"].long())}
+
+
+class _RegressorLoss(nn.Module):
+    """Summed per-variable negative log-likelihood of the normalised parents."""
+
+    def __init__(self, reg: nn.Module) -> None:
+        super().__init__()
+        self.reg = reg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"loss": self.reg.nll(batch["image"], batch["parents"]).float().sum(1).mean()}
+
+
+class _GeneratorLoss(nn.Module):
+    """The per-pixel negative ELBO."""
+
+    def __init__(self, gen: nn.Module) -> None:
+        super().__init__()
+        self.gen = gen
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        out = self.gen.elbo(batch["image"], batch["parents"])
+        return {"loss": out["loss"], "nll": float(out["nll"].detach()), "kl": float(out["kl"].detach())}
+
+
+class _CFTLoss(nn.Module):
+    """The fine-tuning Lagrangian as a module (DDP wraps it: generator weights and lambda are
+    its parameters; mechanisms are frozen and the guides are not registered)."""
+
+    def __init__(self, dscm: DSCM, objective: CFTObjective, rng: torch.Generator) -> None:
+        super().__init__()
+        self.dscm, self.objective = dscm, objective
+        self.rng = rng
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        out = self.objective(self.dscm, batch, self.rng)
+        out.pop("variable")
+        return out
+
+
+# -- entry point ------------------------------------------------------------------------------
+def _select_stages(all_stages: list[str], only: list[str] | None, from_stage: str | None) -> set[str]:
+    """The stages to redo (their checkpoints are discarded first)."""
+
+    def expand(name: str) -> list[str]:
+        if name == "cft":
+            return [s for s in all_stages if s.startswith("cft-")]
+        if name not in all_stages:
+            raise UserError(f"unknown stage {name!r}; stages of this run: {['cft'] + all_stages}")
+        return [name]
+
+    redo: set[str] = set()
+    for name in only or []:
+        redo.update(expand(name))
+    if from_stage is not None:
+        first = expand(from_stage)
+        if first:
+            redo.update(all_stages[all_stages.index(first[0]) :])
+    return redo
+
+
+def run_training(
+    cfg: Any,
+    run_dir: Path | str,
+    *,
+    resume: str | None = None,
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    segmentor_checkpoint: Path | str | None = None,
+) -> Path:
+    """Train every stage of the run that has no final checkpoint yet, redoing those from
+    ``from_stage`` on (or exactly the stages in ``only``, which then run alone), evaluate, and
+    return the path of report.md.
+
+    ``resume="auto"`` continues an unfinished stage from its last checkpoint and reuses the
+    run folder's stored config."""
+    from segcft.config import dump_run_config, read_yaml, run_config_from_dict, run_config_to_dict
+
+    run_dir = Path(run_dir)
+    if resume is not None and resume != "auto":
+        path = Path(resume)
+        if not (path.is_file() and path.parent.resolve() == (run_dir / "checkpoints").resolve()):
+            raise UserError(f"--resume: expected 'auto' or a checkpoint file in {run_dir / 'checkpoints'}, got {resume!r}")
+        resume = "auto"  # a stage's last checkpoint is the newest state of the unfinished stage
+    if only and from_stage:
+        raise UserError("--only and --from-stage cannot be combined")
+    stored = run_dir / "config.yaml"
+    if stored.is_file():
+        previous = run_config_from_dict(read_yaml(stored))
+        if resume == "auto":
+            cfg = previous
+        elif run_config_to_dict(previous) != run_config_to_dict(cfg):
+            raise UserError(
+                f"{run_dir} holds a run with a different config; use another output folder, or --resume auto to continue it"
+            )
+    if segmentor_checkpoint is not None:
+        segmentor_checkpoint = Path(segmentor_checkpoint)
+        if not segmentor_checkpoint.is_file():
+            raise UserError(f"--segmentor-checkpoint {segmentor_checkpoint} does not exist")
+        if not cfg.segmentor.name:
+            raise UserError("--segmentor-checkpoint needs a segmentor plugin (segmentor.name)")
+
+    device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    d = _init_distributed(device_kind)
+    try:
+        device = _resolve_device(cfg.device, d)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        pipe = _Pipeline(cfg, run_dir, d, device, resume == "auto")
+        pipe.segmentor_checkpoint = segmentor_checkpoint
+        stages = stage_names(cfg)
+        redo = _select_stages(stages, only, from_stage)
+        if only:
+            stages = [s for s in stages if s in redo]
+        if segmentor_checkpoint is not None:
+            redo.add("segmentor")
+        pipe.validate([s for s in stages if s in redo or not pipe._done(s)])
+        if d.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_run_config(cfg, stored)
+            write_json(run_dir / "dataset.json", pipe.info.to_dict())
+        d.barrier()
+        for stage in stages:
+            if stage in redo:
+                pipe.invalidate(stage)
+        result: dict[str, Any] = {}
+        for stage in stages:
+            if pipe._done(stage):
+                if d.main:
+                    print(f"[{stage}] done (checkpoint exists), skipped", flush=True)
+                continue
+            t0 = time.perf_counter()
+            if stage == "mechanisms":
+                pipe.stage_mechanisms()
+            elif stage == "segmentor":
+                pipe.stage_segmentor("segmentor", cfg.seed)
+            elif stage == "eval_segmentor":
+                pipe.stage_segmentor("eval_segmentor", cfg.seed + 1)
+            elif stage == "regressor":
+                pipe.stage_regressor()
+            elif stage == "generator":
+                pipe.stage_generator()
+            elif stage.startswith("cft-"):
+                pipe.stage_cft(stage[len("cft-") :])
+            elif stage == "evaluate":
+                pipe.curves()
+                result = pipe.stage_evaluate()
+            pipe.curves()
+            if d.main:
+                print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
+        pipe.metrics.close()
+        if d.main and (run_dir / "report.md").is_file():
+            if not result and (run_dir / "metrics.json").is_file():
+                result = json.loads((run_dir / "metrics.json").read_text())
+            _print_headline(run_dir, result)
+        return run_dir / "report.md"
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _print_headline(run_dir: Path, result: dict[str, Any]) -> None:
+    """The last lines of a run: where the report is and the numbers that matter."""
+    for line in _headline_lines(result):
+        print(line, flush=True)
+    print(f"report: {run_dir / 'report.md'}", flush=True)
+
+
+def _headline_lines(result: dict[str, Any]) -> list[str]:
+    """Per intervened structure variable and mode: effectiveness MAPE (evaluation segmentor),
+    leakage MAPE of the other structures and mean change outside the structure (0-255)."""
+    lines: list[str] = []
+    for name, entry in (result.get("interventions") or {}).items():
+        if not entry.get("structure"):
+            continue
+        parts = []
+        for mode in result.get("modes", []):
+            e = entry["modes"].get(mode, {})
+            parts.append(
+                f"{mode}: MAPE {_mean(e, 'effectiveness', 'eval', 'mape')}%, leakage {_mean(e, 'leakage', 'mape_mean', 'eval')}%, "
+                f"outside {_mean(e, 'locality', 'outside')}"
+            )
+        lines.append(f"do({name}) | " + " | ".join(parts))
+    return lines
+
+
+def _mean(d: Any, *path: str) -> str:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return "-"
+        d = d[p]
+    v = d.get("mean") if isinstance(d, dict) else d
+    return f"{v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"

@@ -1,0 +1,291 @@
+"""Counterfactual fine-tuning: interventions, guidance terms and the damped Lagrangian, on small
+stand-in modules (a linear parent SCM, a tiny Gaussian generator, a fixed-weight segmentor)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from segcft.cft import CFTObjective, applicable_modes, area_terms, check_mode
+from segcft.data.variables import DatasetInfo, Measure, Normalisation, Variable
+from segcft.dscm import DSCM, affected_mask, permutation_intervention
+from segcft.errors import ConfigError
+
+torch.set_num_threads(1)
+
+S = 16
+
+
+def make_info() -> DatasetInfo:
+    variables = [
+        Variable("sex", "binary"),
+        Variable("age", "continuous", unit="y"),
+        Variable("lung", "continuous", ("age",), "mm^2", Measure("lung")),
+        Variable("heart_prox", "continuous", ("lung",), "mm^2", Measure("heart", "proximal")),
+        Variable("heart_dist", "continuous", (), "mm^2", Measure("heart", "distal")),
+    ]
+    norm = Normalisation((0.0, 50.0, 60.0, 20.0, 20.0), (1.0, 10.0, 15.0, 5.0, 5.0))
+    return DatasetInfo(
+        "toy", 2, (S, S), (1.0, 1.0), {1: "lung", 2: "heart"}, variables, norm,
+        regions={0: "outside", 1: "proximal", 2: "distal"},
+    )
+
+
+class LinearSCM(nn.Module):
+    """pa_i = pa_parents * 0.5 + noise_i: abduct noise, intervene, recompute descendants."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        super().__init__()
+        self.info = info
+
+    def counterfactual(self, pa: torch.Tensor, interventions: dict[str, torch.Tensor]) -> torch.Tensor:
+        info = self.info
+        noise = pa.clone()
+        for v in info.variables:
+            j = info.index(v.name)
+            for p in v.parents:
+                noise[:, j] -= 0.5 * pa[:, info.index(p)]
+        out = pa.clone()
+        for name in info.topological_order():
+            j = info.index(name)
+            if name in interventions:
+                out[:, j] = interventions[name]
+                continue
+            v = info.variable(name)
+            if v.type == "binary":
+                continue
+            out[:, j] = noise[:, j] + sum(0.5 * out[:, info.index(p)] for p in v.parents)
+        return out
+
+
+class TinyGenerator(nn.Module):
+    """Gaussian decoder with one conv 'encoder': enough to exercise the pixel-noise rule."""
+
+    spatial_dims = 2
+
+    def __init__(self, num_parents: int) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 4, 3, padding=1)
+        self.dec = nn.Conv2d(4 + num_parents, 2, 3, padding=1)
+
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self.enc(x)
+
+    def decode(self, z: torch.Tensor, pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pa_map = pa[:, :, None, None].expand(-1, -1, *z.shape[2:])
+        out = self.dec(torch.cat([z, pa_map], 1))
+        return out[:, :1], nn.functional.softplus(out[:, 1:]) + 0.05
+
+    def counterfactual(self, x, pa, pa_cf, particles=1):
+        z = self.abduct(x, pa)
+        mu, sigma = self.decode(z, pa)
+        mu_cf, sigma_cf = self.decode(z, pa_cf)
+        return (mu_cf + sigma_cf * (x - mu) / sigma).clamp(-1, 1), None
+
+    def elbo(self, x, pa):
+        z = self.abduct(x, pa)
+        mu, sigma = self.decode(z, pa)
+        nll = (0.5 * ((x - mu) / sigma) ** 2 + sigma.log()).flatten(1).mean(1)
+        kl = 0.5 * (z**2).flatten(1).mean(1)
+        nelbo = nll + kl
+        return {"loss": nelbo.mean(), "nll": nll.mean(), "kl": kl.mean(), "nelbo": nelbo}
+
+
+class FixedSegmentor(nn.Module):
+    """Three classes from intensity: background (dark), lung (mid), heart (bright)."""
+
+    classes = ("background", "lung", "heart")
+    spatial_dims = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-6.0, 0.0, 6.0]).view(3, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class LinearRegressor(nn.Module):
+    spatial_dims = 2
+
+    def __init__(self, num_parents: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(S * S, num_parents)
+
+    def forward(self, x):
+        loc = self.head(x.flatten(1))
+        return {"loc": loc, "scale": torch.ones_like(loc)}
+
+    def nll(self, x, targets):
+        return 0.5 * (self(x)["loc"] - targets) ** 2
+
+
+def cfg(**kw):
+    base = dict(
+        lr=1e-3, lr_lagrange=1e-2, damping=100.0, lambda_init=0.0, penalty="l1", huber_delta=1.0,
+        soft_labels=False, seg_weight=1.0, reg_weight=1.0,
+    )
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def make_batch(info: DatasetInfo, b: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pa = torch.randn(b, len(info.variables), generator=g)
+    pa[:, 0] = (pa[:, 0] > 0).float()
+    regions = torch.zeros(b, S, S, dtype=torch.int64)
+    regions[:, :, : S // 2] = 1
+    regions[:, :, S // 2 :] = 2
+    image = torch.rand(b, 1, S, S, generator=g) * 2 - 1
+    return {"image": image, "parents": pa, "regions": regions}
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    info = make_info()
+    gen = TinyGenerator(len(info.variables))
+    dscm = DSCM(info, LinearSCM(info), gen)
+    return info, dscm, FixedSegmentor(), LinearRegressor(len(info.variables))
+
+
+def test_permutation_intervention_is_seeded_permutation():
+    info = make_info()
+    pa = make_batch(info)["parents"]
+    a = permutation_intervention(info, pa, torch.Generator().manual_seed(3))
+    b = permutation_intervention(info, pa, torch.Generator().manual_seed(3))
+    assert a.variable == b.variable and torch.equal(a.values, b.values)
+    col = pa[:, info.index(a.variable)]
+    assert torch.equal(torch.sort(a.values).values, torch.sort(col).values)
+    seen = {permutation_intervention(info, pa, torch.Generator().manual_seed(s)).variable for s in range(60)}
+    assert seen == set(info.variable_names)  # uniform over all variables
+
+
+def test_parents_counterfactual_propagates_descendants_only(setup):
+    info, dscm, _, _ = setup
+    pa = make_batch(info)["parents"]
+    new_age = pa[:, 1] + 1.0
+    pa_cf = dscm.parents_counterfactual(pa, {"age": new_age})
+    assert torch.allclose(pa_cf[:, 1], new_age)
+    assert torch.allclose(pa_cf[:, 2] - pa[:, 2], torch.full((8,), 0.5))  # child of age
+    assert torch.allclose(pa_cf[:, 3] - pa[:, 3], torch.full((8,), 0.25))  # grandchild
+    assert torch.equal(pa_cf[:, [0, 4]], pa[:, [0, 4]])
+    assert affected_mask(info, "age").tolist() == [False, True, True, True, False]
+    with pytest.raises(KeyError, match="nope"):
+        dscm.parents_counterfactual(pa, {"nope": new_age})
+
+
+def test_area_terms_seg_aggregates_regions_and_pos_seg_splits_them():
+    info = make_info()
+    seg = area_terms(info, "seg")
+    assert seg.index.tolist() == [[1, -1], [2, -1]]
+    assert seg.members == ((2,), (3, 4))
+    assert seg.scale.tolist() == pytest.approx([15.0, (25.0 + 25.0) ** 0.5])
+    pos = area_terms(info, "pos-seg")
+    assert pos.index.tolist() == [[1, -1], [2, 1], [2, 2]]
+    pa = torch.zeros(2, 5)
+    assert pos.targets(info, pa).tolist() == [[60.0, 20.0, 20.0]] * 2
+    assert seg.targets(info, pa).tolist() == [[60.0, 40.0]] * 2
+    assert applicable_modes(info) == ["none", "reg", "seg", "pos-seg"]
+    with pytest.raises(ConfigError, match="unknown fine-tuning mode"):
+        check_mode("segg", info)
+
+
+def test_gradient_reaches_generator_not_frozen_segmentor(setup):
+    info, dscm, seg, reg = setup
+    obj = CFTObjective("pos-seg", info, cfg(), eps=10.0, segmentor=seg, regressor=reg)
+    assert not any(p.requires_grad for p in seg.parameters())
+    assert [n for n, _ in obj.named_parameters()] == ["lmbda"]
+    out = obj(dscm, make_batch(info), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = [p.grad for p in dscm.generator.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in seg.parameters())
+    assert all(p.grad is None for p in reg.parameters())
+    assert obj.lmbda.grad is not None
+
+
+def _steps(obj, dscm, info, n, lr=1e-3):
+    opt = torch.optim.Adam(dscm.generator.parameters(), lr=lr)
+    lopt = obj.lagrange_optimizer()
+    g = torch.Generator().manual_seed(1)
+    history = []
+    for i in range(n):
+        out = obj(dscm, make_batch(info, seed=i), g)
+        opt.zero_grad()
+        lopt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        lopt.step()
+        obj.clamp_lambda()
+        history.append((out, float(obj.lmbda.detach())))
+    return history
+
+
+def test_lambda_rises_while_violated_and_stays_nonnegative(setup):
+    info, dscm, seg, reg = setup
+    with torch.no_grad():
+        nelbo = float(dscm.generator.elbo(make_batch(info)["image"], make_batch(info)["parents"])["loss"])
+    violated = CFTObjective("seg", info, cfg(damping=0.0), eps=nelbo - 5.0, segmentor=seg, regressor=reg)
+    lambdas = [lam for _, lam in _steps(violated, dscm, info, 6)]
+    assert all(b > a for a, b in zip(lambdas, lambdas[1:])), lambdas
+    assert lambdas[-1] > 0.04
+
+    satisfied = CFTObjective("seg", info, cfg(lambda_init=0.02), eps=nelbo + 50.0, segmentor=seg)
+    lambdas = [lam for _, lam in _steps(satisfied, dscm, info, 6)]
+    assert min(lambdas) == 0.0 and all(lam >= 0.0 for lam in lambdas)
+
+
+def test_seg_cft_reduces_guide_loss(setup):
+    info, dscm, seg, _ = setup
+    obj = CFTObjective("seg", info, cfg(damping=0.0), eps=1e3, segmentor=seg)
+    batch = make_batch(info, b=16, seed=5)
+    do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["lung"])
+    opt = torch.optim.Adam(dscm.generator.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(40):
+        out = obj(dscm, batch, intervention=do)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["guide"])
+    assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+
+
+def test_soft_labels_use_factual_measurements_for_untouched_terms(setup):
+    info, dscm, seg, reg = setup
+    batch = make_batch(info)
+    do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["sex"])
+    hard = CFTObjective("seg", info, cfg(), eps=1e3, segmentor=seg, regressor=reg)
+    soft = CFTObjective("seg", info, cfg(soft_labels=True), eps=1e3, segmentor=seg, regressor=reg)
+    # The identity "generator" makes x_cf == x: soft labels then match exactly, hard ones do not.
+    identity = DSCM(info, LinearSCM(info), IdentityGenerator())
+    x_cf, pa_cf, _ = identity.counterfactual(batch["image"], batch["parents"], do)
+    _, logs_soft = soft.guide_loss(x_cf, pa_cf, batch, do.variable)
+    _, logs_hard = hard.guide_loss(x_cf, pa_cf, batch, do.variable)
+    assert logs_soft["seg"] < 1e-5 < logs_hard["seg"]
+    assert "reg" in logs_soft  # sex is a subject-level variable: regressor term present
+
+
+class IdentityGenerator(nn.Module):
+    spatial_dims = 2
+
+    def counterfactual(self, x, pa, pa_cf, particles=1):
+        return x, None
+
+
+def test_objective_validation(setup):
+    info, _, seg, _ = setup
+    with pytest.raises(ConfigError, match="needs a trained regressor"):
+        CFTObjective("reg", info, cfg(), eps=1.0, segmentor=seg)
+    with pytest.raises(ConfigError, match="penalty"):
+        CFTObjective("seg", info, cfg(penalty="l3"), eps=1.0, segmentor=seg)
+    flat = DatasetInfo("flat", 2, (S, S), (1.0, 1.0), {1: "lung"}, [Variable("lung", "continuous", measure=Measure("lung"))], Normalisation((1.0,), (1.0,)))
+    with pytest.raises(ConfigError, match="regions"):
+        check_mode("pos-seg", flat)

@@ -1,0 +1,256 @@
+"""Metric functions on hand-made tensors with known answers, and evaluate() end to end on a
+tiny phantom run whose generators are exact (an oracle) or do nothing (identity)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segcft.metrics import (
+    abs_errors,
+    bootstrap_mean,
+    bootstrap_ratio,
+    dilate,
+    locality,
+    masked_mean_abs,
+    permutation,
+    to_255,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy_run():
+    from _toy_run import make_toy_run
+
+    return make_toy_run()
+
+
+# -- pure metric functions ---------------------------------------------------------------------
+
+
+def test_abs_errors_known_values_and_empty_target():
+    ae, ape = abs_errors(torch.tensor([110.0, 90.0, 5.0]), torch.tensor([100.0, 100.0, 0.0]))
+    assert ae.tolist() == pytest.approx([10.0, 10.0, 5.0])
+    assert ape[:2].tolist() == pytest.approx([10.0, 10.0])
+    assert math.isnan(float(ape[2]))
+    _, ape = abs_errors(torch.tensor([3.0]), torch.tensor([2.0]), min_target=4.0)
+    assert math.isnan(float(ape[0]))
+
+
+def test_dilate_2d_square_and_zero():
+    m = torch.zeros(1, 7, 7, dtype=torch.bool)
+    m[0, 3, 3] = True
+    assert dilate(m, 0).sum() == 1
+    d = dilate(m, 1)
+    assert d.sum() == 9 and d[0, 2:5, 2:5].all()
+    assert dilate(m, 2).sum() == 25
+
+
+def test_dilate_3d_cube_clipped_at_border():
+    m = torch.zeros(2, 5, 5, 5, dtype=torch.bool)
+    m[0, 2, 2, 2] = True
+    m[1, 0, 0, 0] = True
+    d = dilate(m, 1)
+    assert d[0].sum() == 27
+    assert d[1].sum() == 8  # corner voxel: the cube is clipped by the volume
+
+
+def test_dilate_rejects_1d():
+    with pytest.raises(ValueError):
+        dilate(torch.zeros(2, 5, dtype=torch.bool), 1)
+
+
+def test_masked_mean_abs_channel_axis_and_empty_mask():
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 8.0]]]])
+    assert masked_mean_abs(a, b).tolist() == pytest.approx([2.5, 2.0])
+    mask = torch.tensor([[[True, False], [False, True]], [[False, False], [False, False]]])
+    out = masked_mean_abs(a, b, mask)
+    assert float(out[0]) == pytest.approx(2.5)
+    assert math.isnan(float(out[1]))
+
+
+def test_locality_inside_outside_on_known_images():
+    x = torch.zeros(1, 1, 8, 8)
+    x_cf = x.clone()
+    x_cf[0, 0, 4, 4] = 1.0  # change inside the structure
+    x_cf[0, 0, 0, 0] = 0.5  # change far outside
+    s = torch.zeros(1, 8, 8, dtype=torch.bool)
+    s[0, 4, 4] = True
+    loc = locality(x, x_cf, s, dilation=1)
+    assert float(loc["inside"]) == pytest.approx(1.0 / 9.0)
+    assert float(loc["outside"]) == pytest.approx(0.5 / (64 - 9))
+
+
+def test_to_255_scale():
+    assert to_255(2.0) == pytest.approx(255.0)
+    assert to_255(torch.tensor([0.02])).item() == pytest.approx(2.55)
+
+
+def test_permutation_fixed_seed():
+    p = permutation(10, 3)
+    assert sorted(p.tolist()) == list(range(10))
+    assert torch.equal(p, permutation(10, 3))
+    assert not torch.equal(p, permutation(10, 4))
+
+
+def test_bootstrap_mean_interval_contains_mean_and_drops_nan():
+    rng = np.random.default_rng(0)
+    v = rng.normal(5.0, 1.0, size=200)
+    r = bootstrap_mean(np.append(v, np.nan), resamples=500, seed=1)
+    assert r["n"] == 200
+    assert r["mean"] == pytest.approx(v.mean())
+    assert r["lo"] < r["mean"] < r["hi"]
+    # the interval is about 2 * 1.96 * sigma / sqrt(n) wide
+    assert r["hi"] - r["lo"] == pytest.approx(2 * 1.96 / math.sqrt(200), rel=0.25)
+    assert bootstrap_mean(v, 500, 1) == bootstrap_mean(v, 500, 1)
+    assert math.isnan(bootstrap_mean([math.nan], 10, 0)["mean"])
+    assert bootstrap_mean([3.0], 10, 0) == {"mean": 3.0, "lo": 3.0, "hi": 3.0, "n": 1}
+
+
+def test_bootstrap_ratio_of_means():
+    num = np.array([1.0, 2.0, 3.0, math.nan])
+    den = np.array([2.0, 4.0, 6.0, 1.0])
+    r = bootstrap_ratio(num, den, resamples=200, seed=0)
+    assert r["n"] == 3
+    assert r["mean"] == pytest.approx(0.5)
+    assert r["lo"] == pytest.approx(0.5) and r["hi"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        bootstrap_ratio([1.0], [1.0, 2.0])
+
+
+# -- evaluate() on a tiny exact phantom ----------------------------------------------------------
+
+
+def test_evaluate_known_answers(tmp_path, toy_run):
+    from segcft.evaluate import evaluate
+
+    res = evaluate(toy_run, tmp_path, split="test", n=24)
+    assert res["n"] == 24 and res["phantom"] is True
+    blob = res["interventions"]["blob_area"]["modes"]
+    # identity generator: nothing changes, so composition, reversibility, locality are zero
+    ident = blob["identity"]
+    assert ident["locality"]["outside"]["mean"] == 0.0
+    assert ident["reversibility"]["mean"] == 0.0
+    assert res["composition"]["identity"]["m10"]["mean"] == 0.0
+    # ... and its effectiveness error is the gap between factual and intended areas
+    ds = toy_run.dataset("test")
+    items = [ds[i] for i in range(24)]
+    pa = torch.stack([it["parents"] for it in items])
+    phys = toy_run.info.denormalise(pa.double())
+    from segcft.metrics import permutation as perm_fn
+
+    j = toy_run.info.index("blob_area")
+    target = phys[perm_fn(24, 0 + 7919 * (j + 1)), j]
+    # areas are quantised to whole pixels (4 mm^2) by the renderer
+    measured = torch.round(phys[:, j] / 4.0) * 4.0
+    expected = (100 * (measured - target).abs() / target).mean().item()
+    assert ident["effectiveness"]["eval"]["mape"]["mean"] == pytest.approx(expected, rel=1e-6)
+    # oracle generator: exact counterfactuals, no leakage, no change outside the structure
+    orc = blob["oracle"]
+    assert orc["effectiveness"]["eval"]["mae"]["mean"] <= 2.0 + 1e-6
+    assert orc["ground_truth"]["all"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    # spot is untouched by both generators: its error is only the renderer's pixel rounding
+    assert orc["leakage"]["mape_mean"]["eval"]["mean"] == pytest.approx(ident["leakage"]["mape_mean"]["eval"]["mean"])
+    assert orc["leakage"]["per_variable"]["spot_area"]["eval"]["mae"]["mean"] <= 2.0 + 1e-6
+    assert orc["locality"]["outside"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert orc["locality"]["inside"]["mean"] > 1.0
+    assert orc["reversibility"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    lo, hi = ident["effectiveness"]["eval"]["mape"]["lo"], ident["effectiveness"]["eval"]["mape"]["hi"]
+    assert lo < expected < hi
+    # do(age): blob_area is a descendant and follows; the identity generator misses it
+    age = res["interventions"]["age"]
+    assert age["descendants"] == ["blob_area"]
+    assert age["modes"]["oracle"]["leakage"]["per_variable"]["blob_area"]["eval"]["mae"]["mean"] <= 2.0 + 1e-6
+    assert age["modes"]["identity"]["leakage"]["per_variable"]["blob_area"]["eval"]["mae"]["mean"] > 10.0
+    # files
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["interventions"]["blob_area"]["modes"]["oracle"]["ground_truth"]["all"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Evaluation: toy")
+    assert "## Headline" in report and "### do(blob_area)" not in report and "## do(blob_area)" in report
+    assert (tmp_path / "figures" / "cf_blob_area.png").stat().st_size > 1000
+
+
+def test_evaluate_is_deterministic(tmp_path, toy_run):
+    from segcft.evaluate import evaluate
+
+    a = evaluate(toy_run, tmp_path / "a", n=8, figures=False)
+    b = evaluate(toy_run, tmp_path / "b", n=8, figures=False)
+    assert a == b
+
+
+def test_evaluate_rejects_bad_n(tmp_path, toy_run):
+    from segcft.errors import UserError
+    from segcft.evaluate import evaluate
+
+    with pytest.raises(UserError, match="--n"):
+        evaluate(toy_run, tmp_path, n=0)
+
+
+def test_report_regions_get_their_own_sections():
+    from segcft.evaluate import write_report
+
+    ci = {"mean": 1.0, "lo": 0.5, "hi": 1.5, "n": 3}
+    entry = {
+        "effectiveness": {"eval": {"mae": ci, "mape": ci}},
+        "leakage": {"mape_mean": {"eval": ci}, "per_variable": {}},
+        "locality": {"outside": ci, "inside": ci, "ratio": ci, "outside_region": ci},
+        "reversibility": ci,
+    }
+    res = {
+        "dataset": "d", "split": "test", "n": 3, "modes": ["none", "pos-seg"], "bootstrap": 10, "seed": 0,
+        "eval_segmentor": "separate", "dilation": 2, "phantom": False, "units": {"p_prox": "mm^3"},
+        "factual": {}, "composition": {"none": {}, "pos-seg": {}},
+        "interventions": {
+            "p_prox": {"type": "continuous", "unit": "mm^3", "structure": True, "region": "proximal",
+                       "descendants": [], "modes": {"none": entry, "pos-seg": entry}},
+        },
+    }
+    text = write_report(res)
+    assert "## Region: proximal" in text and "### do(p_prox) [mm^3]" in text
+    assert "outside region" in text and "1.00 [0.50, 1.50]" in text
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def test_display_slice_follows_the_structure_in_3d():
+    from segcft.figures import display_slice
+
+    vol = np.zeros((6, 8, 5))
+    focus = np.zeros((6, 8, 5), dtype=bool)
+    focus[:, 6, 1:4] = True
+    focus[2, 1, 2] = True
+    assert display_slice(vol, focus) == 6
+    assert display_slice(vol) == 4
+    assert display_slice(np.zeros((4, 4))) is None
+
+
+def test_counterfactual_grid_3d_and_training_curves(tmp_path):
+    from segcft.figures import counterfactual_grid, plot_training_curves
+
+    x = np.zeros((1, 6, 8, 5), dtype=np.float32)
+    cf = x.copy()
+    cf[0, 2:4, 6, 1:3] = 0.5
+    mask = np.zeros((6, 8, 5), dtype=np.int64)
+    mask[2:4, 6, 1:3] = 2
+    out = counterfactual_grid(x, {"seg": cf, "none": x}, {"seg": mask}, tmp_path / "g.png", factual_mask=mask, focus=mask > 0)
+    assert out.stat().st_size > 1000
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "stage,step,loss,nelbo,lambda\n"
+        "generator,0,3.0,3.0,\n"
+        "generator,50,2.0,2.0,\n"
+        "cft-seg,0,1.0,,0.0\n"
+        "cft-seg,10,0.5,,0.1\n"
+    )
+    paths = plot_training_curves(csv_path, tmp_path / "figs")
+    assert [p.name for p in paths] == ["curves_generator.png", "curves_cft-seg.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

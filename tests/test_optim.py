@@ -1,0 +1,116 @@
+"""Training support: warm-up schedule, EMA maths, clipping and skipping of bad updates."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from segcft.optim import EMA, GuardedStepper, build_optimizer, warmup_factor
+
+
+def _linear(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(3, 2)
+
+
+def test_warmup_schedule() -> None:
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    model = _linear()
+    optimizer, scheduler = build_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1, warmup=4)
+    assert optimizer.defaults["betas"] == (0.9, 0.9) and optimizer.defaults["weight_decay"] == 0.1
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+
+
+def test_ema_maths() -> None:
+    model = _linear()
+    ema = EMA(model, rate=0.6)
+    expected = model.weight.detach().clone()
+    decays = []
+    for k in range(5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        d = ema.decay()
+        decays.append(d)
+        ema.update(model)
+        expected = d * expected + (1 - d) * model.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
+    # 1 - 1/(1+k) for k = 0, 1, 2, ... capped at the rate.
+    assert decays == pytest.approx([0.0, 0.5, 0.6, 0.6, 0.6])
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_state_round_trip() -> None:
+    model = _linear()
+    ema = EMA(model, rate=0.9)
+    ema.update(model)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    other = EMA(_linear(seed=1), rate=0.5)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.updates == 1 and other.rate == 0.9
+    torch.testing.assert_close(other.module.weight, ema.module.weight)
+
+
+def _stepper(net: nn.Module, **kwargs) -> GuardedStepper:
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    return GuardedStepper(net.parameters(), optimizer, **kwargs)
+
+
+def test_skip_on_nan() -> None:
+    model = _linear()
+    ema = EMA(model)
+    stepper = _stepper(model, grad_clip=1.0, grad_skip=10.0, ema=ema, model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()
+    loss.backward()
+    result = stepper.step(loss)
+    assert result.skipped and result.reason == "nonfinite" and math.isnan(result.grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert stepper.counts == {"applied": 0, "skipped_nonfinite": 1, "skipped_norm": 0} and ema.updates == 0
+
+
+def test_skip_on_huge_norm_and_clip_otherwise() -> None:
+    model = _linear()
+    stepper = _stepper(model, grad_clip=1.0, grad_skip=50.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    (model(torch.full((1, 3), 100.0)).sum()).backward()
+    result = stepper.step()
+    assert result.skipped and result.reason == "norm" and result.grad_norm >= 50.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    (model(torch.full((1, 3), 2.0)).sum()).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    norm = torch.sqrt(sum(g.square().sum() for g in grads)).item()
+    result = stepper.step()
+    assert not result.skipped and result.grad_norm == pytest.approx(norm) and norm > 1.0
+    for b, p, g in zip(before, model.parameters(), grads):  # SGD lr 1: the step is the clipped gradient
+        torch.testing.assert_close(b - p.detach(), g / norm, rtol=1e-4, atol=1e-6)
+    assert stepper.counts == {"applied": 1, "skipped_nonfinite": 0, "skipped_norm": 1}
+
+
+def test_skip_disabled_and_schedule_steps_only_on_applied_updates() -> None:
+    model = _linear()
+    optimizer, scheduler = build_optimizer(model.parameters(), lr=1.0, warmup=10)
+    stepper = GuardedStepper(model.parameters(), optimizer, scheduler, grad_clip=0.0, grad_skip=0.0)
+    (model(torch.full((1, 3), 1e6)).sum()).backward()
+    assert not stepper.step().skipped
+    loss = torch.tensor(float("inf"))
+    (model(torch.ones(1, 3)).sum()).backward()
+    assert stepper.step(loss).reason == "nonfinite"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    state = stepper.state_dict()
+    fresh = GuardedStepper(model.parameters(), optimizer)
+    fresh.load_state_dict(state)
+    assert fresh.counts == {"applied": 1, "skipped_nonfinite": 1, "skipped_norm": 0}

@@ -1,0 +1,166 @@
+"""The training pipeline: smoke runs in 2D and 3D, resume after SIGKILL, DDP equivalence and
+the one-line validation errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segcft.checkpoint import load_checkpoint
+from segcft.config import load_run_config
+from segcft.errors import UserError
+from segcft.train import load_run, run_training
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke(*overrides: str, components: dict[str, str] | None = None):
+    return load_run_config(None, "smoke", list(overrides), components=components)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.timeout(120)
+def test_smoke_2d_end_to_end(tmp_path, capsys):
+    cfg = smoke("cft.modes=[none,reg,seg]", "evaluate.n=4")
+    report = run_training(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert report == tmp_path / "report.md" and report.is_file()
+    assert out.strip().splitlines()[-1] == f"report: {report}"
+    assert "do(" in out  # headline numbers precede the report line
+    for stage in ("mechanisms", "segmentor", "eval_segmentor", "regressor", "generator", "cft-reg", "cft-seg"):
+        assert (tmp_path / "checkpoints" / f"{stage}.pt").is_file(), stage
+    assert not list((tmp_path / "checkpoints").glob("*.last.pt"))
+    assert (tmp_path / "figures" / "curves_generator.png").is_file()
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["stage", "step"] and "loss" in header and "lambda" in header
+    run = load_run(tmp_path)
+    assert set(run.generators) == {"none", "reg", "seg"}
+    assert run.eps == pytest.approx(float(load_checkpoint(tmp_path / "checkpoints" / "generator.pt")["eps"]))
+    base, tuned = _weights(tmp_path / "checkpoints" / "generator.pt"), _weights(tmp_path / "checkpoints" / "cft-seg.pt")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)  # fine-tuning moved the generator
+    # A second call finds every checkpoint and trains nothing.
+    run_training(cfg, tmp_path)
+    assert "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_smoke_3d_pos_seg(tmp_path):
+    cfg = smoke(
+        "dataset.depth=16", "dataset.side=8", "dataset.train_size=32", "dataset.val_size=8", "dataset.test_size=8",
+        "generator.preset=3d", "cft.modes=[none,pos-seg]", "evaluate.n=2",
+        components={"dataset": "ccta-phantom"},
+    )
+    report = run_training(cfg, tmp_path)
+    assert report.is_file()
+    run = load_run(tmp_path)
+    assert run.info.spatial_dims == 3 and set(run.generators) == {"none", "pos-seg"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from segcft.config import load_run_config
+    from segcft.train import run_training
+    cfg = load_run_config(None, "smoke", sys.argv[3:])
+    run_training(cfg, sys.argv[1], only=sys.argv[2].split(","), resume="auto")
+    """
+)
+
+
+def _launch(run_dir: Path, only: str, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, str(run_dir), only, *overrides],
+        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    overrides = ["train.segmentor.steps=60", "train.segmentor.checkpoint_every=5", "train.segmentor.log_every=5"]
+    killed = tmp_path / "killed"
+    proc = _launch(killed, "segmentor", overrides)
+    last = killed / "checkpoints" / "segmentor.last.pt"
+    deadline = time.time() + 90
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "segmentor.pt").is_file()
+    cfg = smoke(*overrides)
+    run_training(cfg, killed, only=["segmentor"], resume="auto")
+    straight = tmp_path / "straight"
+    run_training(cfg, straight, only=["segmentor"])
+    a, b = _weights(killed / "checkpoints" / "segmentor.pt"), _weights(straight / "checkpoints" / "segmentor.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.timeout(150)
+def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
+    overrides = ["train.segmentor.steps=3", "train.segmentor.batch_size=8", "train.segmentor.warmup=1",
+                 "device=cpu"]
+    port = str(_free_port())
+    procs = [
+        _launch(tmp_path / "ddp", "segmentor", overrides, {
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+        })
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    run_training(smoke(*overrides), tmp_path / "single", only=["segmentor"])
+    a = _weights(tmp_path / "ddp" / "checkpoints" / "segmentor.pt")
+    b = _weights(tmp_path / "single" / "checkpoints" / "segmentor.pt")
+    moved = _weights_init(overrides)
+    assert any(not torch.allclose(b[k], moved[k]) for k in b)  # the runs trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _weights_init(overrides: list[str]) -> dict[str, torch.Tensor]:
+    from segcft.train import _build_component
+
+    cfg = smoke(*overrides)
+    from segcft.plugins import get_registry
+
+    info = get_registry().get("dataset", cfg.dataset.name).load()(cfg.dataset.params, "train").info
+    torch.manual_seed(cfg.seed)
+    return _build_component("segmentor", cfg.segmentor, info).state_dict()
+
+
+def test_validation_errors_are_one_line_before_training(tmp_path):
+    cfg = smoke()
+    cfg.generator.name = "nope"
+    with pytest.raises(UserError, match="unknown generator 'nope'"):
+        run_training(cfg, tmp_path / "a")
+    with pytest.raises(UserError, match="'pos-seg' needs a dataset with regions"):
+        run_training(smoke("cft.modes=[none,pos-seg]"), tmp_path / "b")
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    with pytest.raises(UserError, match="unknown stage"):
+        run_training(smoke(), tmp_path / "c", only=["generatr"])
+    with pytest.raises(UserError, match="--resume"):
+        run_training(smoke(), tmp_path / "d", resume="sometimes")
