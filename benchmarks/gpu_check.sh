@@ -13,6 +13,15 @@ status=0
   python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } > "$OUT/env.log" 2>&1
 
+# Build tools must already be installed (no network); WHEELHOUSE may point at local wheels.
+if ! python -c "import pybind11, cmake, ninja, setuptools" 2>/dev/null; then
+  if [ -n "${WHEELHOUSE:-}" ]; then
+    python -m pip install --no-index --find-links "$WHEELHOUSE" pybind11 cmake ninja setuptools wheel >> "$OUT/env.log" 2>&1
+  else
+    echo "missing build tools (pybind11, cmake, ninja, setuptools); set WHEELHOUSE to a folder of wheels"; exit 1
+  fi
+fi
+
 export SEGCFT_CUDA=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 if ! python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then

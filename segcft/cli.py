@@ -31,18 +31,6 @@ class _UserFacing(click.ClickException):
     exit_code = 2
 
 
-def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    from segcft.plugins import PluginWarning
-
-    if issubclass(category, PluginWarning):
-        click.echo(f"Warning: {message}", err=True)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
-
-
-_default_showwarning = warnings.showwarning
-
-
 class SegcftGroup(click.Group):
     """The root group: adds plugin subcommands on first use and turns UserError into one line."""
 
@@ -75,8 +63,18 @@ class SegcftGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        from segcft.plugins import PluginWarning
+
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, PluginWarning):
+                click.echo(f"Warning: {message}", err=True)
+            else:
+                previous(message, category, *rest, **kw)
+
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show
             return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -350,14 +348,14 @@ def data_group() -> None:
 @data_group.command("check")
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 def data_check(dataset: Path) -> None:
-    """Check a dataset folder against the dataset contract; exit 1 when problems are found."""
+    """Check a dataset folder against the dataset contract; lists every problem and exits 2 when there are any."""
     check_dataset = _library("segcft.data.tools", "check_dataset", "data check")
     problems = check_dataset(dataset)
     for p in problems:
         click.echo(str(p))
     if problems:
         click.echo(f"{len(problems)} problem(s) in {dataset}", err=True)
-        sys.exit(1)
+        sys.exit(2)
     click.echo(f"{dataset}: ok")
 
 

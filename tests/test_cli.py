@@ -223,7 +223,7 @@ def test_data_commands_call_the_library(monkeypatch, tmp_path):
         show_dataset=lambda name, out: seen.update(show=(name, out)),
     )
     res = run("data", "check", str(tmp_path))
-    assert res.exit_code == 1 and "label 7 is not declared" in res.output
+    assert res.exit_code == 2 and "label 7 is not declared" in res.output
     assert run("data", "measure", str(tmp_path), "--out", str(tmp_path / "m.csv")).exit_code == 0
     assert seen["measure"] == (tmp_path, tmp_path / "m.csv")
     res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "e"), "--n", "3", "--set", "size=48")
@@ -258,3 +258,11 @@ def test_plugins_add_commands():
     assert "hello" in run("--help").output
     plugins.reset()
     assert run("hello").exit_code == 2  # gone with the plugin
+
+
+def test_shell_completion_of_component_names():
+    env = {**os.environ, "SEGCFT_LOAD_PLUGINS": "", "_SEGCFT_COMPLETE": "bash_complete",
+           "COMP_WORDS": "segcft train --generator h", "COMP_CWORD": "3"}
+    code = "import sys; sys.argv[0] = 'segcft'; from segcft.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.stdout.split() == ["plain,hvae"]

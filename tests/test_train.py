@@ -137,7 +137,11 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     b = _weights(tmp_path / "single" / "checkpoints" / "segmentor.pt")
     moved = _weights_init(overrides)
     assert any(not torch.allclose(b[k], moved[k]) for k in b)  # the runs trained
-    for k in a:
+    # Conv biases right before instance normalisation have a zero gradient up to rounding, which
+    # Adam turns into +-lr steps of arbitrary sign: they are excluded. Every other tensor matches.
+    compared = [k for k in a if not k.endswith("conv.bias")]
+    assert len(compared) >= 14
+    for k in compared:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
