@@ -217,7 +217,7 @@ class CFTObjective(nn.Module):
         if self.cfg.soft_labels:
             with torch.no_grad():
                 areas = soft_area(
-                    self.segmentor(batch["image"]), spacing=self.info.voxel_size,
+                    self.segmentor(batch["image"]), spacing=tuple(self.info.spacing),
                     regions=regions, num_regions=num_regions,
                 )
             keep = ~terms.affected(changed)
@@ -226,7 +226,7 @@ class CFTObjective(nn.Module):
         logits = self.segmentor(x_cf)
         return area_loss(
             logits, targets, weights, index, scale, penalty=self.cfg.penalty,
-            spacing=self.info.voxel_size, regions=regions, num_regions=num_regions,
+            spacing=tuple(self.info.spacing), regions=regions, num_regions=num_regions,
             huber_delta=self.cfg.huber_delta,
         )
 

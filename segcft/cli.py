@@ -328,13 +328,16 @@ def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG figure.")
 @click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
               help="z samples averaged (more than 1 also gives an uncertainty map).")
+@click.option("--mode", default=None, metavar="MODE",
+              help="Fine-tuned generator to use (none, reg, seg, pos-seg); default: the first of pos-seg, seg, "
+                   "reg, none that the run has.")
 def counterfactual_command(
-    run_dir: Path, input_: str, interventions: list[str], out: Path, png: Path | None, particles: int
+    run_dir: Path, input_: str, interventions: list[str], out: Path, png: Path | None, particles: int,
+    mode: str | None,
 ) -> None:
     """Generate the counterfactual of one image under interventions on its variables."""
     counterfactual = _library("segcft.evaluate", "counterfactual", "counterfactual")
-    result = counterfactual(run_dir, input_, interventions, out, png=png, particles=particles)
-    _echo_json(result)
+    counterfactual(run_dir, input_, interventions, out, png=png, particles=particles, mode=mode, echo=click.echo)
 
 
 # -- data ---------------------------------------------------------------------------------------
