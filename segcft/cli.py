@@ -392,13 +392,16 @@ def data_export(name: str, out: Path, n: int, overrides: tuple[str, ...]) -> Non
 
 @data_group.command("show")
 @click.argument("dataset")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write [default: show a window].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG montage to write [default: <dataset name>-montage.png in the current folder].")
 def data_show(dataset: str, out: Path | None) -> None:
-    """Plot a few samples of DATASET (a plugin name or a dataset folder) with masks and variables."""
+    """Print counts, variable ranges and class frequencies of DATASET (a plugin name or a dataset
+    folder) and write a PNG montage of samples with mask overlays."""
     show_dataset = _library("segcft.data.tools", "show_dataset", "data show")
-    show_dataset(dataset, out)
-    if out is not None:
-        click.echo(f"wrote {out}")
+    if out is None:
+        out = Path.cwd() / f"{Path(dataset).name}-montage.png"
+    click.echo(show_dataset(dataset, out))
+    click.echo(f"wrote {out}")
 
 
 # -- doctor -------------------------------------------------------------------------------------
