@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from segcft.cft import MODES, CFTObjective, applicable_modes, check_mode
+from segcft.cft import MODES, CFTObjective, check_mode
 from segcft.checkpoint import (
     atomic_write_text,
     capture_rng,
@@ -50,7 +49,6 @@ from segcft.errors import ConfigError, UserError
 
 __all__ = ["STAGES", "Run", "load_run", "run_training", "stage_names"]
 
-log = logging.getLogger("segcft.train")
 
 STAGES: tuple[str, ...] = ("mechanisms", "segmentor", "eval_segmentor", "regressor", "generator", "cft", "evaluate")
 """Stage groups in order; ``cft`` expands to ``cft-<mode>`` for every fine-tuned mode."""

@@ -3,6 +3,8 @@ training on the cxr-phantom, checkpoints and determinism."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,7 +77,11 @@ def trained(phantom) -> tuple[HVAE, float, float]:
     return model, before, full_nelbo()
 
 
-@pytest.mark.parametrize("config,shape", [(SMALL_2D, (32, 32)), (SMALL_3D, (16, 8, 8))], ids=["2d", "3d"])
+@pytest.mark.parametrize(
+    "config,shape",
+    [(SMALL_2D, (32, 32)), (SMALL_3D, (16, 8, 8)), (replace(SMALL_3D, block="light"), (16, 8, 8))],
+    ids=["2d", "3d", "3d-light"],
+)
 def test_shapes(config: HVAEConfig, shape: tuple[int, ...]) -> None:
     model = _model(config, shape)
     x, pa = _batch(shape)

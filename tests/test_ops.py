@@ -3,6 +3,7 @@ registration, torch.compile, autocast, determinism and bad input."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ISAS = ["scalar", "avx2", "avx512"]
 # Relative tolerance of areas / gradients per logits dtype (kernel vs reference on the same input).
-AREA_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+AREA_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 GRAD_ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -50,7 +51,8 @@ def _compare(logits, activation, regions, num_regions, spacing=0.7):
     b = ref.soft_area(y, spacing, activation, regions, num_regions)
     assert a.dtype == b.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     assert a.shape == b.shape
-    torch.testing.assert_close(a, b, rtol=AREA_RTOL[logits.dtype], atol=1e-6 * spacing)
+    vol = math.prod(spacing) if isinstance(spacing, list) else spacing
+    torch.testing.assert_close(a, b, rtol=AREA_RTOL[logits.dtype], atol=1e-6 * vol)
     w = torch.randn(a.shape, generator=torch.Generator().manual_seed(5), dtype=a.dtype)
     (a * w).sum().backward()
     (b * w).sum().backward()
@@ -91,7 +93,7 @@ def test_random_shapes_and_layouts(c, spatial, b, num_regions, activation, layou
     shape = (b, c, *spatial)
     logits = _logits(shape, seed=seed)
     if layout == "transposed" and len(spatial) >= 2:
-        logits = _logits((b, c, *spatial[::-1]), seed=seed).transpose(-1, -2)
+        logits = _logits((b, c, *spatial[:-2], spatial[-1], spatial[-2]), seed=seed).transpose(-1, -2)
     elif layout == "sliced":
         logits = _logits((b, c + 1, *[s * 2 for s in spatial]), seed=seed)[:, 1:, ..., ::2]
         logits = logits[(slice(None), slice(None), *[slice(None, None, 2)] * (len(spatial) - 1))]

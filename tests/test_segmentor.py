@@ -14,6 +14,15 @@ from segcft.models.unet import build, dice, segmentation_loss
 from segcft.protocols import Segmentor
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The suite runs on shared CPUs: one intra-op thread keeps timings predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_info(spatial_dims: int = 2, shape: tuple[int, ...] = (64, 64)) -> DatasetInfo:
     return DatasetInfo(
         name="shapes",
@@ -98,16 +107,16 @@ def test_loss_is_dice_plus_ce() -> None:
 
 
 def test_short_training_reaches_recorded_dice() -> None:
-    images, masks = shapes(512, 64, seed=0)
-    test_images, test_masks = shapes(64, 64, seed=1)
+    images, masks = shapes(256, 32, seed=0)
+    test_images, test_masks = shapes(64, 32, seed=1)
     torch.manual_seed(0)
-    seg = build(UNetConfig(), make_info())
+    seg = build(UNetConfig(channels=(8, 16, 32)), make_info(2, (32, 32)))
     with torch.no_grad():
         before = dice(seg(test_images), test_masks)
-    train(seg, images, masks, steps=150)
+    train(seg, images, masks, steps=100)
     with torch.no_grad():
         after = dice(seg(test_images), test_masks)
-    # recorded after 150 steps: disk 0.96, box 0.81 (untrained: about 0.1 and 0.0)
+    # recorded after 100 steps: disk RD, box RB (untrained: U)
     assert bool((before < 0.5).all())
     assert after[0] > 0.9 and after[1] > 0.7
 
@@ -146,7 +155,7 @@ def test_trains_on_the_cxr_phantom() -> None:
     from segcft.data import cxr_phantom as cxr
     from segcft.data.configs import CXRPhantomConfig
 
-    config = CXRPhantomConfig(train_size=256, val_size=8, test_size=64)
+    config = CXRPhantomConfig(size=32, train_size=256, val_size=8, test_size=64)
     train_set, test_set = cxr.build(config, "train"), cxr.build(config, "test")
 
     def stack(ds: object, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +167,8 @@ def test_trains_on_the_cxr_phantom() -> None:
     torch.manual_seed(0)
     seg = build(UNetConfig(), train_set.info)
     assert seg.classes == ("background", "right_lung", "left_lung", "heart")
-    train(seg, images, masks, steps=120)
+    train(seg, images, masks, steps=100)
     with torch.no_grad():
         scores = dice(seg(test_images), test_masks)
-    # recorded after 120 steps on 256 subjects: right lung 0.97, left lung 0.96, heart 0.95
+    # recorded after 100 steps on 256 subjects at 32 x 32: PH
     assert bool((scores > 0.9).all()), scores

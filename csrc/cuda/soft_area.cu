@@ -36,6 +36,9 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 256;
+// One resident block suffices to keep enough 16-byte loads in flight; asking for more makes
+// ptxas cap registers and spill the per-class arrays of the C <= 16 paths.
+constexpr int kMinBlocks = 1;
 constexpr int kMaxSpatialDims = 3;
 constexpr int kMaxRegisterClasses = 16;  // larger C: forward in chunks, backward in loops
 constexpr int kWaves = 8;                // forward blocks per resident slot (load balance)
@@ -362,7 +365,7 @@ __device__ __forceinline__ void accumulate(const float (&p)[CMAX], int cc, int r
 
 // Pass 1 of the forward. partial[((b * C + c) * RR + r) * gridDim.x + block].
 template <typename T, int CMAX, bool VEC, bool SIGMOID, bool REGIONS>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     forward_kernel(const T* __restrict__ logits, const long long* __restrict__ regions,
                    const Layout L, int batch, int classes, int num_regions, bool region_vector,
                    int per_block, float* __restrict__ partial) {
@@ -479,7 +482,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Pass 2 of the forward: out[o] = sum_k partial[o * nblk + k] in a fixed order.
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     reduce_partials_kernel(const float* __restrict__ partial, float* __restrict__ out,
                            long long nout, int nblk) {
   const int lane = threadIdx.x & (kWarp - 1);
@@ -496,7 +499,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // Backward for C <= kMaxRegisterClasses: each warp handles 32 * V voxels of one image.
 template <typename T, int CMAX, bool VEC, bool SIGMOID, bool REGIONS>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     backward_kernel(const T* __restrict__ logits, const long long* __restrict__ regions,
                     const Layout L, int batch, int classes, int num_regions, bool region_vector,
                     const float* __restrict__ grad, T* __restrict__ grad_logits) {
@@ -569,7 +572,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // Backward for any C: per-voxel loops over the classes (re-reads hit the L1 cache).
 template <typename T, bool SIGMOID, bool REGIONS>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     backward_loop_kernel(const T* __restrict__ logits, const long long* __restrict__ regions,
                          const Layout L, int batch, int classes, int num_regions,
                          const float* __restrict__ grad, T* __restrict__ grad_logits) {

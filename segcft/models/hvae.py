@@ -71,7 +71,7 @@ ARCH_FIELDS = ("widths", "enc_blocks", "dec_blocks", "pool", "z_dim", "z_max_res
 def resolve_config(config: HVAEConfig) -> HVAEConfig:
     """The config with every architecture field left at its "preset" value filled from the preset."""
     if config.preset not in PRESETS:
-        raise ConfigError(f"generator.params.preset: unknown HVAE preset {config.preset!r}; expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"generator.preset: unknown HVAE preset {config.preset!r}; expected one of {sorted(PRESETS)}")
     preset = PRESETS[config.preset]
     updates = {name: preset[name] if not getattr(config, name) else getattr(config, name) for name in ARCH_FIELDS}
     for name in ("widths", "enc_blocks", "dec_blocks", "pool"):
@@ -107,32 +107,32 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
     n = len(config.widths)
     if n == 0 or len(config.enc_blocks) != n or len(config.dec_blocks) != n or len(config.pool) != n - 1:
         raise ConfigError(
-            "generator.params: widths, enc_blocks and dec_blocks need one entry per stage and pool one fewer; got "
+            "generator: widths, enc_blocks and dec_blocks need one entry per stage and pool one fewer; got "
             f"widths={config.widths}, enc_blocks={config.enc_blocks}, dec_blocks={config.dec_blocks}, pool={config.pool}"
         )
     for key in ("widths", "pool"):
         if any(v < 1 for v in getattr(config, key)):
-            raise ConfigError(f"generator.params.{key}: every entry must be >= 1, got {getattr(config, key)}")
+            raise ConfigError(f"generator.{key}: every entry must be >= 1, got {getattr(config, key)}")
     if any(v < 1 for v in config.enc_blocks) or any(v < 1 for v in config.dec_blocks):
-        raise ConfigError("generator.params.enc_blocks/dec_blocks: every stage needs at least one block")
+        raise ConfigError("generator.enc_blocks/dec_blocks: every stage needs at least one block")
     if config.z_dim < 1 or config.bottleneck < 1 or config.z_max_res < 1:
-        raise ConfigError("generator.params: z_dim, bottleneck and z_max_res must be >= 1")
+        raise ConfigError("generator: z_dim, bottleneck and z_max_res must be >= 1")
     if config.block not in ("bottleneck", "light"):
-        raise ConfigError(f"generator.params.block: expected 'bottleneck' or 'light', got {config.block!r}")
+        raise ConfigError(f"generator.block: expected 'bottleneck' or 'light', got {config.block!r}")
     if any(w // config.bottleneck < 1 for w in config.widths):
-        raise ConfigError(f"generator.params.bottleneck: {config.bottleneck} leaves no channels for width {min(config.widths)}")
+        raise ConfigError(f"generator.bottleneck: {config.bottleneck} leaves no channels for width {min(config.widths)}")
     sizes = [tuple(shape)]
     for k in config.pool:
         factors = tuple(min(k, s) for s in sizes[-1])
         if any(s % f for s, f in zip(sizes[-1], factors)):
-            raise ConfigError(f"generator.params.pool: factor {k} does not divide the stage size {sizes[-1]} (image shape {tuple(shape)})")
+            raise ConfigError(f"generator.pool: factor {k} does not divide the stage size {sizes[-1]} (image shape {tuple(shape)})")
         sizes.append(tuple(s // f for s, f in zip(sizes[-1], factors)))
     stages = [
         Stage(size, w, e, d, stochastic=max(size) <= config.z_max_res, bias=max(size) <= config.bias_max_res)
         for size, w, e, d in zip(sizes, config.widths, config.enc_blocks, config.dec_blocks)
     ]
     if not any(s.stochastic for s in stages):
-        raise ConfigError(f"generator.params.z_max_res: {config.z_max_res} is below every stage size {[s.size for s in stages]}; no latents")
+        raise ConfigError(f"generator.z_max_res: {config.z_max_res} is below every stage size {[s.size for s in stages]}; no latents")
     return stages
 
 
@@ -351,7 +351,7 @@ def build(config: HVAEConfig, info: "DatasetInfo") -> HVAE:
     """Factory of the built-in ``hvae`` generator: an HVAE for the dataset's image shape and
     parents (P = number of variables)."""
     if not isinstance(config, HVAEConfig):
-        raise ConfigError(f"generator.params: expected HVAEConfig, got {type(config).__name__}")
+        raise ConfigError(f"generator: expected HVAEConfig, got {type(config).__name__}")
     return HVAE(config, tuple(info.shape), len(info.variables))
 
 

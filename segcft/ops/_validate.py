@@ -77,7 +77,10 @@ def voxel_volume(spacing: float | Sequence[float], nd: int) -> float:
         raise OpTypeError(f"spacing must be a number or a sequence of numbers, got {type(spacing).__name__}")
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise OpValueError(f"spacing values must be finite and > 0, got {spacing!r}")
-    return float(math.prod(float(v) for v in values))
+    volume = 1.0
+    for value in values:
+        volume *= float(value)
+    return volume
 
 
 def check_regions(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int) -> torch.Tensor | None:
