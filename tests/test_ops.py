@@ -264,7 +264,7 @@ def test_empty_batch():
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda x, r: ops.soft_area(x[0]), ValueError, "spatial axes"),
+        (lambda x, r: ops.soft_area(x[0, 0]), ValueError, "spatial axes"),
         (lambda x, r: ops.soft_area(x.unsqueeze(-1).unsqueeze(-1)), ValueError, "spatial axes"),
         (lambda x, r: ops.soft_area(x.long()), TypeError, "float32"),
         (lambda x, r: ops.soft_area(x, activation="relu"), ValueError, "activation"),

@@ -111,7 +111,7 @@ def check_same_device(logits: torch.Tensor, **tensors: torch.Tensor) -> None:
     """Raises unless every tensor is on the logits' device."""
     for name, t in tensors.items():
         if t.device != logits.device:
-            raise OpValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+            raise OpValueError(f"{name} is on device {t.device} but logits are on device {logits.device}")
 
 
 def check_region_values(regions: torch.Tensor | None, num_regions: int) -> None:
