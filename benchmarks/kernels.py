@@ -99,14 +99,17 @@ def peak_memory_mb(fn: Callable[[], None], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    from torch.profiler._memory_profiler import Action
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
     current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda e: e[0]):
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
         peak = max(peak, current)
     return peak / 2**20
 
