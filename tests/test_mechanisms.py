@@ -203,7 +203,8 @@ def test_state_dict_round_trip(fitted: tuple[ParentSCM, list[float]]) -> None:
     pa, _ = true_scm(100, seed=9)
     with torch.no_grad():
         assert torch.equal(scm.log_prob(pa), other.log_prob(pa))
-        assert torch.equal(scm.counterfactual(pa, {"age": pa[:, AGE] + 1}), other.counterfactual(pa, {"age": pa[:, AGE] + 1}))
+        do = {"age": pa[:, AGE] + 1}
+        assert torch.equal(scm.counterfactual(pa, do), other.counterfactual(pa, do))
 
 
 def test_spline_is_an_exact_bijection() -> None:

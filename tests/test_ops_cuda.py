@@ -144,7 +144,7 @@ def test_forward_and_backward_match(dtype: torch.dtype, activation: str, num_reg
 def _layouts(dtype: torch.dtype, classes: int, seed: int) -> dict[str, torch.Tensor]:
     base = make_logits((2, classes, 48, 40), dtype, seed)
     base3 = make_logits((2, classes, 12, 16, 20), dtype, seed + 1)
-    padded = make_logits((2, classes, 40 * 37 + 24), dtype, seed + 2)
+    padded = make_logits((2, classes, 41 * 37 + 3), dtype, seed + 2)
     unaligned = make_logits((2 * classes * 48 * 40 + 1,), dtype, seed + 3)
     return {
         "transposed": base.transpose(-1, -2),
@@ -154,7 +154,7 @@ def _layouts(dtype: torch.dtype, classes: int, seed: int) -> dict[str, torch.Ten
         "class_slice": make_logits((2, classes + 2, 48, 40), dtype, seed + 5)[:, 1 : classes + 1],
         "permuted_3d": base3.permute(0, 1, 4, 2, 3),
         # Vectorised path (class stride a multiple of the pack) with a ragged voxel tail.
-        "padded_tail": padded[..., : 40 * 37].unflatten(-1, (40, 37)),
+        "padded_tail": padded[..., : 41 * 37].unflatten(-1, (41, 37)),
         "unaligned": unaligned[1:].view(2, classes, 48, 40),
         "expanded_batch": base[:1].expand(3, -1, -1, -1),
     }
@@ -252,8 +252,15 @@ def test_invalid_arguments_raise() -> None:
     host = torch.empty(1, 2, 1)
     host_out = list(args)
     host_out[8] = host.data_ptr()
-    with pytest.raises(ValueError, match="device memory"):
+    with pytest.raises(ValueError, match="out_ptr does not point to CUDA device memory"):
         module.soft_area_forward(*host_out)
+    host_logits = list(args)
+    host_logits[0] = torch.zeros(1, 2, 8, 8).data_ptr()
+    with pytest.raises(ValueError, match="logits_ptr does not point to CUDA device memory"):
+        module.soft_area_forward(*host_logits)
+    grad = torch.zeros(1, 2, 1)
+    with pytest.raises(ValueError, match="grad_ptr"):
+        module.soft_area_backward(*args[:8], grad.data_ptr(), torch.empty_like(x).data_ptr(), _stream(x))
 
 
 def test_runs_on_the_given_stream() -> None:
@@ -370,14 +377,20 @@ def _time_ms(fn, iters: int = 10) -> float:
 def test_bandwidth_is_close_to_a_copy(dtype: torch.dtype) -> None:
     """Forward reads the logits once, backward reads and writes them once: both should run at a
     large fraction of the device's copy bandwidth (METHOD.md 3 memory-traffic floor)."""
+    module = _cuda_module()
     x = make_logits((4, 4, 256, 256, 128), dtype, seed=0)
     nbytes = x.numel() * x.element_size()
+    args = (x.data_ptr(), DTYPE_CODES[dtype], list(x.shape), list(x.stride()), 0, [], 0, 0)
+    stream = _stream(x)
     copy_target = torch.empty_like(x)
-    copy_ms = _time_ms(lambda: copy_target.copy_(x))
-    copy_bw = 2 * nbytes / copy_ms
-    forward_ms = _time_ms(lambda: raw_forward(x, None, 0, "softmax"))
+    sums = torch.empty(4, 4, 1, device="cuda")
     grad = torch.randn(4, 4, 1, device="cuda")
-    backward_ms = _time_ms(lambda: raw_backward(x, None, 0, "softmax", grad))
+    copy_ms = _time_ms(lambda: copy_target.copy_(x))
+    forward_ms = _time_ms(lambda: module.soft_area_forward(*args, sums.data_ptr(), stream))
+    backward_ms = _time_ms(
+        lambda: module.soft_area_backward(*args, grad.data_ptr(), copy_target.data_ptr(), stream)
+    )
+    copy_bw = 2 * nbytes / copy_ms
     forward_ratio = (nbytes / forward_ms) / copy_bw
     backward_ratio = (2 * nbytes / backward_ms) / copy_bw
     print(f"\n{dtype}: copy {copy_bw / 1e6:.0f} GB/s, forward {forward_ratio:.2f} x copy, "

@@ -255,7 +255,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.0f + __expf(-x)); }
 
 // In place: logits of classes [0, cc) -> probabilities (softmax over them, or sigmoid).
 template <int CMAX, bool SIGMOID>
@@ -279,7 +279,7 @@ __device__ __forceinline__ void probabilities(float (&x)[CMAX], int cc) {
         sum += x[c];
       }
     }
-    const float inv = 1.0f / sum;
+    const float inv = __frcp_rn(sum);
 #pragma unroll
     for (int c = 0; c < CMAX; ++c) {
       if (c < cc) x[c] *= inv;
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
             for (int c = 0; c < classes; ++c) m = fmaxf(m, to_float(__ldg(xv + c * L.xc)));
             for (int c = 0; c < classes; ++c) sum += __expf(to_float(__ldg(xv + c * L.xc)) - m);
           }
-          const float inv = 1.0f / sum;
+          const float inv = __frcp_rn(sum);
 #pragma unroll
           for (int c = 0; c < CMAX; ++c) {
             p[c] = (valid && c < cc) ? __expf(to_float(__ldg(xv + (c0 + c) * L.xc)) - m) * inv
@@ -610,7 +610,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
         sum += e;
         dot += e * __ldg(g + c * rr);
       }
-      const float inv = 1.0f / sum;
+      const float inv = __frcp_rn(sum);
       dot *= inv;
       for (int c = 0; c < classes; ++c) {
         const float p = __expf(to_float(__ldg(xv + c * L.xc)) - m) * inv;
@@ -659,19 +659,33 @@ const DeviceInfo& device_info(int device) {
   return *cache[device];
 }
 
+// The device of a CUDA allocation; invalid_argument for host (or unknown) memory, which a kernel
+// could not read without faulting and poisoning the context.
+int pointer_device(const void* ptr, const char* name) {
+  cudaPointerAttributes attributes{};
+  check_cuda(cudaPointerGetAttributes(&attributes, ptr), "cudaPointerGetAttributes");
+  if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
+    throw std::invalid_argument(std::string("segcft._C_cuda: ") + name +
+                                " does not point to CUDA device memory");
+  }
+  return attributes.device;
+}
+
+void expect_same_device(const void* ptr, const char* name, int device) {
+  const int found = pointer_device(ptr, name);
+  if (found != device) {
+    throw std::invalid_argument(std::string("segcft._C_cuda: ") + name + " is on device " +
+                                std::to_string(found) + ", expected device " +
+                                std::to_string(device));
+  }
+}
+
 // Makes the device holding `ptr` current for the scope of a call.
 class DeviceGuard {
  public:
   DeviceGuard(std::uintptr_t ptr, const char* name) {
-    cudaPointerAttributes attributes{};
-    check_cuda(cudaPointerGetAttributes(&attributes, reinterpret_cast<const void*>(ptr)),
-               "cudaPointerGetAttributes");
-    if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
-      throw std::invalid_argument(std::string("segcft._C_cuda: ") + name +
-                                  " does not point to CUDA device memory");
-    }
+    device_ = pointer_device(reinterpret_cast<const void*>(ptr), name);
     check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    device_ = attributes.device;
     if (device_ != previous_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   }
   DeviceGuard(const DeviceGuard&) = delete;
@@ -824,6 +838,11 @@ Problem prepare(const SoftAreaArgs& args) {
   L.rb = (has_regions && p.batch > 1) ? args.region_strides[0] : 0;
   L.n = static_cast<int>(voxels);
   return p;
+}
+
+void expect_inputs_on(const Problem& p, int device) {
+  expect_same_device(p.logits, "logits_ptr", device);
+  if (p.regions != nullptr) expect_same_device(p.regions, "regions_ptr", device);
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0u; }
@@ -992,6 +1011,7 @@ void soft_area_forward(const SoftAreaArgs& args, std::uintptr_t out) {
                "cudaMemsetAsync");
     return;
   }
+  expect_inputs_on(p, guard.device());
   const DeviceInfo& dev = device_info(guard.device());
   const bool region_vector = regions_vectorisable(p);
   with_dtype(args.dtype, [&](auto* type_tag) {
@@ -1019,6 +1039,8 @@ void soft_area_backward(const SoftAreaArgs& args, std::uintptr_t grad,
   if (grad == 0) bad_argument("grad_ptr is null");
   if (grad_logits == 0) bad_argument("grad_logits_ptr is null");
   const DeviceGuard guard(grad_logits, "grad_logits_ptr");
+  expect_inputs_on(p, guard.device());
+  expect_same_device(reinterpret_cast<const void*>(grad), "grad_ptr", guard.device());
   const DeviceInfo& dev = device_info(guard.device());
   const bool region_vector = regions_vectorisable(p);
   const float* g = reinterpret_cast<const float*>(grad);

@@ -194,6 +194,8 @@ class ParentSCM(nn.Module):
             raise UserError(
                 f"mechanisms.hidden must be >= 1 and mechanisms.layers >= 0, got {config.hidden} and {config.layers}"
             )
+        if not info.variables:
+            raise UserError(f"dataset {info.name!r} declares no variables: the parent SCM needs at least one")
         self.info, self.config = info, config
         names = info.variable_names
         self.order = [info.index(n) for n in info.topological_order()]
@@ -342,7 +344,7 @@ class ParentSCM(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n ancestral samples (n, P) in normalised units; ``generator`` makes them reproducible
         (it must live on the module's device)."""
-        ref = next(self.parameters(), torch.zeros(()))
+        ref = next(self.parameters())
         device, dtype = ref.device, ref.dtype
         cols: list[torch.Tensor | None] = [None] * self.num_variables
         for i in self.order:
@@ -376,10 +378,7 @@ class ParentSCM(nn.Module):
                 raise UserError(f"binary variable {self.info.variable_names[i]!r} has values other than 0 and 1")
         if not bool(torch.isfinite(parents).all()):
             raise UserError("parents contain NaN or infinite values")
-        ref = next(self.parameters(), None)
-        data = parents.to(device=ref.device if ref is not None else parents.device, dtype=torch.float32)
-        if ref is None:  # no learnable mechanism (cannot happen with >= 1 variable)
-            return []
+        data = parents.to(device=next(self.parameters()).device, dtype=torch.float32)
         opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         n = data.shape[0]

@@ -72,13 +72,18 @@ class CNNRegressor(nn.Module):
             *[_Block(conv, widths[i], widths[i + 1], 2, config.groups) for i in range(config.depth)]
         )
         self.head = nn.Sequential(
-            nn.Linear(widths[-1], widths[-1]), nn.SiLU(), nn.Dropout(config.dropout), nn.Linear(widths[-1], 2 * len(self.variables))
+            nn.Linear(widths[-1], widths[-1]),
+            nn.SiLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(widths[-1], 2 * len(self.variables)),
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image (B, 1, *S) -> {"loc": (B, P), "scale": (B, P)}."""
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != 1:
-            raise ValueError(f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}"
+            )
         h = self.blocks(self.stem(x)).flatten(2).mean(2)
         loc, raw_scale = self.head(h).float().chunk(2, dim=1)
         scale = torch.where(self.binary, torch.ones_like(raw_scale), F.softplus(raw_scale) + self.min_scale)
@@ -90,7 +95,10 @@ class CNNRegressor(nn.Module):
         soft probabilities)."""
         out = self(x)
         if targets.shape != out["loc"].shape:
-            raise ValueError(f"targets must be (B, {len(self.variables)}) in the order {list(self.variables)}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must be (B, {len(self.variables)}) in the order {list(self.variables)}, "
+                f"got {tuple(targets.shape)}"
+            )
         targets = targets.to(out["loc"].dtype)
         z = (targets - out["loc"]) / out["scale"]
         gaussian = 0.5 * z * z + torch.log(out["scale"]) + _LOG_SQRT_2PI

@@ -64,7 +64,9 @@ class UNetSegmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 1, *S) in [-1, 1] -> logits (B, C, *S)."""
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != 1:
-            raise ValueError(f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}"
+            )
         size = x.shape[2:]
         target = [math.ceil(s / self.factor) * self.factor for s in size]
         if list(size) == target:
