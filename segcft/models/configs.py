@@ -45,7 +45,7 @@ class UNetConfig:
     num_res_units: int = field(default=1, metadata={"help": "residual units per level (0: plain conv blocks)"})
     norm: str = field(
         default="instance",
-        metadata={"help": "normalisation layer: instance, group or batch (instance and group never use batch statistics)"},
+        metadata={"help": "normalisation layer: instance (never uses batch statistics) or batch"},
     )
     dropout: float = field(default=0.0, metadata={"help": "dropout probability inside the conv blocks"})
 

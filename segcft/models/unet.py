@@ -17,7 +17,7 @@ from segcft.data.variables import DatasetInfo
 from segcft.errors import ConfigError
 from segcft.models.configs import UNetConfig
 
-_NORMS = {"instance": "INSTANCE", "group": ("GROUP", {"num_groups": 8}), "batch": "BATCH"}
+_NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
 
 class UNetSegmentor(nn.Module):
@@ -38,8 +38,6 @@ class UNetSegmentor(nn.Module):
             )
         if config.norm not in _NORMS:
             raise ConfigError(f"segmentor.params.norm must be one of {sorted(_NORMS)}, got {config.norm!r}")
-        if config.norm == "group" and any(c % 8 for c in channels):
-            raise ConfigError(f"segmentor.params.norm 'group' uses 8 groups: every width must divide by 8, got {channels}")
         if config.num_res_units < 0 or not 0.0 <= config.dropout < 1.0:
             raise ConfigError(
                 f"segmentor.params.num_res_units must be >= 0 and dropout in [0, 1), "
