@@ -107,106 +107,43 @@ def evaluate(
     resamples = int(ecfg.bootstrap)
 
     eval_seg = run.eval_segmentor if run.eval_segmentor is not None else run.segmentor
-    guide = run.segmentor
-    mechanisms = run.mechanisms
-    for module in [eval_seg, guide, mechanisms, *run.generators.values()]:
+    segmentors = [(who, seg) for who, seg in (("eval", eval_seg), ("guide", run.segmentor)) if seg is not None]
+    for module in [run.mechanisms, *(s for _, s in segmentors), *run.generators.values()]:
         if module is not None:
             module.to(device).eval()
 
     meas = _Measurer(info)
     structures = info.structure_variables
     pa_all = data["parents"].float()
+    acc = _Accumulator()
+    fig_store: dict[str, dict[str, Any]] = {}
 
-    with torch.no_grad():
+    with torch.inference_mode():
         # counterfactual parents of every intervention, shared by all modes
         pa_cf_all: dict[str, torch.Tensor] = {}
         for j, var in enumerate(info.variables):
-            perm = permutation(count, seed + 7919 * (j + 1))
-            targets = pa_all[perm, j]
-            pa_cf_all[var.name] = _mechanism_cf(mechanisms, pa_all.to(device), {var.name: targets.to(device)}).cpu()
+            targets = pa_all[permutation(count, seed + 7919 * (j + 1)), j]
+            pa_cf_all[var.name] = _mechanism_cf(run.mechanisms, pa_all.to(device), {var.name: targets.to(device)}).cpu()
 
-        acc = _Accumulator()
-        fig_store: dict[str, dict[str, Any]] = {}
-        # measurement floor: segmentors on the factual images against the recorded values
         for sl in _batches(count, batch_size):
             b = _to_device(data, sl, device)
+            x, pa, regions = b["image"], b["parents"].float(), b.get("regions")
+            # measurement floor: segmentors on the factual images against the recorded values
             phys = info.denormalise(b["parents"].double())
-            for who, seg in (("eval", eval_seg), ("guide", guide)):
-                if seg is None:
-                    continue
-                areas = meas(seg(b["image"]), b.get("regions"))
+            for who, seg in segmentors:
+                areas = meas(seg(x), regions)
                 for var in structures:
                     j = info.index(var.name)
                     ae, ape = abs_errors(areas[:, j], phys[:, j], info.voxel_size)
                     acc.add(("factual", var.name, who, "ae"), ae)
                     acc.add(("factual", var.name, who, "ape"), ape)
-
-        for mode, gen in run.generators.items():
-            for sl in _batches(count, batch_size):
-                b = _to_device(data, sl, device)
-                x, pa = b["image"], b["parents"].float()
-                _seed_all(seed, sl.start, 0)
-                x_m = x
-                for cycle in range(1, max(COMPOSITION_CYCLES) + 1):
-                    x_m, _ = gen.counterfactual(x_m, pa, pa, particles=particles)
-                    if cycle in COMPOSITION_CYCLES:
-                        acc.add(("composition", mode, f"m{cycle}"), to_255(masked_mean_abs(x_m, x)))
-                for j, var in enumerate(info.variables):
-                    pa_cf = pa_cf_all[var.name][sl].to(device)
-                    phys_cf = info.denormalise(pa_cf.double())
-                    _seed_all(seed, sl.start, j + 1)
-                    x_cf, _ = gen.counterfactual(x, pa, pa_cf, particles=particles)
-                    key = (var.name, mode)
-                    cf_labels = None
-                    for who, seg in (("eval", eval_seg), ("guide", guide)):
-                        if seg is None:
-                            continue
-                        logits = seg(x_cf)
-                        if who == "eval":
-                            cf_labels = logits.argmax(dim=1)
-                        areas = meas(logits, b.get("regions"))
-                        leak_ape = []
-                        for s in structures:
-                            js = info.index(s.name)
-                            ae, ape = abs_errors(areas[:, js], phys_cf[:, js], info.voxel_size)
-                            acc.add(("cf", *key, who, s.name, "ae"), ae)
-                            acc.add(("cf", *key, who, s.name, "ape"), ape)
-                            if s.name != var.name:
-                                leak_ape.append(ape)
-                        if leak_ape:
-                            acc.add(("leak", *key, who), _nanmean_rows(torch.stack(leak_ape, dim=1)))
-                    truth = None
-                    if phantom:
-                        truth = dataset.render(b["exogenous"].cpu(), phys_cf.float().cpu())
-                        x_true = truth[0].to(device)
-                        acc.add(("gt", *key, "all"), to_255(masked_mean_abs(x_cf, x_true)))
-                    if var.is_structure:
-                        fact = meas.structure_mask(var, b["mask"], b.get("regions"))
-                        if truth is not None:
-                            t_regions = truth[2].to(device) if truth[2] is not None else b.get("regions")
-                            cf_mask = meas.structure_mask(var, truth[1].to(device), t_regions)
-                        else:
-                            cf_mask = meas.structure_mask(var, cf_labels, b.get("regions"))
-                        union = fact | cf_mask
-                        loc = locality(x, x_cf, union, dilation)
-                        acc.add(("outside", *key), to_255(loc["outside"]))
-                        acc.add(("inside", *key), to_255(loc["inside"]))
-                        if truth is not None:
-                            outside = ~dilate(union, dilation)
-                            acc.add(("gt", *key, "outside"), to_255(masked_mean_abs(x_cf, truth[0].to(device), outside)))
-                        if var.measure.region is not None and b.get("regions") is not None:
-                            rid = info.region_id(var.measure.region)
-                            region = dilate(b["regions"] == rid, dilation)
-                            acc.add(("outside_region", *key), to_255(masked_mean_abs(x_cf, x, ~region)))
-                    _seed_all(seed, sl.start, 10_000 + j)
-                    x_back, _ = gen.counterfactual(x_cf, pa_cf, pa, particles=particles)
-                    acc.add(("reversibility", *key), to_255(masked_mean_abs(x_back, x)))
-                    if figures and sl.start == 0 and var.is_structure:
-                        store = fig_store.setdefault(var.name, {"x": x[0].cpu().numpy(), "cf": {}, "seg": {}})
-                        store["mask"] = meas.structure_mask(var, b["mask"], b.get("regions"))[0].cpu().numpy()
-                        store["cf"][mode] = x_cf[0].cpu().numpy()
-                        if cf_labels is not None:
-                            store["seg"][mode] = cf_labels[0].cpu().numpy()
+            shared = [_intervention(info, meas, dataset, b, var, pa_cf_all[var.name][sl].to(device), phantom)
+                      for var in info.variables]
+            for mode, gen in run.generators.items():
+                _evaluate_mode(
+                    acc, fig_store if figures and sl.start == 0 else None, gen, mode, b, shared, segmentors,
+                    meas, info, particles, dilation, seed, sl.start,
+                )
 
     result = _summarise(acc, info, run, split, count, resamples, seed, dilation, phantom, particles)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +162,148 @@ def evaluate(
     write_json(out_dir / "metrics.json", _json_safe(result))
     atomic_write_text(out_dir / "report.md", write_report(result))
     return result
+
+
+@dataclass
+class _Intervention:
+    """What one intervention on one batch shares across modes: the counterfactual parents, their
+    physical values, the factual structure mask and, on phantoms, the exact counterfactual."""
+
+    index: int
+    var: Variable
+    pa_cf: torch.Tensor  # (B, P) normalised
+    phys_cf: torch.Tensor  # (B, P) float64, physical units
+    fact_mask: torch.Tensor | None  # (B, *S) bool, structure variables only
+    true_image: torch.Tensor | None  # (B, 1, *S), phantoms only
+    true_mask: torch.Tensor | None  # (B, *S) bool, structure variables on phantoms only
+
+
+def _intervention(
+    info: DatasetInfo, meas: "_Measurer", dataset: Any, b: Mapping[str, torch.Tensor], var: Variable,
+    pa_cf: torch.Tensor, phantom: bool,
+) -> _Intervention:
+    phys_cf = info.denormalise(pa_cf.double())
+    regions = b.get("regions")
+    fact_mask = meas.structure_mask(var, b["mask"], regions) if var.is_structure else None
+    true_image = true_mask = None
+    if phantom:
+        image, mask, t_regions = dataset.render(b["exogenous"].cpu(), phys_cf.float().cpu())
+        device = b["image"].device
+        true_image = image.to(device).float()
+        if var.is_structure:
+            t_regions = t_regions.to(device).long() if t_regions is not None else regions
+            true_mask = meas.structure_mask(var, mask.to(device).long(), t_regions)
+    return _Intervention(info.index(var.name), var, pa_cf, phys_cf, fact_mask, true_image, true_mask)
+
+
+def _evaluate_mode(
+    acc: "_Accumulator",
+    fig_store: dict[str, dict[str, Any]] | None,
+    gen: Any,
+    mode: str,
+    b: Mapping[str, torch.Tensor],
+    interventions: list[_Intervention],
+    segmentors: list[tuple[str, Any]],
+    meas: "_Measurer",
+    info: DatasetInfo,
+    particles: int,
+    dilation: int,
+    seed: int,
+    start: int,
+) -> None:
+    """Every per-sample metric of one generator on one batch: composition, then effectiveness,
+    leakage, locality, ground truth and reversibility of every intervention.
+
+    x is abducted once; the counterfactual of every intervention and the first null
+    intervention reuse its latents and pixel noise (METHOD.md section 2)."""
+    x, pa, regions = b["image"], b["parents"].float(), b.get("regions")
+    structures = info.structure_variables
+    _seed_all(seed, start, 0)
+    factual = _Abduction(gen, x, pa, particles)
+    x_m = factual.null()
+    acc.add(("composition", mode, "m1"), to_255(masked_mean_abs(x_m, x)))
+    _seed_all(seed, start, 1)
+    for cycle in range(2, max(COMPOSITION_CYCLES) + 1):
+        x_m = _Abduction(gen, x_m, pa, particles).null()
+        if cycle in COMPOSITION_CYCLES:
+            acc.add(("composition", mode, f"m{cycle}"), to_255(masked_mean_abs(x_m, x)))
+
+    for iv in interventions:
+        var, key = iv.var, (iv.var.name, mode)
+        x_cf = factual.under(iv.pa_cf)
+        cf_labels = None
+        for who, seg in segmentors:
+            logits = seg(x_cf)
+            if who == "eval":
+                cf_labels = logits.argmax(dim=1)
+            areas = meas(logits, regions)
+            leak_ape = []
+            for s in structures:
+                js = info.index(s.name)
+                ae, ape = abs_errors(areas[:, js], iv.phys_cf[:, js], info.voxel_size)
+                acc.add(("cf", *key, who, s.name, "ae"), ae)
+                acc.add(("cf", *key, who, s.name, "ape"), ape)
+                if s.name != var.name:
+                    leak_ape.append(ape)
+            if leak_ape:
+                acc.add(("leak", *key, who), _nanmean_rows(torch.stack(leak_ape, dim=1)))
+        if iv.true_image is not None:
+            acc.add(("gt", *key, "all"), to_255(masked_mean_abs(x_cf, iv.true_image)))
+        if iv.fact_mask is not None:
+            cf_mask = iv.true_mask if iv.true_mask is not None else meas.structure_mask(var, cf_labels, regions)
+            union = iv.fact_mask | cf_mask
+            loc = locality(x, x_cf, union, dilation)
+            acc.add(("outside", *key), to_255(loc["outside"]))
+            acc.add(("inside", *key), to_255(loc["inside"]))
+            if iv.true_image is not None:
+                outside = ~dilate(union, dilation)
+                acc.add(("gt", *key, "outside"), to_255(masked_mean_abs(x_cf, iv.true_image, outside)))
+            if var.measure.region is not None and regions is not None:
+                region = dilate(regions == info.region_id(var.measure.region), dilation)
+                acc.add(("outside_region", *key), to_255(masked_mean_abs(x_cf, x, ~region)))
+        _seed_all(seed, start, 10_000 + iv.index)
+        x_back = _Abduction(gen, x_cf, iv.pa_cf, particles).under(pa)
+        acc.add(("reversibility", *key), to_255(masked_mean_abs(x_back, x)))
+        if fig_store is not None and iv.fact_mask is not None:
+            store = fig_store.setdefault(var.name, {"x": x[0].cpu().numpy(), "cf": {}, "seg": {}})
+            store["mask"] = iv.fact_mask[0].cpu().numpy()
+            store["cf"][mode] = x_cf[0].cpu().numpy()
+            if cf_labels is not None:
+                store["seg"][mode] = cf_labels[0].cpu().numpy()
+
+
+class _Abduction:
+    """Latents z ~ q(z | x, pa) (``particles`` draws per subject, particle-major) and the pixel
+    noise u = (x - mu) / sigma under the factual parents: a counterfactual under any parents
+    then costs one decode, x_cf = clamp(mu* + sigma* u, -1, 1), averaged over particles."""
+
+    def __init__(self, gen: Any, x: torch.Tensor, pa: torch.Tensor, particles: int) -> None:
+        self.gen = gen
+        self.particles = particles
+        self.x = _tile(x, particles)
+        self.pa = _tile(pa, particles)
+        self.latents = gen.abduct(self.x, self.pa)
+        self.loc, self.scale = gen.decode(self.latents, self.pa)
+        self.u = (self.x.float() - self.loc) / self.scale
+
+    def null(self) -> torch.Tensor:
+        """The counterfactual under the factual parents (x up to clamping and rounding)."""
+        return self._mean((self.loc + self.scale * self.u).clamp(-1.0, 1.0))
+
+    def under(self, pa_cf: torch.Tensor) -> torch.Tensor:
+        """The counterfactual under the parents ``pa_cf`` (B, P)."""
+        loc, scale = self.gen.decode(self.latents, _tile(pa_cf, self.particles))
+        return self._mean((loc + scale * self.u).clamp(-1.0, 1.0))
+
+    def _mean(self, x_cf: torch.Tensor) -> torch.Tensor:
+        if self.particles == 1:
+            return x_cf
+        return x_cf.reshape(self.particles, -1, *x_cf.shape[1:]).mean(0)
+
+
+def _tile(t: torch.Tensor, times: int) -> torch.Tensor:
+    """``times`` copies of a batch along the batch axis, copy-major."""
+    return t if times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
 
 
 class _Measurer:

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -46,6 +45,7 @@ from segcft.checkpoint import (
 from segcft.data.variables import DatasetInfo
 from segcft.dscm import DSCM
 from segcft.errors import ConfigError, UserError
+from segcft.models.segmentation import segmentation_loss
 
 __all__ = ["STAGES", "Run", "load_run", "run_training", "stage_names"]
 
@@ -669,7 +669,7 @@ class _Pipeline:
 
 
 class _SegmentorLoss(nn.Module):
-    """Cross-entropy of segmentor logits against the label mask."""
+    """Dice + cross-entropy of segmentor logits against the label mask."""
 
     def __init__(self, seg: nn.Module) -> None:
         super().__init__()
@@ -677,7 +677,7 @@ class _SegmentorLoss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         logits = self.seg(batch["image"])
-        return {"loss": F.cross_entropy(logits.float(), batch["mask"].long())}
+        return {"loss": segmentation_loss(logits, batch["mask"])}
 
 
 class _RegressorLoss(nn.Module):

@@ -124,31 +124,52 @@ class LinearSCM(nn.Module):
         return INFO.normalise(out).to(pa.dtype)
 
 
+def _pixel_noise_counterfactual(
+    gen: nn.Module, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x_cf = clamp(mu* + sigma* (x - mu) / sigma, -1, 1) from ``abduct`` and ``decode``."""
+    z = gen.abduct(x, pa)
+    mu, sigma = gen.decode(z, pa)
+    mu_cf, sigma_cf = gen.decode(z, pa_cf)
+    x_cf = (mu_cf + sigma_cf * (x - mu) / sigma).clamp(-1.0, 1.0)
+    return x_cf, (torch.zeros_like(x) if particles > 1 else None)
+
+
 class OracleGenerator(nn.Module):
-    """The exact counterfactual with the pixel-noise rule (unit scale): read the subject's
-    background offset, x_cf = render(pa_cf) + (x - render(pa))."""
+    """The exact counterfactual with the pixel-noise rule (unit scale): the latent is the
+    subject's background offset, decode re-renders the subject under the given parents."""
 
     spatial_dims = 2
+
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return x[:, 0, 0, -1] + 1.0  # top-right pixel is always background
+
+    def decode(self, latents: torch.Tensor, pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, _, _ = render(latents.unsqueeze(1).cpu(), INFO.denormalise(pa.double()).cpu())
+        mu = mu.to(pa.device)
+        return mu, torch.ones_like(mu)
 
     def counterfactual(
         self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        exo = (x[:, 0, 0, -1] + 1.0).unsqueeze(1).cpu()  # top-right pixel is always background
-        mu, _, _ = render(exo, INFO.denormalise(pa.double()).cpu())
-        mu_cf, _, _ = render(exo, INFO.denormalise(pa_cf.double()).cpu())
-        x_cf = (mu_cf.to(x.device) + (x - mu.to(x.device))).clamp(-1.0, 1.0)
-        return x_cf, (torch.zeros_like(x) if particles > 1 else None)
+        return _pixel_noise_counterfactual(self, x, pa, pa_cf, particles)
 
 
 class IdentityGenerator(nn.Module):
-    """Ignores every intervention."""
+    """Ignores every intervention: the latent is the image itself, decoded unchanged."""
 
     spatial_dims = 2
+
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return x.clone()
+
+    def decode(self, latents: torch.Tensor, pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return latents, torch.ones_like(latents)
 
     def counterfactual(
         self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return x.clone(), (torch.zeros_like(x) if particles > 1 else None)
+        return _pixel_noise_counterfactual(self, x, pa, pa_cf, particles)
 
 
 class ZeroRegressor(nn.Module):

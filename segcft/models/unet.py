@@ -1,13 +1,13 @@
 """The built-in segmentor: a MONAI UNet (2D or 3D) with Dice + cross-entropy training.
 
-MONAI is imported inside the factory and the loss, never at registration, so listing plugins
-stays torch- and MONAI-free. ``segmentation_loss`` and ``dice`` work on any segmentor's logits.
+MONAI is imported inside the factory, never at registration, so listing plugins stays torch-
+and MONAI-free. Training uses ``segcft.models.segmentation`` (Dice + cross-entropy), which works
+on any segmentor's logits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import nn
 from segcft.data.variables import DatasetInfo
 from segcft.errors import ConfigError
 from segcft.models.configs import UNetConfig
+from segcft.models.segmentation import dice, segmentation_loss
+
+__all__ = ["UNetSegmentor", "build", "dice", "segmentation_loss"]
 
 _NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
@@ -80,37 +83,3 @@ class UNetSegmentor(nn.Module):
 def build(config: UNetConfig, info: DatasetInfo) -> UNetSegmentor:
     """Factory registered as the ``unet`` segmentor."""
     return UNetSegmentor(config, info)
-
-
-_LOSS: dict[str, Any] = {}
-
-
-def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Dice + cross-entropy (``monai.losses.DiceCELoss``, softmax, one-hot labels), a scalar.
-
-    ``logits`` (B, C, *S), ``mask`` (B, *S) integer labels in [0, C)."""
-    if "dice_ce" not in _LOSS:
-        from monai.losses import DiceCELoss
-
-        _LOSS["dice_ce"] = DiceCELoss(to_onehot_y=True, softmax=True)
-    if mask.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
-    return _LOSS["dice_ce"](logits.float(), mask.unsqueeze(1).long())
-
-
-@torch.no_grad()
-def dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-structure Dice (C - 1,) of the argmax prediction, averaged over the batch; a sample
-    where a structure is absent from both prediction and mask counts as 1."""
-    if mask.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
-    num_classes = logits.shape[1]
-    pred = logits.argmax(1).flatten(1)
-    true = mask.flatten(1).long()
-    scores = []
-    for c in range(1, num_classes):
-        p, t = pred == c, true == c
-        inter = (p & t).sum(1).float()
-        total = (p.sum(1) + t.sum(1)).float()
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)).mean())
-    return torch.stack(scores) if scores else logits.new_zeros(0)
