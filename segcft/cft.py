@@ -258,9 +258,9 @@ class CFTObjective(nn.Module):
         ``constraint`` (eps - nelbo, >= 0 when satisfied), ``lambda`` and the ``variable``."""
         x, pa = batch["image"], batch["parents"]
         do = intervention if intervention is not None else permutation_intervention(self.info, pa, generator)
-        x_cf, pa_cf, _ = dscm.counterfactual(x, pa, do)
+        x_cf, pa_cf, elbo = dscm.counterfactual_with_elbo(x, pa, do)
         guide, logs = self.guide_loss(x_cf, pa_cf, batch, do.variable)
-        nelbo = dscm.generator.elbo(x, pa)["loss"].float()
+        nelbo = elbo["loss"].float()
         gap = self.eps - nelbo
         loss = guide - (self.lmbda - self.cfg.damping * gap.detach()) * gap
         return {

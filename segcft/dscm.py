@@ -85,6 +85,21 @@ class DSCM(nn.Module):
         x_cf, var = self.generator.counterfactual(x, pa, pa_cf, particles=particles)
         return x_cf, pa_cf, var
 
+    def counterfactual_with_elbo(
+        self, x: torch.Tensor, pa: torch.Tensor, interventions: dict[str, torch.Tensor] | Intervention
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x_cf, pa_cf, generator.elbo(x, pa)): what one fine-tuning step needs. A generator
+        with ``elbo_counterfactual`` shares one posterior pass (one z draw) between the real
+        batch's ELBO and the abduction; any other pays an abduction and an ELBO pass."""
+        pa_cf = self.parents_counterfactual(pa, interventions)
+        fused = getattr(self.generator, "elbo_counterfactual", None)
+        if callable(fused):
+            elbo, x_cf = fused(x, pa, pa_cf)
+        else:
+            x_cf, _ = self.generator.counterfactual(x, pa, pa_cf)
+            elbo = self.generator.elbo(x, pa)
+        return x_cf, pa_cf, elbo
+
     def random_counterfactual(
         self, x: torch.Tensor, pa: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, Intervention]:

@@ -9,6 +9,7 @@ runs along D, a coronal one of an axial stack.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -155,7 +156,9 @@ def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "st
     column) with one panel per numeric column of the metrics CSV against ``x``.
 
     Rows may leave columns empty (different stages log different metrics); a column that is
-    empty in a stage gets no panel there. Returns the written paths."""
+    empty in a stage gets no panel there. Each PNG records a digest of its rows, and a stage
+    whose rows have not changed since is not drawn again (the pipeline calls this after every
+    stage). Returns the paths of every stage's PNG."""
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -176,6 +179,11 @@ def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "st
                 series[col] = ys
         if not series:
             continue
+        out = out_dir / (f"curves_{_slug(name)}.png" if name else "curves.png")
+        written.append(out)
+        digest = hashlib.sha256(repr((name, x, {c: v.tolist() for c, v in series.items()}, xs.tolist())).encode()).hexdigest()
+        if _png_text(out, _DIGEST_KEY) == digest:
+            continue
         n = len(series)
         ncols = min(3, n)
         nrows = math.ceil(n / ncols)
@@ -192,10 +200,22 @@ def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "st
         if name:
             fig.suptitle(f"stage: {name}", fontsize=10)
         fig.tight_layout()
-        out = out_dir / (f"curves_{_slug(name)}.png" if name else "curves.png")
-        fig.savefig(out, dpi=100)
-        written.append(out)
+        fig.savefig(out, dpi=100, metadata={_DIGEST_KEY: digest})
     return written
+
+
+_DIGEST_KEY = "segcft-data-digest"
+
+
+def _png_text(path: Path, key: str) -> str | None:
+    """A text entry of a PNG file (None when the file or the entry is missing or unreadable)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get(key)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return None
 
 
 def _slug(name: str) -> str:

@@ -427,11 +427,18 @@ class _Pipeline:
         extra_opt: torch.optim.Optimizer | None = None,
         after_step: Callable[[], None] | None = None,
         rng: torch.Generator | None = None,
+        channels_last: bool = False,
     ) -> nn.Module:
         """Train ``model`` (the parameters that require grad) by minimising ``loss_fn(batch)``
         (an nn.Module returning a dict with ``loss``) for ``sc.steps`` steps; returns the EMA copy
-        when ``sc.ema`` > 0, else ``model``. Resumes from ``<stage>.last.pt`` when asked."""
+        when ``sc.ema`` > 0, else ``model``. Resumes from ``<stage>.last.pt`` when asked.
+        ``channels_last`` runs a 2D convolutional model and its images in NHWC layout (faster
+        convolutions on CPUs and GPUs; same maths); the returned model is contiguous again."""
         from segcft.optim import EMA, GuardedStepper, build_optimizer
+
+        layout = torch.channels_last if channels_last and self.info.spatial_dims == 2 else None
+        if layout is not None:
+            model.to(memory_format=layout)
 
         if sc.steps < 1 or sc.batch_size < self.d.world:
             raise ConfigError(f"train.{stage}: steps must be >= 1 and batch_size >= the number of ranks ({self.d.world})")
@@ -481,6 +488,8 @@ class _Pipeline:
         batches = iter(loader)
         while step < sc.steps:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            if layout is not None:
+                batch["image"] = batch["image"].contiguous(memory_format=layout)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = wrapped(batch)
             out["loss"].backward()
@@ -508,7 +517,8 @@ class _Pipeline:
                 self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng)
         progress.close()
         model.eval()
-        return ema.module if ema is not None else model
+        trained = ema.module if ema is not None else model
+        return trained.to(memory_format=torch.contiguous_format) if layout is not None else trained
 
     def _save_last(self, stage: str, step: int, model: nn.Module, opt: Any, sched: Any, ema: Any, stepper: Any,
                    extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None) -> None:
@@ -540,8 +550,7 @@ class _Pipeline:
         from segcft.models.mechanisms import ParentSCM
 
         sc = self.cfg.train.mechanisms
-        loader = DataLoader(self.train_set, batch_size=64, shuffle=False, num_workers=0)
-        parents = torch.cat([b["parents"] for b in loader]).float()
+        parents = self._training_parents()
         self._seeded(self.cfg.seed)
         scm = ParentSCM(self.info, self.cfg.mechanisms)
         progress = _Progress("mechanisms", sc.steps, 0, self.d.main, sc.log_every)
@@ -554,6 +563,16 @@ class _Pipeline:
         progress.update(sc.steps, {"nll": losses[-1]})
         progress.close()
         self._save_final("mechanisms", {"model": scm.state_dict(), "nll": losses[-1]})
+
+    def _training_parents(self) -> torch.Tensor:
+        """(N, P) normalised parents of the training split. A phantom gives them without
+        rendering its images (``subjects``); any other dataset is read through."""
+        subjects = getattr(self.train_set, "subjects", None)
+        if callable(subjects):
+            _, physical = subjects(range(len(self.train_set)))
+            return self.info.normalise(physical.double()).float()
+        loader = DataLoader(self.train_set, batch_size=64, shuffle=False, num_workers=0)
+        return torch.cat([b["parents"] for b in loader]).float()
 
     def stage_segmentor(self, stage: str, seed: int) -> None:
         if stage == "segmentor" and self.segmentor_checkpoint is not None:
@@ -592,7 +611,8 @@ class _Pipeline:
         seed = self.cfg.seed + 3
         self._seeded(seed)
         gen = _build_component("generator", self.cfg.generator, self.info).to(self.device)
-        trained = self.fit("generator", gen, _GeneratorLoss(gen), self.cfg.train.generator, seed, betas=(0.9, 0.9))
+        trained = self.fit("generator", gen, _GeneratorLoss(gen), self.cfg.train.generator, seed, betas=(0.9, 0.9),
+                           channels_last=True)
         eps = self._measure_eps(trained)
         if self.d.main:
             print(f"[generator] eps (training-set nelbo per pixel) = {eps:.5f}", flush=True)
@@ -641,8 +661,8 @@ class _Pipeline:
         sc = dataclasses.replace(gsc, steps=cfg.cft.steps, batch_size=cfg.cft.batch_size, lr=cfg.cft.lr, ema=0.0,
                                  warmup=min(gsc.warmup, max(cfg.cft.steps // 10, 1)))
         stage = f"cft-{mode}"
-        self.fit(stage, gen, loss_fn, sc, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
-                 after_step=objective.clamp_lambda, rng=rng)
+        gen = self.fit(stage, gen, loss_fn, sc, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
+                       after_step=objective.clamp_lambda, rng=rng, channels_last=True)
         self._save_final(stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]),
                                  "lambda": float(objective.lmbda.detach())})
 

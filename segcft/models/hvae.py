@@ -293,14 +293,38 @@ class HVAE(nn.Module):
         """Per-pixel terms, batch means: ``loss`` = nll + beta * kl, ``nll``, ``kl``; and
         ``nelbo`` (B,), the per-sample loss. All float32."""
         self._check_inputs(x, pa)
+        out, _, _, _ = self._elbo_pass(x, pa, beta)
+        return out
+
+    def _elbo_pass(
+        self, x: torch.Tensor, pa: torch.Tensor, beta: float | None
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One posterior pass: (elbo terms, the sampled z per stochastic block, likelihood loc
+        and log-scale under ``pa``)."""
         beta = self.config.beta if beta is None else beta
-        h, _, kls = self._decode(pa, acts=self._encode(x))
+        h, zs, kls = self._decode(pa, acts=self._encode(x))
         loc, logscale = self._likelihood(h)
         pixels = x[0].numel()
         nll = -discretised_gaussian_log_prob(x, loc, logscale).flatten(1).sum(1) / pixels
         kl = torch.stack(kls, dim=1).sum(1) / pixels
         nelbo = nll + beta * kl
-        return {"loss": nelbo.mean(), "nll": nll.mean(), "kl": kl.mean(), "nelbo": nelbo}
+        return {"loss": nelbo.mean(), "nll": nll.mean(), "kl": kl.mean(), "nelbo": nelbo}, zs, loc, logscale
+
+    def elbo_counterfactual(
+        self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, beta: float | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(``elbo(x, pa)``, x_cf) from one posterior pass, for fine-tuning: z ~ q(z | x, pa) is
+        drawn once and serves both the one-sample ELBO and the abduction, and the likelihood
+        under pa comes from the same pass, so only the decode under pa_cf is extra. x_cf is
+        :meth:`counterfactual` with one particle. Differentiable."""
+        self._check_inputs(x, pa)
+        self._check_inputs(None, pa_cf)
+        out, zs, loc, logscale = self._elbo_pass(x, pa, beta)
+        h_cf, _, _ = self._decode(pa_cf, latents=Latents(tuple(zs)))
+        loc_cf, logscale_cf = self._likelihood(h_cf)
+        u = (x.float() - loc.clamp(-1.0, 1.0)) / torch.exp(logscale)
+        x_cf = (loc_cf.clamp(-1.0, 1.0) + torch.exp(logscale_cf) * u).clamp(-1.0, 1.0)
+        return out, x_cf
 
     def abduct(self, x: torch.Tensor, pa: torch.Tensor, temperature: float = 1.0) -> Latents:
         """z ~ q(z | x, pa) at ``temperature`` (one encoder pass; differentiable)."""
