@@ -127,7 +127,7 @@ def evaluate(
 
         for sl in _batches(count, batch_size):
             b = _to_device(data, sl, device)
-            x, pa, regions = b["image"], b["parents"].float(), b.get("regions")
+            x, regions = b["image"], b.get("regions")
             # measurement floor: segmentors on the factual images against the recorded values
             phys = info.denormalise(b["parents"].double())
             for who, seg in segmentors:
@@ -182,6 +182,7 @@ def _intervention(
     info: DatasetInfo, meas: "_Measurer", dataset: Any, b: Mapping[str, torch.Tensor], var: Variable,
     pa_cf: torch.Tensor, phantom: bool,
 ) -> _Intervention:
+    """Everything about one intervention on one batch that does not depend on the generator."""
     phys_cf = info.denormalise(pa_cf.double())
     regions = b.get("regions")
     fact_mask = meas.structure_mask(var, b["mask"], regions) if var.is_structure else None
@@ -221,10 +222,10 @@ def _evaluate_mode(
     _seed_all(seed, start, 0)
     factual = _Abduction(gen, x, pa, particles)
     x_m = factual.null()
-    acc.add(("composition", mode, "m1"), to_255(masked_mean_abs(x_m, x)))
     _seed_all(seed, start, 1)
-    for cycle in range(2, max(COMPOSITION_CYCLES) + 1):
-        x_m = _Abduction(gen, x_m, pa, particles).null()
+    for cycle in range(1, max(COMPOSITION_CYCLES) + 1):
+        if cycle > 1:
+            x_m = _Abduction(gen, x_m, pa, particles).null()
         if cycle in COMPOSITION_CYCLES:
             acc.add(("composition", mode, f"m{cycle}"), to_255(masked_mean_abs(x_m, x)))
 

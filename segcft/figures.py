@@ -191,7 +191,7 @@ def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "st
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax, (col, ys) in zip(axes.flat, series.items()):
             keep = np.isfinite(ys) & np.isfinite(xs)
-            ax.plot(xs[keep], ys[keep], lw=1.0)
+            ax.plot(xs[keep], ys[keep], lw=1.0, marker="o" if keep.sum() <= 20 else None, ms=2.5)
             ax.set_title(col, fontsize=9)
             ax.set_xlabel(x, fontsize=8)
             ax.tick_params(labelsize=7)

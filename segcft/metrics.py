@@ -7,6 +7,7 @@ reported on the 0-255 scale (``to_255``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -100,9 +101,14 @@ def locality(
     }
 
 
+@functools.lru_cache(maxsize=8)
 def _resample_index(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) subject indices drawn with replacement; cached (read-only) because an
+    evaluation bootstraps hundreds of metrics over the same subjects with the same seed."""
     rng = np.random.default_rng(int(seed))
-    return rng.integers(0, n, size=(int(resamples), n))
+    idx = rng.integers(0, n, size=(int(resamples), n))
+    idx.setflags(write=False)
+    return idx
 
 
 def _interval(stats: np.ndarray, level: float) -> tuple[float, float]:

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from segcft.data.variables import DatasetInfo
 
 PRESETS: dict[str, dict[str, object]] = {
-    # 64x64 in minutes on two CPU cores: stages 64, 32, 16, 8, 1.
+    # 64x64 in minutes on two CPU cores: stages 64, 32, 16, 8, 1; narrow at the two high
+    # resolutions, where the compute is.
     "64": dict(
-        widths=(24, 48, 64, 96, 192),
+        widths=(16, 32, 64, 96, 192),
         enc_blocks=(1, 1, 2, 2, 1),
         dec_blocks=(1, 2, 2, 3, 2),
         pool=(2, 2, 2, 8),
@@ -50,9 +51,10 @@ PRESETS: dict[str, dict[str, object]] = {
         bottleneck=4,
         block="bottleneck",
     ),
-    # 64x32x32 volumes: stages 64x32x32, 32x16x16, 16x8x8, 8x4x4, 4x2x2.
+    # 64x32x32 volumes (16 times the voxels of a 64x64 image): stages 64x32x32, 32x16x16,
+    # 16x8x8, 8x4x4, 4x2x2, narrow at full resolution.
     "3d": dict(
-        widths=(16, 32, 48, 64, 96),
+        widths=(8, 16, 48, 64, 96),
         enc_blocks=(1, 1, 1, 2, 2),
         dec_blocks=(1, 1, 2, 2, 2),
         pool=(2, 2, 2, 2),
@@ -63,15 +65,31 @@ PRESETS: dict[str, dict[str, object]] = {
         block="bottleneck",
     ),
 }
-"""Architecture defaults per preset; any field set in ``HVAEConfig`` overrides them."""
+"""Architecture defaults per preset; any field set in ``HVAEConfig`` overrides them. The preset
+"auto" picks one from the image shape (:func:`auto_preset`)."""
 
 ARCH_FIELDS = ("widths", "enc_blocks", "dec_blocks", "pool", "z_dim", "z_max_res", "bias_max_res", "bottleneck", "block")
 
 
-def resolve_config(config: HVAEConfig) -> HVAEConfig:
-    """The config with every architecture field left at its "preset" value filled from the preset."""
+def auto_preset(shape: tuple[int, ...]) -> str:
+    """The preset for an image shape: "3d" for volumes, "64" for images up to 64 pixels a side,
+    "192" (paper scale) for larger ones."""
+    if len(shape) == 3:
+        return "3d"
+    return "64" if max(shape) <= 64 else "192"
+
+
+def resolve_config(config: HVAEConfig, shape: tuple[int, ...] | None = None) -> HVAEConfig:
+    """The config with every architecture field left at its "preset" value filled from the preset
+    (for "auto", the preset :func:`auto_preset` picks for ``shape``, which is then required)."""
+    if config.preset == "auto":
+        if shape is None:
+            raise ConfigError("generator.preset: 'auto' needs the image shape to pick a preset")
+        config = replace(config, preset=auto_preset(tuple(shape)))
     if config.preset not in PRESETS:
-        raise ConfigError(f"generator.preset: unknown HVAE preset {config.preset!r}; expected one of {sorted(PRESETS)}")
+        raise ConfigError(
+            f"generator.preset: unknown HVAE preset {config.preset!r}; expected auto or one of {sorted(PRESETS)}"
+        )
     preset = PRESETS[config.preset]
     updates = {name: preset[name] if not getattr(config, name) else getattr(config, name) for name in ARCH_FIELDS}
     for name in ("widths", "enc_blocks", "dec_blocks", "pool"):
@@ -167,7 +185,7 @@ class HVAE(nn.Module):
         super().__init__()
         if num_parents < 1:
             raise ConfigError("generator: the HVAE needs at least one parent variable in the dataset")
-        self.config = resolve_config(config)
+        self.config = resolve_config(config, tuple(shape))
         self.spatial_dims = len(shape)
         self.shape = tuple(shape)
         self.num_parents = num_parents
@@ -379,4 +397,4 @@ def build(config: HVAEConfig, info: "DatasetInfo") -> HVAE:
     return HVAE(config, tuple(info.shape), len(info.variables))
 
 
-__all__ = ["HVAE", "HVAEConfig", "Latents", "PRESETS", "Stage", "build", "plan_stages", "resolve_config"]
+__all__ = ["HVAE", "HVAEConfig", "Latents", "PRESETS", "Stage", "auto_preset", "build", "plan_stages", "resolve_config"]
