@@ -292,7 +292,7 @@ def train_command(
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.dataset.name}-{cfg.generator.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_training = _library("segcft.train", "run_training", "train")
-    report = run_training(
+    run_training(
         cfg,
         run_dir,
         resume=resume,
@@ -300,7 +300,6 @@ def train_command(
         from_stage=from_stage,
         segmentor_checkpoint=segmentor_checkpoint,
     )
-    click.echo(f"report: {report}")
 
 
 _RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)

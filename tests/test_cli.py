@@ -136,7 +136,6 @@ def test_train_builds_the_config_and_calls_the_library(trained, tmp_path):
     assert call["run_dir"] == tmp_path / "r" and call["resume"] == "auto"
     assert call["only"] == ["generator", "cft"] and call["from_stage"] is None
     assert call["segmentor_checkpoint"] == ckpt
-    assert f"report: {tmp_path / 'r' / 'report.md'}" in res.output
 
 
 def test_train_default_run_dir_and_resume_needs_run_dir(trained):

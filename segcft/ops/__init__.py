@@ -14,7 +14,7 @@ import torch
 
 from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
-from segcft.ops._backend import Backend, KernelFallbackWarning, cpu_backend, cuda_backend
+from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
 from segcft.ops._validate import OpTypeError, OpValueError
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "OpTypeError",
     "OpValueError",
     "area_loss",
+    "backend_report",
     "cpu_backend",
     "cuda_backend",
     "reference",

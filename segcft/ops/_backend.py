@@ -75,3 +75,18 @@ def for_tensor(t: torch.Tensor) -> Backend:
     if t.device.type == "cuda":
         return cuda_backend()
     return Backend(t.device.type, None, f"no kernels for device type {t.device.type!r}")
+
+
+def backend_report() -> str:
+    """Human-readable lines: torch build, CPU threads, and the backend of each device with why."""
+    cpu = cpu_backend()
+    lines = [
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), {torch.get_num_threads()} CPU threads",
+        f"cpu:  {cpu.name}: {cpu.reason}",
+    ]
+    if not torch.cuda.is_available():
+        lines.append("cuda: unused: torch sees no CUDA device")
+    else:
+        cuda = cuda_backend()
+        lines.append(f"cuda: {cuda.name} on {torch.cuda.get_device_name()}: {cuda.reason}")
+    return "\n".join(lines)
