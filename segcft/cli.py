@@ -401,7 +401,6 @@ def data_show(dataset: str, out: Path | None) -> None:
     if out is None:
         out = Path.cwd() / f"{Path(dataset).name}-montage.png"
     click.echo(show_dataset(dataset, out))
-    click.echo(f"wrote {out}")
 
 
 # -- doctor -------------------------------------------------------------------------------------

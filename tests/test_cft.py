@@ -320,3 +320,26 @@ def test_hvae_fused_elbo_counterfactual_matches_separate_passes():
     (x_cf.mean() + elbo["loss"]).backward()
     assert gen.stem.weight.grad is not None and gen.stem.weight.grad.abs().sum() > 0
     assert torch.equal(pa_cf, dscm.parents_counterfactual(pa, do))
+
+
+def test_damping_uses_the_constraints_moving_average(setup):
+    """The damping coefficient follows a moving average of eps - nelbo (starting at 0), so one
+    batch's deviation moves it by (1 - CONSTRAINT_AVERAGE) of the deviation only."""
+    from segcft.cft import CONSTRAINT_AVERAGE
+
+    info, dscm, seg, _ = setup
+    batch = make_batch(info)
+    do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["lung"])
+    with torch.no_grad():
+        nelbo = float(dscm.generator.elbo(batch["image"], batch["parents"])["loss"])
+    obj = CFTObjective("seg", info, cfg(), eps=nelbo + 0.5, segmentor=seg)
+    avgs = []
+    for _ in range(3):
+        out = obj(dscm, batch, intervention=do)
+        avgs.append(out["constraint_avg"])
+    gap = out["constraint"]
+    expected = [gap * (1 - CONSTRAINT_AVERAGE ** (i + 1)) for i in range(3)]
+    assert avgs == pytest.approx(expected, rel=1e-4)
+    obj.eval()
+    before = float(obj.constraint_avg)
+    assert obj(dscm, batch, intervention=do)["constraint_avg"] == pytest.approx(before)  # frozen outside training
