@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DATASETS: dict[str, dict[str, Any]] = {
     "cxr-phantom": {"modes": ["none", "reg", "seg"], "overrides": []},
-    "ccta-phantom": {"modes": ["none", "reg", "seg", "pos-seg"], "overrides": ["generator.preset=3d"]},
+    "ccta-phantom": {"modes": ["none", "reg", "seg", "pos-seg"], "overrides": []},
 }
 CXR_TARGETS = ("left_lung_area", "right_lung_area", "heart_area")
 CCTA_TARGETS = ("plaque_proximal", "plaque_mid", "plaque_distal")

@@ -101,8 +101,11 @@ inline Problem make_problem(std::uintptr_t logits_ptr, int dtype, const std::vec
 
 namespace cpu {
 
-// Writes raw sums (B, C, max(R,1)) to out (float64 for Float64 logits, float32 otherwise).
-void soft_area_forward(const Problem& p, void* out, int num_threads);
+// Writes raw sums (B, C, max(R,1)) to out (float64 for Float64 logits, float32 otherwise). With
+// a region map and id_range set, also writes the smallest and largest region id the kernel read
+// to id_range[0], id_range[1] (INT64_MAX, INT64_MIN when it read none), so callers can validate
+// the map without a second pass over it.
+void soft_area_forward(const Problem& p, void* out, int num_threads, int64_t* id_range = nullptr);
 // Writes dL/dlogits for grad = dL/d(raw sums) into p.grad_logits.
 void soft_area_backward(const Problem& p, int num_threads);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".

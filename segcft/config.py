@@ -1,11 +1,11 @@
 """Typed run configuration: dataclasses, YAML presets, ``--config`` files and ``--set`` overrides.
 
-Merge order (later wins): dataclass defaults <- preset YAML (``segcft/presets/<name>.yaml``) <-
-``--config FILE`` <- component flags (``--generator NAME`` ...) and typed CLI flags <- ``--set
-key=value``. Every value is type-checked against the dataclasses (and against the config class
-a plugin registered for its component); unknown keys and wrong types raise ConfigError naming
-the source, the key and what was expected. YAML is read with ``yaml.safe_load`` only: nothing
-in a config is evaluated as code.
+Merge order (later wins): dataclass defaults <- preset YAML (``segcft/presets/<name>.yaml``;
+its ``when_3d`` section on top when the resolved dataset is 3D) <- ``--config FILE`` <- component
+flags (``--generator NAME`` ...) and typed CLI flags <- ``--set key=value``. Every value is
+type-checked against the dataclasses (and against the config class a plugin registered for its
+component); unknown keys and wrong types raise ConfigError naming the source, the key and what
+was expected. YAML is read with ``yaml.safe_load`` only: nothing in a config is evaluated as code.
 
 Component sections are flat in YAML, ``generator: {name: hvae, beta: 2.0}``: every key but
 ``name`` is a field of the config class the plugin registered. Changing a component's name
@@ -14,6 +14,7 @@ resets its parameters to that plugin's defaults before later keys apply.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
@@ -33,6 +34,8 @@ PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
 DEFAULT_PRESET = "quick"
 COMPONENTS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
 CFT_MODES: tuple[str, ...] = ("none", "reg", "seg", "pos-seg")
+OVERLAY_3D = "when_3d"
+"""Preset key of the overlay applied only when the resolved dataset is 3D (see :func:`read_preset`)."""
 
 CFTMode = Literal["none", "reg", "seg", "pos-seg"]
 
@@ -380,6 +383,30 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
     return cfg
 
 
+def read_preset(name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The named preset's layers: its base mapping and its ``when_3d`` overlay (None if absent).
+
+    The overlay is applied on top of the base only when the resolved dataset is registered for
+    3D alone (its registry entry's ``dims`` is ``(3,)``); it may not choose the dataset itself.
+    """
+    path = preset_path(name)
+    where = f"preset {name!r} ({path.name})"
+    data = read_yaml(path)
+    overlay = data.pop(OVERLAY_3D, None)
+    if overlay is None:
+        return data, None
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{where}: {OVERLAY_3D}: expected a mapping of config sections, got {overlay!r}")
+    if "dataset" in overlay:
+        raise ConfigError(f"{where}: {OVERLAY_3D} cannot set 'dataset': the overlay is chosen by the dataset")
+    return data, overlay
+
+
+def is_3d_dataset(name: str) -> bool:
+    """True when the registered dataset ``name`` produces volumes only (registry ``dims == (3,)``)."""
+    return tuple(_registry().get("dataset", name).dims) == (3,)
+
+
 def load_run_config(
     config_file: str | Path | None = None,
     preset: str | None = DEFAULT_PRESET,
@@ -387,25 +414,44 @@ def load_run_config(
     components: Mapping[str, str | None] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Resolve a run config: defaults <- preset <- ``config_file`` <- ``components`` (kind -> name)
-    and ``flags`` (dotted key -> typed value) <- ``overrides`` (``"key=value"`` strings)."""
-    cfg = RunConfig()
-    if preset is not None:
-        path = preset_path(preset)
-        _apply_layer(cfg, read_yaml(path), f"preset {preset!r} ({path.name})")
-    if config_file is not None:
-        _apply_layer(cfg, read_yaml(config_file), f"config file {str(config_file)!r}")
-    for kind, name in (components or {}).items():
+    """Resolve a run config: defaults <- preset (<- its ``when_3d`` overlay if the resolved
+    dataset is 3D) <- ``config_file`` <- ``components`` (kind -> name) and ``flags`` (dotted key
+    -> typed value) <- ``overrides`` (``"key=value"`` strings).
+
+    The dataset is known only once every layer is merged, so a preset with an overlay is resolved
+    twice: once to find the dataset and, for a 3D one, again with the overlay under the later layers.
+    """
+    base, overlay = read_preset(preset) if preset is not None else ({}, None)
+    file_layer = read_yaml(config_file) if config_file is not None else None
+    for kind in components or {}:
         if kind not in COMPONENTS:
             raise ValueError(f"unknown component kind {kind!r}; expected one of {COMPONENTS}")
-        if name is not None:
-            _apply_layer(cfg, {kind: {"name": name}}, f"--{kind}")
-    for key, value in (flags or {}).items():
-        if value is not None:
-            _apply_layer(cfg, _nest(key, value), f"option {key}")
-    for text in overrides:
-        key, raw = parse_override(text)
-        _apply_layer(cfg, _nest(key, _override_value(cfg, key, raw)), f"--set {text}")
+    override_items = [parse_override(text) + (text,) for text in overrides]
+
+    def resolve(with_overlay: bool) -> RunConfig:
+        cfg = RunConfig()
+        if preset is not None:
+            path = preset_path(preset)
+            _apply_layer(cfg, base, f"preset {preset!r} ({path.name})")
+            if overlay is not None:
+                # Type-check the overlay on every run, so a broken preset fails in 2D runs too.
+                checked = cfg if with_overlay else copy.deepcopy(cfg)
+                _apply_layer(checked, overlay, f"preset {preset!r} ({path.name}): {OVERLAY_3D}")
+        if file_layer is not None:
+            _apply_layer(cfg, file_layer, f"config file {str(config_file)!r}")
+        for kind, name in (components or {}).items():
+            if name is not None:
+                _apply_layer(cfg, {kind: {"name": name}}, f"--{kind}")
+        for key, value in (flags or {}).items():
+            if value is not None:
+                _apply_layer(cfg, _nest(key, value), f"option {key}")
+        for key, raw, text in override_items:
+            _apply_layer(cfg, _nest(key, _override_value(cfg, key, raw)), f"--set {text}")
+        return cfg
+
+    cfg = resolve(with_overlay=False)
+    if overlay is not None and cfg.dataset.name and is_3d_dataset(cfg.dataset.name):
+        cfg = resolve(with_overlay=True)
     return _check_complete(cfg, "config")
 
 

@@ -180,3 +180,55 @@ def test_config_fields_lists_defaults_and_help():
     rows = {r["name"]: r for r in config_fields(AltGenConfig)}
     assert rows["beta"] == {"name": "beta", "type": "float", "default": 0.5, "help": "KL weight"}
     assert rows["tag"]["type"] == "str or null"
+
+
+def _quick_overlay() -> dict:
+    path = Path(segcft.config.__file__).parent / "presets" / "quick.yaml"
+    return yaml.safe_load(path.read_text())["when_3d"]
+
+
+def test_quick_3d_overlay_applies_only_to_3d_datasets(tmp_path):
+    overlay = _quick_overlay()
+    flat = load_run_config()
+    volume = load_run_config(components={"dataset": "ccta-phantom"})
+    assert volume.dataset.name == "ccta-phantom" and volume.generator.params.preset == "auto"
+    resolved = run_config_to_dict(volume)
+    for stage, values in overlay["train"].items():
+        for key, value in values.items():
+            assert resolved["train"][stage][key] == value, (stage, key)
+    for key, value in overlay["cft"].items():
+        assert resolved["cft"][key] == value, key
+    assert volume.evaluate.n == overlay["evaluate"]["n"] != flat.evaluate.n
+    # 2D keeps the preset's own values.
+    assert (flat.train.generator.steps, flat.train.generator.batch_size, flat.cft.steps) == (1500, 16, 400)
+    # The dataset may come from --set or a config file as well; explicit values still win.
+    by_set = load_run_config(overrides=["dataset.name=ccta-phantom", "cft.steps=7"])
+    assert by_set.train.generator == volume.train.generator and by_set.cft.steps == 7
+    by_file = load_run_config(write(tmp_path / "c.yaml", {"dataset": {"name": "ccta-phantom"}, "cft": {"lr": 0.5}}))
+    assert by_file.train.generator == volume.train.generator and by_file.cft.lr == 0.5
+    assert load_run_config(preset="smoke", components={"dataset": "ccta-phantom"}).cft.steps == 2  # no overlay
+
+
+def test_3d_dump_reproduces_the_run_alone(tmp_path):
+    cfg = load_run_config(components={"dataset": "ccta-phantom"}, overrides=["cft.modes=[none, pos-seg]"])
+    path = dump_run_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(path) == cfg
+    assert load_run_config(path, preset=None) == cfg
+    assert load_run_config(path, preset="smoke") == cfg
+
+
+@pytest.mark.parametrize(
+    "overlay,match",
+    [
+        ({"cft": {"stepz": 3}}, r"preset 'quick' \(bad.yaml\): when_3d: cft: unknown key 'stepz'"),
+        ({"cft": {"steps": "many"}}, r"when_3d: cft.steps: expected int, got 'many'"),
+        ({"dataset": {"name": "ccta-phantom"}}, r"when_3d cannot set 'dataset'"),
+        ([1, 2], r"when_3d: expected a mapping"),
+    ],
+)
+def test_broken_3d_overlay_fails_in_2d_runs_too(tmp_path, monkeypatch, overlay, match):
+    base = yaml.safe_load(segcft.config.preset_path("quick").read_text())
+    bad = write(tmp_path / "bad.yaml", {**base, "when_3d": overlay})
+    monkeypatch.setattr(segcft.config, "preset_path", lambda name: bad)
+    with pytest.raises(ConfigError, match=match):
+        load_run_config()

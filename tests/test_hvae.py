@@ -13,7 +13,7 @@ from segcft.data.configs import CXRPhantomConfig
 from segcft.data.cxr_phantom import build as build_phantom
 from segcft.errors import ConfigError
 from segcft.models.configs import HVAEConfig
-from segcft.models.hvae import HVAE, Latents, build, plan_stages, resolve_config
+from segcft.models.hvae import HVAE, PRESETS, Latents, build, plan_stages, resolve_config
 from segcft.optim import GuardedStepper, build_optimizer
 from segcft.protocols import Generator
 
@@ -109,9 +109,23 @@ def test_presets() -> None:
     stages = plan_stages(resolve_config(HVAEConfig(preset="192")), (192, 192))
     assert [s.res for s in stages] == [192, 96, 48, 24, 12, 6, 1] and [s.stochastic for s in stages][:2] == [False, True]
     default = HVAE(HVAEConfig(), (64, 64), 5)
-    assert 500_000 <= default.num_parameters() <= 1_500_000
-    override = resolve_config(HVAEConfig(z_dim=4, widths=(8, 8, 8, 8, 8)))
+    assert default.config.preset == "64" and 500_000 <= default.num_parameters() <= 1_500_000
+    override = resolve_config(HVAEConfig(z_dim=4, widths=(8, 8, 8, 8, 8)), (64, 64))
     assert override.z_dim == 4 and override.widths == (8, 8, 8, 8, 8) and override.pool == (2, 2, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "shape,preset", [((32, 32), "64"), ((64, 64), "64"), ((96, 128), "192"), ((192, 192), "192"), ((64, 32, 32), "3d")]
+)
+def test_auto_preset_follows_the_shape(shape: tuple[int, ...], preset: str) -> None:
+    assert HVAEConfig().preset == "auto"
+    resolved = resolve_config(HVAEConfig(), shape)
+    assert resolved.preset == preset and resolved.widths == PRESETS[preset]["widths"]
+
+
+def test_auto_preset_needs_a_shape() -> None:
+    with pytest.raises(ConfigError, match="needs the image shape"):
+        resolve_config(HVAEConfig())
 
 
 @pytest.mark.parametrize(

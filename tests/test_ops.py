@@ -223,6 +223,54 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+def test_many_channels_and_two_threads_match_reference():
+    # 12 channels take the generic (non-specialised) kernels; two threads share the chunks.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shape = (2, 12, 70, 66)
+        _compare(_logits(shape), "softmax", _regions(shape, 3), 3)
+        _compare(_logits(shape, seed=3), "sigmoid", None, 0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    import threading
+
+    shape = (2, 4, 96, 80)
+    logits, regions = _logits(shape), _regions(shape, 3)
+    expected = ops.soft_area(logits, 1.0, "softmax", regions, 3)
+    results: list[torch.Tensor] = []
+
+    def work() -> None:
+        for _ in range(5):
+            results.append(ops.soft_area(logits, 1.0, "softmax", regions, 3))
+
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert len(results) == 15 and all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.parametrize("bad", [-(2**40), 2**32 + 1, 3])
+def test_region_range_is_checked_on_strided_maps(bad):
+    # The CPU kernel checks ids while it reads them: all 64 bits count, also on a strided view.
+    x = _logits((2, 3, 6, 10))
+    r = _regions((2, 3, 6, 20), 3)[..., ::2].clone()[..., :10]
+    r = torch.cat([r, r], -1)[..., ::2]
+    assert not r.is_contiguous()
+    r[1, 4, 3] = bad
+    lo, hi = min(bad, 0), max(bad, 2)
+    with pytest.raises(ValueError, match=rf"found values in \[{lo}, {hi}\]"):
+        ops.soft_area(x, regions=r, num_regions=3)
+    index = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="found values in"):
+        ops.area_loss(x, torch.zeros(2, 1), torch.ones(2, 1), index, torch.ones(1), regions=r, num_regions=3)
+
+
 def test_vector_paths_agree_with_scalar(monkeypatch):
     logits = _logits((2, 5, 33, 21))
     outs = {}

@@ -22,9 +22,10 @@ struct KernelTable {
   // Bytes of 64-byte-aligned scratch one worker needs for problem p.
   std::size_t (*scratch_bytes)(const Problem& p);
   // Raw sums over flattened spatial positions [begin, end) of batch item b into
-  // partial[c * max(R,1) + r] (overwritten).
+  // partial[c * max(R,1) + r] (overwritten); with a region map, also the smallest and largest
+  // region id of the range into id_range[0], id_range[1] (overwritten).
   void (*forward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
-                        void* scratch);
+                        int64_t* id_range, void* scratch);
   // dL/dlogits over flattened spatial positions [begin, end) of batch item b.
   void (*backward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch);
 };

@@ -22,6 +22,7 @@ struct Vec256 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F recip(F x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
 
   // exp(x) to about 2 ulp (Cephes polynomial); NaN in, NaN out; underflows to ~1e-38.
   static F exp(F x) {
@@ -37,7 +38,8 @@ struct Vec256 {
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));  // 1 + r + r^2 P(r) in Horner form
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }

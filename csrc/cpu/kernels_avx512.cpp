@@ -37,8 +37,15 @@ struct Vec512 {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));  // 1 + r + r^2 P(r) in Horner form
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
+  }
+  // 1 / x for the softmax normaliser (x in [1, C]): 14-bit estimate and one Newton step, within
+  // 1 ulp of the division at a third of its cost.
+  static F recip(F x) {
+    const F r = _mm512_rcp14_ps(x);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
   }
 
   static F load_s(const float* p) { return _mm512_loadu_ps(p); }

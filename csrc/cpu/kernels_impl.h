@@ -4,7 +4,7 @@
 // with different flags).
 //
 // V provides: W (lanes), S (scalar compute type), F (vector of S), I (vector of region ids), M
-// (lane mask); zero, set1, add, sub, mul, div, max, exp, load_s, store_s, load<DT>, store<DT>,
+// (lane mask); zero, set1, add, sub, mul, div, recip, max, exp, load_s, store_s, load<DT>, store<DT>,
 // load_ids, eq, valid, tail, mask_add, select, permute, gather, hsum.
 
 template <DType DT>
@@ -78,7 +78,7 @@ inline void probabilities(typename V::F* xs, int64_t C, Activation act) {
     xs[c] = V::exp(V::sub(xs[c], m));
     s = V::add(s, xs[c]);
   }
-  const F inv = V::div(one, s);
+  const F inv = V::recip(s);
   for (int64_t c = 0; c < C; ++c) xs[c] = V::mul(xs[c], inv);
 }
 
@@ -111,6 +111,26 @@ inline void for_each_segment(const Problem& p, int64_t b, int64_t begin, int64_t
   }
 }
 
+// Widens [lo, hi] to cover the len region ids at ptr (stride `stride`): the range check of the
+// map rides on the forward's own read of it instead of a separate pass.
+inline void region_id_range(const int64_t* ptr, int64_t stride, int64_t len, int64_t& lo, int64_t& hi) {
+  int64_t l = lo, h = hi;
+  if (stride == 1) {
+    for (int64_t i = 0; i < len; ++i) {
+      l = ptr[i] < l ? ptr[i] : l;
+      h = ptr[i] > h ? ptr[i] : h;
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t id = ptr[i * stride];
+      l = id < l ? id : l;
+      h = id > h ? id : h;
+    }
+  }
+  lo = l;
+  hi = h;
+}
+
 template <class V>
 std::size_t scratch_bytes_impl(const Problem& p) {
   const int64_t C = p.channels, Rb = p.region_slots();
@@ -119,33 +139,42 @@ std::size_t scratch_bytes_impl(const Problem& p) {
          sizeof(typename V::S) * static_cast<std::size_t>(C * p.num_regions) + 64;
 }
 
-template <class V, DType DT>
+// CT > 0: the channel count is the compile-time constant CT (loops over channels unroll and the
+// per-position vectors stay in registers); CT == 0: p.channels, with vectors in scratch.
+template <class V, DType DT, int CT>
 void forward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
-                        void* scratch) {
+                        int64_t* id_range, void* scratch) {
   using F = typename V::F;
   using S = typename V::S;
   using T = typename Storage<DT>::T;
-  const int64_t C = p.channels, R = p.num_regions, Rb = p.region_slots();
+  const int64_t C = CT > 0 ? CT : p.channels, R = p.num_regions, Rb = p.region_slots();
   const bool scatter = R > kVecRegions;
-  F* xs = static_cast<F*>(scratch);
-  F* acc = xs + 3 * C;
+  F local_xs[CT > 0 ? CT : 1];
+  F local_acc[CT > 0 ? CT : 1];  // class sums without a region map (acc holds them for CT == 0)
+  F* const xs = CT > 0 ? local_xs : static_cast<F*>(scratch);
+  F* const acc = static_cast<F*>(scratch) + 3 * C;
   S* sacc = reinterpret_cast<S*>(acc + C * Rb);
+  F* const acc0 = CT > 0 ? local_acc : acc;
+  for (int64_t c = 0; c < C; ++c) acc0[c] = V::zero();
   for (int64_t i = 0; i < C * Rb; ++i) acc[i] = V::zero();
   if (scatter)
     for (int64_t i = 0; i < C * R; ++i) sacc[i] = S(0);
   const int64_t sc = p.stride_c, s2 = p.stride_s[2], rs2 = p.region_stride_s[2];
 
+  int64_t id_lo = INT64_MAX, id_hi = INT64_MIN;
+
   for_each_segment<T>(p, b, begin, end, [&](int64_t, const T* base, const int64_t* rbase, int64_t len) {
+    if (R > 0) region_id_range(rbase, rs2, len, id_lo, id_hi);
     for (int64_t j = 0; j < len; j += V::W) {
       const int n = static_cast<int>(min64(V::W, len - j));
       for (int64_t c = 0; c < C; ++c) xs[c] = load_x<V, DT>(base + c * sc + j * s2, s2, n);
       probabilities<V>(xs, C, p.activation);
       if (R == 0) {
         if (n == V::W) {
-          for (int64_t c = 0; c < C; ++c) acc[c] = V::add(acc[c], xs[c]);
+          for (int64_t c = 0; c < C; ++c) acc0[c] = V::add(acc0[c], xs[c]);
         } else {
           const typename V::M m = V::tail(n);
-          for (int64_t c = 0; c < C; ++c) acc[c] = V::mask_add(acc[c], m, xs[c]);
+          for (int64_t c = 0; c < C; ++c) acc0[c] = V::mask_add(acc0[c], m, xs[c]);
         }
       } else if (!scatter) {
         const typename V::I ids = load_region_ids<V>(rbase + j * rs2, rs2, n);
@@ -166,21 +195,28 @@ void forward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end,
     }
   });
 
-  for (int64_t i = 0; i < C * Rb; ++i) partial[i] = static_cast<double>(V::hsum(acc[i]));
+  if (R == 0) {
+    for (int64_t c = 0; c < C; ++c) partial[c] = static_cast<double>(V::hsum(acc0[c]));
+  } else {
+    for (int64_t i = 0; i < C * Rb; ++i) partial[i] = static_cast<double>(V::hsum(acc[i]));
+  }
   if (scatter)
     for (int64_t i = 0; i < C * R; ++i) partial[i] += static_cast<double>(sacc[i]);
+  id_range[0] = id_lo;
+  id_range[1] = id_hi;
 }
 
-template <class V, DType DT>
+template <class V, DType DT, int CT>
 void backward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
   using F = typename V::F;
   using S = typename V::S;
   using T = typename Storage<DT>::T;
-  const int64_t C = p.channels, R = p.num_regions, Rb = p.region_slots();
+  const int64_t C = CT > 0 ? CT : p.channels, R = p.num_regions, Rb = p.region_slots();
   const int64_t Sn = p.spatial_numel();
-  F* xs = static_cast<F*>(scratch);
-  F* gs = xs + C;
-  F* gtab = gs + C;
+  F local[CT > 0 ? 3 * CT : 1];
+  F* const xs = CT > 0 ? local : static_cast<F*>(scratch);
+  F* const gs = xs + C;
+  F* const gtab = gs + C;
   const S* g = static_cast<const S*>(p.grad) + b * C * Rb;
   const bool permute = R > 0 && R <= V::W;
   for (int64_t c = 0; c < C; ++c) {
@@ -223,13 +259,43 @@ void backward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end
   });
 }
 
+// Channel counts 2 to 8 get kernels specialised for the count (registers, unrolled loops).
+template <class V, DType DT>
+void forward_chunk_channels(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
+                            int64_t* id_range, void* scratch) {
+  switch (p.channels) {
+    case 2: return forward_chunk_impl<V, DT, 2>(p, b, begin, end, partial, id_range, scratch);
+    case 3: return forward_chunk_impl<V, DT, 3>(p, b, begin, end, partial, id_range, scratch);
+    case 4: return forward_chunk_impl<V, DT, 4>(p, b, begin, end, partial, id_range, scratch);
+    case 5: return forward_chunk_impl<V, DT, 5>(p, b, begin, end, partial, id_range, scratch);
+    case 6: return forward_chunk_impl<V, DT, 6>(p, b, begin, end, partial, id_range, scratch);
+    case 7: return forward_chunk_impl<V, DT, 7>(p, b, begin, end, partial, id_range, scratch);
+    case 8: return forward_chunk_impl<V, DT, 8>(p, b, begin, end, partial, id_range, scratch);
+    default: return forward_chunk_impl<V, DT, 0>(p, b, begin, end, partial, id_range, scratch);
+  }
+}
+
+template <class V, DType DT>
+void backward_chunk_channels(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
+  switch (p.channels) {
+    case 2: return backward_chunk_impl<V, DT, 2>(p, b, begin, end, scratch);
+    case 3: return backward_chunk_impl<V, DT, 3>(p, b, begin, end, scratch);
+    case 4: return backward_chunk_impl<V, DT, 4>(p, b, begin, end, scratch);
+    case 5: return backward_chunk_impl<V, DT, 5>(p, b, begin, end, scratch);
+    case 6: return backward_chunk_impl<V, DT, 6>(p, b, begin, end, scratch);
+    case 7: return backward_chunk_impl<V, DT, 7>(p, b, begin, end, scratch);
+    case 8: return backward_chunk_impl<V, DT, 8>(p, b, begin, end, scratch);
+    default: return backward_chunk_impl<V, DT, 0>(p, b, begin, end, scratch);
+  }
+}
+
 template <class V>
 void forward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
-                            void* scratch) {
+                            int64_t* id_range, void* scratch) {
   switch (p.dtype) {
-    case DType::Float32: return forward_chunk_impl<V, DType::Float32>(p, b, begin, end, partial, scratch);
-    case DType::Float16: return forward_chunk_impl<V, DType::Float16>(p, b, begin, end, partial, scratch);
-    case DType::BFloat16: return forward_chunk_impl<V, DType::BFloat16>(p, b, begin, end, partial, scratch);
+    case DType::Float32: return forward_chunk_channels<V, DType::Float32>(p, b, begin, end, partial, id_range, scratch);
+    case DType::Float16: return forward_chunk_channels<V, DType::Float16>(p, b, begin, end, partial, id_range, scratch);
+    case DType::BFloat16: return forward_chunk_channels<V, DType::BFloat16>(p, b, begin, end, partial, id_range, scratch);
     default: return;
   }
 }
@@ -237,9 +303,9 @@ void forward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t 
 template <class V>
 void backward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
   switch (p.dtype) {
-    case DType::Float32: return backward_chunk_impl<V, DType::Float32>(p, b, begin, end, scratch);
-    case DType::Float16: return backward_chunk_impl<V, DType::Float16>(p, b, begin, end, scratch);
-    case DType::BFloat16: return backward_chunk_impl<V, DType::BFloat16>(p, b, begin, end, scratch);
+    case DType::Float32: return backward_chunk_channels<V, DType::Float32>(p, b, begin, end, scratch);
+    case DType::Float16: return backward_chunk_channels<V, DType::Float16>(p, b, begin, end, scratch);
+    case DType::BFloat16: return backward_chunk_channels<V, DType::BFloat16>(p, b, begin, end, scratch);
     default: return;
   }
 }

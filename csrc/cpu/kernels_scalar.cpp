@@ -70,7 +70,8 @@ inline float exp_poly(float x) {
   y = std::fma(y, r, 4.1665795894e-2f);
   y = std::fma(y, r, 1.6666665459e-1f);
   y = std::fma(y, r, 5.0000001201e-1f);
-  y = std::fma(y, r * r, r + 1.0f);
+  y = std::fma(y, r, 1.0f);  // 1 + r + r^2 P(r) in Horner form
+  y = std::fma(y, r, 1.0f);
   return std::ldexp(y, static_cast<int>(n));
 }
 
@@ -88,6 +89,7 @@ struct Vec1 {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  static F recip(F x) { return F(1) / x; }
   static F max(F a, F b) { return (std::isnan(a) || a >= b) ? a : b; }
   static F exp(F x) {
     if constexpr (sizeof(F) == sizeof(double)) {
@@ -144,13 +146,15 @@ std::size_t scratch_bytes(const Problem& p) {
   return p.dtype == DType::Float64 ? scratch_bytes_impl<VecD>(p) : scratch_bytes_impl<VecF>(p);
 }
 
-void forward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial, void* scratch) {
-  if (p.dtype == DType::Float64) return forward_chunk_impl<VecD, DType::Float64>(p, b, begin, end, partial, scratch);
-  forward_chunk_dispatch<VecF>(p, b, begin, end, partial, scratch);
+void forward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial, int64_t* id_range,
+                   void* scratch) {
+  if (p.dtype == DType::Float64)
+    return forward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, partial, id_range, scratch);
+  forward_chunk_dispatch<VecF>(p, b, begin, end, partial, id_range, scratch);
 }
 
 void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
-  if (p.dtype == DType::Float64) return backward_chunk_impl<VecD, DType::Float64>(p, b, begin, end, scratch);
+  if (p.dtype == DType::Float64) return backward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, scratch);
   backward_chunk_dispatch<VecF>(p, b, begin, end, scratch);
 }
 

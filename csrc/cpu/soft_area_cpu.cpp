@@ -1,15 +1,23 @@
 // CPU dispatcher: picks the kernel table for this machine, splits the work into fixed chunks,
-// runs them on std::thread workers and combines forward partial sums in chunk order.
+// runs them on a persistent pool of helper threads and combines forward partial sums in chunk
+// order.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "kernels.h"
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 
 namespace segcft {
 namespace cpu {
@@ -67,43 +75,132 @@ int effective_threads(const Problem& p, std::size_t num_chunks, int num_threads)
   return static_cast<int>(std::max<int64_t>(t, 1));
 }
 
+// Persistent helper threads shared by all kernel calls. The caller always works too and waits
+// only for helpers that actually joined its job: a helper that is not scheduled in time (a busy
+// machine) finds the job closed when it wakes and goes back to sleep, so a call never stalls on
+// a thread that has no work, and no thread is created per call.
+class WorkerPool {
+ public:
+  using Job = std::function<void(std::size_t, int)>;
+
+  // The process-wide pool; a forked child gets a fresh one (the parent's threads do not exist
+  // there and its locks may be held).
+  static WorkerPool& instance() {
+    static const bool registered = [] {
+#if !defined(_WIN32)
+      pthread_atfork(nullptr, nullptr, [] { current() = nullptr; });
+#endif
+      return true;
+    }();
+    (void)registered;
+    WorkerPool*& pool = current();
+    if (pool == nullptr) pool = new WorkerPool();  // never destroyed: helpers may outlive main()
+    return *pool;
+  }
+
+  // Runs job(i, slot) for every i in [0, n), claiming indices dynamically, on the caller (slot 0)
+  // and up to helpers other threads (slots 1..helpers).
+  void run(std::size_t n, int helpers, const Job& job) {
+    std::lock_guard<std::mutex> serial(run_mu_);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      while (static_cast<int>(threads_.size()) < helpers) threads_.emplace_back([this] { loop(); });
+      job_ = &job;
+      size_ = n;
+      next_.store(0);
+      wanted_ = helpers;
+      joined_ = 0;
+      ++generation_;
+    }
+    if (helpers > 0) wake_.notify_all();
+    work(job, 0);
+    std::unique_lock<std::mutex> lk(mu_);
+    job_ = nullptr;
+    done_.wait(lk, [this] { return active_ == 0; });
+  }
+
+ private:
+  WorkerPool() = default;
+
+  static WorkerPool*& current() {
+    static WorkerPool* pool = nullptr;
+    return pool;
+  }
+
+  void work(const Job& job, int slot) {
+    for (std::size_t i = next_.fetch_add(1); i < size_; i = next_.fetch_add(1)) job(i, slot);
+  }
+
+  void loop() {
+    std::unique_lock<std::mutex> lk(mu_);
+    std::uint64_t seen = generation_;
+    for (;;) {
+      wake_.wait(lk, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (job_ == nullptr || joined_ >= wanted_) continue;
+      const int slot = ++joined_;
+      ++active_;
+      const Job* job = job_;
+      lk.unlock();
+      work(*job, slot);
+      lk.lock();
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex run_mu_;  // one job at a time
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  std::uint64_t generation_ = 0;
+  const Job* job_ = nullptr;  // null once the caller has closed the job
+  std::size_t size_ = 0;
+  std::atomic<std::size_t> next_{0};
+  int wanted_ = 0, joined_ = 0, active_ = 0;
+};
+
 // Runs fn(chunk_index, scratch) over all chunks on `threads` workers (the caller is one of them).
 template <class Fn>
 void run_chunks(std::size_t num_chunks, int threads, std::size_t scratch_bytes, Fn&& fn) {
   const std::size_t stride = (scratch_bytes + 63) / 64 * 64;
   std::unique_ptr<unsigned char[]> pool(new unsigned char[stride * threads + 64]);
   unsigned char* base = pool.get() + (64 - reinterpret_cast<std::uintptr_t>(pool.get()) % 64) % 64;
-  std::atomic<std::size_t> next{0};
-  auto worker = [&](int t) {
-    void* scratch = base + stride * t;
-    for (std::size_t i = next.fetch_add(1); i < num_chunks; i = next.fetch_add(1)) fn(i, scratch);
-  };
-  std::vector<std::thread> pool_threads;
-  pool_threads.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool_threads.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool_threads) th.join();
+  if (threads <= 1) {
+    for (std::size_t i = 0; i < num_chunks; ++i) fn(i, static_cast<void*>(base));
+    return;
+  }
+  WorkerPool::instance().run(num_chunks, threads - 1,
+                             [&](std::size_t i, int slot) { fn(i, static_cast<void*>(base + stride * slot)); });
 }
 
 }  // namespace
 
-void soft_area_forward(const Problem& p, void* out, int num_threads) {
+void soft_area_forward(const Problem& p, void* out, int num_threads, int64_t* id_range) {
   const int64_t CR = p.channels * p.region_slots();
   const std::size_t total = static_cast<std::size_t>(p.batch * CR);
   std::vector<double> sums(total, 0.0);
   const std::vector<Chunk> chunks = make_chunks(p);
+  int64_t id_lo = INT64_MAX, id_hi = INT64_MIN;
   if (!chunks.empty() && p.channels > 0) {
     const KernelTable table = select_table(p.dtype);
     std::vector<double> partial(chunks.size() * static_cast<std::size_t>(CR));
+    std::vector<int64_t> ranges(2 * chunks.size());
     run_chunks(chunks.size(), effective_threads(p, chunks.size(), num_threads), table.scratch_bytes(p),
                [&](std::size_t i, void* scratch) {
-                 table.forward_chunk(p, chunks[i].b, chunks[i].begin, chunks[i].end, &partial[i * CR], scratch);
+                 table.forward_chunk(p, chunks[i].b, chunks[i].begin, chunks[i].end, &partial[i * CR],
+                                     &ranges[2 * i], scratch);
                });
     for (std::size_t i = 0; i < chunks.size(); ++i) {
       double* dst = &sums[static_cast<std::size_t>(chunks[i].b * CR)];
       const double* src = &partial[i * CR];
       for (int64_t k = 0; k < CR; ++k) dst[k] += src[k];
+      id_lo = std::min(id_lo, ranges[2 * i]);
+      id_hi = std::max(id_hi, ranges[2 * i + 1]);
     }
+  }
+  if (id_range != nullptr) {
+    id_range[0] = id_lo;
+    id_range[1] = id_hi;
   }
   if (p.dtype == DType::Float64) {
     std::memcpy(out, sums.data(), total * sizeof(double));

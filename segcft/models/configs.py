@@ -19,7 +19,7 @@ class HVAEConfig:
     blocks, and is average-pooled by ``pool[i]`` (per axis, capped at the axis size) into stage i+1.
     """
 
-    preset: str = field(default="64", metadata={"help": "architecture preset: auto (from the image shape: 3d for volumes, 64 up to 64 pixels a side, else 192), 64 (2D, CPU-sized), 192 (2D, paper scale) or 3d (64x32x32 volumes)"})
+    preset: str = field(default="auto", metadata={"help": "architecture preset: auto (from the image shape: 3d for volumes, 64 up to 64 pixels a side, else 192), 64 (2D, CPU-sized), 192 (2D, paper scale) or 3d (64x32x32 volumes)"})
     widths: tuple[int, ...] = field(default=(), metadata={"help": "channels per stage, full resolution first (empty: preset)"})
     enc_blocks: tuple[int, ...] = field(default=(), metadata={"help": "encoder residual blocks per stage (empty: preset)"})
     dec_blocks: tuple[int, ...] = field(default=(), metadata={"help": "decoder blocks per stage, stochastic up to z_max_res (empty: preset)"})

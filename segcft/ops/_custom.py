@@ -42,7 +42,15 @@ def _device_tail(logits: torch.Tensor) -> int:
 
 
 def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str) -> torch.Tensor:
+    """Raw sums (B, C, max(R, 1)) after checking that every region id is in [0, num_regions).
+
+    The CPU kernel reports the range of the ids it read, so the check costs no extra pass over
+    the region map there; elsewhere the map is checked first.
+    """
     module = _kernel_module(logits)
+    fused_check = module is not None and not logits.is_cuda and logits.numel() > 0
+    if not fused_check:
+        v.check_region_values(regions, num_regions)
     if module is None:
         return reference.raw_sums(logits, regions, num_regions, activation)
     b, c = logits.shape[:2]
@@ -50,8 +58,10 @@ def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: i
     if logits.numel() == 0:
         return out.zero_()
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-        module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation), out.data_ptr(),
-                                 _device_tail(logits))
+        id_range = module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation),
+                                            out.data_ptr(), _device_tail(logits))
+    if fused_check and id_range is not None:
+        v.check_region_range(id_range[0], id_range[1], num_regions)
     return out
 
 
@@ -90,7 +100,6 @@ def soft_area_op(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
 ) -> torch.Tensor:
     """Soft areas (B, C, max(R, 1)) in physical units: one pass over the logits."""
-    v.check_region_values(regions, num_regions)
     return _raw_sums(logits, regions, num_regions, activation) * voxel_volume
 
 
@@ -146,7 +155,6 @@ def area_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, areas): the batch mean of sum_k w rho((A - t) / scale), and the areas
     (B, C, max(R, 1)) it was computed from (kept for the backward; tiny)."""
-    v.check_region_values(regions, num_regions)
     v.check_index_values(index, logits.shape[1], num_regions)
     acc = v.accumulate_dtype(logits.dtype)
     areas = _raw_sums(logits, regions, num_regions, activation) * voxel_volume

@@ -119,10 +119,14 @@ def check_region_values(regions: torch.Tensor | None, num_regions: int) -> None:
     if regions is None or regions.numel() == 0:
         return
     lo, hi = torch.aminmax(regions)
-    lo_i, hi_i = int(lo), int(hi)
-    if lo_i < 0 or hi_i >= num_regions:
+    check_region_range(int(lo), int(hi), num_regions)
+
+
+def check_region_range(lo: int, hi: int, num_regions: int) -> None:
+    """Raises unless the smallest and largest region id, lo and hi, lie in [0, num_regions)."""
+    if lo < 0 or hi >= num_regions:
         raise OpValueError(
-            f"regions must hold ids in [0, num_regions={num_regions}), found values in [{lo_i}, {hi_i}]"
+            f"regions must hold ids in [0, num_regions={num_regions}), found values in [{lo}, {hi}]"
         )
 
 
