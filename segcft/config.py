@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -29,6 +30,8 @@ import yaml
 from segcft import __version__
 from segcft.errors import ConfigError, UserError
 from segcft.models.configs import MechanismsConfig
+
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
 DEFAULT_PRESET = "quick"
@@ -206,6 +209,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads exponents without a dot (1e-3) as text; accept plain decimal literals.
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
             return float(value)
         raise fail()
     if tp is str:

@@ -232,3 +232,10 @@ def test_broken_3d_overlay_fails_in_2d_runs_too(tmp_path, monkeypatch, overlay, 
     monkeypatch.setattr(segcft.config, "preset_path", lambda name: bad)
     with pytest.raises(ConfigError, match=match):
         load_run_config()
+
+
+def test_float_fields_accept_exponent_literals_that_yaml_reads_as_text():
+    cfg = load_run_config(preset="smoke", overrides=["cft.lr=1e-3", "cft.damping=2E1"])
+    assert (cfg.cft.lr, cfg.cft.damping) == (1e-3, 20.0)
+    with pytest.raises(ConfigError, match="cft.lr: expected float"):
+        load_run_config(preset="smoke", overrides=["cft.lr=1e-3x"])

@@ -199,7 +199,9 @@ def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor |
             torch.ones(reg.shape[0], rb, dtype=acc, device=areas.device),
             torch.nn.functional.one_hot(reg.clamp(min=0), rb).to(acc),
         )  # (K, R')
-        g = torch.einsum("bk,kc,kr->bcr", grad_a, cls, reg_map)
+        # A broadcast product summed over k rather than einsum: einsum lowers to a BLAS bmm that
+        # starts the BLAS thread pool for these tiny (B, K) tensors and stalls on a loaded machine.
+        g = (grad_a[:, :, None, None] * cls[None, :, :, None] * reg_map[None, :, None, :]).sum(1)
         if grad_areas is not None:
             g = g + grad_areas
         grads[0] = soft_area_backward(logits, regions, ctx.num_regions, ctx.activation, g * ctx.voxel_volume)
