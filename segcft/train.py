@@ -445,6 +445,9 @@ class _Pipeline:
         if sc.batch_size % self.d.world:
             raise ConfigError(f"train.{stage}.batch_size {sc.batch_size} is not divisible by the {self.d.world} ranks")
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.d.main:
+            print(f"[{stage}] {type(model).__name__}: {sum(p.numel() for p in params):,} trainable parameters",
+                  flush=True)
         opt, sched = build_optimizer(params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas)
         ema = EMA(model, sc.ema) if sc.ema > 0 else None
         stepper = GuardedStepper(params, opt, sched, sc.grad_clip, sc.grad_skip, ema, model)
