@@ -12,7 +12,7 @@ import csv
 import hashlib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -97,13 +97,7 @@ def counterfactual_grid(
             axes[r, 3].imshow(overlay, cmap="tab10", alpha=0.45, interpolation="nearest", vmin=0, vmax=9)
         if fm is not None and fm.any():
             axes[r, 3].contour(fm > 0, levels=[0.5], colors="white", linewidths=0.6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return _save(fig, out_png, title, fontsize=10)
 
 
 def counterfactual_png(
@@ -135,13 +129,7 @@ def counterfactual_png(
         axes[0, c].axis("off")
         if c >= 2:
             fig.colorbar(im, ax=axes[0, c], fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return _save(fig, out_png, title, fontsize=9)
 
 
 def _float(v: str) -> float:
@@ -220,3 +208,14 @@ def _png_text(path: Path, key: str) -> str | None:
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _save(fig: Any, out_png: Path | str, title: str | None, fontsize: int) -> Path:
+    """Title, lay out and write a figure as PNG (parent folders created); returns the path."""
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png
