@@ -26,6 +26,20 @@ def check_split(split: str) -> int:
     return SPLITS.index(split)
 
 
+def check_ranges(name: str, config: Any, bounds: dict[str, tuple[int, int]]) -> None:
+    """Raise ConfigError naming the first config field outside its [lo, hi] bounds; split sizes
+    (train_size, val_size, test_size) must be >= 1."""
+    from segcft.errors import ConfigError
+
+    for key, (lo, hi) in bounds.items():
+        value = getattr(config, key)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}: {key} must be in [{lo}, {hi}], got {value}")
+    for split in ("train", "val", "test"):
+        if getattr(config, f"{split}_size") < 1:
+            raise ConfigError(f"{name}: {split}_size must be >= 1")
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64

@@ -43,9 +43,9 @@ import torch
 
 from segcft.data._common import (
     PhantomDataset,
+    check_ranges,
     check_split,
     exact_size_mask,
-    hashed_uniform,
     normals,
     pixel_noise,
     seed_ints,
@@ -81,15 +81,7 @@ _CANDIDATE_RADIUS = 4.5  # mm around the FOV axis: holds vessels up to 2.5x the 
 
 
 def _validate(config: CCTAPhantomConfig) -> None:
-    from segcft.errors import ConfigError
-
-    if not 12 <= config.depth <= 256:
-        raise ConfigError(f"ccta-phantom: depth must be in [12, 256], got {config.depth}")
-    if not 8 <= config.side <= 128:
-        raise ConfigError(f"ccta-phantom: side must be in [8, 128], got {config.side}")
-    for split in ("train", "val", "test"):
-        if getattr(config, f"{split}_size") < 1:
-            raise ConfigError(f"ccta-phantom: {split}_size must be >= 1")
+    check_ranges("ccta-phantom", config, {"depth": (12, 256), "side": (8, 128)})
 
 
 def sample_subjects(seed: int, split: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

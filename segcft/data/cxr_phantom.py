@@ -39,6 +39,7 @@ import torch
 
 from segcft.data._common import (
     PhantomDataset,
+    check_ranges,
     check_split,
     exact_size_mask,
     hashed_uniform,
@@ -70,13 +71,7 @@ _STREAMS = 19
 
 
 def _validate(config: CXRPhantomConfig) -> None:
-    from segcft.errors import ConfigError
-
-    if not 16 <= config.size <= 256:
-        raise ConfigError(f"cxr-phantom: size must be in [16, 256], got {config.size}")
-    for split in ("train", "val", "test"):
-        if getattr(config, f"{split}_size") < 1:
-            raise ConfigError(f"cxr-phantom: {split}_size must be >= 1")
+    check_ranges("cxr-phantom", config, {"size": (16, 256)})
 
 
 def sample_subjects(seed: int, split: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
