@@ -133,15 +133,17 @@ def test_ccta_plaque_edit_stays_in_its_third(name):
 
 def test_dag_and_normalisation_from_train_only():
     info = cxr_phantom.build(CXR, "val").info
-    assert info.variable_names == ["sex", "age", "right_lung_area", "left_lung_area", "heart_area"]
+    assert info.variable_names == ["sex", "age", "body_size", "right_lung_area", "left_lung_area", "heart_area"]
     assert info.descendants("age") == {"right_lung_area", "left_lung_area", "heart_area"}
+    assert info.descendants("body_size") == {"right_lung_area", "left_lung_area", "heart_area"}
     _, pa = cxr_phantom.build(CXR, "train").subjects(np.arange(CXR.train_size))
     np.testing.assert_allclose(info.normalisation.mean[1], pa[:, 1].double().mean().item(), rtol=1e-5)
     assert info.normalisation.mean[0] == 0.0 and info.normalisation.std[0] == 1.0
     assert cxr_phantom.build(CXR, "test").info.normalisation == info.normalisation
-    r = np.corrcoef(pa[:, 2].numpy(), pa[:, 3].numpy())[0, 1]
+    r = np.corrcoef(pa[:, 3].numpy(), pa[:, 4].numpy())[0, 1]
     assert r > 0.8  # shared body size
-    plausible = pa[:, 2:].double()
+    assert np.corrcoef(pa[:, 2].numpy(), pa[:, 3].numpy())[0, 1] > 0.7  # ... which is a parent
+    plausible = pa[:, 3:].double()
     assert 9e3 < plausible[:, 0].mean() < 2.2e4 and 7e3 < plausible[:, 2].mean() < 1.4e4
 
     cinfo = ccta_phantom.build(CCTA, "train").info
@@ -193,14 +195,14 @@ def test_loader_resize_crop_measure_and_workers(tmp_path):
     # drop the structure columns: they are then measured from the masks
     with (out / "attributes.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "split", "sex", "age"])
+        w.writerow(["id", "split", "sex", "age", "body_size"])
         for r in rows:
-            w.writerow([r["id"], r["split"], r["sex"], r["age"]])
+            w.writerow([r["id"], r["split"], r["sex"], r["age"], r["body_size"]])
     before = sorted(p.name for p in out.rglob("*"))
     ds = tiff.build(TiffConfig(path=str(out), size=(32, 32)), "train")
     pa = ds.physical_parents()
     for r, row in zip(rows, pa):
-        assert abs(row[2] - float(r["right_lung_area"])) / float(r["right_lung_area"]) < 0.001
+        assert abs(row[3] - float(r["right_lung_area"])) / float(r["right_lung_area"]) < 0.001
     assert ds.info.spacing == pytest.approx((2 * spec["spacing"][0],) * 2)
     item = ds[0]
     assert item["image"].shape == (1, 32, 32) and item["mask"].shape == (32, 32)

@@ -157,7 +157,7 @@ def test_trains_on_the_cxr_phantom() -> None:
     train(reg, images, parents, steps=300, lr=1e-3)
     with torch.no_grad():
         mae = (reg.predict(test_images) - test_parents).abs().mean(0)
-    areas = mae[2:]
+    areas = mae[3:]
     # recorded after 300 steps (normalised MAE): age 0.31, right lung 0.31, left lung 0.36,
     # heart 0.48; predicting the training mean gives 0.72 to 0.76
     assert bool((areas < 0.6).all()) and float(areas.mean()) < 0.48, mae

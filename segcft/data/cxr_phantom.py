@@ -3,20 +3,27 @@
 Data-generating process (every draw is counter-based from ``(seed, split, index)``):
 
 Exogenous (the ``exogenous`` vector, everything the renderer needs besides the parents):
-  body      ~ N(1, 0.06) clipped to [0.82, 1.18]   thorax scale, shared by both lungs
   width     ~ N(1, 0.04)                           thorax aspect (width / height)
   offsets   ~ N(0, 1) * (4..6 mm)                  lung and heart centre jitter, heart tilt
   shape, texture, noise, rib seeds ~ U(0, 1)       shape harmonics, textures, pixel noise
 Parents (physical values, the variable order below):
   sex              ~ Bernoulli(0.5)                (1 = male)
   age              ~ N(52, 16) clipped to [18, 90] (years)
+  body_size        ~ N(1, 0.06) clipped to [0.82, 1.18]   thorax scale relative to the average
   right_lung_area  = 17500 body^2 (1 + 0.12 sex) (1 - 0.0035 (age - 50)) exp(0.06 e_r)  (mm^2)
   left_lung_area   = 15400 body^2 (1 + 0.12 sex) (1 - 0.0035 (age - 50)) exp(0.06 e_l)
   heart_area       = 10500 body^2 (1 + 0.08 sex) (1 + 0.0040 (age - 50)) exp(0.10 e_h)
 with e_* ~ N(0, 1). The shared body size makes the lung areas correlate strongly (r ~ 0.9).
-DAG: sex -> each area, age -> each area. Global brightness and contrast depend on age and
-body size, so a regressor can predict the areas from global cues: the shortcut that makes
-regressor-guided fine-tuning change the whole image.
+DAG: sex, age and body_size -> each area; all of them -> the image. Global brightness and
+contrast depend on age and body size, and body size also sets the thorax outline, so a
+regressor can predict the areas from global cues: the shortcut that makes regressor-guided
+fine-tuning change the whole image.
+
+Body size is a parent, not hidden noise, so the declared graph is causally sufficient: it is a
+common cause of the lung and heart areas and of the image. Hidden, it would break the image
+mechanism's assumption that its exogenous noise is independent of its parents; every
+generator would then learn "larger lungs come with a brighter, larger thorax", and the exact
+counterfactual (which holds body size fixed) would be unreachable for any fine-tuning mode.
 
 Geometry: each structure is a star-shaped region ``{x : |x - c| / R(theta) < s}`` with a
 per-subject profile R; the scale s is picked by rank so the mask has exactly
@@ -58,12 +65,13 @@ STRUCTURES = {1: "right_lung", 2: "left_lung", 3: "heart"}
 VARIABLES = [
     Variable("sex", "binary", (), ""),
     Variable("age", "continuous", (), "years"),
-    Variable("right_lung_area", "continuous", ("sex", "age"), "mm^2", Measure("right_lung")),
-    Variable("left_lung_area", "continuous", ("sex", "age"), "mm^2", Measure("left_lung")),
-    Variable("heart_area", "continuous", ("sex", "age"), "mm^2", Measure("heart")),
+    Variable("body_size", "continuous", (), ""),
+    Variable("right_lung_area", "continuous", ("sex", "age", "body_size"), "mm^2", Measure("right_lung")),
+    Variable("left_lung_area", "continuous", ("sex", "age", "body_size"), "mm^2", Measure("left_lung")),
+    Variable("heart_area", "continuous", ("sex", "age", "body_size"), "mm^2", Measure("heart")),
 ]
 EXOGENOUS = (
-    "body", "width", "rl_dx", "rl_dy", "ll_dx", "ll_dy", "heart_dx", "heart_dy", "heart_tilt",
+    "width", "rl_dx", "rl_dy", "ll_dx", "ll_dy", "heart_dx", "heart_dy", "heart_tilt",
     "shape_seed", "texture_seed", "noise_seed", "rib_seed",
 )
 HEART_ZONE_AREA = 17000.0  # mm^2 at body = 1: the mediastinal zone the lungs keep out of
@@ -75,7 +83,7 @@ def _validate(config: CXRPhantomConfig) -> None:
 
 
 def sample_subjects(seed: int, split: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exogenous (N, 13) and physical parents (N, 5), both float32, of samples ``index``."""
+    """Exogenous (N, 12) and physical parents (N, 6), both float32, of samples ``index``."""
     u = uniforms(seed, split, index, _STREAMS)
     z = normals(u)
     body = np.clip(1.0 + 0.06 * z[:, 0], 0.82, 1.18)
@@ -89,8 +97,8 @@ def sample_subjects(seed: int, split: int, index: np.ndarray) -> tuple[torch.Ten
     right = 17500.0 * common * np.exp(0.06 * e[:, 0])
     left = 15400.0 * common * np.exp(0.06 * e[:, 1])
     heart = 10500.0 * body**2 * (1 + 0.08 * sex) * (1 + 0.004 * (age - 50)) * np.exp(0.10 * e[:, 2])
-    exo = np.concatenate([body[:, None], width[:, None], offsets, seeds], axis=1)
-    pa = np.stack([sex, age, right, left, heart], axis=1)
+    exo = np.concatenate([width[:, None], offsets, seeds], axis=1)
+    pa = np.stack([sex, age, body, right, left, heart], axis=1)
     return torch.from_numpy(exo).float(), torch.from_numpy(pa).float()
 
 
@@ -124,7 +132,7 @@ def _star_field(
 
 
 def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """Draw subjects: (B, 13) exogenous, (B, 5) physical parents -> image (B, 1, size, size) in
+    """Draw subjects: (B, 12) exogenous, (B, 6) physical parents -> image (B, 1, size, size) in
     [-1, 1], mask (B, size, size) int64, no regions. Deterministic and batched."""
     exo = exogenous.float()
     pa = parents.float()
@@ -133,10 +141,10 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) * spacing - FOV_MM / 2
     y = coords.view(1, size, 1).expand(b, size, size)
     x = coords.view(1, 1, size).expand(b, size, size)
-    body, width = exo[:, 0], exo[:, 1]
-    off = exo[:, 2:9]
-    shape_seed, tex_seed, noise_seed, rib_seed = (seed_ints(exo[:, 9 + k]) for k in range(4))
-    sex, age = pa[:, 0], pa[:, 1]
+    width = exo[:, 0]
+    off = exo[:, 1:8]
+    shape_seed, tex_seed, noise_seed, rib_seed = (seed_ints(exo[:, 8 + k]) for k in range(4))
+    sex, age, body = pa[:, 0], pa[:, 1], pa[:, 2]
     h = hashed_uniform(shape_seed, 18)
     harm = torch.stack([0.035 * h[:, 0:9] * 2 - 0.035, h[:, 9:18] * 2 * math.pi], 1).view(b, 2, 3, 3)
     bx = body * width  # lateral scale
@@ -150,7 +158,7 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     ).reshape(b, n_pix)
     px_area = spacing * spacing
     zone = exact_size_mask(heart_f, torch.round(HEART_ZONE_AREA * body**2 / px_area))
-    heart = exact_size_mask(heart_f, torch.round(pa[:, 4] / px_area))
+    heart = exact_size_mask(heart_f, torch.round(pa[:, 5] / px_area))
 
     spine_band = (x.abs() < 26.0 * bx.view(-1, 1, 1)).reshape(b, n_pix)
     keep_out = zone | spine_band
@@ -165,8 +173,8 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
         (42.0 * bx, 60.0 * bx, 98.0 * body, 74.0 * body), (1.7, 3.2), harm[:, :, :, 1],
     ).reshape(b, n_pix)
     ll_f = torch.where(keep_out | (x.reshape(b, n_pix) < 0), inf, ll_f)
-    right = exact_size_mask(rl_f, torch.round(pa[:, 2] / px_area))
-    left = exact_size_mask(ll_f, torch.round(pa[:, 3] / px_area))
+    right = exact_size_mask(rl_f, torch.round(pa[:, 3] / px_area))
+    left = exact_size_mask(ll_f, torch.round(pa[:, 4] / px_area))
 
     mask = torch.zeros(b, n_pix, dtype=torch.int64)
     mask[right] = 1
