@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 
 #include "../soft_area.h"
@@ -16,6 +17,14 @@ namespace cpu {
 constexpr int64_t kChunk = 4096;
 // Region counts up to this use per-region masked vector accumulators; above it, a scalar scatter.
 constexpr int64_t kVecRegions = 8;
+
+// exp(r) ~ sum_k kExpPoly[k] r^k on [-ln2/2, ln2/2] (degree-5 minimax in relative error; with the
+// two-constant range reduction below, exp of a float32 to within about 2 ulp). Shared by every
+// instruction set so all paths round alike.
+constexpr float kExpPoly[6] = {0x1p+0f, 0x1.fffff6p-1f, 0x1.fffdc4p-2f, 0x1.555a6ep-3f, 0x1.573ad0p-5f, 0x1.0fa7d8p-7f};
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;      // ln 2 = kLn2Hi + kLn2Lo; n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
 
 struct KernelTable {
   const char* name;

@@ -24,25 +24,30 @@ struct Vec256 {
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F recip(F x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
 
-  // exp(x) to about 2 ulp (Cephes polynomial); NaN in, NaN out; underflows to ~1e-38.
-  static F exp(F x) {
-    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);  // second operand is returned for NaN
-    x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
-    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    F y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));  // 1 + r + r^2 P(r) in Horner form
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+
+  // exp(x) for x clamped to [-87.33654, 88] (normal results only: no subnormal scaling without
+  // AVX-512's scalef, so the smallest result is about 1.2e-38 instead of 0); NaN in, NaN out.
+  // About 2 ulp.
+  static F exp_clamped(F x) {
+    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    F y = _mm256_fmadd_ps(_mm256_set1_ps(kExpPoly[5]), r, _mm256_set1_ps(kExpPoly[4]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[3]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[2]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[1]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[0]));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
+  // The second operand of max/min is returned for NaN, so NaN passes the clamps.
+  static F exp(F x) {
+    return exp_clamped(_mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x)));
+  }
+  static F exp_nonpos(F x) { return exp_clamped(_mm256_max_ps(_mm256_set1_ps(-87.33654f), x)); }
 
   static F load_s(const float* p) { return _mm256_loadu_ps(p); }
   static void store_s(float* p, F v) { _mm256_storeu_ps(p, v); }
@@ -85,6 +90,9 @@ struct Vec256 {
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4)), sel);
     return _mm256_permute2x128_si256(a, b, 0x20);
   }
+  using IdRange = int64_t;
+  static int64_t set1_id(int64_t x) { return x; }
+  static constexpr bool kVecIdRange = false;
   static M eq(I ids, int r) { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(r))); }
   static M valid(I ids, int R) {
     const __m256i ge0 = _mm256_cmpgt_epi32(ids, _mm256_set1_epi32(-1));
@@ -95,6 +103,7 @@ struct Vec256 {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
   }
   static F mask_add(F acc, M m, F x) { return _mm256_add_ps(acc, _mm256_and_ps(m, x)); }
+  static F mask_fmadd(F acc, M m, F a, F b) { return _mm256_add_ps(acc, _mm256_and_ps(m, _mm256_mul_ps(a, b))); }
   static F permute(I ids, F table, M ok) { return _mm256_and_ps(ok, _mm256_permutevar8x32_ps(table, ids)); }
   static F gather(const float* base, I ids, M ok) {
     return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, ids, ok, 4);

@@ -23,24 +23,30 @@ struct Vec512 {
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
 
-  // exp(x) to about 2 ulp (Cephes polynomial); NaN in, NaN out; underflows to ~1e-38.
-  static F exp(F x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // second operand is returned for NaN
-    x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
-    const F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+
+  // exp(x) for x clamped to [-104, 104] (exp overflows to inf and underflows through the
+  // subnormals to 0 exactly as 2^n scaling does); NaN in, NaN out. About 2 ulp.
+  static F exp_clamped(F x) {
+    const F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    F y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));  // 1 + r + r^2 P(r) in Horner form
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    F y = _mm512_fmadd_ps(_mm512_set1_ps(kExpPoly[5]), r, _mm512_set1_ps(kExpPoly[4]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[3]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[2]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[1]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[0]));
     return _mm512_scalef_ps(y, n);
   }
+  // The second operand of max/min is returned for NaN, so NaN passes the clamps.
+  static F exp(F x) {
+    return exp_clamped(_mm512_min_ps(_mm512_set1_ps(104.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x)));
+  }
+  // exp(x) for x <= 0 or NaN (softmax after subtracting the maximum): one clamp fewer.
+  static F exp_nonpos(F x) { return exp_clamped(_mm512_max_ps(_mm512_set1_ps(-104.0f), x)); }
   // 1 / x for the softmax normaliser (x in [1, C]): 14-bit estimate and one Newton step, within
   // 1 ulp of the division at a third of its cost.
   static F recip(F x) {
@@ -86,10 +92,25 @@ struct Vec512 {
     const __m256i hi = _mm512_cvtsepi64_epi32(_mm512_loadu_si512(p + 8));
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   }
+  // Widens [lo, hi] (int64 lanes) to the 16 ids at p.
+  static void id_range(const int64_t* p, __m512i& lo, __m512i& hi) {
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 8);
+    lo = _mm512_min_epi64(lo, _mm512_min_epi64(a, b));
+    hi = _mm512_max_epi64(hi, _mm512_max_epi64(a, b));
+  }
+  static int64_t reduce_min(__m512i v) { return _mm512_reduce_min_epi64(v); }
+  static int64_t reduce_max(__m512i v) { return _mm512_reduce_max_epi64(v); }
+  static __m512i set1_id(int64_t x) { return _mm512_set1_epi64(x); }
+  using IdRange = __m512i;
+  static constexpr bool kVecIdRange = true;
   static M eq(I ids, int r) { return _mm512_cmpeq_epi32_mask(ids, _mm512_set1_epi32(r)); }
   static M valid(I ids, int R) { return _mm512_cmplt_epu32_mask(ids, _mm512_set1_epi32(R)); }
   static M tail(int n) { return static_cast<M>((1u << n) - 1u); }
   static F mask_add(F acc, M m, F x) { return _mm512_mask_add_ps(acc, m, acc, x); }
+  static F mask_fmadd(F acc, M m, F a, F b) { return _mm512_mask3_fmadd_ps(a, b, acc, m); }
+  static M none() { return 0; }
+  static M mor(M a, M b) { return static_cast<M>(a | b); }
+  static bool any(M m) { return m != 0; }
   static F permute(I ids, F table, M ok) { return _mm512_maskz_permutexvar_ps(ok, ids, table); }
   static F gather(const float* base, I ids, M ok) {
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, ids, base, 4);

@@ -75,7 +75,7 @@ inline void probabilities(typename V::F* xs, int64_t C, Activation act) {
   for (int64_t c = 1; c < C; ++c) m = V::max(m, xs[c]);
   F s = V::zero();
   for (int64_t c = 0; c < C; ++c) {
-    xs[c] = V::exp(V::sub(xs[c], m));
+    xs[c] = V::exp_nonpos(V::sub(xs[c], m));
     s = V::add(s, xs[c]);
   }
   const F inv = V::recip(s);
@@ -139,11 +139,199 @@ std::size_t scratch_bytes_impl(const Problem& p) {
          sizeof(typename V::S) * static_cast<std::size_t>(C * p.num_regions) + 64;
 }
 
+// ---- Fast paths: compile-time channel count, rows contiguous along the last spatial axis ----
+//
+// Everything a vector of positions needs stays in registers: the CT logits, their exponentials,
+// the class accumulators. Softmax keeps e = exp(x - max) unnormalised with inv = 1 / sum e, so
+// the forward adds e * inv with one FMA and the backward writes
+//   p_k (g_k - sum_c p_c g_c) = e_k (inv g_k - inv^2 sum_c e_c g_c)
+// with two operations per class. Sigmoid returns e = p, inv = 1.
+
+template <class V, int CT, bool SOFTMAX>
+inline void activate(typename V::F (&x)[CT], typename V::F& inv) {
+  using F = typename V::F;
+  const F one = V::set1(1);
+  if constexpr (SOFTMAX) {
+    F m = x[0];
+#pragma GCC unroll 16
+    for (int c = 1; c < CT; ++c) m = V::max(m, x[c]);
+    F s = V::zero();
+#pragma GCC unroll 16
+    for (int c = 0; c < CT; ++c) {
+      x[c] = V::exp_nonpos(V::sub(x[c], m));
+      s = V::add(s, x[c]);
+    }
+    inv = V::recip(s);
+  } else {
+#pragma GCC unroll 16
+    for (int c = 0; c < CT; ++c) x[c] = V::div(one, V::add(one, V::exp(V::sub(V::zero(), x[c]))));  // 1 + e may be inf
+    inv = one;
+  }
+}
+
+template <class V, DType DT, int CT>
+inline void load_channels(typename V::F (&x)[CT], const typename Storage<DT>::T* ptr, int64_t sc, int n) {
+  if (n == V::W) {
+#pragma GCC unroll 16
+    for (int c = 0; c < CT; ++c) x[c] = V::template load<DT>(ptr + c * sc);
+  } else {
+#pragma GCC unroll 16
+    for (int c = 0; c < CT; ++c) x[c] = load_x<V, DT>(ptr + c * sc, 1, n);
+  }
+}
+
+// Forward over rows with stride 1 (and region ids with stride 1); R == 0 or R <= kVecRegions.
+// RT > 0: R == RT at compile time (region accumulators in registers).
+template <class V, DType DT, int CT, bool SOFTMAX, int RT = 0>
+void forward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial, int64_t* id_range,
+                  void* scratch) {
+  using F = typename V::F;
+  using T = typename Storage<DT>::T;
+  const int64_t R = RT > 0 ? RT : p.num_regions, sc = p.stride_c;
+  F acc[CT];
+#pragma GCC unroll 16
+  for (int c = 0; c < CT; ++c) acc[c] = V::zero();
+  F local_racc[RT > 0 ? CT * RT : 1];
+  F* const racc = RT > 0 ? local_racc : static_cast<F*>(scratch);  // CT * R region accumulators
+  for (int64_t i = 0; i < CT * R; ++i) racc[i] = V::zero();
+  int64_t id_lo = INT64_MAX, id_hi = INT64_MIN;
+  typename V::IdRange vlo = V::set1_id(INT64_MAX), vhi = V::set1_id(INT64_MIN);
+
+  for_each_segment<T>(p, b, begin, end, [&](int64_t, const T* base, const int64_t* rbase, int64_t len) {
+    if (R == 0) {
+      int64_t j = 0;
+      for (; j + V::W <= len; j += V::W) {
+        F x[CT], inv;
+        load_channels<V, DT, CT>(x, base + j, sc, V::W);
+        activate<V, CT, SOFTMAX>(x, inv);
+#pragma GCC unroll 16
+        for (int c = 0; c < CT; ++c) acc[c] = V::fmadd(x[c], inv, acc[c]);
+      }
+      if (j < len) {
+        const int n = static_cast<int>(len - j);
+        F x[CT], inv;
+        load_channels<V, DT, CT>(x, base + j, sc, n);
+        activate<V, CT, SOFTMAX>(x, inv);
+        const typename V::M m = V::tail(n);
+#pragma GCC unroll 16
+        for (int c = 0; c < CT; ++c) acc[c] = V::mask_fmadd(acc[c], m, x[c], inv);
+      }
+      return;
+    }
+    for (int64_t j = 0; j < len; j += V::W) {
+      const int n = static_cast<int>(min64(V::W, len - j));
+      F x[CT], inv;
+      load_channels<V, DT, CT>(x, base + j, sc, n);
+      typename V::I ids;
+      if (n == V::W) {
+        ids = V::load_ids(rbase + j);
+        if constexpr (V::kVecIdRange) V::id_range(rbase + j, vlo, vhi);
+      } else {
+        ids = load_region_ids<V>(rbase + j, 1, n);
+      }
+      if (!V::kVecIdRange || n != V::W) region_id_range(rbase + j, 1, n, id_lo, id_hi);
+      activate<V, CT, SOFTMAX>(x, inv);
+#pragma GCC unroll 16
+      for (int c = 0; c < CT; ++c) x[c] = V::mul(x[c], inv);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) {
+        const typename V::M m = V::eq(ids, static_cast<int>(r));
+#pragma GCC unroll 16
+        for (int c = 0; c < CT; ++c) racc[c * R + r] = V::mask_add(racc[c * R + r], m, x[c]);
+      }
+    }
+  });
+
+  if (R == 0) {
+    for (int c = 0; c < CT; ++c) partial[c] = static_cast<double>(V::hsum(acc[c]));
+  } else {
+    for (int64_t i = 0; i < CT * R; ++i) partial[i] = static_cast<double>(V::hsum(racc[i]));
+    if constexpr (V::kVecIdRange) {
+      id_lo = std::min(id_lo, V::reduce_min(vlo));
+      id_hi = std::max(id_hi, V::reduce_max(vhi));
+    }
+  }
+  id_range[0] = id_lo;
+  id_range[1] = id_hi;
+}
+
+// Backward over rows with stride 1 (and region ids with stride 1); R == 0 or R <= V::W.
+template <class V, DType DT, int CT, bool SOFTMAX>
+void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end) {
+  using F = typename V::F;
+  using S = typename V::S;
+  using T = typename Storage<DT>::T;
+  const int64_t R = p.num_regions, Rb = p.region_slots(), Sn = p.spatial_numel(), sc = p.stride_c;
+  const S* g = static_cast<const S*>(p.grad) + b * CT * Rb;
+  F gtab[CT];
+  for (int c = 0; c < CT; ++c) {
+    if (R == 0) {
+      gtab[c] = V::set1(g[c]);
+    } else {
+      alignas(64) S row[V::W];
+      for (int i = 0; i < V::W; ++i) row[i] = i < R ? g[c * R + i] : S(0);
+      gtab[c] = V::load_s(row);
+    }
+  }
+  T* const out = static_cast<T*>(p.grad_logits) + b * CT * Sn;
+
+  for_each_segment<T>(p, b, begin, end, [&](int64_t flat, const T* base, const int64_t* rbase, int64_t len) {
+    for (int64_t j = 0; j < len; j += V::W) {
+      const int n = static_cast<int>(min64(V::W, len - j));
+      F x[CT], inv, gs[CT];
+      load_channels<V, DT, CT>(x, base + j, sc, n);
+      if (R == 0) {
+#pragma GCC unroll 16
+        for (int c = 0; c < CT; ++c) gs[c] = gtab[c];
+      } else {
+        const typename V::I ids = n == V::W ? V::load_ids(rbase + j) : load_region_ids<V>(rbase + j, 1, n);
+        const typename V::M ok = V::valid(ids, static_cast<int>(R));
+#pragma GCC unroll 16
+        for (int c = 0; c < CT; ++c) gs[c] = V::permute(ids, gtab[c], ok);
+      }
+      activate<V, CT, SOFTMAX>(x, inv);
+      T* o = out + flat + j;
+      if constexpr (SOFTMAX) {
+        F dot = V::mul(x[0], gs[0]);
+#pragma GCC unroll 16
+        for (int c = 1; c < CT; ++c) dot = V::fmadd(x[c], gs[c], dot);
+        const F d = V::mul(V::mul(dot, inv), inv);
+        if (n == V::W) {
+#pragma GCC unroll 16
+          for (int c = 0; c < CT; ++c) V::template store<DT>(o + c * Sn, V::mul(x[c], V::fmsub(inv, gs[c], d)));
+        } else {
+          for (int c = 0; c < CT; ++c) store_x<V, DT>(o + c * Sn, V::mul(x[c], V::fmsub(inv, gs[c], d)), n);
+        }
+      } else {
+        if (n == V::W) {
+#pragma GCC unroll 16
+          for (int c = 0; c < CT; ++c) V::template store<DT>(o + c * Sn, V::mul(gs[c], V::fnmadd(x[c], x[c], x[c])));
+        } else {
+          for (int c = 0; c < CT; ++c) store_x<V, DT>(o + c * Sn, V::mul(gs[c], V::fnmadd(x[c], x[c], x[c])), n);
+        }
+      }
+    }
+  });
+}
+
 // CT > 0: the channel count is the compile-time constant CT (loops over channels unroll and the
 // per-position vectors stay in registers); CT == 0: p.channels, with vectors in scratch.
 template <class V, DType DT, int CT>
 void forward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
                         int64_t* id_range, void* scratch) {
+  if constexpr (CT > 0 && V::W > 1) {
+    if (p.stride_s[2] == 1 && (p.num_regions == 0 || (p.num_regions <= kVecRegions && p.region_stride_s[2] == 1))) {
+      if (p.activation == Activation::Softmax) {
+        switch (p.num_regions) {
+          case 2: return forward_fast<V, DT, CT, true, 2>(p, b, begin, end, partial, id_range, scratch);
+          case 3: return forward_fast<V, DT, CT, true, 3>(p, b, begin, end, partial, id_range, scratch);
+          case 4: return forward_fast<V, DT, CT, true, 4>(p, b, begin, end, partial, id_range, scratch);
+          default: return forward_fast<V, DT, CT, true>(p, b, begin, end, partial, id_range, scratch);
+        }
+      }
+      return forward_fast<V, DT, CT, false>(p, b, begin, end, partial, id_range, scratch);
+    }
+  }
   using F = typename V::F;
   using S = typename V::S;
   using T = typename Storage<DT>::T;
@@ -208,6 +396,12 @@ void forward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end,
 
 template <class V, DType DT, int CT>
 void backward_chunk_impl(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
+  if constexpr (CT > 0 && V::W > 1) {
+    if (p.stride_s[2] == 1 && (p.num_regions == 0 || (p.num_regions <= V::W && p.region_stride_s[2] == 1))) {
+      if (p.activation == Activation::Softmax) return backward_fast<V, DT, CT, true>(p, b, begin, end);
+      return backward_fast<V, DT, CT, false>(p, b, begin, end);
+    }
+  }
   using F = typename V::F;
   using S = typename V::S;
   using T = typename Storage<DT>::T;

@@ -56,22 +56,20 @@ inline std::uint16_t float_to_bf16(float f) {
   return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// exp with the same polynomial as the vector paths, so all paths agree to rounding.
+// exp with the same clamps, range reduction and polynomial as the AVX-512 path, so the paths
+// agree to rounding (ldexp scales through the subnormals like scalef).
 inline float exp_poly(float x) {
   if (std::isnan(x)) return x;
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.33654f ? -87.33654f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = std::fma(-n, 0.693359375f, x);
-  r = std::fma(-n, -2.12194440e-4f, r);
-  float y = 1.9875691500e-4f;
-  y = std::fma(y, r, 1.3981999507e-3f);
-  y = std::fma(y, r, 8.3334519073e-3f);
-  y = std::fma(y, r, 4.1665795894e-2f);
-  y = std::fma(y, r, 1.6666665459e-1f);
-  y = std::fma(y, r, 5.0000001201e-1f);
-  y = std::fma(y, r, 1.0f);  // 1 + r + r^2 P(r) in Horner form
-  y = std::fma(y, r, 1.0f);
+  x = x > 104.0f ? 104.0f : x;
+  x = x < -104.0f ? -104.0f : x;
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fma(-n, kLn2Hi, x);
+  r = std::fma(-n, kLn2Lo, r);
+  float y = std::fma(kExpPoly[5], r, kExpPoly[4]);
+  y = std::fma(y, r, kExpPoly[3]);
+  y = std::fma(y, r, kExpPoly[2]);
+  y = std::fma(y, r, kExpPoly[1]);
+  y = std::fma(y, r, kExpPoly[0]);
   return std::ldexp(y, static_cast<int>(n));
 }
 
@@ -98,6 +96,11 @@ struct Vec1 {
       return exp_poly(x);
     }
   }
+  static F exp_nonpos(F x) { return exp(x); }
+  // Unfused (this file has no FMA flags; a libm fma call per element would be slow).
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static F fmsub(F a, F b, F c) { return a * b - c; }
+  static F fnmadd(F a, F b, F c) { return c - a * b; }
   static F load_s(const S* p) { return *p; }
   static void store_s(S* p, F v) { *p = v; }
 
@@ -128,10 +131,14 @@ struct Vec1 {
   }
 
   static I load_ids(const int64_t* p) { return *p; }
+  using IdRange = int64_t;
+  static int64_t set1_id(int64_t x) { return x; }
+  static constexpr bool kVecIdRange = false;
   static M eq(I id, int r) { return id == r; }
   static M valid(I id, int R) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(R); }
   static M tail(int n) { return n > 0; }
   static F mask_add(F acc, M m, F x) { return m ? acc + x : acc; }
+  static F mask_fmadd(F acc, M m, F a, F b) { return m ? a * b + acc : acc; }
   static F permute(I, F table, M ok) { return ok ? table : F(0); }
   static F gather(const S* base, I id, M ok) { return ok ? base[id] : F(0); }
   static F hsum(F v) { return v; }

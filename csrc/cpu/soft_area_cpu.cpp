@@ -18,6 +18,9 @@
 #if !defined(_WIN32)
 #include <pthread.h>
 #endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 namespace segcft {
 namespace cpu {
@@ -105,6 +108,7 @@ class WorkerPool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       while (static_cast<int>(threads_.size()) < helpers) threads_.emplace_back([this] { loop(); });
+      if (helpers > 0) place_helpers();
       job_ = &job;
       size_ = n;
       next_.store(0);
@@ -125,6 +129,26 @@ class WorkerPool {
   static WorkerPool*& current() {
     static WorkerPool* pool = nullptr;
     return pool;
+  }
+
+  // Keeps the helpers off the caller's CPU. Some schedulers (seen on a 2-vCPU VM) wake a helper
+  // on the CPU of the thread that woke it, which then time-slices the caller and the helper on
+  // one CPU while the other stays idle: two threads ran no faster than one. The helpers may run
+  // on every CPU the caller may use except the one it is on now; redone only when the caller
+  // has moved or new helpers exist (one affinity call per helper then, none otherwise).
+  void place_helpers() {
+#if defined(__linux__)
+    const int cpu = sched_getcpu();
+    if (cpu < 0 || (cpu == placed_cpu_ && threads_.size() == placed_threads_)) return;
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0 || cpu >= CPU_SETSIZE) return;
+    CPU_CLR(cpu, &mask);
+    if (CPU_COUNT(&mask) == 0) return;  // the caller may use one CPU only: leave the helpers be
+    for (std::thread& t : threads_) pthread_setaffinity_np(t.native_handle(), sizeof mask, &mask);
+    placed_cpu_ = cpu;
+    placed_threads_ = threads_.size();
+#endif
   }
 
   void work(const Job& job, int slot) {
@@ -157,6 +181,8 @@ class WorkerPool {
   std::size_t size_ = 0;
   std::atomic<std::size_t> next_{0};
   int wanted_ = 0, joined_ = 0, active_ = 0;
+  int placed_cpu_ = -1;
+  std::size_t placed_threads_ = 0;
 };
 
 // Runs fn(chunk_index, scratch) over all chunks on `threads` workers (the caller is one of them).
