@@ -48,7 +48,10 @@ def soft_area(
     v.check_activation(activation)
     vol = v.voxel_volume(spacing, nd)
     regions = v.check_regions(logits, regions, num_regions)
-    areas = _custom.soft_area_op(logits, regions, num_regions, activation, vol)
+    if _custom.eager_ok(logits, regions):
+        areas = _custom.eager_soft_area(logits, regions, num_regions, activation, vol)
+    else:
+        areas = _custom.soft_area_op(logits, regions, num_regions, activation, vol)
     return areas if regions is not None else areas[..., 0]
 
 
@@ -79,9 +82,12 @@ def area_loss(
     vol = v.voxel_volume(spacing, nd)
     regions = v.check_regions(logits, regions, num_regions)
     v.check_loss_inputs(logits, targets, weights, index, scale)
+    index = index.long()
+    if _custom.eager_ok(logits, targets, weights, index, scale, regions):
+        return _custom.eager_area_loss(logits, targets, weights, index, scale, penalty, vol, activation, regions,
+                                       num_regions, float(huber_delta))
     loss, _ = _custom.area_loss_op(
-        logits, targets, weights, index.long(), scale, penalty, vol, activation, regions, num_regions,
-        float(huber_delta),
+        logits, targets, weights, index, scale, penalty, vol, activation, regions, num_regions, float(huber_delta),
     )
     return loss
 

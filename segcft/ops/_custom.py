@@ -1,5 +1,14 @@
-"""torch.library custom ops over the kernels: segcft::soft_area, segcft::area_loss and the shared
-backward segcft::soft_area_backward, with fake (meta) implementations and autograd formulas."""
+"""torch.library custom ops over the kernels: segcft::soft_area, segcft::area_loss and their
+backwards segcft::soft_area_backward and segcft::area_loss_backward, with fake (meta)
+implementations and autograd formulas.
+
+On the CPU the op implementations call segcft._C once per op: the soft-area kernel with the
+voxel volume applied, and for the loss the kernel plus the small (B, K) loss and its gradient in
+C++. In eager mode, `soft_area` and `area_loss` in segcft.ops run these same implementations
+through a torch.autograd.Function (`eager_soft_area`, `eager_area_loss`) instead of the custom-op
+dispatcher, which costs tens of microseconds per call; torch.compile, tracing and other devices
+use the custom ops. Both routes compute bitwise the same values.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +21,17 @@ from segcft.ops import _validate as v
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _ACTIVATION_CODES = {"softmax": 0, "sigmoid": 1}
+_PENALTY_CODES = {"l1": 0, "l2": 1, "huber": 2}
 
 
 def _kernel_args(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str
 ) -> tuple:
     if regions is None:
-        return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], list(logits.shape), list(logits.stride()),
-                0, [], 0, _ACTIVATION_CODES[activation])
-    return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], list(logits.shape), list(logits.stride()),
-            regions.data_ptr(), list(regions.stride()), num_regions, _ACTIVATION_CODES[activation])
+        return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.shape, logits.stride(),
+                0, (), 0, _ACTIVATION_CODES[activation])
+    return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.shape, logits.stride(),
+            regions.data_ptr(), regions.stride(), num_regions, _ACTIVATION_CODES[activation])
 
 
 def _kernel_module(logits: torch.Tensor):
@@ -35,6 +45,13 @@ def _kernel_module(logits: torch.Tensor):
     return backend.module
 
 
+def _cpu_module(logits: torch.Tensor):
+    """segcft._C for non-empty CPU logits when it is loaded, else None."""
+    if logits.device.type != "cpu" or logits.numel() == 0:
+        return None
+    return _backend.cpu_backend().module
+
+
 def _device_tail(logits: torch.Tensor) -> int:
     if logits.device.type == "cuda":
         return torch.cuda.current_stream(logits.device).cuda_stream
@@ -42,15 +59,10 @@ def _device_tail(logits: torch.Tensor) -> int:
 
 
 def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str) -> torch.Tensor:
-    """Raw sums (B, C, max(R, 1)) after checking that every region id is in [0, num_regions).
-
-    The CPU kernel reports the range of the ids it read, so the check costs no extra pass over
-    the region map there; elsewhere the map is checked first.
-    """
+    """Raw sums (B, C, max(R, 1)) after checking that every region id is in [0, num_regions)
+    (CUDA, the reference and empty logits; the CPU kernels take the _cpu_module routes)."""
     module = _kernel_module(logits)
-    fused_check = module is not None and not logits.is_cuda and logits.numel() > 0
-    if not fused_check:
-        v.check_region_values(regions, num_regions)
+    v.check_region_values(regions, num_regions)
     if module is None:
         return reference.raw_sums(logits, regions, num_regions, activation)
     b, c = logits.shape[:2]
@@ -58,10 +70,50 @@ def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: i
     if logits.numel() == 0:
         return out.zero_()
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-        id_range = module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation),
-                                            out.data_ptr(), _device_tail(logits))
-    if fused_check and id_range is not None:
+        module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation), out.data_ptr(),
+                                 _device_tail(logits))
+    return out
+
+
+def _soft_area_impl(
+    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
+) -> torch.Tensor:
+    module = _cpu_module(logits)
+    if module is None:
+        return _raw_sums(logits, regions, num_regions, activation) * voxel_volume
+    b, c = logits.shape[:2]
+    out = torch.empty((b, c, max(num_regions, 1)), dtype=v.accumulate_dtype(logits.dtype))
+    # The kernel reports the range of the region ids it read: the check costs no extra pass.
+    id_range = module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation), out.data_ptr(),
+                                        torch.get_num_threads(), voxel_volume)
+    if id_range is not None:
         v.check_region_range(id_range[0], id_range[1], num_regions)
+    return out
+
+
+def _soft_area_backward_impl(
+    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, grad: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """dL/dlogits for dL/d(raw sums) = grad * scale."""
+    grad = grad.to(v.accumulate_dtype(logits.dtype)).contiguous()
+    module = _cpu_module(logits)
+    if module is not None:
+        out = torch.empty(logits.shape, dtype=logits.dtype)
+        module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
+                                  out.data_ptr(), torch.get_num_threads(), scale)
+        return out
+    if scale != 1.0:
+        grad = grad * scale
+    module = _kernel_module(logits)
+    if module is None:
+        return reference.raw_backward(logits, regions, num_regions, activation, grad)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.numel() == 0:
+        return out
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
+                                  out.data_ptr(), _device_tail(logits))
     return out
 
 
@@ -74,17 +126,7 @@ def soft_area_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) from grad = dL/d(raw sums) (B, C, max(R, 1)):
     recomputes the probabilities from the logits in one pass."""
-    module = _kernel_module(logits)
-    grad = grad.to(v.accumulate_dtype(logits.dtype)).contiguous()
-    if module is None:
-        return reference.raw_backward(logits, regions, num_regions, activation, grad)
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if logits.numel() == 0:
-        return out
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-        module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
-                                  out.data_ptr(), _device_tail(logits))
-    return out
+    return _soft_area_backward_impl(logits, regions, num_regions, activation, grad)
 
 
 @soft_area_backward.register_fake
@@ -100,7 +142,7 @@ def soft_area_op(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
 ) -> torch.Tensor:
     """Soft areas (B, C, max(R, 1)) in physical units: one pass over the logits."""
-    return _raw_sums(logits, regions, num_regions, activation) * voxel_volume
+    return _soft_area_impl(logits, regions, num_regions, activation, voxel_volume)
 
 
 @soft_area_op.register_fake
@@ -128,6 +170,26 @@ def _soft_area_backward(ctx, grad: torch.Tensor):
 soft_area_op.register_autograd(_soft_area_backward, setup_context=_soft_area_setup)
 
 
+class _EagerSoftArea(torch.autograd.Function):
+    """segcft::soft_area's implementation and formula without the custom-op dispatcher."""
+
+    @staticmethod
+    def forward(ctx, logits, regions, num_regions, activation, voxel_volume):
+        ctx.save_for_backward(logits, regions)
+        ctx.num_regions, ctx.activation, ctx.voxel_volume = num_regions, activation, voxel_volume
+        return _soft_area_impl(logits, regions, num_regions, activation, voxel_volume)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, regions = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            # grad * voxel_volume in the kernel call: the same float operation as the op's formula.
+            grad_logits = _soft_area_backward_impl(logits, regions, ctx.num_regions, ctx.activation, grad,
+                                                   ctx.voxel_volume)
+        return grad_logits, None, None, None, None
+
+
 # ---- segcft::area_loss --------------------------------------------------------------------
 
 
@@ -137,6 +199,120 @@ def _rho_grad(u: torch.Tensor, penalty: str, huber_delta: float) -> torch.Tensor
     if penalty == "l2":
         return 2 * u
     return u.clamp(-huber_delta, huber_delta)
+
+
+def _loss_tensors(logits, targets, weights, index, scale):
+    acc = v.accumulate_dtype(logits.dtype)
+    return (targets.to(acc).contiguous(), weights.to(acc).contiguous(), index.to(torch.int64).contiguous(),
+            scale.to(acc).contiguous())
+
+
+def _raise_bad_ids(bad: tuple, num_classes: int, num_regions: int) -> None:
+    if bad[0] == "index":
+        v.check_index_range(bad[1], bad[2], bad[3], bad[4], num_classes, num_regions)
+    v.check_region_range(bad[1], bad[2], num_regions)
+
+
+def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
+                    num_regions, huber_delta):
+    module = _cpu_module(logits)
+    acc = v.accumulate_dtype(logits.dtype)
+    b, c = logits.shape[:2]
+    if module is None:
+        v.check_index_values(index, c, num_regions)
+        areas = _raw_sums(logits, regions, num_regions, activation) * voxel_volume
+        u = (reference.variable_areas(areas, index) - targets.to(acc)) / scale.to(acc)
+        loss = (weights.to(acc) * reference.rho(u, penalty, huber_delta)).sum() / max(b, 1)
+        return loss, areas
+    t, w, idx, s = _loss_tensors(logits, targets, weights, index, scale)
+    areas = torch.empty((b, c, max(num_regions, 1)), dtype=acc)
+    loss = torch.empty((), dtype=acc)
+    bad = module.area_loss_forward(
+        *_kernel_args(logits, regions, num_regions, activation), areas.data_ptr(), torch.get_num_threads(),
+        voxel_volume, idx.data_ptr(), idx.shape[0], t.data_ptr(), w.data_ptr(), s.data_ptr(),
+        _PENALTY_CODES[penalty], huber_delta, loss.data_ptr(),
+    )
+    if bad is not None:
+        _raise_bad_ids(bad, c, num_regions)
+    return loss, areas
+
+
+def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights,
+                             index, scale, penalty, huber_delta, grad_loss, grad_areas):
+    """dL/dlogits of the area loss from dL/dloss (0-dim) and dL/dareas (or None)."""
+    module = _cpu_module(logits)
+    acc = areas.dtype
+    if module is not None:
+        t, w, idx, s = _loss_tensors(logits, targets, weights, index, scale)
+        out = torch.empty(logits.shape, dtype=logits.dtype)
+        ga = None if grad_areas is None else grad_areas.to(acc).contiguous()
+        module.area_loss_backward(
+            *_kernel_args(logits, regions, num_regions, activation), out.data_ptr(), torch.get_num_threads(),
+            voxel_volume, areas.data_ptr(), idx.data_ptr(), idx.shape[0], t.data_ptr(), w.data_ptr(),
+            s.data_ptr(), _PENALTY_CODES[penalty], huber_delta, float(grad_loss), 0 if ga is None else ga.data_ptr(),
+        )
+        return out
+    b, c, rb = areas.shape
+    t, w, s = targets.to(acc), weights.to(acc), scale.to(acc)
+    u = (reference.variable_areas(areas, index) - t) / s
+    grad_a = grad_loss.to(acc) / max(b, 1) * w * _rho_grad(u, penalty, huber_delta) / s  # dL/dA (B, K)
+    cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
+    reg = index[:, 1].long()
+    reg_map = torch.where(
+        (reg < 0).unsqueeze(1),
+        torch.ones(reg.shape[0], rb, dtype=acc, device=areas.device),
+        torch.nn.functional.one_hot(reg.clamp(min=0), rb).to(acc),
+    )  # (K, R')
+    # A broadcast product summed over k rather than einsum: einsum lowers to a BLAS bmm that
+    # starts the BLAS thread pool for these tiny (B, K) tensors and stalls on a loaded machine.
+    g = (grad_a[:, :, None, None] * cls[None, :, :, None] * reg_map[None, :, None, :]).sum(1)
+    if grad_areas is not None:
+        g = g + grad_areas
+    return _soft_area_backward_impl(logits, regions, num_regions, activation, g * voxel_volume)
+
+
+def _area_loss_other_grads(needs, targets, weights, scale, areas, index, penalty, huber_delta, grad_loss):
+    """Gradients for targets, weights and scale (torch ops; rarely needed)."""
+    acc = areas.dtype
+    b = areas.shape[0]
+    t, w, s = targets.to(acc), weights.to(acc), scale.to(acc)
+    diff = reference.variable_areas(areas, index) - t
+    u = diff / s
+    per_batch = grad_loss.to(acc) / max(b, 1)
+    grad_a = per_batch * w * _rho_grad(u, penalty, huber_delta) / s
+    g_t = (-grad_a).to(targets.dtype) if needs[1] else None
+    g_w = (per_batch * reference.rho(u, penalty, huber_delta)).to(weights.dtype) if needs[2] else None
+    g_s = (-(grad_a * diff).sum(0) / s).to(scale.dtype) if needs[4] else None
+    return g_t, g_w, g_s
+
+
+@torch.library.custom_op("segcft::area_loss_backward", mutates_args=())
+def area_loss_backward(
+    logits: torch.Tensor,
+    regions: torch.Tensor | None,
+    num_regions: int,
+    activation: str,
+    voxel_volume: float,
+    areas: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    index: torch.Tensor,
+    scale: torch.Tensor,
+    penalty: str,
+    huber_delta: float,
+    grad_loss: torch.Tensor,
+    grad_areas: torch.Tensor | None,
+) -> torch.Tensor:
+    """dL/dlogits (contiguous, logits dtype) of segcft::area_loss: the loss gradient dL/dA and
+    the soft-area backward in one op."""
+    return _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets,
+                                    weights, index, scale, penalty, huber_delta, grad_loss, grad_areas)
+
+
+@area_loss_backward.register_fake
+def _(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights, index, scale, penalty,
+      huber_delta, grad_loss, grad_areas):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("segcft::area_loss", mutates_args=())
@@ -155,12 +331,8 @@ def area_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, areas): the batch mean of sum_k w rho((A - t) / scale), and the areas
     (B, C, max(R, 1)) it was computed from (kept for the backward; tiny)."""
-    v.check_index_values(index, logits.shape[1], num_regions)
-    acc = v.accumulate_dtype(logits.dtype)
-    areas = _raw_sums(logits, regions, num_regions, activation) * voxel_volume
-    u = (reference.variable_areas(areas, index) - targets.to(acc)) / scale.to(acc)
-    loss = (weights.to(acc) * reference.rho(u, penalty, huber_delta)).sum() / max(logits.shape[0], 1)
-    return loss, areas
+    return _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
+                           num_regions, huber_delta)
 
 
 @area_loss_op.register_fake
@@ -180,38 +352,67 @@ def _area_loss_setup(ctx, inputs, output) -> None:
     ctx.huber_delta = huber_delta
 
 
-def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor | None):
+def _area_loss_grads(ctx, grad_loss, grad_areas, logits_backward):
     logits, targets, weights, index, scale, regions, areas = ctx.saved_tensors
-    acc = areas.dtype
-    b, c, rb = areas.shape
-    t, w, s = targets.to(acc), weights.to(acc), scale.to(acc)
-    diff = reference.variable_areas(areas, index) - t
-    u = diff / s
-    per_batch = grad_loss.to(acc) / max(b, 1)
-    drho = _rho_grad(u, ctx.penalty, ctx.huber_delta)
-    grad_a = per_batch * w * drho / s  # dL/dA (B, K)
     grads: list[torch.Tensor | None] = [None] * 11
     if ctx.needs_input_grad[0]:
-        cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
-        reg = index[:, 1].long()
-        reg_map = torch.where(
-            (reg < 0).unsqueeze(1),
-            torch.ones(reg.shape[0], rb, dtype=acc, device=areas.device),
-            torch.nn.functional.one_hot(reg.clamp(min=0), rb).to(acc),
-        )  # (K, R')
-        # A broadcast product summed over k rather than einsum: einsum lowers to a BLAS bmm that
-        # starts the BLAS thread pool for these tiny (B, K) tensors and stalls on a loaded machine.
-        g = (grad_a[:, :, None, None] * cls[None, :, :, None] * reg_map[None, :, None, :]).sum(1)
-        if grad_areas is not None:
-            g = g + grad_areas
-        grads[0] = soft_area_backward(logits, regions, ctx.num_regions, ctx.activation, g * ctx.voxel_volume)
-    if ctx.needs_input_grad[1]:
-        grads[1] = (-grad_a).to(targets.dtype)
-    if ctx.needs_input_grad[2]:
-        grads[2] = (per_batch * reference.rho(u, ctx.penalty, ctx.huber_delta)).to(weights.dtype)
-    if ctx.needs_input_grad[4]:
-        grads[4] = (-(grad_a * diff).sum(0) / s).to(scale.dtype)
+        grads[0] = logits_backward(logits, regions, ctx.num_regions, ctx.activation, ctx.voxel_volume, areas,
+                                   targets, weights, index, scale, ctx.penalty, ctx.huber_delta, grad_loss,
+                                   grad_areas)
+    needs = ctx.needs_input_grad
+    if needs[1] or needs[2] or needs[4]:
+        grads[1], grads[2], grads[4] = _area_loss_other_grads(
+            needs, targets, weights, scale, areas, index, ctx.penalty, ctx.huber_delta, grad_loss)
     return tuple(grads)
 
 
+def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor | None):
+    return _area_loss_grads(ctx, grad_loss, grad_areas, area_loss_backward)
+
+
 area_loss_op.register_autograd(_area_loss_backward, setup_context=_area_loss_setup)
+
+
+class _EagerAreaLoss(torch.autograd.Function):
+    """segcft::area_loss's implementation and formula (loss output only) without the custom-op
+    dispatcher."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
+                num_regions, huber_delta):
+        loss, areas = _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation,
+                                      regions, num_regions, huber_delta)
+        ctx.save_for_backward(logits, targets, weights, index, scale, regions, areas)
+        ctx.penalty, ctx.voxel_volume, ctx.activation = penalty, voxel_volume, activation
+        ctx.num_regions, ctx.huber_delta = num_regions, huber_delta
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _area_loss_grads(ctx, grad_loss, None, _area_loss_backward_impl)
+
+
+def eager_ok(*tensors: torch.Tensor | None) -> bool:
+    """True when the ops may skip the custom-op dispatcher: plain CPU tensors with the compiled
+    module loaded, outside torch.compile, tracing and functorch transforms."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    logits = tensors[0]
+    return (
+        logits.device.type == "cpu"
+        and _backend.cpu_backend().module is not None
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def eager_soft_area(logits, regions, num_regions, activation, voxel_volume) -> torch.Tensor:
+    return _EagerSoftArea.apply(logits, regions, num_regions, activation, voxel_volume)
+
+
+def eager_area_loss(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions,
+                    huber_delta) -> torch.Tensor:
+    return _EagerAreaLoss.apply(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
+                                num_regions, huber_delta)

@@ -165,6 +165,11 @@ def check_index_values(index: torch.Tensor, num_classes: int, num_regions: int) 
         return
     cls_lo, cls_hi = (int(v) for v in torch.aminmax(index[:, 0]))
     reg_lo, reg_hi = (int(v) for v in torch.aminmax(index[:, 1]))
+    check_index_range(cls_lo, cls_hi, reg_lo, reg_hi, num_classes, num_regions)
+
+
+def check_index_range(cls_lo: int, cls_hi: int, reg_lo: int, reg_hi: int, num_classes: int, num_regions: int) -> None:
+    """Raises unless the class ids of the index rows lie in [0, C) and the region ids in [-1, R)."""
     if cls_lo < 0 or cls_hi >= num_classes:
         raise OpValueError(
             f"index[:, 0] must hold class ids in [0, C={num_classes}), found values in [{cls_lo}, {cls_hi}]"
