@@ -15,6 +15,8 @@ namespace cpu {
 // Spatial positions per chunk of the flattened spatial axes. Fixed (never derived from the
 // thread count) so that forward sums are identical for any number of threads.
 constexpr int64_t kChunk = 4096;
+// Gradients of at least this many bytes are written with non-temporal stores where available.
+constexpr std::size_t kStreamBytes = std::size_t(4) << 20;
 // Region counts up to this use per-region masked vector accumulators; above it, a scalar scatter.
 constexpr int64_t kVecRegions = 8;
 

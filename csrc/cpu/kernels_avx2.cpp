@@ -90,6 +90,12 @@ struct Vec256 {
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4)), sel);
     return _mm256_permute2x128_si256(a, b, 0x20);
   }
+  template <DType DT>
+  static void stream(void* p, F v) {
+    store<DT>(p, v);
+  }
+  static void stream_fence() {}
+  static constexpr bool kStream = false;
   using IdRange = int64_t;
   static int64_t set1_id(int64_t x) { return x; }
   static constexpr bool kVecIdRange = false;

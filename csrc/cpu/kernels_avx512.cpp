@@ -86,6 +86,21 @@ struct Vec512 {
     }
   }
 
+  // Non-temporal store of a full vector (p aligned to the vector's bytes: 64 for float32, 32 for
+  // 16-bit types).
+  template <DType DT>
+  static void stream(void* p, F v) {
+    if constexpr (DT == DType::Float32) {
+      _mm512_stream_ps(static_cast<float*>(p), v);
+    } else {
+      alignas(32) std::uint16_t buf[W];
+      store<DT>(buf, v);
+      _mm256_stream_si256(static_cast<__m256i*>(p), _mm256_load_si256(reinterpret_cast<const __m256i*>(buf)));
+    }
+  }
+  static void stream_fence() { _mm_sfence(); }
+  static constexpr bool kStream = true;
+
   // 16 int64 ids -> int32 lanes with signed saturation (huge ids stay out of range).
   static I load_ids(const int64_t* p) {
     const __m256i lo = _mm512_cvtsepi64_epi32(_mm512_loadu_si512(p));

