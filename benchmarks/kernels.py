@@ -8,6 +8,7 @@ Prints a table and appends CSV rows to benchmarks/results.csv.
 
     python benchmarks/kernels.py            # all cases, CPU (or --device cuda)
     python benchmarks/kernels.py --quick    # fewer repetitions, 2D cases only
+    python benchmarks/kernels.py --cases 2d-16x4x192x192 --regions no   # a subset
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per mode (default 30, --quick 7)")
     parser.add_argument("--quick", action="store_true", help="2D cases only, fewer repetitions")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None,
+                        help="cases to run (default: all; --quick: the 2D cases)")
+    parser.add_argument("--regions", choices=("both", "no", "yes"), default="both",
+                        help="run each case without a region map, with one, or both (default)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).parent / "results.csv")
     args = parser.parse_args()
     reps = args.reps or (7 if args.quick else 30)
@@ -201,9 +206,11 @@ def main() -> None:
     header = f"{'case':<24}{'provider':<9}{'mode':<9}{'median ms':>10}{'p20':>9}{'p80':>9}{'floor ms':>10}{'x floor':>8}{'peak MB':>9}"
     print(header)
     rows = []
-    cases = {k: v for k, v in CASES.items() if not args.quick or k.startswith("2d")}
+    cases = {k: v for k, v in CASES.items()
+             if (k in args.cases if args.cases else not args.quick or k.startswith("2d"))}
+    region_modes = {"both": (False, True), "no": (False,), "yes": (True,)}[args.regions]
     for name, shape in cases.items():
-        for with_regions in (False, True):
+        for with_regions in region_modes:
             case = name + ("+regions" if with_regions else "")
             results, floor_bytes, logit_bytes = run_case(case, shape, with_regions, device, reps, providers)
             for provider, row, mb in results:
