@@ -231,13 +231,11 @@ void forward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, doubl
       }
       if (!V::kVecIdRange || n != V::W) region_id_range(rbase + j, 1, n, id_lo, id_hi);
       activate<V, CT, SOFTMAX>(x, inv);
-#pragma GCC unroll 16
-      for (int c = 0; c < CT; ++c) x[c] = V::mul(x[c], inv);
 #pragma GCC unroll 8
       for (int64_t r = 0; r < R; ++r) {
         const typename V::M m = V::eq(ids, static_cast<int>(r));
 #pragma GCC unroll 16
-        for (int c = 0; c < CT; ++c) racc[c * R + r] = V::mask_add(racc[c * R + r], m, x[c]);
+        for (int c = 0; c < CT; ++c) racc[c * R + r] = V::mask_fmadd(racc[c * R + r], m, x[c], inv);
       }
     }
   });
