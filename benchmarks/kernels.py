@@ -185,10 +185,14 @@ def main() -> None:
                         help="cases to run (default: all; --quick: the 2D cases)")
     parser.add_argument("--regions", choices=("both", "no", "yes"), default="both",
                         help="run each case without a region map, with one, or both (default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) for every provider (the segcft kernels use as many)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).parent / "results.csv")
     args = parser.parse_args()
     reps = args.reps or (7 if args.quick else 30)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     providers: dict[str, Callable] = {"eager": eager_loss}

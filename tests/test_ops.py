@@ -287,6 +287,39 @@ def test_eager_route_equals_custom_op(num_regions):
     assert torch.equal(a, b) and torch.equal(x.grad, y.grad)
 
 
+@pytest.mark.parametrize("num_regions", [0, 3])
+def test_python_route_matches_reference(num_regions, monkeypatch):
+    # The torch-op route of the ops (CUDA tensors and the reference take it), on the CPU.
+    from segcft.ops import _custom
+
+    monkeypatch.setattr(_custom, "_cpu_module", lambda logits: None)
+    monkeypatch.setattr(_custom, "_kernel_module", lambda logits: None)
+    shape = (2, 3, 7, 5)
+    logits = _logits(shape)
+    regions = _regions(shape, num_regions) if num_regions else None
+    index = torch.tensor([[1, -1], [2, -1]] + ([[0, 1], [2, 2]] if num_regions else []))
+    k = index.shape[0]
+    g = torch.Generator().manual_seed(6)
+    inputs = [torch.rand(2, k, generator=g) * 20, torch.rand(2, k, generator=g), torch.rand(k, generator=g) + 4]
+    expected = None
+    for route in ("reference", "eager", "op"):
+        x = logits.clone().requires_grad_()
+        t, w, s = (i.clone().requires_grad_() for i in inputs)
+        if route == "reference":
+            loss = ref.area_loss(x, t, w, index, s, "huber", 0.5, "softmax", regions, num_regions, 0.6)
+        elif route == "eager":
+            loss = ops.area_loss(x, t, w, index, s, "huber", 0.5, "softmax", regions, num_regions, 0.6)
+        else:
+            loss, _ = torch.ops.segcft.area_loss(x, t, w, index, s, "huber", 0.25, "softmax", regions, num_regions, 0.6)
+        loss.backward()
+        got = [loss, x.grad, t.grad, w.grad, s.grad]
+        if expected is None:
+            expected = got
+        else:
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_many_channels_and_two_threads_match_reference():
     # 12 channels take the generic (non-specialised) kernels; two threads share the chunks.
     threads = torch.get_num_threads()
