@@ -143,6 +143,15 @@ def cell(results: list[dict[str, Any]], var: str, mode: str, metric: str) -> Cel
     return Cell([_path(r, "interventions", var, "modes", mode, *METRICS[metric]) for r in results])
 
 
+REFERENCE_ROWS = ("unchanged", "exact")
+"""`segcft evaluate`'s reference images: the factual image unchanged, and the exact counterfactual."""
+
+
+def reference_cell(results: list[dict[str, Any]], var: str, ref: str, metric: str) -> Cell:
+    """A reference image's figure (effectiveness and leakage only; other metrics are empty)."""
+    return Cell([_path(r, "interventions", var, "references", ref, *METRICS[metric]) for r in results])
+
+
 @dataclass
 class Claim:
     dataset: str
@@ -236,7 +245,10 @@ def write_reproduction(runs: Path, datasets: list[str], seeds: list[int], out: P
         "evaluation segmentor (trained apart from the guide) as in `segcft evaluate`; with several seeds a cell "
         "reads `mean over seeds (min–max over seeds)`, with one seed `mean [95% bootstrap interval]`. Image "
         "differences are on the 0-255 scale. Claims are judged on the mean over seeds; `seeds` counts the seeds "
-        "in which the claim held on its own."
+        "in which the claim held on its own. Rows (unchanged) and (exact) score two reference images with the "
+        "same segmentors: the factual image left unchanged (what a generator that ignores the intervened parent "
+        "would score) and the exact counterfactual rendered from the same exogenous noise (the best any "
+        "generator can score, i.e. the measurement floor of effectiveness and leakage)."
     )
     L.append("")
     all_claims: list[Claim] = []
@@ -285,6 +297,10 @@ def write_reproduction(runs: Path, datasets: list[str], seeds: list[int], out: P
             L.append("|" + "|".join("---" for _ in range(len(metrics) + 1)) + "|")
             for m in modes:
                 L.append(f"| {m} | " + " | ".join(cell(results, var, m, k).text() for k in metrics) + " |")
+            for ref in REFERENCE_ROWS:
+                cells = [reference_cell(results, var, ref, k) for k in metrics]
+                if any(math.isfinite(c.mean) for c in cells):
+                    L.append(f"| ({ref}) | " + " | ".join(c.text() for c in cells) + " |")
             L.append("")
         L.append("Composition (null interventions, 0-255):")
         L.append("")

@@ -53,6 +53,11 @@ MODE_PREFERENCE: tuple[str, ...] = ("pos-seg", "seg", "reg", "none")
 """Generator used by ``counterfactual`` when no mode is named: the first the run has."""
 
 COMPOSITION_CYCLES: tuple[int, ...] = (1, 10)
+REFERENCES: dict[str, str] = {
+    "unchanged": "the factual image, unchanged (a generator that ignores the parent)",
+    "exact": "the exact counterfactual (phantoms; the best these segmentors can grade)",
+}
+"""Reference images scored beside the modes for every structure intervention."""
 _EVAL_BATCH = 16
 
 
@@ -130,8 +135,9 @@ def evaluate(
             x, regions = b["image"], b.get("regions")
             # measurement floor: segmentors on the factual images against the recorded values
             phys = info.denormalise(b["parents"].double())
+            factual_areas = {}
             for who, seg in segmentors:
-                areas = meas(seg(x), regions)
+                areas = factual_areas[who] = meas(seg(x), regions)
                 for var in structures:
                     j = info.index(var.name)
                     ae, ape = abs_errors(areas[:, j], phys[:, j], info.voxel_size)
@@ -139,6 +145,9 @@ def evaluate(
                     acc.add(("factual", var.name, who, "ape"), ape)
             shared = [_intervention(info, meas, dataset, b, var, pa_cf_all[var.name][sl].to(device), phantom)
                       for var in info.variables]
+            for iv in shared:
+                if iv.var.is_structure:
+                    _reference_metrics(acc, iv, segmentors, factual_areas, meas, info, regions)
             for mode, gen in run.generators.items():
                 _evaluate_mode(
                     acc, fig_store if figures and sl.start == 0 else None, gen, mode, b, shared, segmentors,
@@ -195,6 +204,37 @@ def _intervention(
             t_regions = t_regions.to(device).long() if t_regions is not None else regions
             true_mask = meas.structure_mask(var, mask.to(device).long(), t_regions)
     return _Intervention(info.index(var.name), var, pa_cf, phys_cf, fact_mask, true_image, true_mask)
+
+
+def _reference_metrics(
+    acc: "_Accumulator",
+    iv: _Intervention,
+    segmentors: list[tuple[str, Any]],
+    factual_areas: Mapping[str, torch.Tensor],
+    meas: "_Measurer",
+    info: DatasetInfo,
+    regions: torch.Tensor | None,
+) -> None:
+    """Effectiveness and leakage of two reference images for one structure intervention: the
+    factual image left unchanged (what a generator that ignores the parent scores) and, on
+    phantoms, the exact counterfactual (the best any generator can score with these
+    segmentors). They bracket every mode's figures."""
+    for who, seg in segmentors:
+        refs = {"unchanged": factual_areas[who]}
+        if iv.true_image is not None:
+            refs["exact"] = meas(seg(iv.true_image), regions)
+        for ref, areas in refs.items():
+            leak = []
+            for s in info.structure_variables:
+                js = info.index(s.name)
+                ae, ape = abs_errors(areas[:, js], iv.phys_cf[:, js], info.voxel_size)
+                if s.name == iv.var.name:
+                    acc.add(("ref", iv.var.name, ref, who, "ae"), ae)
+                    acc.add(("ref", iv.var.name, ref, who, "ape"), ape)
+                else:
+                    leak.append(ape)
+            if leak:
+                acc.add(("refleak", iv.var.name, ref, who), _nanmean_rows(torch.stack(leak, dim=1)))
 
 
 def _evaluate_mode(
@@ -479,7 +519,19 @@ def _summarise(
                 entry["ground_truth"] = {"all": ci(("gt", *key, "all")), "outside": ci(("gt", *key, "outside"))}
             entry["reversibility"] = ci(("reversibility", *key))
             per_mode[m] = entry
+        references = {
+            ref: {
+                "effectiveness": {
+                    w: {"mae": ci(("ref", var.name, ref, w, "ae")), "mape": ci(("ref", var.name, ref, w, "ape"))}
+                    for w in whos
+                },
+                "leakage": {"mape_mean": {w: ci(("refleak", var.name, ref, w)) for w in whos}},
+            }
+            for ref in REFERENCES
+            if acc.get(("ref", var.name, ref, whos[0], "ape")) is not None
+        } if whos else {}
         inter[var.name] = {
+            "references": references,
             "type": var.type,
             "unit": var.unit,
             "structure": var.is_structure,
@@ -675,8 +727,21 @@ def _variable_section(
                 r.append(fmt(_get(e, "ground_truth", "outside")))
         r.append(fmt(_get(e, "reversibility")))
         rows.append(r)
+    refs = entry.get("references") or {}
+    for ref, e in refs.items():
+        r = [f"({ref})"]
+        if entry["structure"]:
+            r += [
+                fmt(_get(e, "effectiveness", "eval", "mae"), 1), fmt(_get(e, "effectiveness", "eval", "mape")),
+                fmt(_get(e, "effectiveness", "guide", "mae"), 1), fmt(_get(e, "effectiveness", "guide", "mape")),
+                fmt(_get(e, "leakage", "mape_mean", "eval")),
+            ]
+        rows.append(r + ["–"] * (len(header) - len(r)))
     L += _table(header, rows)
     L.append("")
+    if refs:
+        L.append("Reference rows: " + "; ".join(f"({ref}) {REFERENCES[ref]}" for ref in refs) + ".")
+        L.append("")
     others = list((_get(entry["modes"][modes[0]], "leakage", "per_variable") or {}).keys())
     if others:
         label = "Leakage" if entry["structure"] else "Structures"

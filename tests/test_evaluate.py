@@ -170,12 +170,22 @@ def test_evaluate_known_answers(tmp_path, toy_run):
     assert age["descendants"] == ["blob_area"]
     assert age["modes"]["oracle"]["leakage"]["per_variable"]["blob_area"]["eval"]["mae"]["mean"] <= 2.0 + 1e-6
     assert age["modes"]["identity"]["leakage"]["per_variable"]["blob_area"]["eval"]["mae"]["mean"] > 10.0
+    # reference rows: the unchanged image scores what the identity generator scores, the exact
+    # counterfactual what the oracle scores
+    refs = res["interventions"]["blob_area"]["references"]
+    assert set(refs) == {"unchanged", "exact"} and "references" in res["interventions"]["age"]
+    for ref, gen in (("unchanged", ident), ("exact", orc)):
+        for who in ("eval", "guide"):
+            assert refs[ref]["effectiveness"][who]["mape"] == gen["effectiveness"][who]["mape"]
+            assert refs[ref]["leakage"]["mape_mean"][who] == gen["leakage"]["mape_mean"][who]
+    assert res["interventions"]["age"]["references"] == {}
     # files
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["interventions"]["blob_area"]["modes"]["oracle"]["ground_truth"]["all"]["mean"] == pytest.approx(0.0, abs=1e-9)
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# Evaluation: toy")
     assert "## Headline" in report and "### do(blob_area)" not in report and "## do(blob_area)" in report
+    assert "| (unchanged) |" in report and "| (exact) |" in report and "Reference rows:" in report
     assert (tmp_path / "figures" / "cf_blob_area.png").stat().st_size > 1000
 
 
