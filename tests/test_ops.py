@@ -69,7 +69,7 @@ def test_cpu_kernels_are_loaded():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_regions", [0, 3, 11])
+@pytest.mark.parametrize("num_regions", [0, 3, 4, 11])
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_matches_reference(isa, dtype, num_regions, activation, monkeypatch):
     monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
@@ -86,7 +86,7 @@ def test_matches_reference(isa, dtype, num_regions, activation, monkeypatch):
     b=st.integers(1, 3),
     num_regions=st.sampled_from([0, 1, 2, 5, 17]),
     activation=st.sampled_from(["softmax", "sigmoid"]),
-    layout=st.sampled_from(["contiguous", "transposed", "sliced", "channels_last"]),
+    layout=st.sampled_from(["contiguous", "transposed", "sliced", "channels_last", "channel_slice"]),
     seed=st.integers(0, 2**16),
 )
 def test_random_shapes_and_layouts(c, spatial, b, num_regions, activation, layout, seed):
@@ -97,6 +97,8 @@ def test_random_shapes_and_layouts(c, spatial, b, num_regions, activation, layou
     elif layout == "sliced":
         logits = _logits((b, c + 1, *[s * 2 for s in spatial]), seed=seed)[:, 1:, ..., ::2]
         logits = logits[(slice(None), slice(None), *[slice(None, None, 2)] * (len(spatial) - 1))]
+    elif layout == "channel_slice":  # rows still contiguous, batch and channel strides not dense
+        logits = _logits((b, c + 2, *spatial), seed=seed)[:, 1:-1]
     elif layout == "channels_last" and len(spatial) in (2, 3):
         fmt = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
         logits = logits.contiguous(memory_format=fmt)
