@@ -404,8 +404,13 @@ def eager_ok(*tensors: torch.Tensor | None) -> bool:
     return (
         logits.device.type == "cpu"
         and _backend.cpu_backend().module is not None
-        and not torch._C._are_functorch_transforms_active()
+        and not _functorch_active()
     )
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def eager_soft_area(logits, regions, num_regions, activation, voxel_volume) -> torch.Tensor:
