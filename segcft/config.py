@@ -70,13 +70,26 @@ class StageConfig:
 
 
 @dataclass
+class IntensityAugmentConfig:
+    """Random global intensity changes of the segmentors' training images,
+    x -> clamp(a (x + 1) - 1 + b, -1, 1) with |a - 1| <= scale and |b| <= shift per image, so
+    that soft areas follow shape, not brightness: fine-tuning otherwise learns to move a guide's
+    areas by shifting the whole image's intensity."""
+
+    shift: float = field(default=0.1, metadata={"help": "largest |b| (images in [-1, 1]; 0: off)"})
+    scale: float = field(default=0.1, metadata={"help": "largest |a - 1| (0: off)"})
+
+
+@dataclass
 class TrainConfig:
-    """One ``StageConfig`` per pre-training stage, in pipeline order."""
+    """One ``StageConfig`` per pre-training stage, in pipeline order, and the segmentors'
+    intensity augmentation."""
 
     mechanisms: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch_size=256, lr=1e-3))
     segmentor: StageConfig = field(default_factory=StageConfig)
     regressor: StageConfig = field(default_factory=StageConfig)
     generator: StageConfig = field(default_factory=lambda: StageConfig(grad_skip=500.0, ema=0.999))
+    segmentor_intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
 
 
 @dataclass
@@ -382,6 +395,11 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
                 f"{where}: {kind} {entry.name!r} supports {'/'.join(f'{d}D' for d in entry.dims)} images but dataset "
                 f"{dataset.name!r} is {'/'.join(f'{d}D' for d in dataset.dims)}"
             )
+    aug = cfg.train.segmentor_intensity
+    if aug.shift < 0 or not 0 <= aug.scale < 1:
+        raise ConfigError(
+            f"{where}: train.segmentor_intensity: expected shift >= 0 and 0 <= scale < 1, got shift={aug.shift}, scale={aug.scale}"
+        )
     if cfg.cft.lambda_init < 0:
         raise ConfigError(f"{where}: cft.lambda_init must be >= 0, got {cfg.cft.lambda_init}")
     if len(set(cfg.cft.modes)) != len(cfg.cft.modes):

@@ -583,7 +583,9 @@ class _Pipeline:
             return
         self._seeded(seed)
         seg = _build_component("segmentor", self.cfg.segmentor, self.info).to(self.device)
-        trained = self.fit(stage, seg, _SegmentorLoss(seg), self.cfg.train.segmentor, seed)
+        rng = torch.Generator(device=self.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
+        loss = _SegmentorLoss(seg, self.cfg.train.segmentor_intensity, rng)
+        trained = self.fit(stage, seg, loss, self.cfg.train.segmentor, seed, rng=rng)
         self._save_final(stage, {"model": trained.state_dict(), "seed": seed})
 
     def _import_segmentor(self, path: Path) -> None:
@@ -692,15 +694,30 @@ class _Pipeline:
 
 
 class _SegmentorLoss(nn.Module):
-    """Dice + cross-entropy of segmentor logits against the label mask."""
+    """Dice + cross-entropy of segmentor logits against the label mask, on images whose global
+    intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
 
-    def __init__(self, seg: nn.Module) -> None:
+    def __init__(self, seg: nn.Module, intensity: Any, rng: torch.Generator | None = None) -> None:
         super().__init__()
         self.seg = seg
+        self.rng = rng
+        if intensity.shift < 0 or intensity.scale < 0 or intensity.scale >= 1:
+            raise ConfigError("train.segmentor_intensity: expected shift >= 0 and 0 <= scale < 1")
+        self.shift, self.scale = float(intensity.shift), float(intensity.scale)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        logits = self.seg(batch["image"])
-        return {"loss": segmentation_loss(logits, batch["mask"])}
+        x = batch["image"]
+        if self.shift > 0 or self.scale > 0:
+            # draws for the whole global batch, this rank's share taken as the sampler interleaves
+            # it: the same images get the same changes with any number of ranks
+            ddp = dist.is_available() and dist.is_initialized()
+            world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+            u = torch.rand((2, x.shape[0] * world), device=x.device, generator=self.rng)[:, rank::world]
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            a = (1.0 + self.scale * (2.0 * u[0] - 1.0)).view(shape)
+            b = (self.shift * (2.0 * u[1] - 1.0)).view(shape)
+            x = (a * (x + 1.0) - 1.0 + b).clamp(-1.0, 1.0)
+        return {"loss": segmentation_loss(self.seg(x), batch["mask"])}
 
 
 class _RegressorLoss(nn.Module):

@@ -17,7 +17,7 @@ import torch
 
 from segcft.checkpoint import load_checkpoint
 from segcft.config import load_run_config
-from segcft.errors import UserError
+from segcft.errors import ConfigError, UserError
 from segcft.train import load_run, run_training
 
 torch.set_num_threads(1)
@@ -168,3 +168,35 @@ def test_validation_errors_are_one_line_before_training(tmp_path):
         run_training(smoke(), tmp_path / "c", only=["generatr"])
     with pytest.raises(UserError, match="--resume"):
         run_training(smoke(), tmp_path / "d", resume="sometimes")
+
+
+def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
+    from segcft.config import IntensityAugmentConfig
+    from segcft.train import _SegmentorLoss
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(x.shape[0], 2, *x.shape[2:], requires_grad=True)
+
+    x = torch.linspace(-0.9, 0.9, 2 * 16).view(2, 1, 4, 4).repeat(3, 1, 1, 1)
+    mask = torch.zeros(6, 4, 4, dtype=torch.int64)
+    torch.manual_seed(0)
+    _SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.1, scale=0.2))({"image": x, "mask": mask})
+    y = seen[-1]
+    # per image y + 1 = a (x + 1) + b: recover a and b from two pixels and check the bounds
+    a = (y[:, 0, 0, 1] - y[:, 0, 0, 0]) / (x[:, 0, 0, 1] - x[:, 0, 0, 0])
+    b = y[:, 0, 0, 0] + 1 - a * (x[:, 0, 0, 0] + 1)
+    assert ((a - 1).abs() <= 0.2 + 1e-5).all() and (b.abs() <= 0.1 + 1e-5).all()
+    assert len(set(a.round(decimals=4).tolist())) == 6  # one draw per image
+    torch.testing.assert_close(y, (a.view(-1, 1, 1, 1) * (x + 1) - 1 + b.view(-1, 1, 1, 1)).clamp(-1, 1))
+    # off: the images pass through untouched
+    _SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.0, scale=0.0))({"image": x, "mask": mask})
+    assert torch.equal(seen[-1], x)
+
+
+def test_segmentor_intensity_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="segmentor_intensity"):
+        load_run_config(preset="smoke", overrides=["train.segmentor_intensity.scale=1.5"])
