@@ -218,23 +218,29 @@ def _reference_metrics(
     """Effectiveness and leakage of two reference images for one structure intervention: the
     factual image left unchanged (what a generator that ignores the parent scores) and, on
     phantoms, the exact counterfactual (the best any generator can score with these
-    segmentors). They bracket every mode's figures."""
+    segmentors). They bracket every mode's figures; recorded as modes named ``ref:<name>``."""
     for who, seg in segmentors:
-        refs = {"unchanged": factual_areas[who]}
+        _score_areas(acc, (iv.var.name, "ref:unchanged"), who, factual_areas[who], iv, info)
         if iv.true_image is not None:
-            refs["exact"] = meas(seg(iv.true_image), regions)
-        for ref, areas in refs.items():
-            leak = []
-            for s in info.structure_variables:
-                js = info.index(s.name)
-                ae, ape = abs_errors(areas[:, js], iv.phys_cf[:, js], info.voxel_size)
-                if s.name == iv.var.name:
-                    acc.add(("ref", iv.var.name, ref, who, "ae"), ae)
-                    acc.add(("ref", iv.var.name, ref, who, "ape"), ape)
-                else:
-                    leak.append(ape)
-            if leak:
-                acc.add(("refleak", iv.var.name, ref, who), _nanmean_rows(torch.stack(leak, dim=1)))
+            _score_areas(acc, (iv.var.name, "ref:exact"), who, meas(seg(iv.true_image), regions), iv, info)
+
+
+def _score_areas(
+    acc: "_Accumulator", key: tuple[str, str], who: str, areas: torch.Tensor, iv: _Intervention, info: DatasetInfo
+) -> None:
+    """Errors of measured areas against the intervention's counterfactual values: every structure
+    variable under ``("cf", *key, who, name)``, the mean over the non-intervened ones (leakage)
+    under ``("leak", *key, who)``."""
+    leak = []
+    for s in info.structure_variables:
+        js = info.index(s.name)
+        ae, ape = abs_errors(areas[:, js], iv.phys_cf[:, js], info.voxel_size)
+        acc.add(("cf", *key, who, s.name, "ae"), ae)
+        acc.add(("cf", *key, who, s.name, "ape"), ape)
+        if s.name != iv.var.name:
+            leak.append(ape)
+    if leak:
+        acc.add(("leak", *key, who), _nanmean_rows(torch.stack(leak, dim=1)))
 
 
 def _evaluate_mode(
@@ -258,7 +264,6 @@ def _evaluate_mode(
     x is abducted once; the counterfactual of every intervention and the first null
     intervention reuse its latents and pixel noise (METHOD.md section 2)."""
     x, pa, regions = b["image"], b["parents"].float(), b.get("regions")
-    structures = info.structure_variables
     _seed_all(seed, start, 0)
     factual = _Abduction(gen, x, pa, particles)
     x_m = factual.null()
@@ -277,17 +282,7 @@ def _evaluate_mode(
             logits = seg(x_cf)
             if who == "eval":
                 cf_labels = logits.argmax(dim=1)
-            areas = meas(logits, regions)
-            leak_ape = []
-            for s in structures:
-                js = info.index(s.name)
-                ae, ape = abs_errors(areas[:, js], iv.phys_cf[:, js], info.voxel_size)
-                acc.add(("cf", *key, who, s.name, "ae"), ae)
-                acc.add(("cf", *key, who, s.name, "ape"), ape)
-                if s.name != var.name:
-                    leak_ape.append(ape)
-            if leak_ape:
-                acc.add(("leak", *key, who), _nanmean_rows(torch.stack(leak_ape, dim=1)))
+            _score_areas(acc, key, who, meas(logits, regions), iv, info)
         if iv.true_image is not None:
             acc.add(("gt", *key, "all"), to_255(masked_mean_abs(x_cf, iv.true_image)))
         if iv.fact_mask is not None:
@@ -522,14 +517,15 @@ def _summarise(
         references = {
             ref: {
                 "effectiveness": {
-                    w: {"mae": ci(("ref", var.name, ref, w, "ae")), "mape": ci(("ref", var.name, ref, w, "ape"))}
+                    w: {"mae": ci(("cf", var.name, f"ref:{ref}", w, var.name, "ae")),
+                        "mape": ci(("cf", var.name, f"ref:{ref}", w, var.name, "ape"))}
                     for w in whos
                 },
-                "leakage": {"mape_mean": {w: ci(("refleak", var.name, ref, w)) for w in whos}},
+                "leakage": {"mape_mean": {w: ci(("leak", var.name, f"ref:{ref}", w)) for w in whos}},
             }
             for ref in REFERENCES
-            if acc.get(("ref", var.name, ref, whos[0], "ape")) is not None
-        } if whos else {}
+            if whos and acc.get(("cf", var.name, f"ref:{ref}", whos[0], var.name, "ape")) is not None
+        }
         inter[var.name] = {
             "references": references,
             "type": var.type,
