@@ -697,13 +697,11 @@ class _SegmentorLoss(nn.Module):
     """Dice + cross-entropy of segmentor logits against the label mask, on images whose global
     intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
 
-    def __init__(self, seg: nn.Module, intensity: Any, rng: torch.Generator | None = None) -> None:
+    def __init__(self, seg: nn.Module, intensity: Any, rng: torch.Generator) -> None:
         super().__init__()
         self.seg = seg
         self.rng = rng
-        if intensity.shift < 0 or intensity.scale < 0 or intensity.scale >= 1:
-            raise ConfigError("train.segmentor_intensity: expected shift >= 0 and 0 <= scale < 1")
-        self.shift, self.scale = float(intensity.shift), float(intensity.scale)
+        self.shift, self.scale = float(intensity.shift), float(intensity.scale)  # checked with the config
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batch["image"]
