@@ -253,9 +253,7 @@ def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_vol
         )
         return out
     b, c, rb = areas.shape
-    t, w, s = targets.to(acc), weights.to(acc), scale.to(acc)
-    u = (reference.variable_areas(areas, index) - t) / s
-    grad_a = grad_loss.to(acc) / max(b, 1) * w * _rho_grad(u, penalty, huber_delta) / s  # dL/dA (B, K)
+    grad_a = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss)[0]
     cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
     reg = index[:, 1].long()
     reg_map = torch.where(
@@ -271,15 +269,21 @@ def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_vol
     return _soft_area_backward_impl(logits, regions, num_regions, activation, g * voxel_volume)
 
 
-def _area_loss_other_grads(needs, targets, weights, scale, areas, index, penalty, huber_delta, grad_loss):
-    """Gradients for targets, weights and scale (torch ops; rarely needed)."""
+def _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss):
+    """(dL/dA (B, K), A - t, u = (A - t) / scale, dL/dloss / B) of the area loss (torch ops)."""
     acc = areas.dtype
-    b = areas.shape[0]
     t, w, s = targets.to(acc), weights.to(acc), scale.to(acc)
     diff = reference.variable_areas(areas, index) - t
     u = diff / s
-    per_batch = grad_loss.to(acc) / max(b, 1)
-    grad_a = per_batch * w * _rho_grad(u, penalty, huber_delta) / s
+    per_batch = grad_loss.to(acc) / max(areas.shape[0], 1)
+    return per_batch * w * _rho_grad(u, penalty, huber_delta) / s, diff, u, per_batch
+
+
+def _area_loss_other_grads(needs, targets, weights, scale, areas, index, penalty, huber_delta, grad_loss):
+    """Gradients for targets, weights and scale (torch ops; rarely needed)."""
+    grad_a, diff, u, per_batch = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta,
+                                                  grad_loss)
+    s = scale.to(areas.dtype)
     g_t = (-grad_a).to(targets.dtype) if needs[1] else None
     g_w = (per_batch * reference.rho(u, penalty, huber_delta)).to(weights.dtype) if needs[2] else None
     g_s = (-(grad_a * diff).sum(0) / s).to(scale.dtype) if needs[4] else None
