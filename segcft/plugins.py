@@ -105,6 +105,14 @@ class SegcftHookSpecs:
         """Add Click subcommands to the ``segcft`` command group ``cli``."""
 
 
+def _mark(exc: Exception, component: str) -> None:
+    """Record on ``exc`` which plugin component raised it; PluginError when it takes no attributes."""
+    try:
+        setattr(exc, FAILED_COMPONENT_ATTRIBUTE, component)
+    except (AttributeError, TypeError):
+        raise PluginError(f"{component}: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component: its name, typed config class and lazy factory."""
@@ -131,8 +139,10 @@ class Entry:
             factory = self._import()
         except UserError:
             raise
+        except SystemExit as exc:
+            raise PluginError(f"{label}: importing factory {self.factory_path!r} called sys.exit({exc.code!r})") from None
         except Exception as exc:
-            setattr(exc, FAILED_COMPONENT_ATTRIBUTE, f"{label}: cannot import factory {self.factory_path!r}")
+            _mark(exc, f"{label}: cannot import factory {self.factory_path!r}")
             raise
 
         @functools.wraps(factory)
@@ -144,7 +154,7 @@ class Entry:
             except SystemExit as exc:
                 raise PluginError(f"{label}: the factory called sys.exit({exc.code!r})") from None
             except Exception as exc:
-                setattr(exc, FAILED_COMPONENT_ATTRIBUTE, f"{label}: the factory failed")
+                _mark(exc, f"{label}: the factory failed")
                 raise
 
         return build
