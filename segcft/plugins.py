@@ -9,8 +9,8 @@ string, so loading the registry imports neither torch nor model code.
 Environment:
 - ``SEGCFT_LOAD_PLUGINS=a,b`` loads only those entry-point plugins (by entry-point or
   distribution name); set but empty loads none. Built-in components always load.
-- ``SEGCFT_STRICT_PLUGINS=1`` turns a plugin that fails to load or register into an error
-  instead of a warning.
+- ``SEGCFT_STRICT_PLUGINS=1`` turns a plugin that fails to load or register (components or
+  commands) into an error instead of a warning.
 """
 
 from __future__ import annotations
