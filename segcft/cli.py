@@ -14,7 +14,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 
@@ -36,7 +37,7 @@ class SegcftGroup(click.Group):
     """The root group: adds plugin subcommands on first use and turns UserError into one line."""
 
     _commands_for: object = None
-    _plugin_commands: dict[str, click.Command | None] = {}
+    _plugin_commands: Mapping[str, click.Command | None] = MappingProxyType({})
 
     def _add_plugin_commands(self) -> None:
         """Let plugins add subcommands (again when the plugin manager was rebuilt); a broken
@@ -61,7 +62,7 @@ class SegcftGroup(click.Group):
         except UserError as exc:
             self.commands.clear()
             self.commands.update(before)
-            self._commands_for, self._plugin_commands = None, {}
+            self._commands_for, self._plugin_commands = None, MappingProxyType({})
             raise _UserFacing(" ".join(str(exc).split())) from exc
         self._plugin_commands = {name: before.get(name) for name in added}
 

@@ -19,8 +19,8 @@ import dataclasses
 import difflib
 import functools
 import importlib
-import importlib.util
 import importlib.metadata
+import importlib.util
 import os
 import re
 import sys
@@ -140,7 +140,9 @@ class Entry:
         except UserError:
             raise
         except SystemExit as exc:
-            raise PluginError(f"{label}: importing factory {self.factory_path!r} called sys.exit({exc.code!r})") from None
+            raise PluginError(
+                f"{label}: importing factory {self.factory_path!r} called sys.exit({exc.code!r})"
+            ) from None
         except Exception as exc:
             _mark(exc, f"{label}: cannot import factory {self.factory_path!r}")
             raise
@@ -464,14 +466,24 @@ def _warn_or_raise(message: str, consequence: str) -> None:
     warnings.warn(f"{message}; {consequence}", PluginWarning, stacklevel=3)
 
 
+def _restore(commands: dict[str, Any], before: dict[str, Any], name: str) -> None:
+    if name in before:
+        commands[name] = before[name]
+    else:
+        commands.pop(name)
+
+
 def add_plugin_commands(cli: Any) -> frozenset[str]:
     """Run every plugin's ``segcft_register_commands`` hook on the Click group ``cli``, one plugin
     at a time in load order, and return the names of the commands they added or replaced.
 
     A plugin whose hook raises (or calls ``sys.exit``) keeps none of its commands. A command
     named like a built-in or an earlier plugin's command is refused unless the plugin set
-    ``OVERRIDE_ATTRIBUTE`` (``segcft_override = True``) on it. Each problem is a PluginWarning,
-    or a PluginError when SEGCFT_STRICT_PLUGINS is set."""
+    ``OVERRIDE_ATTRIBUTE`` (``segcft_override = True``) on it; commands a plugin removes come
+    back, and what is not a click.Command is dropped. Each problem is a PluginWarning, or a
+    PluginError when SEGCFT_STRICT_PLUGINS is set."""
+    import click
+
     pm, registry = _ensure()
     infos = {p.name: p for p in registry.plugins}
     owners: dict[str, str] = {}
@@ -486,11 +498,19 @@ def add_plugin_commands(cli: Any) -> frozenset[str]:
             cli.commands.update(before)
             _warn_or_raise(f"{label} failed to add its commands: {_failure(exc)}", "its commands are skipped")
             continue
+        for name in before.keys() - cli.commands.keys():
+            cli.commands[name] = before[name]
+            _warn_or_raise(f"{label} removed command {name!r}", "the command is kept")
         for name, command in list(cli.commands.items()):
             if before.get(name) is command:
                 continue
+            if not isinstance(command, click.Command):
+                _restore(cli.commands, before, name)
+                _warn_or_raise(f"{label} adds {name!r} as {type(command).__name__}, not a click.Command",
+                               "it is skipped")
+                continue
             if name in before and getattr(command, OVERRIDE_ATTRIBUTE, False) is not True:
-                cli.commands[name] = before[name]
+                _restore(cli.commands, before, name)
                 owner = f"a command of {owners[name]}" if name in owners else "a built-in command"
                 _warn_or_raise(
                     f"{label} adds command {name!r}, but {name!r} is already {owner} (a plugin sets "

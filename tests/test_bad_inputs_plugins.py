@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from test_plugins import make_distribution
 
 from segcft import plugins
 from segcft.cli import cli
 from segcft.plugins import PluginError, PluginWarning, load_registry
-from test_plugins import make_distribution
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_sys_exit_on_import_through_the_console_entry_point(site):
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "SEGCFT_LOAD_PLUGINS": "exits_sub"}
     env.pop("SEGCFT_STRICT_PLUGINS", None)
     res = subprocess.run([sys.executable, "-m", "segcft", "list", "generators"], capture_output=True, text=True,
-                         env=env, cwd=REPO)
+                         env=env, cwd=REPO, check=False)
     assert res.returncode == 0 and "hvae" in res.stdout, res.stderr
     assert "Warning: plugin 'exits_sub'" in res.stderr and "sys.exit(3)" in res.stderr
 
@@ -165,8 +165,8 @@ def test_register_commands_raising(site, monkeypatch):
 
 def test_register_commands_calling_sys_exit(site, monkeypatch):
     """A segcft_register_commands hook that calls sys.exit: a failed hook like any other."""
-    install(site, "commands_exit", "@segcft.hookimpl\ndef segcft_register_commands(cli):\n    raise SystemExit(4)\n",
-            monkeypatch)
+    source = "@segcft.hookimpl\ndef segcft_register_commands(cli):\n    raise SystemExit(4)\n"
+    install(site, "commands_exit", source, monkeypatch)
     check_warning_help_and_strict("plugin 'commands_exit'", "failed to add its commands: it called sys.exit(4)")
 
 
@@ -279,7 +279,8 @@ def test_factory_calling_sys_exit_at_build(site, monkeypatch):
     install(site, "factory_exits", FACTORY_RAISES, monkeypatch)
     _, registry = load_registry()
     entry = registry.get("generator", "exits")
-    with pytest.raises(PluginError, match=r"generator 'exits' \(plugin factory_exits\): the factory called sys.exit\(5\)"):
+    message = r"generator 'exits' \(plugin factory_exits\): the factory called sys.exit\(5\)"
+    with pytest.raises(PluginError, match=message):
         entry.load()(entry.config(), None)
 
 
@@ -306,3 +307,21 @@ def test_loading_warnings_are_plugin_warnings(site, monkeypatch):
     install(site, "raises_for_library", "raise ValueError('bad')\n", monkeypatch)
     with pytest.warns(PluginWarning, match=r"'raises_for_library'.*ValueError: bad"):
         load_registry()
+
+
+VANDAL = """
+@segcft.hookimpl
+def segcft_register_commands(cli):
+    del cli.commands["doctor"]
+    cli.commands["junk"] = "not a command"
+"""
+
+
+def test_commands_removed_or_not_click_commands(site, monkeypatch):
+    """A hook that deletes a built-in command or adds something that is not a click.Command: the
+    built-in comes back, the junk is dropped, --help still works; strict mode is an error."""
+    install(site, "vandal_cmd", VANDAL, monkeypatch)
+    res = run("--help")
+    assert res.exit_code == 0 and "doctor" in res.stdout and "junk" not in res.stdout, res.output
+    assert "removed command 'doctor'" in res.stderr and "adds 'junk' as str, not a click.Command" in res.stderr
+    assert_one_line_error(run("--help", strict=True), "plugin 'vandal_cmd'", "removed command 'doctor'")
