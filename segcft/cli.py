@@ -14,7 +14,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 
@@ -36,11 +37,12 @@ class SegcftGroup(click.Group):
     """The root group: adds plugin subcommands on first use and turns UserError into one line."""
 
     _commands_for: object = None
-    _plugin_commands: frozenset[str] = frozenset()
+    _plugin_commands: Mapping[str, click.Command | None] = MappingProxyType({})
 
     def _add_plugin_commands(self) -> None:
-        """Let plugins add subcommands (again when the plugin manager was rebuilt)."""
-        from segcft.plugins import get_plugin_manager
+        """Let plugins add subcommands (again when the plugin manager was rebuilt); a broken
+        plugin's commands are skipped with a warning (strict plugin mode: one line, exit 2)."""
+        from segcft.plugins import add_plugin_commands, get_plugin_manager
 
         try:
             pm = get_plugin_manager()
@@ -48,12 +50,21 @@ class SegcftGroup(click.Group):
             raise _UserFacing(" ".join(str(exc).split())) from exc
         if self._commands_for is pm:
             return
-        for name in self._plugin_commands:
-            self.commands.pop(name, None)
-        before = set(self.commands)
+        for name, replaced in self._plugin_commands.items():
+            if replaced is None:
+                self.commands.pop(name, None)
+            else:
+                self.commands[name] = replaced
+        before = dict(self.commands)
         self._commands_for = pm
-        pm.hook.segcft_register_commands(cli=self)
-        self._plugin_commands = frozenset(set(self.commands) - before)
+        try:
+            added = add_plugin_commands(self)
+        except UserError as exc:
+            self.commands.clear()
+            self.commands.update(before)
+            self._commands_for, self._plugin_commands = None, MappingProxyType({})
+            raise _UserFacing(" ".join(str(exc).split())) from exc
+        self._plugin_commands = {name: before.get(name) for name in added}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._add_plugin_commands()
@@ -85,6 +96,14 @@ class SegcftGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise _UserFacing(" ".join(str(exc).split())) from exc
+        except Exception as exc:
+            from segcft.plugins import FAILED_COMPONENT_ATTRIBUTE
+
+            component = getattr(exc, FAILED_COMPONENT_ATTRIBUTE, None)
+            if component is None or ctx.params.get("debug"):
+                raise
+            message = f"{component}: {type(exc).__name__}: {exc} (segcft --debug shows the traceback)"
+            raise _UserFacing(" ".join(message.split())) from exc
 
 
 def _library(module: str, attr: str, command: str) -> Callable[..., Any]:

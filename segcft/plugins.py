@@ -9,18 +9,21 @@ string, so loading the registry imports neither torch nor model code.
 Environment:
 - ``SEGCFT_LOAD_PLUGINS=a,b`` loads only those entry-point plugins (by entry-point or
   distribution name); set but empty loads none. Built-in components always load.
-- ``SEGCFT_STRICT_PLUGINS=1`` turns a plugin that fails to load or register into an error
-  instead of a warning.
+- ``SEGCFT_STRICT_PLUGINS=1`` turns a plugin that fails to load or register (components or
+  commands) into an error instead of a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +38,11 @@ ENTRY_POINT_GROUP = "segcft"
 BUILTIN_PLUGIN = "segcft.builtin"
 API_VERSION_ATTRIBUTE = "SEGCFT_PLUGIN_API_VERSION"
 """Module attribute a plugin sets to the ``PLUGIN_API_VERSION`` it was built for."""
+OVERRIDE_ATTRIBUTE = "segcft_override"
+"""Attribute a plugin sets to True on a Click command that replaces a command of the same name on purpose."""
+FAILED_COMPONENT_ATTRIBUTE = "segcft_failed_component"
+"""Set on an exception raised while a third-party factory was imported or called: names the
+plugin and component, so that the CLI can print one line instead of a traceback."""
 
 KINDS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
 HOOKS: dict[str, str] = {kind: f"segcft_register_{kind}s" for kind in KINDS}
@@ -51,6 +59,7 @@ __all__ = [
     "PluginWarning",
     "Registry",
     "UnknownPluginError",
+    "add_plugin_commands",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
@@ -96,6 +105,14 @@ class SegcftHookSpecs:
         """Add Click subcommands to the ``segcft`` command group ``cli``."""
 
 
+def _mark(exc: Exception, component: str) -> None:
+    """Record on ``exc`` which plugin component raised it; PluginError when it takes no attributes."""
+    try:
+        setattr(exc, FAILED_COMPONENT_ATTRIBUTE, component)
+    except (AttributeError, TypeError):
+        raise PluginError(f"{component}: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component: its name, typed config class and lazy factory."""
@@ -110,7 +127,41 @@ class Entry:
     plugin: str = ""
 
     def load(self) -> Callable[..., Any]:
-        """The factory callable; a ``"module:attr"`` factory is imported now (not at registration)."""
+        """The factory callable; a ``"module:attr"`` factory is imported now (not at registration).
+
+        For a third-party plugin, an exception raised while importing or calling the factory
+        keeps its type but is marked with ``FAILED_COMPONENT_ATTRIBUTE`` (the CLI prints it as
+        one line naming plugin and component); a factory calling ``sys.exit`` raises PluginError."""
+        if self.plugin == BUILTIN_PLUGIN:
+            return self._import()
+        label = f"{self.kind} {self.name!r} (plugin {self.plugin})"
+        try:
+            factory = self._import()
+        except UserError:
+            raise
+        except SystemExit as exc:
+            raise PluginError(
+                f"{label}: importing factory {self.factory_path!r} called sys.exit({exc.code!r})"
+            ) from None
+        except Exception as exc:
+            _mark(exc, f"{label}: cannot import factory {self.factory_path!r}")
+            raise
+
+        @functools.wraps(factory)
+        def build(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return factory(*args, **kwargs)
+            except UserError:
+                raise
+            except SystemExit as exc:
+                raise PluginError(f"{label}: the factory called sys.exit({exc.code!r})") from None
+            except Exception as exc:
+                _mark(exc, f"{label}: the factory failed")
+                raise
+
+        return build
+
+    def _import(self) -> Callable[..., Any]:
         if not isinstance(self.factory, str):
             return self.factory
         module_name, _, attr = self.factory.partition(":")
@@ -190,6 +241,9 @@ class Registry:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         installed = ", ".join(sorted(self._entries[kind])) or "none"
+        skipped = [p.name for p in self.plugins if p.error is not None]
+        if skipped:
+            installed += f"; skipped because broken: plugin {', '.join(map(repr, skipped))}, see 'segcft plugins'"
         raise UnknownPluginError(f"unknown {kind} {name!r}{hint} (installed: {installed})")
 
     def get(self, kind: str, name: str) -> Entry:
@@ -296,11 +350,22 @@ def _problem(registry: Registry, info: PluginInfo, message: str) -> None:
     warnings.warn(f"{message}; plugin skipped", PluginWarning, stacklevel=4)
 
 
+def _failure(exc: BaseException) -> str:
+    """``Type: message`` of an exception a plugin raised; a ``sys.exit`` call says so."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _label(info: PluginInfo) -> str:
+    return f"plugin {info.name!r} ({' '.join(filter(None, (info.distribution, info.version)))})"
+
+
 def _register_plugin(
     pm: pluggy.PluginManager, registry: Registry, plugin: Any, info: PluginInfo
 ) -> None:
     """Register one plugin object and run its registration hooks; skip it as a unit on failure."""
-    label = f"plugin {info.name!r} ({info.distribution} {info.version})"
+    label = _label(info)
     declared = getattr(plugin, API_VERSION_ATTRIBUTE, PLUGIN_API_VERSION)
     if declared != PLUGIN_API_VERSION:
         _problem(
@@ -327,13 +392,38 @@ def _register_plugin(
                 if impl.plugin is plugin:
                     impl.function(register=_make_register(kind, info.name, staged))
         registry._commit(staged)
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
         pm.unregister(plugin)
-        _problem(registry, info, f"{label} failed to register: {exc}")
+        _problem(registry, info, f"{label} failed to register: {_failure(exc) if isinstance(exc, SystemExit) else exc}")
         return
     for entry, _ in staged:
         info.registered.setdefault(entry.kind + "s", []).append(entry.name)
     registry.plugins.append(info)
+    for entry, _ in staged:
+        missing = _missing_module(entry.factory.partition(":")[0]) if isinstance(entry.factory, str) else None
+        if missing is not None:
+            _warn_or_raise(
+                f"{label} registers {entry.kind} {entry.name!r} with factory {entry.factory!r}, but module "
+                f"{missing!r} is not installed",
+                f"using {entry.kind} {entry.name!r} will fail",
+            )
+
+
+def _missing_module(path: str) -> str | None:
+    """The first module of the dotted ``path`` that is not installed, when that is certain without
+    importing anything (a module is only looked up once its parent package is imported)."""
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in sys.modules:
+            continue
+        try:
+            return name if importlib.util.find_spec(name) is None else None
+        except ModuleNotFoundError:
+            return name
+        except (ImportError, ValueError):
+            return None
+    return None
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -360,14 +450,76 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: b
             info = PluginInfo(ep.name, dist, version)
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break segcft
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not break segcft
                 _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
-                         f"{type(exc).__name__}: {exc}")
+                         f"{_failure(exc)}")
                 continue
             _register_plugin(pm, registry, plugin, info)
     for name, plugin in extra_plugins:
         _register_plugin(pm, registry, plugin, PluginInfo(name, "(inline)", ""))
     return pm, registry
+
+
+def _warn_or_raise(message: str, consequence: str) -> None:
+    if _strict():
+        raise PluginError(f"{message} (SEGCFT_STRICT_PLUGINS is set)")
+    warnings.warn(f"{message}; {consequence}", PluginWarning, stacklevel=3)
+
+
+def _restore(commands: dict[str, Any], before: dict[str, Any], name: str) -> None:
+    if name in before:
+        commands[name] = before[name]
+    else:
+        commands.pop(name)
+
+
+def add_plugin_commands(cli: Any) -> frozenset[str]:
+    """Run every plugin's ``segcft_register_commands`` hook on the Click group ``cli``, one plugin
+    at a time in load order, and return the names of the commands they added or replaced.
+
+    A plugin whose hook raises (or calls ``sys.exit``) keeps none of its commands. A command
+    named like a built-in or an earlier plugin's command is refused unless the plugin set
+    ``OVERRIDE_ATTRIBUTE`` (``segcft_override = True``) on it; commands a plugin removes come
+    back, and what is not a click.Command is dropped. Each problem is a PluginWarning, or a
+    PluginError when SEGCFT_STRICT_PLUGINS is set."""
+    import click
+
+    pm, registry = _ensure()
+    infos = {p.name: p for p in registry.plugins}
+    owners: dict[str, str] = {}
+    for impl in pm.hook.segcft_register_commands.get_hookimpls():
+        info = infos.get(impl.plugin_name)
+        label = _label(info) if info is not None else f"plugin {impl.plugin_name!r}"
+        before = dict(cli.commands)
+        try:
+            impl.function(cli=cli)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
+            cli.commands.clear()
+            cli.commands.update(before)
+            _warn_or_raise(f"{label} failed to add its commands: {_failure(exc)}", "its commands are skipped")
+            continue
+        for name in before.keys() - cli.commands.keys():
+            cli.commands[name] = before[name]
+            _warn_or_raise(f"{label} removed command {name!r}", "the command is kept")
+        for name, command in list(cli.commands.items()):
+            if before.get(name) is command:
+                continue
+            if not isinstance(command, click.Command):
+                _restore(cli.commands, before, name)
+                _warn_or_raise(f"{label} adds {name!r} as {type(command).__name__}, not a click.Command",
+                               "it is skipped")
+                continue
+            if name in before and getattr(command, OVERRIDE_ATTRIBUTE, False) is not True:
+                _restore(cli.commands, before, name)
+                owner = f"a command of {owners[name]}" if name in owners else "a built-in command"
+                _warn_or_raise(
+                    f"{label} adds command {name!r}, but {name!r} is already {owner} (a plugin sets "
+                    f"{OVERRIDE_ATTRIBUTE} = True on its command to replace it on purpose)",
+                    "the plugin's command is skipped",
+                )
+                continue
+            owners[name] = label
+    return frozenset(owners)
 
 
 _STATE: dict[str, Any] = {}

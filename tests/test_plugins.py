@@ -77,12 +77,13 @@ def test_builtins_register_through_the_hooks():
 
 
 def test_inline_plugin_every_hook_and_lazy_factories():
-    pm, reg = _inline(("inline", InlinePlugin()))
+    with pytest.warns(PluginWarning, match=r"module 'toy_missing_module_xyz' is not installed"):
+        pm, reg = _inline(("inline", InlinePlugin()))
     gen = reg.get("generator", "tg")  # alias
     assert gen.name == "toy-gen" and gen.plugin == "inline" and gen.dims == (2, 3)
     assert gen.load()(ToyConfig(width=5), None) == ("built", 5)
     assert reg.get("segmentor", "toy-seg").dims == (3,)
-    assert reg.get("regressor", "toy-reg").load() is _factory
+    assert reg.get("regressor", "toy-reg").load().__wrapped__ is _factory
     # a string factory is only imported on load: registering a missing module is fine
     with pytest.raises(ModuleNotFoundError):
         reg.get("dataset", "toy-data").load()
