@@ -233,6 +233,28 @@ def test_csv_missing_column(good, tmp_path):
     assert [(p.file, p.key) for p in problems] == [("attributes.csv", "age")]
 
 
+def test_csv_duplicate_column(good, tmp_path):
+    """A second age column (which one is meant?): one problem naming the CSV header and key."""
+    root = _copy(good, tmp_path)
+    with (root / "attributes.csv").open() as f:
+        rows = list(csv.reader(f))
+    with (root / "attributes.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([rows[0] + ["age"]] + [r + ["3"] for r in rows[1:]])
+    problems = tools.check_dataset(root)
+    assert [(p.file, p.row, p.key) for p in problems] == [("attributes.csv", 1, "age")]
+    assert "duplicate columns ['age']" in problems[0].message
+
+
+def test_yaml_label_out_of_range(good, tmp_path):
+    """Structure labels 2**40 and 1.5 in dataset.yaml: a problem each naming the key."""
+    root = _copy(good, tmp_path)
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    spec["structures"] = {1: "right_lung", 1.5: "left_lung", 2**40: "heart"}
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    keys = {p.key for p in tools.check_dataset(root)}
+    assert {"structures.1.5", f"structures.{2**40}"} <= keys
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run folder with only its config.yaml (as a run whose dataset.json was lost)."""

@@ -124,12 +124,14 @@ def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = Fals
     out: dict[int, str] = {}
     for k, v in raw.items():
         try:
+            if isinstance(k, (bool, float)):
+                raise TypeError(k)
             i = int(k)
         except (TypeError, ValueError):
             problems.append(Problem(f"id {k!r} is not an integer", SPEC_FILE, key=f"{key}.{k}"))
             continue
-        if i < (0 if allow_zero else 1) or not isinstance(v, str) or not v:
-            problems.append(Problem(f"expected an id >= 1 mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
+        if not (0 if allow_zero else 1) <= i < 2**31 or not isinstance(v, str) or not v:
+            problems.append(Problem(f"expected an id in [1, 2**31) mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
             continue
         out[i] = v
     if len(set(out.values())) != len(out):
@@ -281,6 +283,10 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
     header = [h.strip() for h in rows[0]]
     if "id" not in header:
         problems.append(Problem(f"no 'id' column in the header {header}", CSV_FILE, row=1, key="id"))
+        return None
+    dups = sorted({h for h in header if header.count(h) > 1})
+    if dups:
+        problems.append(Problem(f"duplicate columns {dups} in the header (expected one column per name)", CSV_FILE, row=1, key=dups[0]))
         return None
     col = {h: i for i, h in enumerate(header)}
     measured = []
