@@ -209,6 +209,16 @@ def test_tiff_with_wrong_dims_on_load(good, tmp_path):
         _sample(ds, "train_00001")
 
 
+def test_mask_shape_differs_on_load(good, tmp_path):
+    """A mask of another shape than its image, swapped in after the dataset was built:
+    refused on load rather than resized to fit."""
+    root = _copy(good, tmp_path)
+    ds = _train(root)
+    tifffile.imwrite(root / MASK, np.zeros((16, 16), np.uint8))
+    with pytest.raises(DatasetError, match=r"masks/train_00001\.tif: shape \(16, 16\) differs from the image shape \(32, 32\)"):
+        _sample(ds, "train_00001")
+
+
 def test_yaml_and_csv_not_utf8(good, tmp_path):
     """dataset.yaml and attributes.csv in Latin-1: one problem each naming the file."""
     root = _copy(good, tmp_path)

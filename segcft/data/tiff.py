@@ -17,6 +17,11 @@ test: f, seed: s}`` (used when the CSV has no ``split`` column). A structure var
 a CSV column is measured from the masks (label count times voxel size).
 
 Files are read lazily per item, so datasets larger than memory work with DataLoader workers.
+Every file is checked as it is read, not only by ``segcft data check``: at most MAX_VOXELS
+voxels and ``spatial_dims`` axes (from the header, before decoding), inside the dataset folder
+(no symlink or ``..`` out of it), finite image values and declared mask and region labels.
+Masks load as class indices: 0 background, then the declared labels in increasing order
+(``labels_to_classes``, the order of ``DatasetInfo.class_names``), so labels need not be 1..K.
 """
 
 from __future__ import annotations
@@ -663,6 +668,9 @@ class TiffDataset:
         regions = None
         if self._spec.regions:
             regions = torch.from_numpy(read_sample_file(self.root, self._spec, "regions", sid))
+        for folder, t in (("masks", mask), ("regions", regions)):
+            if t is not None and t.shape != img.shape:
+                raise DatasetError(f"dataset {self.root}: {folder}/{sid}.tif: shape {tuple(t.shape)} differs from the image shape {tuple(img.shape)}")
         item = {
             "image": self._fit_shape(img, True, -1.0).clamp(-1.0, 1.0).unsqueeze(0),
             "mask": self._fit_shape(mask, False, 0),

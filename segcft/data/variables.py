@@ -8,7 +8,9 @@ training split (``Normalisation``), binary ones are 0/1 and never normalised.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 VariableType = Literal["binary", "continuous"]
@@ -269,12 +271,9 @@ class DatasetInfo:
         )
 
 
-def read_dataset_info(path: Any) -> DatasetInfo:
+def read_dataset_info(path: str | Path) -> DatasetInfo:
     """The DatasetInfo stored in a run's ``dataset.json``; DatasetError naming the file when it
     is missing, not UTF-8 JSON or lacks a key, so a damaged run folder fails in one line."""
-    import json
-    from pathlib import Path
-
     from segcft.errors import DatasetError
 
     path = Path(path)
