@@ -112,6 +112,21 @@ def test_labels_1_2_5_segmentation_loss(good, tmp_path):
     assert torch.isfinite(segmentation_loss(logits, batch["mask"]))
 
 
+def test_labels_1_2_5_train_segmentor(good, tmp_path):
+    """The smoke segmentor stage on labels {1, 2, 5} trains (it stopped with 'index 5 is out of
+    bounds for dimension 1 with size 4') and the run's dataset.json reads back."""
+    from segcft.config import load_run_config
+    from segcft.data.variables import read_dataset_info
+    from segcft.train import run_training
+
+    root = _copy(good, tmp_path)
+    _relabel(root, 3, 5)
+    cfg = load_run_config(None, "smoke", ["dataset.name=tiff", f"dataset.path={root}", "train.segmentor.steps=2"])
+    run_training(cfg, tmp_path / "run", only=["segmentor"])
+    assert (tmp_path / "run" / "checkpoints" / "segmentor.pt").is_file()
+    assert read_dataset_info(tmp_path / "run" / "dataset.json").structures == {1: "right_lung", 2: "left_lung", 5: "heart"}
+
+
 def test_nan_pixel_on_load(good, tmp_path):
     """A NaN image pixel: loading the sample names the file, the value and its voxel."""
     root = _copy(good, tmp_path)
