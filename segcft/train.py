@@ -42,7 +42,7 @@ from segcft.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from segcft.data.variables import DatasetInfo
+from segcft.data.variables import DatasetInfo, read_dataset_info
 from segcft.dscm import DSCM
 from segcft.errors import ConfigError, UserError
 from segcft.models.segmentation import segmentation_loss
@@ -142,7 +142,7 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
     cfg = run_config_from_dict(read_yaml(run_dir / "config.yaml"))
-    info = DatasetInfo.from_dict(json.loads((run_dir / "dataset.json").read_text()))
+    info = read_dataset_info(run_dir / "dataset.json")
     dev = _resolve_device(device or cfg.device, _Dist())
     ck = run_dir / "checkpoints"
 

@@ -17,6 +17,11 @@ test: f, seed: s}`` (used when the CSV has no ``split`` column). A structure var
 a CSV column is measured from the masks (label count times voxel size).
 
 Files are read lazily per item, so datasets larger than memory work with DataLoader workers.
+Every file is checked as it is read, not only by ``segcft data check``: at most MAX_VOXELS
+voxels and ``spatial_dims`` axes (from the header, before decoding), inside the dataset folder
+(no symlink or ``..`` out of it), finite image values and declared mask and region labels.
+Masks load as class indices: 0 background, then the declared labels in increasing order
+(``labels_to_classes``, the order of ``DatasetInfo.class_names``), so labels need not be 1..K.
 """
 
 from __future__ import annotations
@@ -94,9 +99,10 @@ def _read_yaml(root: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(Problem(f"missing (expected the dataset description in {root})", SPEC_FILE))
         return None
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        problems.append(Problem(f"unreadable YAML: {exc}".splitlines()[0], SPEC_FILE))
+        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "unreadable YAML"
+        problems.append(Problem(f"{what}: {exc}".splitlines()[0], SPEC_FILE))
         return None
     if not isinstance(data, dict):
         problems.append(Problem("expected a mapping of keys at the top level", SPEC_FILE))
@@ -123,12 +129,14 @@ def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = Fals
     out: dict[int, str] = {}
     for k, v in raw.items():
         try:
+            if isinstance(k, (bool, float)):
+                raise TypeError(k)
             i = int(k)
         except (TypeError, ValueError):
             problems.append(Problem(f"id {k!r} is not an integer", SPEC_FILE, key=f"{key}.{k}"))
             continue
-        if i < (0 if allow_zero else 1) or not isinstance(v, str) or not v:
-            problems.append(Problem(f"expected an id >= 1 mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
+        if not (0 if allow_zero else 1) <= i < 2**31 or not isinstance(v, str) or not v:
+            problems.append(Problem(f"expected an id in [1, 2**31) mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
             continue
         out[i] = v
     if len(set(out.values())) != len(out):
@@ -268,10 +276,11 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
         problems.append(Problem("missing (expected a CSV with an id column and one column per variable)", CSV_FILE))
         return None
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        problems.append(Problem(f"unreadable CSV: {exc}", CSV_FILE))
+        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "unreadable CSV"
+        problems.append(Problem(f"{what}: {exc}", CSV_FILE))
         return None
     if not rows:
         problems.append(Problem("empty file (expected a header row)", CSV_FILE))
@@ -279,6 +288,10 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
     header = [h.strip() for h in rows[0]]
     if "id" not in header:
         problems.append(Problem(f"no 'id' column in the header {header}", CSV_FILE, row=1, key="id"))
+        return None
+    dups = sorted({h for h in header if header.count(h) > 1})
+    if dups:
+        problems.append(Problem(f"duplicate columns {dups} in the header (expected one column per name)", CSV_FILE, row=1, key=dups[0]))
         return None
     col = {h: i for i, h in enumerate(header)}
     measured = []
@@ -299,7 +312,7 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
             problems.append(Problem(f"expected {len(header)} fields, got {len(r)}", CSV_FILE, row=line))
             continue
         sid = r[col["id"]].strip()
-        if not sid or "/" in sid or "\\" in sid:
+        if not sid or sid in (".", "..") or any(c in sid for c in "/\\\0"):
             problems.append(Problem(f"invalid id {sid!r}", CSV_FILE, row=line, key="id"))
             continue
         if sid in seen:
@@ -333,23 +346,113 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
     return Table(ids, splits, np.asarray(values, dtype=np.float64).reshape(len(ids), len(spec.variables)), measured)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
+def class_labels(structures: dict[int, str]) -> np.ndarray:
+    """The mask label of each segmentation class: 0 (background), then the labels declared in
+    ``structures`` in increasing order, the order of ``DatasetInfo.class_names``."""
+    return np.asarray([0, *sorted(structures)], dtype=np.int64)
 
-    arr = tifffile.imread(path)
-    if arr.size == 0:  # tifffile reads some corrupt headers as an empty array
+
+def labels_to_classes(mask: np.ndarray, structures: dict[int, str]) -> np.ndarray:
+    """Class index (0 background, 1..K) of every voxel of a label mask, int64: the one place
+    where mask labels become classes (loading, check, measure, show and training use it).
+    ValueError naming the values that are not declared in ``structures`` (negative ones too)."""
+    labels = class_labels(structures)
+    idx = np.searchsorted(labels, mask)
+    ok = labels[np.minimum(idx, len(labels) - 1)] == mask
+    if not ok.all():
+        bad = np.unique(mask[~ok])[:10].tolist()
+        raise ValueError(f"labels {bad} are not declared in structures of {SPEC_FILE} (declared: {labels.tolist()})")
+    return idx.astype(np.int64)
+
+
+MAX_VOXELS = 2**28  # largest image, mask or region file decoded (1 GiB as float32)
+
+
+class _BadValues(ValueError):
+    """A file whose header or values break the contract (as opposed to an unreadable file);
+    ``key`` is the dataset.yaml key the values are checked against, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _header(tf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    if not tf.series or 0 in tf.series[0].shape:
         raise ValueError("no image data")
-    return arr
+    s = tf.series[0]
+    shape = tuple(int(x) for x in s.shape)
+    if math.prod(shape) > MAX_VOXELS:
+        raise _BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+    return shape, np.dtype(s.dtype)
 
 
 def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
-        if not tf.series or 0 in tf.series[0].shape:
-            raise ValueError("no image data")
-        s = tf.series[0]
-        return tuple(int(x) for x in s.shape), np.dtype(s.dtype)
+        return _header(tf)
+
+
+def _read_tiff(path: Path, dims: int) -> np.ndarray:
+    """Decode a TIFF whose header declares a ``dims``-D array of at most MAX_VOXELS voxels:
+    the header is checked first, so no oversized or mis-shaped file is ever decoded."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        shape, _ = _header(tf)
+        if len(shape) != dims:
+            raise _BadValues(f"expected a {dims}D array (spatial_dims), got shape {shape}")
+        arr = tf.series[0].asarray()
+    if arr.size == 0:  # tifffile reads some corrupt headers as an empty array
+        raise ValueError("no image data")
+    return arr
+
+
+def _inside(root: Path, folder: str, sid: str) -> Path:
+    """The resolved path of ``folder/<sid>.tif``; _BadValues when it resolves (through a
+    symlink or ``..``) outside the dataset folder, so a dataset only makes segcft read its own files."""
+    path = (root / folder / f"{sid}.tif").resolve()
+    if root.resolve() not in path.parents:
+        raise _BadValues(f"resolves to {path}, outside the dataset folder {root}")
+    return path
+
+
+def _decode(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
+    arr = _read_tiff(_inside(root, folder, sid), spec.spatial_dims)
+    if folder == "images":
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise _BadValues(f"images must be integer or float, got dtype {arr.dtype}")
+        with np.errstate(over="ignore"):
+            out = arr.astype(np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise _BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
+        return out
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise _BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
+    if folder == "masks":
+        try:
+            return labels_to_classes(arr, spec.structures)
+        except ValueError as exc:
+            raise _BadValues(str(exc), key="structures") from None
+    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
+    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
+    if bad_ids:
+        raise _BadValues(f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions")
+    return arr.astype(np.int64)
+
+
+def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
+    """File ``folder/<sid>.tif`` of a dataset, checked as it is read: images as finite float32
+    values, masks as class indices (``labels_to_classes``), regions as declared ids (int64).
+    DatasetError naming the file and the offending value for anything else."""
+    try:
+        return _decode(root, spec, folder, sid)
+    except Exception as exc:  # tifffile raises many types on corrupt input
+        what = "" if isinstance(exc, _BadValues) else f"unreadable or corrupt TIFF ({type(exc).__name__}): "
+        raise DatasetError(f"dataset {root}: {folder}/{sid}.tif: {what}{exc}".splitlines()[0]) from exc
 
 
 def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], deep: bool) -> dict[str, tuple[int, ...]]:
@@ -364,13 +467,15 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
                 problems.append(Problem(f"image {p.stem!r} has no row in {CSV_FILE}", f"images/{p.name}"))
     else:
         problems.append(Problem("missing folder of images", "images"))
-    labels = set(spec.structures) | {0}
-    region_ids = set(spec.regions) | {0}
     for sid in table.ids:
         got: dict[str, tuple[int, ...]] = {}
         for folder in folders:
             rel = f"{folder}/{sid}.tif"
-            p = root / rel
+            try:
+                p = _inside(root, folder, sid)
+            except _BadValues as exc:
+                problems.append(Problem(str(exc), rel))
+                continue
             if not p.is_file():
                 if folder == "images":
                     problems.append(Problem(f"id {sid!r} in {CSV_FILE} has no image file", rel))
@@ -378,11 +483,10 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
                     problems.append(Problem(f"missing {folder[:-1]} file for id {sid!r}", rel))
                 continue
             try:
-                if deep:
-                    arr = _read_tiff(p)
-                    shape, dtype = tuple(arr.shape), arr.dtype
-                else:
-                    shape, dtype = _tiff_header(p)
+                shape, dtype = _tiff_header(p)
+            except _BadValues as exc:
+                problems.append(Problem(str(exc), rel))
+                continue
             except Exception as exc:  # tifffile raises many types on corrupt input
                 problems.append(Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel))
                 continue
@@ -395,14 +499,13 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
             if folder == "images" and not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
                 problems.append(Problem(f"images must be integer or float, got dtype {dtype}", rel))
                 continue
-            if deep and folder != "images":
-                allowed = labels if folder == "masks" else region_ids
-                bad = sorted(set(np.unique(arr).tolist()) - allowed)
-                if bad:
-                    what = "structures" if folder == "masks" else "regions"
-                    problems.append(Problem(f"labels {bad[:10]} are not declared in {what} of {SPEC_FILE} (declared: {sorted(allowed)})", rel, key=what))
-            if deep and folder == "images" and np.issubdtype(dtype, np.floating) and not np.isfinite(arr).all():
-                problems.append(Problem("image contains NaN or infinite values", rel))
+            if deep:
+                try:
+                    _decode(root, spec, folder, sid)
+                except _BadValues as exc:
+                    problems.append(Problem(str(exc), rel, key=exc.key))
+                except Exception as exc:  # tifffile raises many types on corrupt input
+                    problems.append(Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel))
             got[folder] = shape
         if "images" in got:
             shapes[sid] = got["images"]
@@ -415,15 +518,16 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
 def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
     """Physical area/volume of every structure variable, measured on the native mask."""
     voxel = float(np.prod(spec.spacing))
-    mask = _read_tiff(root / "masks" / f"{sid}.tif")
-    regions = _read_tiff(root / "regions" / f"{sid}.tif") if spec.regions else None
+    classes = read_sample_file(root, spec, "masks", sid)
+    regions = read_sample_file(root, spec, "regions", sid) if spec.regions else None
+    labels = class_labels(spec.structures).tolist()
     out = []
     for v in spec.variables:
         if v.measure is None:
             out.append(float("nan"))
             continue
         label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
-        sel = mask == label
+        sel = classes == labels.index(label)
         if v.measure.region is not None:
             rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
             sel &= regions == rid  # type: ignore[operator]
@@ -559,14 +663,14 @@ class TiffDataset:
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         i = i % len(self)
         sid = self.ids[i]
-        try:
-            img = torch.from_numpy(self._window(_read_tiff(self.root / "images" / f"{sid}.tif")))
-            mask = torch.from_numpy(_read_tiff(self.root / "masks" / f"{sid}.tif").astype(np.int64))
-            regions = None
-            if self._spec.regions:
-                regions = torch.from_numpy(_read_tiff(self.root / "regions" / f"{sid}.tif").astype(np.int64))
-        except Exception as exc:
-            raise DatasetError(f"dataset {self.root}: cannot read sample {sid!r}: {exc}") from exc
+        img = torch.from_numpy(self._window(read_sample_file(self.root, self._spec, "images", sid)))
+        mask = torch.from_numpy(read_sample_file(self.root, self._spec, "masks", sid))
+        regions = None
+        if self._spec.regions:
+            regions = torch.from_numpy(read_sample_file(self.root, self._spec, "regions", sid))
+        for folder, t in (("masks", mask), ("regions", regions)):
+            if t is not None and t.shape != img.shape:
+                raise DatasetError(f"dataset {self.root}: {folder}/{sid}.tif: shape {tuple(t.shape)} differs from the image shape {tuple(img.shape)}")
         item = {
             "image": self._fit_shape(img, True, -1.0).clamp(-1.0, 1.0).unsqueeze(0),
             "mask": self._fit_shape(mask, False, 0),

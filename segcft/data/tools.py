@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from segcft.data.tiff import CSV_FILE, SPEC_FILE, Problem, measure, scan
+from segcft.data.tiff import CSV_FILE, SPEC_FILE, Problem, class_labels, measure, scan
 from segcft.errors import DatasetError, UserError
 
 __all__ = ["Problem", "check_dataset", "measure_dataset", "export_dataset", "show_dataset"]
@@ -78,11 +78,18 @@ def _factory(name: str, config: Any) -> tuple[Callable[[Any, str], Any], Any]:
     return module.build, config
 
 
-def _split_counts(n: int, lengths: dict[str, int]) -> dict[str, int]:
+def _split_counts(name: str, n: int, lengths: dict[str, int]) -> dict[str, int]:
+    """Samples to export per split: 80/10/10, a split too short for its share passing the rest
+    to the others (train first); UserError when the splits hold fewer than ``n`` in all."""
+    if sum(lengths.values()) < n:
+        raise UserError(f"--n {n}: dataset {name!r} has only {sum(lengths.values())} samples ({', '.join(f'{s} {k}' for s, k in lengths.items())})")
     val = int(round(0.1 * n)) if n >= 3 else 0
     test = int(round(0.1 * n)) if n >= 3 else 0
     want = {"train": n - val - test, "val": val, "test": test}
-    return {s: min(want[s], lengths[s]) for s in want}
+    counts = {s: min(want[s], lengths[s]) for s in want}
+    for s in counts:
+        counts[s] += min(n - sum(counts.values()), lengths[s] - counts[s])
+    return counts
 
 
 def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
@@ -99,12 +106,13 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
     build, config = _factory(name, config)
     datasets = {s: build(config, s) for s in ("train", "val", "test")}
     info = datasets["train"].info
-    counts = _split_counts(n, {s: len(d) for s, d in datasets.items()})
+    counts = _split_counts(name, n, {s: len(d) for s, d in datasets.items()})
     if counts["train"] < 1:
         raise UserError(f"dataset {name!r} has no training samples to export")
     for folder in ("images", "masks") + (("regions",) if info.regions else ()):
         (out / folder).mkdir(parents=True, exist_ok=True)
     max_label = max(list(info.structures) + list(info.regions) + [0])
+    labels = class_labels(info.structures)
     label_dtype = np.uint8 if max_label < 256 else np.uint16
     rows = []
     for split, ds in datasets.items():
@@ -112,7 +120,7 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
             item = ds[i]
             sid = f"{split}_{i:05d}"
             tifffile.imwrite(out / "images" / f"{sid}.tif", item["image"][0].numpy().astype(np.float32))
-            tifffile.imwrite(out / "masks" / f"{sid}.tif", item["mask"].numpy().astype(label_dtype))
+            tifffile.imwrite(out / "masks" / f"{sid}.tif", labels[item["mask"].numpy()].astype(label_dtype))
             if info.regions:
                 tifffile.imwrite(out / "regions" / f"{sid}.tif", item["regions"].numpy().astype(label_dtype))
             values = info.denormalise(item["parents"].double()).tolist()

@@ -8,7 +8,9 @@ training split (``Normalisation``), binary ones are 0/1 and never normalised.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 VariableType = Literal["binary", "continuous"]
@@ -267,3 +269,25 @@ class DatasetInfo:
             variables=variables,
             normalisation=Normalisation.from_dict(d["normalisation"]),
         )
+
+
+def read_dataset_info(path: str | Path) -> DatasetInfo:
+    """The DatasetInfo stored in a run's ``dataset.json``; DatasetError naming the file when it
+    is missing, not UTF-8 JSON or lacks a key, so a damaged run folder fails in one line."""
+    from segcft.errors import DatasetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (every run folder stores its dataset metadata there; rerun training)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable or truncated JSON ({' '.join(str(exc).split())})") from exc
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object of dataset metadata, got {type(data).__name__}")
+    try:
+        return DatasetInfo.from_dict(data)
+    except KeyError as exc:
+        raise DatasetError(f"{path}: missing key {exc.args[0]!r} in the dataset metadata") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DatasetError(f"{path}: invalid dataset metadata ({' '.join(str(exc).split())})") from exc
