@@ -119,24 +119,36 @@ def test_nll_matches_gaussian_and_bernoulli() -> None:
         reg.nll(images, targets[:, :2])
 
 
-def test_short_training_reaches_recorded_error() -> None:
+def test_short_training_beats_the_mean_predictor() -> None:
+    """200 steps on disks, median over three initialisation seeds.
+
+    A short run's outcome depends on the CPU's instruction set and the thread count (area MAE
+    0.17-0.36 across seeds and ISAs), and one seed in three may not learn brightness in 200
+    steps, so the test asserts on the median against what a broken model scores: predicting
+    the training mean gives MAE 0.87 (area) and 0.88 (brightness), accuracy about 0.5 and a
+    Gaussian nll of about 1.4 in standard units. Measured medians: area 0.21-0.29, brightness
+    0.14-0.22, accuracy 1.0, nll 0.11-0.35."""
     images, parents = disks(512, 32, seed=3)
     test_images, test_parents = disks(128, 32, seed=4)
     info = make_info(parents)
     targets, test_targets = info.normalise(parents), info.normalise(test_parents)
-    torch.manual_seed(0)
-    reg = build(CNNRegressorConfig(), info)
-    train(reg, images, targets, steps=200, lr=2e-3)
-    with torch.no_grad():
-        pred = reg.predict(test_images)
-        nll = reg.nll(test_images, test_targets).mean(0)
-    mae = (pred[:, :2] - test_targets[:, :2]).abs().mean(0)
-    accuracy = ((pred[:, 2] > 0.5).float() == test_targets[:, 2]).float().mean()
-    # recorded after 200 steps: MAE area 0.22, brightness 0.14 (normalised; predicting the mean
-    # gives 0.87 and 0.88), accuracy 1.0, Gaussian nll -0.06 (area 0.09, brightness -0.20)
-    assert mae[0] < 0.35 and mae[1] < 0.25
-    assert accuracy > 0.95
-    assert float(nll[:2].mean()) < 0.3
+    trivial = (test_targets[:, :2] - targets[:, :2].mean(0)).abs().mean(0)
+    runs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reg = build(CNNRegressorConfig(), info)
+        train(reg, images, targets, steps=200, lr=2e-3)
+        with torch.no_grad():
+            pred = reg.predict(test_images)
+            nll = reg.nll(test_images, test_targets).mean(0)
+        mae = (pred[:, :2] - test_targets[:, :2]).abs().mean(0)
+        accuracy = ((pred[:, 2] > 0.5).float() == test_targets[:, 2]).float().mean()
+        runs.append(torch.cat([mae, accuracy[None], nll[:2].mean()[None]]))
+    mae_area, mae_bright, accuracy, nll = torch.stack(runs).median(0).values.tolist()
+    assert float(trivial.min()) > 0.8  # the mean predictor is as bad as the docstring says
+    assert mae_area < 0.5 * float(trivial[0]) and mae_bright < 0.5 * float(trivial[1]), runs
+    assert accuracy > 0.9, runs
+    assert nll < 0.7, runs
 
 
 def test_trains_on_the_cxr_phantom() -> None:
