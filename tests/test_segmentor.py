@@ -172,3 +172,15 @@ def test_trains_on_the_cxr_phantom() -> None:
         scores = dice(seg(test_images), test_masks)
     # recorded after 100 steps on 256 subjects at 32 x 32: right lung 0.96, left lung 0.94, heart 0.94
     assert bool((scores > 0.88).all()), scores
+
+
+def test_loss_refuses_masks_that_are_not_class_indices() -> None:
+    """A dataset that hands raw labels (e.g. 5 for a third structure) to the loss gets one clear
+    error instead of an index error deep inside one-hot encoding."""
+    from segcft.errors import DatasetError
+
+    logits = torch.randn(1, 4, 2, 2)
+    with pytest.raises(DatasetError, match=r"values 0\.\.5, expected class indices 0\.\.3"):
+        segmentation_loss(logits, torch.tensor([[[0, 1], [2, 5]]]))
+    with pytest.raises(DatasetError, match=r"values -1\.\.1"):
+        segmentation_loss(logits, torch.tensor([[[0, 1], [-1, 1]]]))

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from segcft.errors import DatasetError
+
 _LOSS: dict[str, Any] = {}
 
 
@@ -21,6 +23,12 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _LOSS["dice_ce"] = DiceCELoss(to_onehot_y=True, softmax=True)
     if mask.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
+    low, high = (int(v) for v in torch.aminmax(mask))
+    if low < 0 or high >= logits.shape[1]:
+        raise DatasetError(
+            f"a batch's mask holds values {low}..{high}, expected class indices 0..{logits.shape[1] - 1} "
+            "(0 background, then the dataset's structures in order; a dataset returns class indices, not raw labels)"
+        )
     return _LOSS["dice_ce"](logits.float(), mask.unsqueeze(1).long())
 
 
