@@ -408,7 +408,8 @@ def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
         except ConfigError as exc:
             return str(exc)
         return None
-    return f"{_type_name(tp)} cannot be written to YAML and read back (use bool, int, float, str, list, " \
+    shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    return f"{shown} cannot be written to YAML and read back (use bool, int, float, str, list, " \
            "tuple, dict[str, ...], Literal, X | None or a dataclass)"
 
 
@@ -691,20 +692,26 @@ def check_modes(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every field of dataclass ``obj`` (component sections flat, as in YAML)."""
     out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flat(v, key + "."))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if isinstance(value, ComponentConfig):
+            out[f"{key}.name"] = value.name
+            if value.params is not None:
+                out.update(_flat(value.params, key + "."))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flat(value, key + "."))
         else:
-            out[key] = v
+            out[key] = value
     return out
 
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Dotted keys whose values differ between ``a`` and ``b`` (in the order of ``a``'s YAML form)."""
-    fa, fb = _flat(run_config_to_dict(a)), _flat(run_config_to_dict(b))
+    """Dotted keys whose values differ between ``a`` and ``b`` (a list is not a tuple)."""
+    fa, fb = _flat(a), _flat(b)
     return [k for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k, ...) != fb.get(k, ...)]
 
 
@@ -741,7 +748,7 @@ def check_round_trip(cfg: RunConfig, where: str = "config") -> str:
         raise ConfigError(f"{where}: does not read back from its YAML form: {exc}") from None
     if back != cfg:
         raise ConfigError(f"{where}: does not read back from its YAML form; differing keys: "
-                          f"{', '.join(config_differences(cfg, back)) or '(types of values)'}")
+                          f"{', '.join(config_differences(cfg, back))}")
     return text
 
 

@@ -247,6 +247,12 @@ def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims
     ]
     if missing:
         raise PluginError(f"{where}: every config field needs a default; {missing} have none")
+    from segcft.config import check_config_class  # torch-free; imported here to keep this module light
+
+    try:
+        check_config_class(config)
+    except UserError as exc:
+        raise PluginError(f"{where}: {exc}") from None
     if not dims or any(d not in (2, 3) for d in dims):
         raise PluginError(f"{where}: dims must be a non-empty subset of (2, 3), got {dims!r}")
 

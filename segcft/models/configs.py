@@ -68,9 +68,12 @@ class CNNRegressorConfig:
 class MechanismsConfig:
     """Parent mechanisms (the SCM over scalar variables, METHOD.md section 1)."""
 
-    hidden: int = field(default=32, metadata={"help": "MLP width of the conditional mechanisms"})
-    layers: int = field(default=2, metadata={"help": "hidden layers of each conditional MLP"})
-    spline_bins: int = field(default=8, metadata={"help": "bins of the rational-quadratic spline of continuous roots"})
+    hidden: int = field(default=32, metadata={"help": "MLP width of the conditional mechanisms", "ge": 1})
+    layers: int = field(default=2, metadata={"help": "hidden layers of each conditional MLP (0: linear)", "ge": 0})
+    spline_bins: int = field(
+        default=8, metadata={"help": "bins of the rational-quadratic spline of continuous roots", "ge": 2}
+    )
     spline_bound: float = field(
-        default=5.0, metadata={"help": "the root splines act on [-bound, bound] (normalised units), identity outside"}
+        default=5.0,
+        metadata={"help": "the root splines act on [-bound, bound] (normalised units), identity outside", "gt": 0},
     )
