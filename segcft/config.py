@@ -5,7 +5,10 @@ its ``when_3d`` section on top when the resolved dataset is 3D) <- ``--config FI
 flags (``--generator NAME`` ...) and typed CLI flags <- ``--set key=value``. Every value is
 type-checked against the dataclasses (and against the config class a plugin registered for its
 component); unknown keys and wrong types raise ConfigError naming the source, the key and what
-was expected. YAML is read with ``yaml.safe_load`` only: nothing in a config is evaluated as code.
+was expected. Fields declare their ranges in their metadata (``"ge"``, ``"gt"``, ``"le"``,
+``"lt"``), floats must be finite, and the resolved config must read back equal from its YAML
+form; each fine-tuning mode is checked against the dataset's metadata when its plugin offers it.
+YAML is read with a bounded ``yaml.SafeLoader`` only: nothing in a config is evaluated as code.
 
 Component sections are flat in YAML, ``generator: {name: hvae, beta: 2.0}``: every key but
 ``name`` is a field of the config class the plugin registered. Changing a component's name
