@@ -441,10 +441,10 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
             raise ConfigError(f"{where}: every config field needs a default")
         plain = _plain(default)
         try:
-            checked = _coerce(plain, hints[f.name], where)
+            checked = _coerce(plain, hints[f.name], "default")
+            _check_bounds(checked, f.metadata, "default")
         except ConfigError as exc:
-            raise ConfigError(f"{where}: the default does not fit the field's type ({exc})") from None
-        _check_bounds(checked, f.metadata, where)
+            raise ConfigError(f"{where}: {exc}") from None
         if checked != default:
             raise ConfigError(f"{where}: the default {_quote(default)} reads back as {_quote(checked)} from YAML "
                               f"(declare the type it is, e.g. tuple rather than list)")

@@ -186,7 +186,7 @@ class ListDefaultConfig:
     ("config", "message"),
     [
         (SetConfig, r"field 'ids': set\[int\] cannot be written to YAML"),
-        (BadDefaultConfig, r"field 'rate': expected a value > 0, got -1.0"),
+        (BadDefaultConfig, r"field 'rate': default: expected a value > 0, got -1.0"),
         (ListDefaultConfig, r"field 'sizes': the default \[1, 2\] reads back as \(1, 2\)"),
     ],
 )
