@@ -247,7 +247,8 @@ def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims
     ]
     if missing:
         raise PluginError(f"{where}: every config field needs a default; {missing} have none")
-    from segcft.config import check_config_class  # torch-free; imported here to keep this module light
+    # imported here, as segcft.config imports this module
+    from segcft.config import check_config_class
 
     try:
         check_config_class(config)

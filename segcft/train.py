@@ -789,7 +789,13 @@ def run_training(
     ``resume="auto"`` continues an unfinished stage from its last checkpoint; ``cfg`` must then
     equal the run folder's stored config but for the keys that are safe to change on resume
     (``segcft.config.RESUME_SAFE_KEYS``)."""
-    from segcft.config import dump_run_config, read_yaml, resume_config, run_config_from_dict, run_config_to_dict
+    from segcft.config import (
+        dump_run_config,
+        read_yaml,
+        resume_config,
+        run_config_from_dict,
+        run_config_to_dict,
+    )
 
     run_dir = Path(run_dir)
     if resume is not None and resume != "auto":

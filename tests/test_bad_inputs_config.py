@@ -17,7 +17,6 @@ import segcft
 from segcft import plugins
 from segcft.cli import cli
 from segcft.config import (
-    RunConfig,
     check_round_trip,
     dump_run_config,
     load_run_config,
@@ -40,7 +39,7 @@ class ContainersConfig:
     sizes: tuple[int, ...] = field(default=(4, 8), metadata={"help": "variable tuple"})
     pair: tuple[int, float] = field(default=(1, 2.0), metadata={"help": "fixed tuple"})
     weights: dict[str, float] = field(default_factory=dict, metadata={"help": "mapping", "ge": 0})
-    tag: Optional[str] = field(default=None, metadata={"help": "optional"})
+    tag: Optional[str] = field(default=None, metadata={"help": "optional"})  # noqa: UP045 - the typing spelling
     limit: int | None = field(default=None, metadata={"help": "optional int", "ge": 1})
     kind: Literal["a", "b"] = field(default="a", metadata={"help": "literal"})
     inner: Inner = field(default_factory=Inner, metadata={"help": "nested dataclass"})
