@@ -247,7 +247,7 @@ def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims
     ]
     if missing:
         raise PluginError(f"{where}: every config field needs a default; {missing} have none")
-    # imported here, as segcft.config imports this module
+    # imported at use: segcft.config imports this module at use too
     from segcft.config import check_config_class
 
     try:
