@@ -842,8 +842,23 @@ def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any
     return section.params
 
 
+_UNUSED_STORED_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("train", "mechanisms"): ("warmup", "grad_clip", "grad_skip", "ema", "checkpoint_every"),
+}
+"""Keys that earlier versions wrote to RUN/config.yaml although their stage never used them;
+dropped when a stored config is read, so that older run folders still load."""
+
+
 def run_config_from_dict(d: Mapping[str, Any], where: str = "config") -> RunConfig:
-    """A RunConfig from its plain-data form (the inverse of ``run_config_to_dict``)."""
+    """A RunConfig from its plain-data form (the inverse of ``run_config_to_dict``), as stored in
+    RUN/config.yaml (keys of ``_UNUSED_STORED_KEYS`` are dropped)."""
+    if isinstance(d, Mapping):
+        d = copy.deepcopy(dict(d))
+        for (section, stage), keys in _UNUSED_STORED_KEYS.items():
+            block = d.get(section, {}).get(stage) if isinstance(d.get(section), Mapping) else None
+            if isinstance(block, dict):
+                for key in keys:
+                    block.pop(key, None)
     cfg = RunConfig()
     _apply_layer(cfg, d, where)
     return _check_complete(cfg, where)

@@ -241,6 +241,16 @@ def test_mechanisms_stage_rejects_settings_it_does_not_use():
             load_run_config(preset="smoke", overrides=[f"train.mechanisms.{key}=1"])
 
 
+def test_older_run_folders_still_load(tmp_path):
+    """A RUN/config.yaml written before train.mechanisms lost its unused keys still reads back;
+    a new config naming them is refused (previous test)."""
+    cfg = load_run_config(preset="smoke")
+    path = dump_run_config(cfg, tmp_path / "config.yaml")
+    data = read_yaml(path)
+    data["train"]["mechanisms"].update(warmup=2, checkpoint_every=0)
+    assert run_config_from_dict(data) == cfg
+
+
 @pytest.mark.parametrize("preset", ["smoke", "quick", "paper", None])
 def test_cft_optimiser_fields_equal_what_it_used_from_the_generator_stage(preset):
     """cft's own optimiser fields default (per preset) to the values it used to take from
