@@ -195,7 +195,10 @@ QUOTE_LIMIT = 200
 
 def _quote(value: Any) -> str:
     """``repr(value)`` cut to QUOTE_LIMIT characters, for error messages."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
@@ -569,6 +572,15 @@ class _BoundedLoader(yaml.SafeLoader):
         if node is not None:
             _expanded_size(node, {}, set())
         return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts
+            raise ConfigError(f"line {node.start_mark.line + 1}: the integer {_short(node.value)} has too many digits") from None
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:

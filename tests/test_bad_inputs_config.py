@@ -316,6 +316,23 @@ def test_config_file_not_a_mapping(tmp_path, text):
     assert_nothing_trained(tmp_path / "r")
 
 
+def test_integer_with_too_many_digits(tmp_path):
+    """An integer literal longer than Python converts (4300 digits): one bounded line, exit 2."""
+    f = tmp_path / "digits.yaml"
+    f.write_text("seed: " + "9" * 10_000 + "\n")
+    res = train("--config", str(f))
+    assert_refused(res, "digits.yaml", "too many digits")
+    assert len(res.output) < 800
+    res = train("--set", "seed=" + "9" * 10_000)
+    assert_refused(res, "--set seed=", "too many digits")
+    assert len(res.output) < 800
+
+
+def test_config_error_messages_are_bounded():
+    """However much of the input a message quotes, it stays short."""
+    assert len(str(ConfigError("x" * 100_000))) <= ConfigError.MAX_LENGTH
+
+
 def test_config_file_too_large(tmp_path):
     """A file over the size limit is not read into memory and parsed."""
     big = tmp_path / "big.yaml"
