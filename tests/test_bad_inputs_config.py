@@ -277,10 +277,13 @@ def test_config_file_not_utf8(tmp_path):
     assert_nothing_trained(tmp_path / "r")
 
 
-def test_config_file_alias_bomb(tmp_path):
-    """Billion laughs: aliases that expand to ~10^9 values are refused, quickly."""
-    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+@pytest.mark.parametrize("inside", [False, True])
+def test_config_file_alias_bomb(tmp_path, inside):
+    """Billion laughs: aliases that expand to ~10^8 values are refused, quickly. Inside one
+    value (``seed: [...]``) the 455-byte file used to hang while the error message quoted it."""
+    parts = ["&a0 [" + ", ".join(["lol"] * 10) + "]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines = ["seed: [" + ", ".join(parts) + "]"] if inside else [f"a{i}: {p}" for i, p in enumerate(parts)]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")
     res = train("--config", str(bomb), "--run-dir", str(tmp_path / "r"))
