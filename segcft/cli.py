@@ -268,7 +268,10 @@ def _interventions(ctx: click.Context, param: click.Parameter, values: Sequence[
               help="Fine-tuning mode to train (repeatable); replaces cft.modes.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder [default: runs/<dataset>-<generator>-<time>].")
-@click.option("--resume", metavar="auto|PATH", help="Continue from the newest checkpoint (auto) or a checkpoint file.")
+@click.option("--resume", metavar="auto|PATH",
+              help="Continue the run in --run-dir from its newest checkpoint (auto) or a checkpoint file. With no "
+                   "--preset/--config/--set/component/--seed/--cft option the run's own config.yaml is used; "
+                   "otherwise the resolved config must equal it, except device and evaluate.*.")
 @click.option("--only", multiple=True, metavar="STAGE", help="Run only this stage (repeatable).")
 @click.option("--from-stage", metavar="STAGE", help="Start at this stage, reusing earlier stages' checkpoints.")
 @click.option("--segmentor-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -297,19 +300,33 @@ def train_command(
 
     Config merge order: preset <- --config <- component flags and --device/--seed/--cft <- --set.
     """
-    from segcft.config import load_run_config
+    from segcft.config import load_run_config, read_yaml, run_config_from_dict
 
-    cfg = load_run_config(
-        config_file,
-        preset,
-        overrides,
-        components={"dataset": dataset, "generator": generator, "segmentor": segmentor, "regressor": regressor},
-        flags={"device": device, "seed": seed, "cft.modes": list(cft_modes) if cft_modes else None},
-    )
     if resume is not None and run_dir is None:
         raise click.UsageError("--resume needs --run-dir (the run to continue)")
+    components = {"dataset": dataset, "generator": generator, "segmentor": segmentor, "regressor": regressor}
+    preset_given = click.get_current_context().get_parameter_source("preset") is not click.core.ParameterSource.DEFAULT
+    stored = run_dir / "config.yaml" if run_dir is not None else None
+    own_config = (
+        resume is not None and stored is not None and stored.is_file() and not preset_given and config_file is None
+        and not overrides and not cft_modes and seed is None and all(v is None for v in components.values())
+    )
+    if own_config:
+        assert stored is not None
+        cfg = run_config_from_dict(read_yaml(stored), f"config file {str(stored)!r}")
+        if device is not None:
+            cfg.device = device  # type: ignore[assignment]  # a Choice of the same values
+    else:
+        cfg = load_run_config(
+            config_file,
+            preset,
+            overrides,
+            components=components,
+            flags={"device": device, "seed": seed, "cft.modes": list(cft_modes) if cft_modes else None},
+        )
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.dataset.name}-{cfg.generator.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_run_dir(run_dir)
     run_training = _library("segcft.train", "run_training", "train")
     run_training(
         cfg,
@@ -321,13 +338,31 @@ def train_command(
     )
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """UserError when the run folder cannot be created or written (checked before any work)."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise UserError(f"--run-dir {run_dir}: exists and is not a folder")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise UserError(f"--run-dir {run_dir}: no permission to write in it")
+        return
+    ancestor = run_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--run-dir {run_dir}: cannot be created, {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {run_dir}: cannot be created, no permission to write in {ancestor}")
+
+
 _RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @cli.command("evaluate")
 @click.option("--run", "run_dir", type=_RUN_DIR, required=True, help="Run folder written by 'segcft train'.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--n", type=click.IntRange(min=1), help="Number of subjects [default: the whole split].")
+@click.option("--n", type=click.IntRange(min=1),
+              help="Number of subjects [default: the run config's evaluate.n; null there: the whole split].")
 def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
     """Measure effectiveness, leakage, locality, composition and reversibility of every
     fine-tuning mode; writes metrics.json, report.md and figures/ in the run folder."""

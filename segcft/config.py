@@ -5,7 +5,10 @@ its ``when_3d`` section on top when the resolved dataset is 3D) <- ``--config FI
 flags (``--generator NAME`` ...) and typed CLI flags <- ``--set key=value``. Every value is
 type-checked against the dataclasses (and against the config class a plugin registered for its
 component); unknown keys and wrong types raise ConfigError naming the source, the key and what
-was expected. YAML is read with ``yaml.safe_load`` only: nothing in a config is evaluated as code.
+was expected. Fields declare their ranges in their metadata (``"ge"``, ``"gt"``, ``"le"``,
+``"lt"``), floats must be finite, and the resolved config must read back equal from its YAML
+form; each fine-tuning mode is checked against the dataset's metadata when its plugin offers it.
+YAML is read with a bounded ``yaml.SafeLoader`` only: nothing in a config is evaluated as code.
 
 Component sections are flat in YAML, ``generator: {name: hvae, beta: 2.0}``: every key but
 ``name`` is a field of the config class the plugin registered. Changing a component's name
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -51,22 +55,43 @@ class ComponentConfig:
     params: Any = None
 
 
+SEED_MAX = 2**32 - 1
+"""Largest run seed: the stages derive their seeds from it (``seed * 1000 + rank`` and the like),
+and every derived seed must stay a valid torch seed."""
+
+
 @dataclass
 class StageConfig:
     """Optimisation settings of one training stage (AdamW with linear warm-up)."""
 
-    steps: int = field(default=1000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=32, metadata={"help": "samples per step (global, over all ranks)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)"})
+    steps: int = field(default=1000, metadata={"help": "optimiser steps", "ge": 1})
+    batch_size: int = field(default=32, metadata={"help": "samples per step (global, over all ranks)", "ge": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
+    grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
     grad_skip: float = field(
-        default=0.0, metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)"}
+        default=0.0,
+        metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)", "ge": 0},
     )
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)"})
-    log_every: int = field(default=50, metadata={"help": "steps between metric log rows"})
-    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: end of stage only)"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)", "ge": 0, "lt": 1})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "steps between checkpoints (0: end of stage only)", "ge": 0}
+    )
+
+
+@dataclass
+class MechanismsStageConfig:
+    """Settings of the mechanisms stage: AdamW on random minibatches of the training parents,
+    with no warm-up, EMA or intermediate checkpoint (the stage takes seconds; its gradient-norm
+    clip is fixed at 10)."""
+
+    steps: int = field(default=2000, metadata={"help": "optimiser steps", "ge": 1})
+    batch_size: int = field(default=256, metadata={"help": "parent vectors per step", "ge": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
 
 
 @dataclass
@@ -76,16 +101,16 @@ class IntensityAugmentConfig:
     that soft areas follow shape, not brightness: fine-tuning otherwise learns to move a guide's
     areas by shifting the whole image's intensity."""
 
-    shift: float = field(default=0.1, metadata={"help": "largest |b| (images in [-1, 1]; 0: off)"})
-    scale: float = field(default=0.1, metadata={"help": "largest |a - 1| (0: off)"})
+    shift: float = field(default=0.1, metadata={"help": "largest |b| (images in [-1, 1]; 0: off)", "ge": 0})
+    scale: float = field(default=0.1, metadata={"help": "largest |a - 1| (0: off)", "ge": 0, "lt": 1})
 
 
 @dataclass
 class TrainConfig:
-    """One ``StageConfig`` per pre-training stage, in pipeline order, and the segmentors'
-    intensity augmentation."""
+    """The settings of each pre-training stage, in pipeline order (the evaluation segmentor uses
+    ``segmentor``'s), and the segmentors' intensity augmentation."""
 
-    mechanisms: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch_size=256, lr=1e-3))
+    mechanisms: MechanismsStageConfig = field(default_factory=MechanismsStageConfig)
     segmentor: StageConfig = field(default_factory=StageConfig)
     regressor: StageConfig = field(default_factory=StageConfig)
     generator: StageConfig = field(default_factory=lambda: StageConfig(grad_skip=500.0, ema=0.999))
@@ -94,40 +119,57 @@ class TrainConfig:
 
 @dataclass
 class CFTConfig:
-    """Counterfactual fine-tuning (METHOD.md section 4): guidance modes and the Lagrangian."""
+    """Counterfactual fine-tuning: guidance modes, the Lagrangian and the optimiser of the
+    fine-tuned generator (AdamW with betas (0.9, 0.9), like the generator stage)."""
 
     modes: tuple[CFTMode, ...] = field(
         default=("none", "reg", "seg"), metadata={"help": "fine-tuning modes to train: none, reg, seg, pos-seg"}
     )
-    steps: int = field(default=1000, metadata={"help": "fine-tuning steps per mode"})
-    batch_size: int = field(default=16, metadata={"help": "samples per step"})
-    lr: float = field(default=1e-4, metadata={"help": "generator learning rate"})
-    lr_lagrange: float = field(default=1e-2, metadata={"help": "learning rate of the Lagrange multiplier"})
-    damping: float = field(default=100.0, metadata={"help": "damping d of the constraint"})
-    lambda_init: float = field(default=0.0, metadata={"help": "initial Lagrange multiplier (>= 0)"})
+    steps: int = field(default=1000, metadata={"help": "fine-tuning steps per mode", "ge": 1})
+    batch_size: int = field(default=16, metadata={"help": "samples per step", "ge": 1})
+    lr: float = field(default=1e-4, metadata={"help": "generator learning rate", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the generator", "ge": 0})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
+    grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
+    grad_skip: float = field(
+        default=500.0,
+        metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)", "ge": 0},
+    )
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)", "ge": 0, "lt": 1})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "steps between checkpoints (0: end of stage only)", "ge": 0}
+    )
+    lr_lagrange: float = field(default=1e-2, metadata={"help": "learning rate of the Lagrange multiplier", "gt": 0})
+    damping: float = field(default=100.0, metadata={"help": "damping d of the constraint", "ge": 0})
+    lambda_init: float = field(default=0.0, metadata={"help": "initial Lagrange multiplier (>= 0)", "ge": 0})
     penalty: Literal["l1", "l2", "huber"] = field(default="l1", metadata={"help": "rho of the area loss"})
-    huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold (normalised units)"})
+    huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold (normalised units)", "gt": 0})
     soft_labels: bool = field(default=False, metadata={"help": "measure non-intervened variables on x (amplification fix)"})
-    seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms"})
-    reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms"})
+    seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms", "gt": 0})
+    reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms", "gt": 0})
 
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation of the fine-tuned generators (METHOD.md section 5)."""
+    """Evaluation of the fine-tuned generators."""
 
     split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to evaluate"})
-    n: int | None = field(default=None, metadata={"help": "number of subjects (null: the whole split)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of the 95% intervals"})
-    dilation: int = field(default=2, metadata={"help": "pixels the structure masks are dilated by for locality"})
-    particles: int = field(default=1, metadata={"help": "z samples averaged per counterfactual"})
+    n: int | None = field(default=None, metadata={"help": "number of subjects (null: the whole split)", "ge": 1})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of the 95% intervals", "ge": 1})
+    dilation: int = field(
+        default=2, metadata={"help": "pixels the structure masks are dilated by for locality", "ge": 0}
+    )
+    particles: int = field(default=1, metadata={"help": "z samples averaged per counterfactual", "ge": 1})
 
 
 @dataclass
 class RunConfig:
     """Everything that determines a run; written resolved to ``RUN/config.yaml``."""
 
-    seed: int = field(default=0, metadata={"help": "seed of every random draw of the run"})
+    seed: int = field(
+        default=0, metadata={"help": f"seed of every random draw of the run (0 to {SEED_MAX})", "ge": 0, "le": SEED_MAX}
+    )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dataset: ComponentConfig = field(default_factory=ComponentConfig)
     generator: ComponentConfig = field(default_factory=ComponentConfig)
@@ -142,6 +184,22 @@ class RunConfig:
 # -- type checking -------------------------------------------------------------------------
 
 _NONE_TYPE = type(None)
+_INT64 = (-(2**63), 2**63 - 1)
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+"""Range keys a config field may declare in its metadata, e.g. ``metadata={"help": ..., "ge": 1}``;
+they apply to a number, or to every number inside a list, tuple or mapping value."""
+QUOTE_LIMIT = 200
+"""Characters of a value that an error message quotes at most."""
+
+
+def _quote(value: Any) -> str:
+    """``repr(value)`` cut to QUOTE_LIMIT characters, for error messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
 def _type_name(tp: Any) -> str:
@@ -152,11 +210,16 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         args = typing.get_args(tp)
+        if origin is list and len(args) == 1:
+            return f"a list of {_type_name(args[0])}"
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])}"
         if args:
             return f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
         return "a list"
+    if origin is dict:
+        args = typing.get_args(tp)
+        return f"a mapping of str to {_type_name(args[1])}" if len(args) == 2 else "a mapping"
     if tp is _NONE_TYPE:
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -172,9 +235,9 @@ def _hints(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """``value`` checked against the type ``tp``; raises ConfigError naming ``where``."""
 
-    def fail() -> ConfigError:
+    def fail(extra: str = "") -> ConfigError:
         hint = ' (quote it in YAML: "...")' if tp is str and isinstance(value, (int, float)) else ""
-        return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{hint}")
+        return ConfigError(f"{where}: expected {_type_name(tp)}{extra}, got {_quote(value)}{hint}")
 
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -199,6 +262,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail()
         args = typing.get_args(tp)
+        if origin is list and len(args) == 1:
+            args = (args[0], Ellipsis)
         if len(args) == 2 and args[1] is Ellipsis:
             items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
         elif args:
@@ -208,6 +273,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         else:
             items = list(value)
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail()
+        value_tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: expected text keys, got the key {_quote(k)}")
+            out[k] = _coerce(v, value_tp, f"{where}.{k}")
+        return out
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise fail()
@@ -218,14 +293,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise fail()
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise fail(" within the 64-bit range")
             return value
         raise fail()
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads exponents without a dot (1e-3) as text; accept plain decimal literals.
         if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
-            return float(value)
+            # YAML 1.1 reads exponents without a dot (1e-3) as text; accept plain decimal literals.
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise fail(" (finite)") from None
+            if not math.isfinite(number):
+                raise fail(" (finite)")
+            return number
         raise fail()
     if tp is str:
         if isinstance(value, str):
@@ -236,26 +319,137 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise fail()
 
 
+def _numbers(value: Any) -> Iterable[tuple[str, Any]]:
+    """``(suffix, number)`` for a number and for every number inside a list, tuple or mapping."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield "", value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from ((f"[{i}]{s}", n) for s, n in _numbers(v))
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from ((f".{k}{s}", n) for s, n in _numbers(v))
+
+
+def _check_bounds(value: Any, metadata: Mapping[str, Any], where: str) -> None:
+    """Raise ConfigError when ``value`` (or a number inside it) breaks a declared range."""
+    declared = [(key, metadata[key]) for key in _BOUNDS if key in metadata]
+    if not declared:
+        return
+    for suffix, number in _numbers(value):
+        for key, bound in declared:
+            if not _BOUNDS[key][1](number, bound):
+                wanted = " and ".join(f"{_BOUNDS[k][0]} {b}" for k, b in declared)
+                raise ConfigError(f"{where}{suffix}: expected a value {wanted}, got {_quote(number)}")
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    """Check every declared range of dataclass instance ``obj`` and of the dataclasses in it."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        sub = f"{where}.{f.name}" if where else f.name
+        _check_bounds(value, f.metadata, sub)
+        if isinstance(value, ComponentConfig):
+            if value.params is not None:
+                _check_ranges(value.params, sub)
+            continue
+        for item in value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                _check_ranges(item, sub)
+
+
 def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint} (valid keys: {', '.join(valid)})")
+    return ConfigError(f"{where}: unknown key {_quote(key)}{hint} (valid keys: {', '.join(valid)})")
 
 
 def _apply_mapping(obj: Any, values: Mapping[str, Any], where: str) -> Any:
-    """Set the fields of dataclass instance ``obj`` from ``values`` (type-checked, in place)."""
+    """Set the fields of dataclass instance ``obj`` from ``values`` (type- and range-checked, in place)."""
     hints = _hints(type(obj))
-    valid = [f.name for f in dataclasses.fields(obj)]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
-        if key not in valid:
-            raise _unknown_key(str(key), valid, where)
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), where)
         tp = hints[key]
         sub = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _apply_mapping(getattr(obj, key), value, sub)
         else:
-            setattr(obj, key, _coerce(value, tp, sub))
+            coerced = _coerce(value, tp, sub)
+            _check_bounds(coerced, fields[key].metadata, sub)
+            setattr(obj, key, coerced)
     return obj
+
+
+def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
+    """None when values of type ``tp`` can be checked, written to YAML and read back; else why not."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (bool, int, float, str, _NONE_TYPE):
+        return None
+    if origin is Literal:
+        bad = [a for a in args if not isinstance(a, (bool, int, str))]
+        return f"Literal values must be str, int or bool, not {bad[0]!r}" if bad else None
+    if origin in (typing.Union, types.UnionType):
+        return next((why for why in (_supported(a, seen) for a in args) if why), None)
+    if origin is list:
+        return _supported(args[0], seen) if len(args) == 1 else "list needs one item type, e.g. list[int]"
+    if origin is tuple:
+        if not args:
+            return "tuple needs item types, e.g. tuple[int, ...]"
+        items = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
+        return next((why for why in (_supported(a, seen) for a in items) if why), None)
+    if origin is dict:
+        if len(args) != 2 or args[0] is not str:
+            return "dict needs text keys, e.g. dict[str, float]"
+        return _supported(args[1], seen)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return f"{tp.__name__} contains itself"
+        try:
+            check_config_class(tp, _seen=seen + (tp,))
+        except ConfigError as exc:
+            return str(exc)
+        return None
+    shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    return f"{shown} cannot be written to YAML and read back (use bool, int, float, str, list, " \
+           "tuple, dict[str, ...], Literal, X | None or a dataclass)"
+
+
+def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
+    """Raise ConfigError naming the field when ``cls`` (a config dataclass) has a field whose type
+    the config system cannot check and round-trip through YAML, a field without a default, or a
+    default that is not of its type or breaks its declared range."""
+    name = getattr(cls, "__qualname__", repr(cls))
+    try:
+        hints = _hints(cls)
+    except Exception as exc:  # noqa: BLE001 - an unresolvable annotation names no field otherwise
+        raise ConfigError(f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})") from None
+    for f in dataclasses.fields(cls):
+        where = f"config class {name}, field {f.name!r}"
+        why = _supported(hints[f.name], _seen or (cls,))
+        if why:
+            raise ConfigError(f"{where}: {why}")
+        unknown = [k for k in ("gt", "ge", "lt", "le") if k in f.metadata and not isinstance(f.metadata[k], (int, float))]
+        if unknown:
+            raise ConfigError(f"{where}: the range {unknown[0]!r} must be a number")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise ConfigError(f"{where}: every config field needs a default")
+        plain = _plain(default)
+        try:
+            checked = _coerce(plain, hints[f.name], "default")
+            _check_bounds(checked, f.metadata, "default")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if checked != default:
+            raise ConfigError(f"{where}: the default {_quote(default)} reads back as {_quote(checked)} from YAML "
+                              f"(declare the type it is, e.g. tuple rather than list)")
 
 
 # -- merging ---------------------------------------------------------------------------------
@@ -269,12 +463,12 @@ def _registry() -> Any:
 
 def _apply_component(section: ComponentConfig, kind: str, values: Any, where: str) -> None:
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with 'name' and the {kind}'s parameters, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping with 'name' and the {kind}'s parameters, got {_quote(values)}")
     values = dict(values)
     if "name" in values:
         name = values.pop("name")
         if not isinstance(name, str):
-            raise ConfigError(f"{where}.name: expected str, got {name!r}")
+            raise ConfigError(f"{where}.name: expected str, got {_quote(name)}")
         try:
             entry = _registry().get(kind, name)
         except UserError as exc:
@@ -301,7 +495,9 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
             if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
                 _apply_mapping(current, value, path)
             else:
-                setattr(cfg, key, _coerce(value, _hints(RunConfig)[key], path))
+                coerced = _coerce(value, _hints(RunConfig)[key], path)
+                _check_bounds(coerced, {f.name: f for f in dataclasses.fields(RunConfig)}[key].metadata, path)
+                setattr(cfg, key, coerced)
         else:
             raise _unknown_key(str(key), valid, where or "config")
 
@@ -339,37 +535,111 @@ def parse_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. generator.beta=2.0")
+        raise ConfigError(f"--set {_quote(text)}: expected key=value, e.g. generator.beta=2.0")
     return key, value
 
 
+def _short(text: str) -> str:
+    """``text`` cut to QUOTE_LIMIT characters, for error messages."""
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
 def _override_value(cfg: RunConfig, key: str, text: str) -> Any:
-    """A ``--set`` value: plain text for string fields, YAML (safe) for everything else."""
+    """A ``--set`` value: plain text for string fields, YAML (safe, bounded) for everything else."""
     if _expected_type(cfg, key) is str:
         return text
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return load_yaml_text(text) if text.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}={text}: not a valid value ({exc.__class__.__name__})") from None
+        raise ConfigError(f"--set {_short(f'{key}={text}')}: not a valid value ({exc.__class__.__name__})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"--set {_short(f'{key}={text}')}: {exc}") from None
+
+
+YAML_MAX_BYTES = 1 << 20
+"""Largest config file read (a resolved run config is a few kilobytes)."""
+YAML_MAX_NODES = 100_000
+"""Most values a YAML document may hold once its aliases are expanded (against alias bombs)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing documents whose aliases expand to more than YAML_MAX_NODES
+    values or refer to themselves: a few lines of anchors can otherwise stand for billions of
+    values that every later walk of the config would visit."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts
+            raise ConfigError(f"line {node.start_mark.line + 1}: the integer {_short(node.value)} has too many digits") from None
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise ConfigError("a YAML alias refers to the collection that contains it")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, active) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes, active) + _expanded_size(v, sizes, active) for k, v in node.value)
+    active.discard(key)
+    if total > YAML_MAX_NODES:
+        raise ConfigError(f"the YAML expands to more than {YAML_MAX_NODES} values through its aliases")
+    sizes[key] = total
+    return total
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML ``text`` read with the safe loader, bounded in what its aliases may expand to
+    (ConfigError) ; bad YAML raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (safe loader); a missing file or bad YAML is a ConfigError."""
+    """A YAML mapping from ``path`` (safe, bounded loader); a missing, unreadable, oversized or
+    non-UTF-8 file, bad YAML or a document that is not a mapping is a ConfigError."""
     p = Path(path)
+    name = _quote(str(p))
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(YAML_MAX_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        raise ConfigError(f"config file {name} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {name} is a folder, not a file") from None
     except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"config file {name} cannot be read: {exc.strerror}") from None
+    if len(raw) > YAML_MAX_BYTES:
+        raise ConfigError(f"config file {name} is larger than {YAML_MAX_BYTES} bytes; expected a YAML config")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {name} is not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
+    try:
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"config file {name} is not valid YAML: {_short(' '.join(str(exc).split()))}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config file {name}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {name}: the YAML is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"config file {name}: expected a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -395,16 +665,105 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
                 f"{where}: {kind} {entry.name!r} supports {'/'.join(f'{d}D' for d in entry.dims)} images but dataset "
                 f"{dataset.name!r} is {'/'.join(f'{d}D' for d in dataset.dims)}"
             )
-    aug = cfg.train.segmentor_intensity
-    if aug.shift < 0 or not 0 <= aug.scale < 1:
-        raise ConfigError(
-            f"{where}: train.segmentor_intensity: expected shift >= 0 and 0 <= scale < 1, got shift={aug.shift}, scale={aug.scale}"
-        )
-    if cfg.cft.lambda_init < 0:
-        raise ConfigError(f"{where}: cft.lambda_init must be >= 0, got {cfg.cft.lambda_init}")
+    try:
+        _check_ranges(cfg, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if len(set(cfg.cft.modes)) != len(cfg.cft.modes):
         raise ConfigError(f"{where}: cft.modes lists a mode twice: {list(cfg.cft.modes)}")
     return cfg
+
+
+def _dataset_info(cfg: RunConfig) -> Any:
+    """The dataset's metadata (``DatasetInfo``) when its plugin module offers it cheaply through
+    ``dataset_info(config)`` next to the factory (as the phantoms do), else None."""
+    import importlib
+
+    factory = _registry().get("dataset", cfg.dataset.name).factory
+    module_name = factory.partition(":")[0] if isinstance(factory, str) else getattr(factory, "__module__", None)
+    if not module_name:
+        return None
+    describe = getattr(importlib.import_module(module_name), "dataset_info", None)
+    return describe(cfg.dataset.params) if callable(describe) else None
+
+
+def check_modes(cfg: RunConfig, where: str = "config") -> None:
+    """Raise ConfigError when a fine-tuning mode of ``cfg`` cannot run on its dataset (seg and
+    pos-seg need structure variables, pos-seg regions), as far as the dataset plugin tells
+    without building data (see :func:`_dataset_info`)."""
+    needs = {"seg", "pos-seg"} & set(cfg.cft.modes)
+    if not needs:
+        return
+    info = _dataset_info(cfg)
+    if info is None:
+        return
+    from segcft.cft import check_mode
+
+    try:
+        for mode in cfg.cft.modes:
+            check_mode(mode, info)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every field of dataclass ``obj`` (component sections flat, as in YAML)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if isinstance(value, ComponentConfig):
+            out[f"{key}.name"] = value.name
+            if value.params is not None:
+                out.update(_flat(value.params, key + "."))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flat(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between ``a`` and ``b`` (a list is not a tuple)."""
+    fa, fb = _flat(a), _flat(b)
+    return [k for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k, ...) != fb.get(k, ...)]
+
+
+RESUME_SAFE_KEYS: tuple[str, ...] = ("device", "evaluate.")
+"""Keys (a trailing dot: a whole section) that ``--resume auto`` may change: they do not alter
+what the training stages compute. Any other change is refused, as it would mix two runs."""
+
+
+def resume_config(stored: RunConfig, new: RunConfig, source: str | Path) -> RunConfig:
+    """``new`` when it differs from the ``stored`` config of the run being resumed only in
+    RESUME_SAFE_KEYS; else a ConfigError listing the differing keys."""
+    changed = [k for k in config_differences(stored, new)
+               if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)]
+    if changed:
+        shown = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if len(changed) > 12 else "")
+        raise ConfigError(
+            f"--resume: the config differs from {source} in {shown}; resume with the run's own config "
+            f"(no --preset/--config/--set/component flags, or the same ones) or start a new --run-dir "
+            f"(only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_SAFE_KEYS)} may change)"
+        )
+    return new
+
+
+def check_round_trip(cfg: RunConfig, where: str = "config") -> str:
+    """The YAML text of ``cfg``; ConfigError naming the keys when reading it back does not give
+    ``cfg`` again (a value the config system cannot represent would otherwise fail only when a
+    later command reads RUN/config.yaml)."""
+    try:
+        text = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+        back = run_config_from_dict(load_yaml_text(text), where)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: cannot be written as YAML ({_short(' '.join(str(exc).split()))})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: does not read back from its YAML form: {exc}") from None
+    if back != cfg:
+        raise ConfigError(f"{where}: does not read back from its YAML form; differing keys: "
+                          f"{', '.join(config_differences(cfg, back))}")
+    return text
 
 
 def read_preset(name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -470,13 +829,16 @@ def load_run_config(
             if value is not None:
                 _apply_layer(cfg, _nest(key, value), f"option {key}")
         for key, raw, text in override_items:
-            _apply_layer(cfg, _nest(key, _override_value(cfg, key, raw)), f"--set {text}")
+            _apply_layer(cfg, _nest(key, _override_value(cfg, key, raw)), f"--set {_short(text)}")
         return cfg
 
     cfg = resolve(with_overlay=False)
     if overlay is not None and cfg.dataset.name and is_3d_dataset(cfg.dataset.name):
         cfg = resolve(with_overlay=True)
-    return _check_complete(cfg, "config")
+    _check_complete(cfg, "config")
+    check_modes(cfg)
+    check_round_trip(cfg)
+    return cfg
 
 
 def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any:
@@ -488,12 +850,27 @@ def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any
         key, raw = parse_override(text)
         holder = RunConfig(**{kind: section})
         value = _override_value(holder, f"{kind}.{key}", raw)
-        _apply_component(section, kind, _nest(key, value), f"--set {text}")
+        _apply_component(section, kind, _nest(key, value), f"--set {_short(text)}")
     return section.params
 
 
+_UNUSED_STORED_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("train", "mechanisms"): ("warmup", "grad_clip", "grad_skip", "ema", "checkpoint_every"),
+}
+"""Keys that earlier versions wrote to RUN/config.yaml although their stage never used them;
+dropped when a stored config is read, so that older run folders still load."""
+
+
 def run_config_from_dict(d: Mapping[str, Any], where: str = "config") -> RunConfig:
-    """A RunConfig from its plain-data form (the inverse of ``run_config_to_dict``)."""
+    """A RunConfig from its plain-data form (the inverse of ``run_config_to_dict``), as stored in
+    RUN/config.yaml (keys of ``_UNUSED_STORED_KEYS`` are dropped)."""
+    if isinstance(d, Mapping):
+        d = copy.deepcopy(dict(d))
+        for (section, stage), keys in _UNUSED_STORED_KEYS.items():
+            block = d.get(section, {}).get(stage) if isinstance(d.get(section), Mapping) else None
+            if isinstance(block, dict):
+                for key in keys:
+                    block.pop(key, None)
     cfg = RunConfig()
     _apply_layer(cfg, d, where)
     return _check_complete(cfg, where)
@@ -522,14 +899,15 @@ def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write the fully resolved config as YAML; ``segcft train --config PATH`` reproduces the run."""
+    """Write the fully resolved config as YAML; ``segcft train --config PATH`` reproduces the run.
+    A config that would not read back equal is refused (ConfigError) before anything is written."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# segcft {__version__} resolved run config: every value of the run, nothing implied.\n"
         f"# Reproduce with: segcft train --config {p.name}\n"
     )
-    body = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    body = check_round_trip(cfg)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(header + body, encoding="utf-8")
     tmp.replace(p)

@@ -301,6 +301,13 @@ def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims
     ]
     if missing:
         raise PluginError(f"{where}: every config field needs a default; {missing} have none")
+    # imported at use: segcft.config imports this module at use too
+    from segcft.config import check_config_class
+
+    try:
+        check_config_class(config)
+    except UserError as exc:
+        raise PluginError(f"{where}: {exc}") from None
     if not dims or any(d not in (2, 3) for d in dims):
         raise PluginError(f"{where}: dims must be a non-empty subset of (2, 3), got {dims!r}")
 

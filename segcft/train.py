@@ -17,7 +17,6 @@ optimiser, schedule, EMA, step, RNG), ``metrics.csv`` (+ ``tensorboard/`` when i
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -662,11 +661,8 @@ class _Pipeline:
         objective = CFTObjective(mode, self.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(self.device)
         rng = torch.Generator().manual_seed(seed * 1000 + self.d.rank)
         loss_fn = _CFTLoss(DSCM(self.info, mech, gen), objective, rng)
-        gsc = cfg.train.generator
-        sc = dataclasses.replace(gsc, steps=cfg.cft.steps, batch_size=cfg.cft.batch_size, lr=cfg.cft.lr, ema=0.0,
-                                 warmup=min(gsc.warmup, max(cfg.cft.steps // 10, 1)))
         stage = f"cft-{mode}"
-        gen = self.fit(stage, gen, loss_fn, sc, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
+        gen = self.fit(stage, gen, loss_fn, cfg.cft, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
                        after_step=objective.clamp_lambda, rng=rng, channels_last=True)
         self._save_final(stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]),
                                  "lambda": float(objective.lmbda.detach())})
@@ -790,9 +786,16 @@ def run_training(
     ``from_stage`` on (or exactly the stages in ``only``, which then run alone), evaluate, and
     return the path of report.md.
 
-    ``resume="auto"`` continues an unfinished stage from its last checkpoint and reuses the
-    run folder's stored config."""
-    from segcft.config import dump_run_config, read_yaml, run_config_from_dict, run_config_to_dict
+    ``resume="auto"`` continues an unfinished stage from its last checkpoint; ``cfg`` must then
+    equal the run folder's stored config but for the keys that are safe to change on resume
+    (``segcft.config.RESUME_SAFE_KEYS``)."""
+    from segcft.config import (
+        dump_run_config,
+        read_yaml,
+        resume_config,
+        run_config_from_dict,
+        run_config_to_dict,
+    )
 
     run_dir = Path(run_dir)
     if resume is not None and resume != "auto":
@@ -806,7 +809,7 @@ def run_training(
     if stored.is_file():
         previous = run_config_from_dict(read_yaml(stored))
         if resume == "auto":
-            cfg = previous
+            cfg = resume_config(previous, cfg, stored)
         elif run_config_to_dict(previous) != run_config_to_dict(cfg):
             raise UserError(
                 f"{run_dir} holds a run with a different config; use another output folder, or --resume auto to continue it"

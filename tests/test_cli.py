@@ -126,12 +126,12 @@ def test_train_builds_the_config_and_calls_the_library(trained, tmp_path):
     ckpt = tmp_path / "seg.safetensors"
     ckpt.write_bytes(b"x")
     res = run("train", "--preset", "smoke", "--set", "generator.beta=2.5", "--seed", "7", "--device", "cpu",
-              "--cft", "seg", "--cft", "pos-seg", "--run-dir", str(tmp_path / "r"), "--resume", "auto",
+              "--cft", "seg", "--cft", "reg", "--run-dir", str(tmp_path / "r"), "--resume", "auto",
               "--only", "generator", "--only", "cft", "--segmentor-checkpoint", str(ckpt))
     assert res.exit_code == 0, res.output
     (call,) = trained
     cfg = call["cfg"]
-    assert (cfg.seed, cfg.device, cfg.cft.modes, cfg.generator.params.beta) == (7, "cpu", ("seg", "pos-seg"), 2.5)
+    assert (cfg.seed, cfg.device, cfg.cft.modes, cfg.generator.params.beta) == (7, "cpu", ("seg", "reg"), 2.5)
     assert cfg.train.generator.steps == 4  # smoke preset
     assert call["run_dir"] == tmp_path / "r" and call["resume"] == "auto"
     assert call["only"] == ["generator", "cft"] and call["from_stage"] is None

@@ -84,10 +84,10 @@ def test_merge_order(tmp_path):
 
 def test_set_values_are_typed():
     cfg = load_run_config(
-        overrides=["cft.modes=[seg, pos-seg]", "cft.soft_labels=true", "generator.preset=192",
+        overrides=["cft.modes=[reg, seg]", "cft.soft_labels=true", "generator.preset=192",
                    "segmentor.channels=[4, 8]", "evaluate.n=null", "train.generator.grad_clip=10"]
     )
-    assert cfg.cft.modes == ("seg", "pos-seg") and cfg.cft.soft_labels is True
+    assert cfg.cft.modes == ("reg", "seg") and cfg.cft.soft_labels is True
     assert cfg.generator.params.preset == "192"  # text for string fields, not the int 192
     assert cfg.segmentor.params.channels == (4, 8)
     assert cfg.evaluate.n is None and cfg.train.generator.grad_clip == 10.0
@@ -123,7 +123,7 @@ def test_param_without_name_in_empty_section_is_an_error():
         ("trian.generator.steps=1", r"unknown key 'trian'; did you mean 'train'\?"),
         ("generator.name=hvea", r"unknown generator 'hvea'; did you mean 'hvae'\?"),
         ("generator", r"expected key=value"),
-        ("cft.lambda_init=-1", r"cft.lambda_init must be >= 0"),
+        ("cft.lambda_init=-1", r"cft.lambda_init: expected a value >= 0, got -1.0"),
     ],
 )
 def test_override_errors(override, message):
