@@ -55,9 +55,15 @@ class ComponentConfig:
     params: Any = None
 
 
-SEED_MAX = 2**32 - 1
-"""Largest run seed: the stages derive their seeds from it (``seed * 1000 + rank`` and the like),
-and every derived seed must stay a valid torch seed."""
+SEED_MAX = 2**63 - 1
+"""Largest run seed. The stages derive their seeds from it through :func:`derived_seed`, which
+keeps every derived seed a valid torch seed."""
+
+
+def derived_seed(value: int) -> int:
+    """A seed derived from the run seed (``seed * 1000 + rank`` and the like) folded into torch's
+    seed range [0, 2**64); seeds derived from run seeds below 2**54 are unchanged."""
+    return value % 2**64
 
 
 @dataclass
