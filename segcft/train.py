@@ -451,7 +451,8 @@ class _Pipeline:
         opt, sched = build_optimizer(params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas)
         ema = EMA(model, sc.ema) if sc.ema > 0 else None
         stepper = GuardedStepper(params, opt, sched, sc.grad_clip, sc.grad_skip, ema, model)
-        step = 0
+        step, count = 0, 0
+        sums: dict[str, float] = {}  # of the steps since the last metrics row
         last = self._last(stage)
         if self.resume and last.is_file():
             state = load_checkpoint(last)
@@ -465,9 +466,11 @@ class _Pipeline:
                 extra_opt.load_state_dict(state["extra_optimizer"])
                 loss_fn.load_state_dict(state["loss_fn"])
             if rng is not None:
-                rng.set_state(state["generator"])
+                generators = state["generator"] if isinstance(state["generator"], list) else [state["generator"]]
+                rng.set_state(generators[min(self.d.rank, len(generators) - 1)])
             restore_rng(state["rng"][min(self.d.rank, len(state["rng"]) - 1)])
             step = int(state["step"])
+            sums, count = dict(state.get("log_sums", {})), int(state.get("log_count", 0))
             self.metrics.drop_stage(stage, step + 1)
             if self.d.main:
                 print(f"[{stage}] resuming from {last} at step {step}", flush=True)
@@ -475,19 +478,24 @@ class _Pipeline:
             self.metrics.drop_stage(stage)
         wrapped: nn.Module = loss_fn
         if self.d.enabled:
+            # a plugin may hold parameters that a loss leaves unused (the HVAE's last prior
+            # projection): they keep no gradient, as in one process
             wrapped = nn.parallel.DistributedDataParallel(
-                loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
             )
         local_batch = sc.batch_size // self.d.world
         sampler = _ResumableSampler(len(self.train_set), self.d, seed, offset=step * local_batch)
+        # The loader's own generator: creating its iterator draws a base seed, which must not
+        # move the global RNG that a resume has just restored.
         loader = DataLoader(
             self.train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
             num_workers=4 if self.device.type == "cuda" else 0, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
         )
         progress = _Progress(stage, sc.steps, step, self.d.main, sc.log_every)
         model.train()
-        sums: dict[str, float] = {}
-        count, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
         batches = iter(loader)
         while step < sc.steps:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
@@ -517,15 +525,18 @@ class _Pipeline:
                 self.metrics.log(stage, step, row)
                 sums, count, t0 = {}, 0, time.perf_counter()
             if sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps:
-                self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng)
+                self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng, sums, count)
         progress.close()
         model.eval()
         trained = ema.module if ema is not None else model
         return trained.to(memory_format=torch.contiguous_format) if layout is not None else trained
 
     def _save_last(self, stage: str, step: int, model: nn.Module, opt: Any, sched: Any, ema: Any, stepper: Any,
-                   extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None) -> None:
-        rng_states = [capture_rng()]
+                   extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None, sums: dict[str, float],
+                   count: int) -> None:
+        """The resume state after ``step``: everything the next steps depend on, with the RNG
+        states of every rank (global ones and ``rng``), and the partial sums of the next metrics row."""
+        rng_states = [(capture_rng(), None if rng is None else rng.get_state())]
         if self.d.enabled:
             gathered: list[Any] = [None] * self.d.world
             dist.all_gather_object(gathered, rng_states[0])
@@ -533,7 +544,8 @@ class _Pipeline:
         if self.d.main:
             state: dict[str, Any] = {
                 "stage": stage, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "stepper": stepper.state_dict(), "rng": rng_states,
+                "scheduler": sched.state_dict(), "stepper": stepper.state_dict(),
+                "rng": [r for r, _ in rng_states], "log_sums": dict(sums), "log_count": count,
             }
             if ema is not None:
                 state["ema"] = ema.state_dict()
@@ -541,7 +553,7 @@ class _Pipeline:
                 state["extra_optimizer"] = extra_opt.state_dict()
                 state["loss_fn"] = loss_fn.state_dict()
             if rng is not None:
-                state["generator"] = rng.get_state()
+                state["generator"] = [g for _, g in rng_states]
             save_checkpoint(self._last(stage), state)
         self.d.barrier()
 
