@@ -197,7 +197,8 @@ def _build_dataset(cfg: Any, split: str) -> Any:
 # -- metrics log ------------------------------------------------------------------------------
 class _MetricsLog:
     """Append-only metrics.csv with a header that grows as stages log new keys (the file is
-    rewritten atomically when it does), plus TensorBoard scalars when tensorboard is installed."""
+    rewritten atomically when it does), plus TensorBoard scalars when tensorboard is installed.
+    A row torn by a kill mid-append is dropped (with a warning) and the file rewritten."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -208,9 +209,18 @@ class _MetricsLog:
             return
         if path.is_file():
             with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or self.columns)
-                self.rows = list(reader)
+                text = f.read()
+            reader = csv.DictReader(text.splitlines(keepends=True))
+            self.columns = list(reader.fieldnames or self.columns)
+            rows = list(reader)
+            # a complete row has one value per column; a torn last one may lack its line end
+            self.rows = [r for r in rows if None not in r and None not in r.values()]
+            if self.rows and self.rows[-1] is rows[-1] and not text.endswith("\n"):
+                self.rows.pop()
+            if len(self.rows) != len(rows):
+                print(f"warning: {path}: dropped {len(rows) - len(self.rows)} torn row(s) left by an interrupted run",
+                      file=sys.stderr, flush=True)
+                self._rewrite()
         try:
             from torch.utils.tensorboard import SummaryWriter
 

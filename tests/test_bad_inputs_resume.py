@@ -173,3 +173,40 @@ def test_resume_after_kill_is_bitwise_exact_with_two_gloo_ranks(trained, tmp_pat
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     for stage in stages:
         _assert_same_checkpoint(killed / "checkpoints" / f"{stage}.pt", straight / "checkpoints" / f"{stage}.pt")
+
+
+def test_torn_metrics_row_is_dropped_with_one_warning(tmp_path, capsys):
+    """metrics.csv whose last row a kill cut mid-append (no line end): the row is dropped with
+    one warning, later appends and header rewrites work, and the file reads back cleanly."""
+    from segcft.train import _MetricsLog
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("stage,step,loss\r\ngenerator,2,5.25\r\ngenerator,4,5.1")
+    log = _MetricsLog(path, True)
+    assert capsys.readouterr().err.count("torn row") == 1
+    log.log("generator", 4, {"loss": 5.0})  # appended
+    log.close()
+    log = _MetricsLog(path, True)
+    log.log("generator", 6, {"loss": 4.9, "kl": 0.1})  # a new column: the file is rewritten
+    log.close()
+    assert "torn" not in capsys.readouterr().err
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"], r["kl"]) for r in rows] == [("2", "5.25", ""), ("4", "5", ""), ("6", "4.9", "0.1")]
+
+
+def test_run_folder_files_get_the_umask_mode(trained, tmp_path):
+    """Atomically written files get 0o666 under the umask, like plainly created ones (mkstemp's
+    0o600 made a run folder unreadable to the group); the run's own files too."""
+    from segcft.checkpoint import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    expected = 0o666 & ~old
+    for name in ("config.yaml", "dataset.json", "metrics.csv", "checkpoints/generator.pt", "checkpoints/cft-seg.pt"):
+        assert (trained / name).stat().st_mode & 0o777 == expected, name
+    assert not list(trained.glob("*.tmp")) and not list(trained.glob(".*.tmp"))
