@@ -210,3 +210,167 @@ def test_run_folder_files_get_the_umask_mode(trained, tmp_path):
     for name in ("config.yaml", "dataset.json", "metrics.csv", "checkpoints/generator.pt", "checkpoints/cft-seg.pt"):
         assert (trained / name).stat().st_mode & 0o777 == expected, name
     assert not list(trained.glob("*.tmp")) and not list(trained.glob(".*.tmp"))
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from segcft.cli import cli
+
+    return CliRunner().invoke(cli, list(args), prog_name="segcft")
+
+
+def _one_line_exit_2(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _save_other_generator(trained: Path, path: Path) -> None:
+    """A generator checkpoint from a run whose HVAE has another latent width."""
+    import json
+
+    from segcft.checkpoint import save_checkpoint
+    from segcft.data.variables import DatasetInfo
+    from segcft.train import _build_component
+
+    info = DatasetInfo.from_dict(json.loads((trained / "dataset.json").read_text()))
+    other = _build_component("generator", smoke("generator.z_dim=3").generator, info)
+    save_checkpoint(path, {"stage": "generator", "model": other.state_dict(), "eps": 5.0})
+
+
+def test_evaluate_with_a_generator_of_another_architecture(trained, tmp_path):
+    """`segcft evaluate` on a run whose generator.pt comes from an HVAE of another latent width:
+    exit 2 with one line naming the file and the weights of another shape."""
+    run_dir = _copy(trained, tmp_path / "run")
+    _save_other_generator(trained, run_dir / "checkpoints" / "generator.pt")
+    _one_line_exit_2(_cli("evaluate", "--run", str(run_dir), "--n", "2"),
+                     "generator.pt", "does not fit the generator 'hvae'", "of another shape")
+
+
+def test_counterfactual_with_a_segmentor_where_a_generator_belongs(trained, tmp_path):
+    """`segcft counterfactual` on a run whose cft-seg.pt holds the segmentor's weights: exit 2
+    with one line naming the file, the stage it holds and the missing weights; nothing written."""
+    run_dir = _copy(trained, tmp_path / "run")
+    shutil.copy(run_dir / "checkpoints" / "segmentor.pt", run_dir / "checkpoints" / "cft-seg.pt")
+    out = tmp_path / "cf.tif"
+    _one_line_exit_2(_cli("counterfactual", "--run", str(run_dir), "--input", "test:0", "--do", "age=60",
+                          "--out", str(out)),
+                     "cft-seg.pt", "(it holds the 'segmentor' stage)", "missing weights")
+    assert not out.exists()
+
+
+def test_resume_with_a_generator_of_another_architecture(trained, tmp_path):
+    """`--resume auto` of a run whose finished generator.pt comes from another architecture:
+    the fine-tuning stage that loads it stops with one line naming the file."""
+    from segcft.errors import UserError
+
+    run_dir = _copy(trained, tmp_path / "run")
+    _save_other_generator(trained, run_dir / "checkpoints" / "generator.pt")
+    with pytest.raises(UserError, match=r"generator\.pt does not fit the generator 'hvae'") as e:
+        run_training(smoke(), run_dir, only=["cft-seg"], resume="auto")
+    assert "\n" not in str(e.value)
+
+
+def test_resume_from_the_last_checkpoint_of_another_model(trained, tmp_path):
+    """`--resume auto` where generator.last.pt holds another architecture's resume state: one
+    line naming the file, before any step is taken."""
+    from segcft.errors import UserError
+
+    run_dir = _copy(trained, tmp_path / "run")
+    _save_other_generator(trained, run_dir / "checkpoints" / "generator.last.pt")
+    with pytest.raises(UserError, match=r"generator\.last\.pt does not fit the generator stage's HVAE") as e:
+        run_training(smoke(), run_dir, only=["generator"], resume="auto")
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_checkpoint(trained, tmp_path):
+    """A generator.pt cut to half its size (a copy interrupted): `segcft evaluate` exits 2 with
+    one line naming the file."""
+    run_dir = _copy(trained, tmp_path / "run")
+    path = run_dir / "checkpoints" / "generator.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _one_line_exit_2(_cli("evaluate", "--run", str(run_dir), "--n", "2"), "generator.pt", "truncated or corrupt")
+
+
+def test_counterfactual_to_a_non_finite_value(tmp_path):
+    """`--do age=1e300`: the value overflows once normalised (float32 parents): one line, and no
+    TIFF written (it used to write an all-NaN image and exit 0)."""
+    from _toy_run import make_toy_run
+
+    from segcft.errors import UserError
+    from segcft.evaluate import counterfactual_with
+
+    out = tmp_path / "cf.tif"
+    with pytest.raises(UserError, match=r"--do age: the intended value 1e\+300 years is out of the model's range"):
+        counterfactual_with(make_toy_run(), "test:0", ["age=1e300"], out, mode="identity")
+    assert not out.exists()
+
+
+def test_counterfactual_whose_mechanisms_give_non_finite_parents(tmp_path):
+    """Mechanisms that overflow on a descendant of the intervened variable: one line naming it;
+    nothing written."""
+    from _toy_run import LinearSCM, make_toy_run
+
+    from segcft.errors import UserError
+    from segcft.evaluate import counterfactual_with
+
+    class Overflowing(LinearSCM):
+        def counterfactual(self, pa, interventions):
+            out = super().counterfactual(pa, interventions)
+            out[:, 1] = float("inf")
+            return out
+
+    run = make_toy_run()
+    run.mechanisms = Overflowing()
+    out = tmp_path / "cf.tif"
+    with pytest.raises(UserError, match="the counterfactual value of blob_area is not finite"):
+        counterfactual_with(run, "test:0", ["age=60"], out, mode="oracle")
+    assert not out.exists()
+
+
+def test_counterfactual_image_with_nan_pixels(tmp_path):
+    """A generator whose counterfactual has NaN pixels: one line naming the mode; nothing written."""
+    from _toy_run import IdentityGenerator, make_toy_run
+
+    from segcft.errors import UserError
+    from segcft.evaluate import counterfactual_with
+
+    class Broken(IdentityGenerator):
+        def counterfactual(self, x, pa, pa_cf, particles=1):
+            return torch.full_like(x, float("nan")), None
+
+    run = make_toy_run()
+    run.generators["identity"] = Broken()
+    out = tmp_path / "cf.tif"
+    with pytest.raises(UserError, match="the 'identity' generator's counterfactual image has NaN or infinite pixels"):
+        counterfactual_with(run, "test:0", ["age=60"], out, mode="identity")
+    assert not out.exists()
+
+
+def test_only_with_segmentor_checkpoint_imports_it(trained, tmp_path):
+    """`--only cft-seg --segmentor-checkpoint FILE` (it ignored FILE: the stage filter ran first):
+    FILE becomes the run's segmentor and the fine-tuning uses it."""
+    run_dir = _copy(trained, tmp_path / "run")
+    ck = run_dir / "checkpoints"
+    other = shutil.copy(ck / "eval_segmentor.pt", tmp_path / "other.pt")
+    run_training(smoke(), run_dir, only=["cft-seg"], segmentor_checkpoint=other)
+    imported = load_checkpoint(ck / "segmentor.pt")
+    assert imported["source"] == str(other)
+    expected = load_checkpoint(other)["model"]
+    assert all(torch.equal(imported["model"][k], expected[k]) for k in expected)
+    before, after = load_checkpoint(trained / "checkpoints" / "cft-seg.pt"), load_checkpoint(ck / "cft-seg.pt")
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_segmentor_checkpoint_of_another_model_fails_before_training(trained, tmp_path):
+    """`--segmentor-checkpoint` given a generator checkpoint: one line naming the file, raised
+    before the first stage trains."""
+    from segcft.errors import UserError
+
+    with pytest.raises(UserError, match=r"generator\.pt does not fit the segmentor 'unet'") as e:
+        run_training(smoke(), tmp_path / "fresh", segmentor_checkpoint=trained / "checkpoints" / "generator.pt")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
