@@ -393,6 +393,31 @@ class _Pipeline:
                     f"segmentor on them (use --segmentor-checkpoint, or a dataset with masks)"
                 )
             self._check_classes(_build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
+        self._check_checkpoints(stages)
+
+    def _check_checkpoints(self, stages: list[str]) -> None:
+        """The checkpoints that ``stages`` will read (finished stages they use, their own resume
+        states) fit this run's components: a wrong one is one line now, not after hours of training."""
+        uses: set[str] = set()
+        for stage in stages:
+            if stage.startswith("cft-"):
+                uses |= {"mechanisms", "generator"} | ({"regressor"} if self.cfg.regressor.name else set())
+                uses |= {"segmentor"} if stage in ("cft-seg", "cft-pos-seg") else set()
+            elif stage == "evaluate":
+                uses |= {s for s in stage_names(self.cfg) if s != "evaluate"}
+        paths = [self._final(s) for s in sorted(uses) if s not in stages and self._done(s)]
+        paths += [self._last(s) for s in stages if self.resume and self._last(s).is_file()]
+        for path in paths:
+            stage = path.name.split(".")[0]
+            kind = "segmentor" if stage == "eval_segmentor" else "generator" if stage.startswith("cft-") else stage
+            if kind == "mechanisms":
+                from segcft.models.mechanisms import ParentSCM
+
+                module, what = ParentSCM(self.info, self.cfg.mechanisms), "parent mechanisms"
+            else:
+                section = getattr(self.cfg, kind)
+                module, what = _build_component(kind, section, self.info), f"{kind} {section.name!r}"
+            load_model_state(module, load_checkpoint(path), path, what)
 
     def _check_classes(self, seg: nn.Module, what: str) -> None:
         classes = tuple(getattr(seg, "classes", ()))

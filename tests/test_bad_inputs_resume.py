@@ -264,14 +264,15 @@ def test_counterfactual_with_a_segmentor_where_a_generator_belongs(trained, tmp_
 
 def test_resume_with_a_generator_of_another_architecture(trained, tmp_path):
     """`--resume auto` of a run whose finished generator.pt comes from another architecture:
-    the fine-tuning stage that loads it stops with one line naming the file."""
+    one line naming the file, before the fine-tuning stages that read it start (or are reset)."""
     from segcft.errors import UserError
 
     run_dir = _copy(trained, tmp_path / "run")
     _save_other_generator(trained, run_dir / "checkpoints" / "generator.pt")
     with pytest.raises(UserError, match=r"generator\.pt does not fit the generator 'hvae'") as e:
-        run_training(smoke(), run_dir, only=["cft-seg"], resume="auto")
+        run_training(smoke(), run_dir, only=["cft-reg", "cft-seg"], resume="auto")
     assert "\n" not in str(e.value)
+    _assert_same_checkpoint(run_dir / "checkpoints" / "cft-reg.pt", trained / "checkpoints" / "cft-reg.pt")
 
 
 def test_resume_from_the_last_checkpoint_of_another_model(trained, tmp_path):
@@ -281,7 +282,7 @@ def test_resume_from_the_last_checkpoint_of_another_model(trained, tmp_path):
 
     run_dir = _copy(trained, tmp_path / "run")
     _save_other_generator(trained, run_dir / "checkpoints" / "generator.last.pt")
-    with pytest.raises(UserError, match=r"generator\.last\.pt does not fit the generator stage's HVAE") as e:
+    with pytest.raises(UserError, match=r"generator\.last\.pt does not fit the generator 'hvae'") as e:
         run_training(smoke(), run_dir, only=["generator"], resume="auto")
     assert "\n" not in str(e.value)
 
