@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_text",
     "capture_rng",
     "load_checkpoint",
+    "load_model_state",
     "restore_rng",
     "save_checkpoint",
     "write_json",
@@ -34,11 +35,13 @@ __all__ = [
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename. The
+    file gets the mode of a plainly created one (0o666 under the umask), not mkstemp's 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -49,6 +52,13 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -91,11 +101,45 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupted file, pickled code, foreign format
-        raise UserError(f"checkpoint {path} cannot be read as a segcft checkpoint: {e}") from None
+    except Exception as e:  # corrupted or truncated file, pickled code, foreign format
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {path} cannot be read as a segcft checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def load_model_state(module: torch.nn.Module, state: dict[str, Any], path: Path | str, what: str) -> torch.nn.Module:
+    """Load ``state["model"]`` (from checkpoint ``path``) into ``module``, the run's ``what``
+    (e.g. "generator 'hvae'"). A checkpoint of another model raises UserError naming the file,
+    the stage it holds and what does not match, instead of torch's multi-line report."""
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise UserError(f"checkpoint {path} holds no model weights (no 'model' entry); expected the {what}")
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    resized = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for kind, names in (("missing weights", missing), ("unexpected weights", unexpected),
+                            ("weights of another shape, checkpoint vs model", resized))
+        if names
+    ]
+    if not problems:
+        try:
+            module.load_state_dict(weights)
+            return module
+        except Exception as e:  # noqa: BLE001 - dtype or value problems torch reports on many lines
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            problems = [lines[-1] if lines else type(e).__name__]
+    stage = state.get("stage")
+    holds = f" (it holds the {stage!r} stage)" if isinstance(stage, str) else ""
+    raise UserError(f"checkpoint {path} does not fit the {what} of this run{holds}: {'; '.join(problems)}")
 
 
 def _to_cpu(obj: Any) -> Any:

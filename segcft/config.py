@@ -914,9 +914,9 @@ def dump_run_config(cfg: RunConfig, path: str | Path) -> Path:
         f"# Reproduce with: segcft train --config {p.name}\n"
     )
     body = check_round_trip(cfg)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(header + body, encoding="utf-8")
-    tmp.replace(p)
+    from segcft.checkpoint import atomic_write_text  # imports torch: only when a run is written
+
+    atomic_write_text(p, header + body)
     return p
 
 

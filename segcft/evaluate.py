@@ -901,10 +901,26 @@ def counterfactual_with(
                 raise UserError(f"--do {p.variable}: the intended value {value:g} {var.unit} is negative")
             mean, std = info.normalisation.mean[j], info.normalisation.std[j]
             targets[p.variable] = torch.tensor([(value - mean) / std], dtype=pa.dtype, device=device)
+            if not (math.isfinite(value) and bool(torch.isfinite(targets[p.variable]).all())):
+                raise UserError(
+                    f"--do {p.variable}: the intended value {value:g} {var.unit} is out of the model's range "
+                    f"(not finite once normalised)"
+                )
         pa_cf = _mechanism_cf(run.mechanisms, pa, targets)
+        bad = [name for name, ok in zip(info.variable_names, torch.isfinite(pa_cf).all(0).tolist()) if not ok]
+        if bad:
+            raise UserError(
+                f"--do {', '.join(interventions)}: the counterfactual value of {', '.join(bad)} is not finite; "
+                "the intervention is out of the range the mechanisms can handle (nothing written)"
+            )
         intended = info.denormalise(pa_cf.double())[0]
         torch.manual_seed(int(run.config.seed))
         x_cf, var_map = gen.counterfactual(x, pa, pa_cf, particles=int(particles))
+        if not bool(torch.isfinite(x_cf).all()):
+            raise UserError(
+                f"--do {', '.join(interventions)}: the {mode!r} generator's counterfactual image has NaN or "
+                "infinite pixels (nothing written)"
+            )
         before = meas(eval_seg(x), regions, src.spacing)[0] if eval_seg is not None else None
         after = meas(eval_seg(x_cf), regions, src.spacing)[0] if eval_seg is not None else None
 

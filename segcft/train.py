@@ -37,10 +37,12 @@ from segcft.checkpoint import (
     atomic_write_text,
     capture_rng,
     load_checkpoint,
+    load_model_state,
     restore_rng,
     save_checkpoint,
     write_json,
 )
+from segcft.config import derived_seed
 from segcft.data.variables import DatasetInfo, read_dataset_info
 from segcft.dscm import DSCM
 from segcft.errors import ConfigError, UserError
@@ -145,25 +147,27 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
     dev = _resolve_device(device or cfg.device, _Dist())
     ck = run_dir / "checkpoints"
 
-    def frozen(module: nn.Module, state: dict[str, Any]) -> nn.Module:
-        module.load_state_dict(state["model"])
+    def frozen(module: nn.Module, path: Path, what: str, state: dict[str, Any] | None = None) -> nn.Module:
+        load_model_state(module, load_checkpoint(path) if state is None else state, path, what)
         return module.to(dev).eval().requires_grad_(False)
 
     def optional(kind: str, stage: str) -> nn.Module | None:
         section = getattr(cfg, kind)
         if not section.name or not (ck / f"{stage}.pt").is_file():
             return None
-        return frozen(_build_component(kind, section, info), load_checkpoint(ck / f"{stage}.pt"))
+        return frozen(_build_component(kind, section, info), ck / f"{stage}.pt", f"{kind} {section.name!r}")
 
     from segcft.models.mechanisms import ParentSCM
 
-    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), load_checkpoint(ck / "mechanisms.pt"))
-    gen_state = load_checkpoint(ck / "generator.pt")
-    generators = {"none": frozen(_build_component("generator", cfg.generator, info), gen_state)}
+    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), ck / "mechanisms.pt", "parent mechanisms")
+    gen_what = f"generator {cfg.generator.name!r}"
+    gen_state = _generator_state(ck / "generator.pt")
+    generators = {"none": frozen(_build_component("generator", cfg.generator, info), ck / "generator.pt", gen_what,
+                                 gen_state)}
     for mode in cfg.cft.modes:
         path = ck / f"cft-{mode}.pt"
         if mode != "none" and path.is_file():
-            generators[mode] = frozen(_build_component("generator", cfg.generator, info), load_checkpoint(path))
+            generators[mode] = frozen(_build_component("generator", cfg.generator, info), path, gen_what)
     return Run(
         run_dir=run_dir,
         config=cfg,
@@ -176,6 +180,14 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
         generators=generators,
         eps=float(gen_state["eps"]),
     )
+
+
+def _generator_state(path: Path) -> dict[str, Any]:
+    """A final generator checkpoint, which records eps beside the weights."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("eps"), (int, float)):
+        raise UserError(f"checkpoint {path} records no eps (not a trained generator's final checkpoint)")
+    return state
 
 
 # -- components from the registry -------------------------------------------------------------
@@ -196,7 +208,8 @@ def _build_dataset(cfg: Any, split: str) -> Any:
 # -- metrics log ------------------------------------------------------------------------------
 class _MetricsLog:
     """Append-only metrics.csv with a header that grows as stages log new keys (the file is
-    rewritten atomically when it does), plus TensorBoard scalars when tensorboard is installed."""
+    rewritten atomically when it does), plus TensorBoard scalars when tensorboard is installed.
+    A row torn by a kill mid-append is dropped (with a warning) and the file rewritten."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -207,9 +220,18 @@ class _MetricsLog:
             return
         if path.is_file():
             with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or self.columns)
-                self.rows = list(reader)
+                text = f.read()
+            reader = csv.DictReader(text.splitlines(keepends=True))
+            self.columns = list(reader.fieldnames or self.columns)
+            rows = list(reader)
+            # a complete row has one value per column; a torn last one may lack its line end
+            self.rows = [r for r in rows if None not in r and None not in r.values()]
+            if self.rows and self.rows[-1] is rows[-1] and not text.endswith("\n"):
+                self.rows.pop()
+            if len(self.rows) != len(rows):
+                print(f"warning: {path}: dropped {len(rows) - len(self.rows)} torn row(s) left by an interrupted run",
+                      file=sys.stderr, flush=True)
+                self._rewrite()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -334,6 +356,7 @@ class _Pipeline:
         self.train_set = _build_dataset(cfg, "train")
         self.info: DatasetInfo = self.train_set.info
         self.segmentor_checkpoint: Path | None = None
+        self.segmentor_import: dict[str, torch.Tensor] | None = None  # its weights, read by validate
 
     # ---- validation: one clear line before any training ----
     def validate(self, stages: list[str]) -> None:
@@ -358,6 +381,8 @@ class _Pipeline:
                 raise ConfigError("cft.modes: 'reg' needs a regressor (regressor.name)")
             if mode in ("seg", "pos-seg") and not cfg.segmentor.name:
                 raise ConfigError(f"cft.modes: {mode!r} needs a segmentor (segmentor.name)")
+        if self.segmentor_checkpoint is not None and "segmentor" in stages:
+            self.segmentor_import = self._read_segmentor_import(self.segmentor_checkpoint)
         if cfg.segmentor.name:
             must_train = [s for s in ("segmentor", "eval_segmentor") if s in stages and not self._done(s)]
             if self.segmentor_checkpoint is not None and "segmentor" in must_train:
@@ -368,6 +393,31 @@ class _Pipeline:
                     f"segmentor on them (use --segmentor-checkpoint, or a dataset with masks)"
                 )
             self._check_classes(_build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
+        self._check_checkpoints(stages)
+
+    def _check_checkpoints(self, stages: list[str]) -> None:
+        """The checkpoints that ``stages`` will read (finished stages they use, their own resume
+        states) fit this run's components: a wrong one is one line now, not after hours of training."""
+        uses: set[str] = set()
+        for stage in stages:
+            if stage.startswith("cft-"):
+                uses |= {"mechanisms", "generator"} | ({"regressor"} if self.cfg.regressor.name else set())
+                uses |= {"segmentor"} if stage in ("cft-seg", "cft-pos-seg") else set()
+            elif stage == "evaluate":
+                uses |= {s for s in stage_names(self.cfg) if s != "evaluate"}
+        paths = [self._final(s) for s in sorted(uses) if s not in stages and self._done(s)]
+        paths += [self._last(s) for s in stages if self.resume and self._last(s).is_file()]
+        for path in paths:
+            stage = path.name.split(".")[0]
+            kind = "segmentor" if stage == "eval_segmentor" else "generator" if stage.startswith("cft-") else stage
+            if kind == "mechanisms":
+                from segcft.models.mechanisms import ParentSCM
+
+                module, what = ParentSCM(self.info, self.cfg.mechanisms), "parent mechanisms"
+            else:
+                section = getattr(self.cfg, kind)
+                module, what = _build_component(kind, section, self.info), f"{kind} {section.name!r}"
+            load_model_state(module, load_checkpoint(path), path, what)
 
     def _check_classes(self, seg: nn.Module, what: str) -> None:
         classes = tuple(getattr(seg, "classes", ()))
@@ -399,11 +449,11 @@ class _Pipeline:
                 self._last(stage).unlink()
         self.d.barrier()
 
-    def invalidate(self, stage: str) -> None:
+    def invalidate(self, stage: str, stale: bool = False) -> None:
         """Forget a stage's results so that it is trained again (its last checkpoint survives
-        when resuming: the redo then continues where it was interrupted)."""
+        when resuming, unless ``stale``: the redo then continues where it was interrupted)."""
         if self.d.main:
-            doomed = [self._final(stage)] + ([] if self.resume else [self._last(stage)])
+            doomed = [self._final(stage)] + ([] if self.resume and not stale else [self._last(stage)])
             for p in doomed:
                 if p.is_file():
                     p.unlink()
@@ -450,23 +500,30 @@ class _Pipeline:
         opt, sched = build_optimizer(params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas)
         ema = EMA(model, sc.ema) if sc.ema > 0 else None
         stepper = GuardedStepper(params, opt, sched, sc.grad_clip, sc.grad_skip, ema, model)
-        step = 0
+        step, count = 0, 0
+        sums: dict[str, float] = {}  # of the steps since the last metrics row
         last = self._last(stage)
         if self.resume and last.is_file():
             state = load_checkpoint(last)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            stepper.load_state_dict(state["stepper"])
-            if extra_opt is not None:
-                extra_opt.load_state_dict(state["extra_optimizer"])
-                loss_fn.load_state_dict(state["loss_fn"])
-            if rng is not None:
-                rng.set_state(state["generator"])
-            restore_rng(state["rng"][min(self.d.rank, len(state["rng"]) - 1)])
-            step = int(state["step"])
+            load_model_state(model, state, last, f"{stage} stage's {type(model).__name__}")
+            try:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                if ema is not None:
+                    ema.load_state_dict(state["ema"])
+                stepper.load_state_dict(state["stepper"])
+                if extra_opt is not None:
+                    extra_opt.load_state_dict(state["extra_optimizer"])
+                    loss_fn.load_state_dict(state["loss_fn"])
+                if rng is not None:
+                    generators = state["generator"] if isinstance(state["generator"], list) else [state["generator"]]
+                    rng.set_state(generators[min(self.d.rank, len(generators) - 1)])
+                restore_rng(state["rng"][min(self.d.rank, len(state["rng"]) - 1)])
+                step = int(state["step"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                detail = f"no {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"checkpoint {last}: not a resume state of this run's {stage} stage: {detail}") from None
+            sums, count = dict(state.get("log_sums", {})), int(state.get("log_count", 0))
             self.metrics.drop_stage(stage, step + 1)
             if self.d.main:
                 print(f"[{stage}] resuming from {last} at step {step}", flush=True)
@@ -474,19 +531,24 @@ class _Pipeline:
             self.metrics.drop_stage(stage)
         wrapped: nn.Module = loss_fn
         if self.d.enabled:
+            # a plugin may hold parameters that a loss leaves unused (the HVAE's last prior
+            # projection): they keep no gradient, as in one process
             wrapped = nn.parallel.DistributedDataParallel(
-                loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
             )
         local_batch = sc.batch_size // self.d.world
         sampler = _ResumableSampler(len(self.train_set), self.d, seed, offset=step * local_batch)
+        # The loader's own generator: creating its iterator draws a base seed, which must not
+        # move the global RNG that a resume has just restored.
         loader = DataLoader(
             self.train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
             num_workers=4 if self.device.type == "cuda" else 0, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
         )
         progress = _Progress(stage, sc.steps, step, self.d.main, sc.log_every)
         model.train()
-        sums: dict[str, float] = {}
-        count, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
         batches = iter(loader)
         while step < sc.steps:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
@@ -516,15 +578,18 @@ class _Pipeline:
                 self.metrics.log(stage, step, row)
                 sums, count, t0 = {}, 0, time.perf_counter()
             if sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps:
-                self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng)
+                self._save_last(stage, step, model, opt, sched, ema, stepper, extra_opt, loss_fn, rng, sums, count)
         progress.close()
         model.eval()
         trained = ema.module if ema is not None else model
         return trained.to(memory_format=torch.contiguous_format) if layout is not None else trained
 
     def _save_last(self, stage: str, step: int, model: nn.Module, opt: Any, sched: Any, ema: Any, stepper: Any,
-                   extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None) -> None:
-        rng_states = [capture_rng()]
+                   extra_opt: Any, loss_fn: nn.Module, rng: torch.Generator | None, sums: dict[str, float],
+                   count: int) -> None:
+        """The resume state after ``step``: everything the next steps depend on, with the RNG
+        states of every rank (global ones and ``rng``), and the partial sums of the next metrics row."""
+        rng_states = [(capture_rng(), None if rng is None else rng.get_state())]
         if self.d.enabled:
             gathered: list[Any] = [None] * self.d.world
             dist.all_gather_object(gathered, rng_states[0])
@@ -532,7 +597,8 @@ class _Pipeline:
         if self.d.main:
             state: dict[str, Any] = {
                 "stage": stage, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "stepper": stepper.state_dict(), "rng": rng_states,
+                "scheduler": sched.state_dict(), "stepper": stepper.state_dict(),
+                "rng": [r for r, _ in rng_states], "log_sums": dict(sums), "log_count": count,
             }
             if ema is not None:
                 state["ema"] = ema.state_dict()
@@ -540,7 +606,7 @@ class _Pipeline:
                 state["extra_optimizer"] = extra_opt.state_dict()
                 state["loss_fn"] = loss_fn.state_dict()
             if rng is not None:
-                state["generator"] = rng.get_state()
+                state["generator"] = [g for _, g in rng_states]
             save_checkpoint(self._last(stage), state)
         self.d.barrier()
 
@@ -577,8 +643,8 @@ class _Pipeline:
         return torch.cat([b["parents"] for b in loader]).float()
 
     def stage_segmentor(self, stage: str, seed: int) -> None:
-        if stage == "segmentor" and self.segmentor_checkpoint is not None:
-            self._import_segmentor(self.segmentor_checkpoint)
+        if stage == "segmentor" and self.segmentor_import is not None:
+            self._save_final("segmentor", {"model": self.segmentor_import, "source": str(self.segmentor_checkpoint)})
             return
         self._seeded(seed)
         seg = _build_component("segmentor", self.cfg.segmentor, self.info).to(self.device)
@@ -587,22 +653,35 @@ class _Pipeline:
         trained = self.fit(stage, seg, loss, self.cfg.train.segmentor, seed, rng=rng)
         self._save_final(stage, {"model": trained.state_dict(), "seed": seed})
 
-    def _import_segmentor(self, path: Path) -> None:
+    def _read_segmentor_import(self, path: Path) -> dict[str, torch.Tensor]:
+        """The weights in ``--segmentor-checkpoint`` (a segcft checkpoint, a plain state dict or
+        safetensors), checked against the run's segmentor plugin and structures."""
         seg = _build_component("segmentor", self.cfg.segmentor, self.info)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            try:
+                loaded: dict[str, Any] = {"model": load_file(str(path))}
+            except Exception as e:  # noqa: BLE001 - truncated or foreign file
+                raise UserError(f"--segmentor-checkpoint {path}: cannot be read as safetensors: {e}") from None
         else:
             loaded = load_checkpoint(path)
-            state = loaded.get("model", loaded)
-        try:
-            seg.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"--segmentor-checkpoint {path}: does not fit segmentor {self.cfg.segmentor.name!r}: {first}") from None
+            if "model" not in loaded:
+                loaded = {"model": loaded}
+        load_model_state(seg, loaded, path, f"segmentor {self.cfg.segmentor.name!r}")
         self._check_classes(seg, str(path))
-        self._save_final("segmentor", {"model": seg.state_dict(), "source": str(path)})
+        return seg.state_dict()
+
+    def segmentor_changes(self) -> bool:
+        """Whether the imported segmentor differs from the run's current one (or it has none)."""
+        assert self.segmentor_import is not None
+        try:
+            current = load_checkpoint(self._final("segmentor")).get("model")
+        except UserError:
+            return True
+        new = self.segmentor_import
+        return not (isinstance(current, dict) and current.keys() == new.keys()
+                    and all(isinstance(current[k], torch.Tensor) and torch.equal(current[k], new[k]) for k in new))
 
     def stage_regressor(self) -> None:
         seed = self.cfg.seed + 2
@@ -650,16 +729,16 @@ class _Pipeline:
         from segcft.models.mechanisms import ParentSCM
 
         mech = ParentSCM(self.info, cfg.mechanisms)
-        mech.load_state_dict(load_checkpoint(self._final("mechanisms"))["model"])
+        load_model_state(mech, load_checkpoint(self._final("mechanisms")), self._final("mechanisms"), "parent mechanisms")
         mech = mech.to(self.device).eval().requires_grad_(False)
-        gen_state = load_checkpoint(self._final("generator"))
+        gen_state = _generator_state(self._final("generator"))
         gen = _build_component("generator", cfg.generator, self.info)
-        gen.load_state_dict(gen_state["model"])
+        load_model_state(gen, gen_state, self._final("generator"), f"generator {cfg.generator.name!r}")
         gen = gen.to(self.device)
         segmentor = self._load_frozen("segmentor", "segmentor") if mode in ("seg", "pos-seg") else None
         regressor = self._load_frozen("regressor", "regressor") if cfg.regressor.name else None
         objective = CFTObjective(mode, self.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(self.device)
-        rng = torch.Generator().manual_seed(seed * 1000 + self.d.rank)
+        rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + self.d.rank))
         loss_fn = _CFTLoss(DSCM(self.info, mech, gen), objective, rng)
         stage = f"cft-{mode}"
         gen = self.fit(stage, gen, loss_fn, cfg.cft, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
@@ -668,8 +747,9 @@ class _Pipeline:
                                  "lambda": float(objective.lmbda.detach())})
 
     def _load_frozen(self, kind: str, stage: str) -> nn.Module:
-        module = _build_component(kind, getattr(self.cfg, kind), self.info)
-        module.load_state_dict(load_checkpoint(self._final(stage))["model"])
+        section = getattr(self.cfg, kind)
+        module = _build_component(kind, section, self.info)
+        load_model_state(module, load_checkpoint(self._final(stage)), self._final(stage), f"{kind} {section.name!r}")
         return module.to(self.device).eval().requires_grad_(False)
 
     def stage_evaluate(self) -> dict[str, Any]:
@@ -788,7 +868,9 @@ def run_training(
 
     ``resume="auto"`` continues an unfinished stage from its last checkpoint; ``cfg`` must then
     equal the run folder's stored config but for the keys that are safe to change on resume
-    (``segcft.config.RESUME_SAFE_KEYS``)."""
+    (``segcft.config.RESUME_SAFE_KEYS``). ``segmentor_checkpoint`` is imported as the segmentor
+    stage (also beside ``only``); when it changes the run's segmentor, the stages that use it are
+    redone."""
     from segcft.config import (
         dump_run_config,
         read_yaml,
@@ -831,11 +913,16 @@ def run_training(
         pipe.segmentor_checkpoint = segmentor_checkpoint
         stages = stage_names(cfg)
         redo = _select_stages(stages, only, from_stage)
+        if segmentor_checkpoint is not None:
+            redo.add("segmentor")  # imported whenever given, also beside --only
         if only:
             stages = [s for s in stages if s in redo]
-        if segmentor_checkpoint is not None:
-            redo.add("segmentor")
         pipe.validate([s for s in stages if s in redo or not pipe._done(s)])
+        stale: set[str] = set()
+        if pipe.segmentor_import is not None and pipe.segmentor_changes():
+            # the stages that use the segmentor are redone from scratch with the imported one
+            stale = {s for s in stages if s in ("cft-seg", "cft-pos-seg", "evaluate")}
+            redo |= stale
         if d.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_run_config(cfg, stored)
@@ -843,7 +930,7 @@ def run_training(
         d.barrier()
         for stage in stages:
             if stage in redo:
-                pipe.invalidate(stage)
+                pipe.invalidate(stage, stale=stage in stale)
         result: dict[str, Any] = {}
         for stage in stages:
             if pipe._done(stage):

@@ -435,3 +435,19 @@ def test_evaluate_help_says_where_n_comes_from():
     """--n defaults to the run config's evaluate.n, as evaluate_run does."""
     res = CliRunner().invoke(cli, ["evaluate", "--help"], prog_name="segcft")
     assert res.exit_code == 0 and "evaluate.n" in " ".join(res.output.split())
+
+
+def test_largest_seed_gives_valid_derived_seeds() -> None:
+    """seed = 2**63 - 1 resolves, and the fine-tuning stage's per-rank seed derived from it
+    (``(seed + 13) * 1000 + rank``, over 2**64) still seeds torch; small seeds are unchanged."""
+    from segcft.config import SEED_MAX, derived_seed, load_run_config
+
+    cfg = load_run_config(None, "smoke", [f"seed={SEED_MAX}"])
+    assert cfg.seed == 2**63 - 1
+    import torch
+
+    for rank in (0, 1):
+        torch.Generator().manual_seed(derived_seed((cfg.seed + 13) * 1000 + rank))
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator().manual_seed((cfg.seed + 13) * 1000)  # what the stage did before
+    assert derived_seed(13_000 + 1) == 13_001
