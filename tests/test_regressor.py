@@ -152,6 +152,10 @@ def test_short_training_beats_the_mean_predictor() -> None:
 
 
 def test_trains_on_the_cxr_phantom() -> None:
+    """300 steps on 512 phantom subjects at 32 x 32, median over three initialisation seeds,
+    against the mean predictor (a broken model): normalised MAE of the mean predictor 0.72 (age),
+    0.75, 0.74 and 0.76 (right lung, left lung, heart). Measured medians across seeds and
+    instruction sets: age 0.30, areas 0.30, 0.35 and 0.39; single seeds reach 0.52 (heart)."""
     from segcft.data import cxr_phantom as cxr
     from segcft.data.configs import CXRPhantomConfig
 
@@ -164,16 +168,20 @@ def test_trains_on_the_cxr_phantom() -> None:
 
     images, parents = stack(train_set, 512)
     test_images, test_parents = stack(test_set, 128)
-    torch.manual_seed(0)
-    reg = build(CNNRegressorConfig(), train_set.info)
-    train(reg, images, parents, steps=300, lr=1e-3)
-    with torch.no_grad():
-        mae = (reg.predict(test_images) - test_parents).abs().mean(0)
-    areas = mae[3:]
-    # recorded after 300 steps (normalised MAE): age 0.31, right lung 0.31, left lung 0.36,
-    # heart 0.48; predicting the training mean gives 0.72 to 0.76
-    assert bool((areas < 0.6).all()) and float(areas.mean()) < 0.48, mae
-    assert mae[1] < 0.5, mae
+    trivial = (test_parents - parents.mean(0)).abs().mean(0)
+    runs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reg = build(CNNRegressorConfig(), train_set.info)
+        train(reg, images, parents, steps=300, lr=1e-3)
+        with torch.no_grad():
+            runs.append((reg.predict(test_images) - test_parents).abs().mean(0))
+    mae = torch.stack(runs).median(0).values
+    age, areas = train_set.info.index("age"), mae[3:]
+    assert [v.name for v in train_set.info.variables][3:] == ["right_lung_area", "left_lung_area", "heart_area"]
+    assert float(trivial[3:].min()) > 0.7 and float(trivial[age]) > 0.7  # the broken-model score
+    assert bool((areas < 0.7 * trivial[3:]).all()) and float(areas.mean()) < 0.6 * float(trivial[3:].mean()), runs
+    assert float(mae[age]) < 0.6 * float(trivial[age]), runs
 
 
 def test_state_dict_round_trip_and_config_errors() -> None:

@@ -116,7 +116,8 @@ def test_short_training_reaches_recorded_dice() -> None:
     train(seg, images, masks, steps=150)
     with torch.no_grad():
         after = dice(seg(test_images), test_masks)
-    # recorded after 150 steps: disk 0.95, box 0.72 (untrained: 0.05 and 0.04)
+    # after 150 steps, initialisation seeds 0-2, AVX-512 and AVX2 kernels: disk 0.951-0.963,
+    # box 0.707-0.754 (untrained: 0.05 and 0.04)
     assert bool((before < 0.5).all())
     assert after[0] > 0.9 and after[1] > 0.6
 
@@ -167,10 +168,15 @@ def test_trains_on_the_cxr_phantom() -> None:
     torch.manual_seed(0)
     seg = build(UNetConfig(), train_set.info)
     assert seg.classes == ("background", "right_lung", "left_lung", "heart")
+    with torch.no_grad():
+        before = dice(seg(test_images), test_masks)
     train(seg, images, masks, steps=100)
     with torch.no_grad():
         scores = dice(seg(test_images), test_masks)
-    # recorded after 100 steps on 256 subjects at 32 x 32: right lung 0.96, left lung 0.94, heart 0.94
+    # after 100 steps on 256 subjects at 32 x 32, initialisation seeds 0-2, AVX-512 and AVX2
+    # kernels: right lung 0.958-0.963, left lung 0.933-0.943, heart 0.936-0.941; the untrained
+    # network (a segmentor that learns nothing) scores under 0.5
+    assert bool((before < 0.5).all()), before
     assert bool((scores > 0.88).all()), scores
 
 
