@@ -1,4 +1,4 @@
-"""Counterfactual fine-tuning objectives (METHOD.md section 4): none, reg, seg, pos-seg.
+"""Counterfactual fine-tuning objectives (docs/method.md section 5): none, reg, seg, pos-seg.
 
     L = L_guide(x_cf, pa_cf) - (lambda - d * sg(eps - nelbo(x))) * (eps - nelbo(x))
 

@@ -1,5 +1,5 @@
 """The deep structural causal model: parent mechanisms (an SCM over scalar variables) plus an
-image mechanism (the generator), with abduction-action-prediction for both (METHOD.md 1-2).
+image mechanism (the generator), with abduction-action-prediction for both (docs/method.md sections 1-3).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def permutation_intervention(
 
 class DSCM(nn.Module):
     """Parents SCM + image generator: counterfactual parents by the mechanisms, counterfactual
-    images by the generator's abduction of z and of the pixel noise (METHOD.md section 2)."""
+    images by the generator's abduction of z and of the pixel noise (docs/method.md section 3.3)."""
 
     def __init__(self, info: DatasetInfo, mechanisms: nn.Module, generator: nn.Module) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Evaluation of a trained run (METHOD.md section 5) and single-image what-ifs.
+"""Evaluation of a trained run (docs/method.md section 6) and single-image what-ifs.
 
 ``evaluate_run`` measures, for every fine-tuning mode and every intervened variable on a split,
 effectiveness and leakage (soft areas of an evaluation segmentor trained apart from the guide,
@@ -262,7 +262,7 @@ def _evaluate_mode(
     leakage, locality, ground truth and reversibility of every intervention.
 
     x is abducted once; the counterfactual of every intervention and the first null
-    intervention reuse its latents and pixel noise (METHOD.md section 2)."""
+    intervention reuse its latents and pixel noise (docs/method.md section 3.3)."""
     x, pa, regions = b["image"], b["parents"].float(), b.get("regions")
     _seed_all(seed, start, 0)
     factual = _Abduction(gen, x, pa, particles)

@@ -1,4 +1,4 @@
-"""Pure metric functions of METHOD.md section 5, independent of any model or run.
+"""Pure metric functions of docs/method.md section 6, independent of any model or run.
 
 Every function takes tensors (or arrays) and returns per-sample values, so the evaluation can
 pool them over batches and bootstrap them over subjects. Images are in [-1, 1]; differences are

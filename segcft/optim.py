@@ -1,7 +1,7 @@
 """Training support shared by every stage: AdamW with linear warm-up, an EMA of the weights,
 and guarded updates (gradient clipping; skipping of non-finite or outlier gradients, counted).
 
-The recipe follows the reference HVAE training (METHOD.md section 2): AdamW with betas
+The recipe follows the reference HVAE training (docs/method.md section 3.2): AdamW with betas
 (0.9, 0.9), a learning rate that warms up linearly and then stays constant, gradients clipped
 at ``grad_clip``, updates skipped when the gradient norm is >= ``grad_skip`` or not finite, and
 an EMA whose decay ramps as 1 - 1/(1 + k) up to the configured rate.

@@ -1,5 +1,5 @@
 """The training pipeline behind ``segcft train``: every stage of a DSCM, its fine-tuned copies,
-evaluation and report, in one resumable run folder (DESIGN.md "Run directory", "Scale").
+evaluation and report, in one resumable run folder (docs/design.md, "Run directory" and "Scale").
 
 Stages, in order: ``mechanisms`` (parent SCM) -> ``segmentor`` (the guide, seed s) and
 ``eval_segmentor`` (seed s+1, grades the guide's work) -> ``regressor`` -> ``generator`` (and

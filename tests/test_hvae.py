@@ -1,4 +1,4 @@
-"""The conditional HVAE generator (METHOD.md section 2): shapes, the counterfactual rule,
+"""The conditional HVAE generator (docs/method.md section 3): shapes, the counterfactual rule,
 training on the cxr-phantom, checkpoints and determinism."""
 
 from __future__ import annotations

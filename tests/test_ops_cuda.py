@@ -376,7 +376,7 @@ def _time_ms(fn, iters: int = 10) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bandwidth_is_close_to_a_copy(dtype: torch.dtype) -> None:
     """Forward reads the logits once, backward reads and writes them once: both should run at a
-    large fraction of the device's copy bandwidth (METHOD.md 3 memory-traffic floor)."""
+    large fraction of the device's copy bandwidth (the memory-traffic floor of docs/method.md section 4.5)."""
     module = _cuda_module()
     x = make_logits((4, 4, 256, 256, 128), dtype, seed=0)
     nbytes = x.numel() * x.element_size()

@@ -1,7 +1,7 @@
 """Variables of a causal model and the metadata every dataset declares.
 
 This module is torch-free on import so that plugin registration and the CLI stay fast.
-The batch contract (DESIGN.md): ``parents`` is a (B, P) float tensor in the order of
+The batch contract (docs/design.md, "Data flow"): ``parents`` is a (B, P) float tensor in the order of
 ``DatasetInfo.variables``; continuous variables are affinely normalised with statistics of the
 training split (``Normalisation``), binary ones are 0/1 and never normalised.
 """

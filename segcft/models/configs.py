@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class HVAEConfig:
-    """Conditional hierarchical VAE (METHOD.md section 2).
+    """Conditional hierarchical VAE (docs/method.md section 3).
 
     ``preset`` fills every architecture field left at its "preset" value (empty tuple, 0 or "");
     a field set explicitly overrides the preset. Stage lists run from the full resolution down:
@@ -68,7 +68,7 @@ class CNNRegressorConfig:
 
 @dataclass
 class MechanismsConfig:
-    """Parent mechanisms (the SCM over scalar variables, METHOD.md section 1)."""
+    """Parent mechanisms (the SCM over scalar variables, docs/method.md section 2)."""
 
     hidden: int = field(default=32, metadata={"help": "MLP width of the conditional mechanisms", "ge": 1})
     layers: int = field(default=2, metadata={"help": "hidden layers of each conditional MLP (0: linear)", "ge": 0})

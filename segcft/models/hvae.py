@@ -1,4 +1,4 @@
-"""The image mechanism: a conditional VDVAE-style hierarchical VAE (METHOD.md section 2).
+"""The image mechanism: a conditional VDVAE-style hierarchical VAE (docs/method.md section 3).
 
 A bottom-up encoder keeps the last activation of every resolution; a top-down decoder starts
 from a learned bias at the lowest resolution and runs prior/posterior/update blocks up to the

@@ -1,4 +1,4 @@
-"""Building blocks of the conditional hierarchical VAE (METHOD.md section 2), 2D and 3D alike.
+"""Building blocks of the conditional hierarchical VAE (docs/method.md section 3), 2D and 3D alike.
 
 Every layer takes the number of spatial dimensions as a parameter, so one implementation serves
 chest X-rays (2D) and CT volumes (3D). The likelihood and KL maths run in float32 even under

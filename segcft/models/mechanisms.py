@@ -1,6 +1,6 @@
 """Parent mechanisms: the structural causal model over the dataset's scalar variables.
 
-METHOD.md section 1. Every continuous variable is an invertible function of its own noise
+docs/method.md section 2. Every continuous variable is an invertible function of its own noise
 eps_i ~ N(0, 1) and its parents; binary variables are Bernoulli with logits from their parents.
 Everything works in normalised units (``DatasetInfo.normalise``): binary columns are 0/1.
 
@@ -319,7 +319,7 @@ class ParentSCM(nn.Module):
         Continuous descendants of an intervened variable are f_i(eps_i; new parents). A binary
         descendant keeps its factual value unless its logit changes sign between the factual
         and the counterfactual parents, in which case it takes the counterfactual logit's sign
-        (1 if the logit is > 0). This is the deterministic abduction of METHOD.md section 1: a
+        (1 if the logit is > 0). This is the deterministic abduction of docs/method.md section 2.3: a
         Bernoulli noise consistent with the observation is not unique, and keeping the value
         until the mechanism's decision flips is the minimal change consistent with it. The
         factual world, needed for that comparison, is reconstructed from ``eps`` itself.
