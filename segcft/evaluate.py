@@ -70,7 +70,7 @@ def evaluate_run(run_dir: Path | str, split: str = "test", n: int | None = None)
     """Load the run in ``run_dir`` and evaluate every fine-tuning mode on ``split`` (first ``n``
     samples, default the config's ``evaluate.n`` or all); writes metrics.json, report.md and
     figures/ into the run folder and returns the metrics."""
-    from segcft.train import load_run
+    from segcft.run import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -86,7 +86,7 @@ def evaluate(
     n: int | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a loaded run (``segcft.train.Run`` or any object with the same attributes) and
+    """Evaluate a loaded run (``segcft.run.Run`` or any object with the same attributes) and
     write metrics.json, report.md and (unless ``figures`` is False) figures/ into ``out_dir``."""
     out_dir = Path(out_dir)
     cfg = run.config
@@ -834,7 +834,7 @@ def counterfactual(
 
     ``mode`` picks the generator (default: the first of pos-seg, seg, reg, none the run has).
     Prints the intended and measured values before and after through ``echo``."""
-    from segcft.train import load_run
+    from segcft.run import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

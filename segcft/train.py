@@ -19,10 +19,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,10 +40,13 @@ from segcft.checkpoint import (
     save_checkpoint,
     write_json,
 )
+from segcft.components import build_component, build_dataset, registry_entry
 from segcft.config import derived_seed
-from segcft.data.variables import DatasetInfo, read_dataset_info
+from segcft.data.variables import DatasetInfo
+from segcft.distributed import Dist, init_distributed, resolve_device
 from segcft.dscm import DSCM
 from segcft.errors import ConfigError, UserError
+from segcft.run import Run, generator_state, load_run
 from segcft.models.segmentation import segmentation_loss
 
 __all__ = ["STAGES", "Run", "load_run", "run_training", "stage_names"]
@@ -56,153 +57,6 @@ STAGES: tuple[str, ...] = ("mechanisms", "segmentor", "eval_segmentor", "regress
 
 EPS_SAMPLES = 512
 """eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
-
-
-# -- distributed context ----------------------------------------------------------------------
-@dataclass
-class _Dist:
-    """Process-group facts: single process unless launched by torchrun (WORLD_SIZE > 1)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def _init_distributed(device_kind: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-        owns = True
-    return _Dist(rank, world, local_rank, owns)
-
-
-def _resolve_device(requested: str, d: _Dist) -> torch.device:
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: expected auto, cpu or cuda, got {requested!r}")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was requested but no CUDA device is available (use --device cpu)")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", d.local_rank)
-
-
-# -- the trained run --------------------------------------------------------------------------
-@dataclass
-class Run:
-    """A run folder loaded for inference: every trained component, in eval mode, frozen."""
-
-    run_dir: Path
-    config: Any
-    info: DatasetInfo
-    device: torch.device
-    mechanisms: nn.Module
-    segmentor: nn.Module | None
-    eval_segmentor: nn.Module | None
-    regressor: nn.Module | None
-    generators: dict[str, nn.Module]
-    eps: float
-    _datasets: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def dataset(self, split: str) -> Any:
-        """The run's dataset for ``split`` (train, val or test), built once."""
-        if split not in ("train", "val", "test"):
-            raise UserError(f"split: expected train, val or test, got {split!r}")
-        if split not in self._datasets:
-            self._datasets[split] = _build_dataset(self.config, split)
-        return self._datasets[split]
-
-    def dscm(self, mode: str = "none") -> DSCM:
-        """The DSCM whose image mechanism is the generator fine-tuned in ``mode``."""
-        if mode not in self.generators:
-            raise UserError(f"mode {mode!r} was not trained in {self.run_dir}; available: {sorted(self.generators)}")
-        return DSCM(self.info, self.mechanisms, self.generators[mode])
-
-
-def load_run(run_dir: Path | str, device: str | None = None) -> Run:
-    """Load a run folder written by :func:`run_training` (weights-only checkpoints)."""
-    from segcft.config import read_yaml, run_config_from_dict
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
-    cfg = run_config_from_dict(read_yaml(run_dir / "config.yaml"))
-    info = read_dataset_info(run_dir / "dataset.json")
-    dev = _resolve_device(device or cfg.device, _Dist())
-    ck = run_dir / "checkpoints"
-
-    def frozen(module: nn.Module, path: Path, what: str, state: dict[str, Any] | None = None) -> nn.Module:
-        load_model_state(module, load_checkpoint(path) if state is None else state, path, what)
-        return module.to(dev).eval().requires_grad_(False)
-
-    def optional(kind: str, stage: str) -> nn.Module | None:
-        section = getattr(cfg, kind)
-        if not section.name or not (ck / f"{stage}.pt").is_file():
-            return None
-        return frozen(_build_component(kind, section, info), ck / f"{stage}.pt", f"{kind} {section.name!r}")
-
-    from segcft.models.mechanisms import ParentSCM
-
-    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), ck / "mechanisms.pt", "parent mechanisms")
-    gen_what = f"generator {cfg.generator.name!r}"
-    gen_state = _generator_state(ck / "generator.pt")
-    generators = {"none": frozen(_build_component("generator", cfg.generator, info), ck / "generator.pt", gen_what,
-                                 gen_state)}
-    for mode in cfg.cft.modes:
-        path = ck / f"cft-{mode}.pt"
-        if mode != "none" and path.is_file():
-            generators[mode] = frozen(_build_component("generator", cfg.generator, info), path, gen_what)
-    return Run(
-        run_dir=run_dir,
-        config=cfg,
-        info=info,
-        device=dev,
-        mechanisms=mechanisms,
-        segmentor=optional("segmentor", "segmentor"),
-        eval_segmentor=optional("segmentor", "eval_segmentor"),
-        regressor=optional("regressor", "regressor"),
-        generators=generators,
-        eps=float(gen_state["eps"]),
-    )
-
-
-def _generator_state(path: Path) -> dict[str, Any]:
-    """A final generator checkpoint, which records eps beside the weights."""
-    state = load_checkpoint(path)
-    if not isinstance(state.get("eps"), (int, float)):
-        raise UserError(f"checkpoint {path} records no eps (not a trained generator's final checkpoint)")
-    return state
-
-
-# -- components from the registry -------------------------------------------------------------
-def _entry(kind: str, section: Any) -> Any:
-    from segcft.plugins import get_registry
-
-    return get_registry().get(kind, section.name)
-
-
-def _build_component(kind: str, section: Any, info: DatasetInfo) -> nn.Module:
-    return _entry(kind, section).load()(section.params, info)
-
-
-def _build_dataset(cfg: Any, split: str) -> Any:
-    return _entry("dataset", cfg.dataset).load()(cfg.dataset.params, split)
 
 
 # -- metrics log ------------------------------------------------------------------------------
@@ -314,7 +168,7 @@ class _ResumableSampler(Sampler[int]):
     order), starting ``offset`` samples into it: data order survives a resume exactly.
     The global batch of step t is the same set of samples for any number of ranks."""
 
-    def __init__(self, n: int, d: _Dist, seed: int, offset: int = 0) -> None:
+    def __init__(self, n: int, d: Dist, seed: int, offset: int = 0) -> None:
         self.n, self.d, self.seed, self.offset = n, d, seed, offset
 
     def __iter__(self) -> Iterator[int]:
@@ -348,12 +202,12 @@ def stage_names(cfg: Any, info: DatasetInfo | None = None) -> list[str]:
 
 
 class _Pipeline:
-    def __init__(self, cfg: Any, run_dir: Path, d: _Dist, device: torch.device, resume: bool) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, d: Dist, device: torch.device, resume: bool) -> None:
         self.cfg, self.run_dir, self.d, self.device, self.resume = cfg, run_dir, d, device, resume
         self.ck = run_dir / "checkpoints"
         self.amp = device.type == "cuda"
         self.metrics = _MetricsLog(run_dir / "metrics.csv", d.main)
-        self.train_set = _build_dataset(cfg, "train")
+        self.train_set = build_dataset(cfg, "train")
         self.info: DatasetInfo = self.train_set.info
         self.segmentor_checkpoint: Path | None = None
         self.segmentor_import: dict[str, torch.Tensor] | None = None  # its weights, read by validate
@@ -367,14 +221,14 @@ class _Pipeline:
                 raise ConfigError("generator.name: a generator plugin is required (e.g. --generator NAME)")
             if not section.name:
                 continue
-            entry = _entry(kind, section)
+            entry = registry_entry(kind, section)
             if info.spatial_dims not in entry.dims:
                 dims = "/".join(f"{x}D" for x in entry.dims)
                 raise ConfigError(
                     f"{kind} {section.name!r} supports {dims} data only; dataset {cfg.dataset.name!r} is {info.spatial_dims}D"
                 )
             if kind != "segmentor":
-                _build_component(kind, section, info)  # parameter errors surface now, not mid-run
+                build_component(kind, section, info)  # parameter errors surface now, not mid-run
         for mode in cfg.cft.modes:
             check_mode(mode, info)
             if mode == "reg" and not cfg.regressor.name:
@@ -392,7 +246,7 @@ class _Pipeline:
                     f"dataset {cfg.dataset.name!r} has no masks, but the {must_train[0]} stage must train a "
                     f"segmentor on them (use --segmentor-checkpoint, or a dataset with masks)"
                 )
-            self._check_classes(_build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
+            self._check_classes(build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
         self._check_checkpoints(stages)
 
     def _check_checkpoints(self, stages: list[str]) -> None:
@@ -416,7 +270,7 @@ class _Pipeline:
                 module, what = ParentSCM(self.info, self.cfg.mechanisms), "parent mechanisms"
             else:
                 section = getattr(self.cfg, kind)
-                module, what = _build_component(kind, section, self.info), f"{kind} {section.name!r}"
+                module, what = build_component(kind, section, self.info), f"{kind} {section.name!r}"
             load_model_state(module, load_checkpoint(path), path, what)
 
     def _check_classes(self, seg: nn.Module, what: str) -> None:
@@ -647,7 +501,7 @@ class _Pipeline:
             self._save_final("segmentor", {"model": self.segmentor_import, "source": str(self.segmentor_checkpoint)})
             return
         self._seeded(seed)
-        seg = _build_component("segmentor", self.cfg.segmentor, self.info).to(self.device)
+        seg = build_component("segmentor", self.cfg.segmentor, self.info).to(self.device)
         rng = torch.Generator(device=self.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
         loss = _SegmentorLoss(seg, self.cfg.train.segmentor_intensity, rng)
         trained = self.fit(stage, seg, loss, self.cfg.train.segmentor, seed, rng=rng)
@@ -656,7 +510,7 @@ class _Pipeline:
     def _read_segmentor_import(self, path: Path) -> dict[str, torch.Tensor]:
         """The weights in ``--segmentor-checkpoint`` (a segcft checkpoint, a plain state dict or
         safetensors), checked against the run's segmentor plugin and structures."""
-        seg = _build_component("segmentor", self.cfg.segmentor, self.info)
+        seg = build_component("segmentor", self.cfg.segmentor, self.info)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -686,14 +540,14 @@ class _Pipeline:
     def stage_regressor(self) -> None:
         seed = self.cfg.seed + 2
         self._seeded(seed)
-        reg = _build_component("regressor", self.cfg.regressor, self.info).to(self.device)
+        reg = build_component("regressor", self.cfg.regressor, self.info).to(self.device)
         trained = self.fit("regressor", reg, _RegressorLoss(reg), self.cfg.train.regressor, seed)
         self._save_final("regressor", {"model": trained.state_dict()})
 
     def stage_generator(self) -> None:
         seed = self.cfg.seed + 3
         self._seeded(seed)
-        gen = _build_component("generator", self.cfg.generator, self.info).to(self.device)
+        gen = build_component("generator", self.cfg.generator, self.info).to(self.device)
         trained = self.fit("generator", gen, _GeneratorLoss(gen), self.cfg.train.generator, seed, betas=(0.9, 0.9),
                            channels_last=True)
         eps = self._measure_eps(trained)
@@ -731,8 +585,8 @@ class _Pipeline:
         mech = ParentSCM(self.info, cfg.mechanisms)
         load_model_state(mech, load_checkpoint(self._final("mechanisms")), self._final("mechanisms"), "parent mechanisms")
         mech = mech.to(self.device).eval().requires_grad_(False)
-        gen_state = _generator_state(self._final("generator"))
-        gen = _build_component("generator", cfg.generator, self.info)
+        gen_state = generator_state(self._final("generator"))
+        gen = build_component("generator", cfg.generator, self.info)
         load_model_state(gen, gen_state, self._final("generator"), f"generator {cfg.generator.name!r}")
         gen = gen.to(self.device)
         segmentor = self._load_frozen("segmentor", "segmentor") if mode in ("seg", "pos-seg") else None
@@ -748,7 +602,7 @@ class _Pipeline:
 
     def _load_frozen(self, kind: str, stage: str) -> nn.Module:
         section = getattr(self.cfg, kind)
-        module = _build_component(kind, section, self.info)
+        module = build_component(kind, section, self.info)
         load_model_state(module, load_checkpoint(self._final(stage)), self._final(stage), f"{kind} {section.name!r}")
         return module.to(self.device).eval().requires_grad_(False)
 
@@ -904,9 +758,9 @@ def run_training(
             raise UserError("--segmentor-checkpoint needs a segmentor plugin (segmentor.name)")
 
     device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    d = _init_distributed(device_kind)
+    d = init_distributed(device_kind)
     try:
-        device = _resolve_device(cfg.device, d)
+        device = resolve_device(cfg.device, d)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         pipe = _Pipeline(cfg, run_dir, d, device, resume == "auto")

@@ -184,7 +184,7 @@ class ZeroRegressor(nn.Module):
 
 @dataclass
 class ToyRun:
-    """The attributes of ``segcft.train.Run`` that evaluation uses."""
+    """The attributes of ``segcft.run.Run`` that evaluation uses."""
 
     config: RunConfig
     info: DatasetInfo = field(default_factory=lambda: INFO)

@@ -234,7 +234,7 @@ def _save_other_generator(trained: Path, path: Path) -> None:
 
     from segcft.checkpoint import save_checkpoint
     from segcft.data.variables import DatasetInfo
-    from segcft.train import _build_component
+    from segcft.components import build_component as _build_component
 
     info = DatasetInfo.from_dict(json.loads((trained / "dataset.json").read_text()))
     other = _build_component("generator", smoke("generator.z_dim=3").generator, info)

@@ -146,7 +146,7 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
 
 
 def _weights_init(overrides: list[str]) -> dict[str, torch.Tensor]:
-    from segcft.train import _build_component
+    from segcft.components import build_component as _build_component
 
     cfg = smoke(*overrides)
     from segcft.plugins import get_registry

@@ -1,0 +1,106 @@
+"""A finished (or partly finished) run folder loaded for inference: ``segcft evaluate``,
+``segcft counterfactual`` and library users go through :func:`load_run`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcft.checkpoint import load_checkpoint, load_model_state
+from segcft.components import build_component, build_dataset
+from segcft.data.variables import DatasetInfo, read_dataset_info
+from segcft.distributed import Dist, resolve_device
+from segcft.dscm import DSCM
+from segcft.errors import UserError
+
+__all__ = ["Run", "generator_state", "load_run"]
+
+
+@dataclass
+class Run:
+    """A run folder loaded for inference: every trained component, in eval mode, frozen."""
+
+    run_dir: Path
+    config: Any
+    info: DatasetInfo
+    device: torch.device
+    mechanisms: nn.Module
+    segmentor: nn.Module | None
+    eval_segmentor: nn.Module | None
+    regressor: nn.Module | None
+    generators: dict[str, nn.Module]
+    eps: float
+    _datasets: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def dataset(self, split: str) -> Any:
+        """The run's dataset for ``split`` (train, val or test), built once."""
+        if split not in ("train", "val", "test"):
+            raise UserError(f"split: expected train, val or test, got {split!r}")
+        if split not in self._datasets:
+            self._datasets[split] = build_dataset(self.config, split)
+        return self._datasets[split]
+
+    def dscm(self, mode: str = "none") -> DSCM:
+        """The DSCM whose image mechanism is the generator fine-tuned in ``mode``."""
+        if mode not in self.generators:
+            raise UserError(f"mode {mode!r} was not trained in {self.run_dir}; available: {sorted(self.generators)}")
+        return DSCM(self.info, self.mechanisms, self.generators[mode])
+
+
+def load_run(run_dir: Path | str, device: str | None = None) -> Run:
+    """Load a run folder written by :func:`run_training` (weights-only checkpoints)."""
+    from segcft.config import read_yaml, run_config_from_dict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
+    cfg = run_config_from_dict(read_yaml(run_dir / "config.yaml"))
+    info = read_dataset_info(run_dir / "dataset.json")
+    dev = resolve_device(device or cfg.device, Dist())
+    ck = run_dir / "checkpoints"
+
+    def frozen(module: nn.Module, path: Path, what: str, state: dict[str, Any] | None = None) -> nn.Module:
+        load_model_state(module, load_checkpoint(path) if state is None else state, path, what)
+        return module.to(dev).eval().requires_grad_(False)
+
+    def optional(kind: str, stage: str) -> nn.Module | None:
+        section = getattr(cfg, kind)
+        if not section.name or not (ck / f"{stage}.pt").is_file():
+            return None
+        return frozen(build_component(kind, section, info), ck / f"{stage}.pt", f"{kind} {section.name!r}")
+
+    from segcft.models.mechanisms import ParentSCM
+
+    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), ck / "mechanisms.pt", "parent mechanisms")
+    gen_what = f"generator {cfg.generator.name!r}"
+    gen_state = generator_state(ck / "generator.pt")
+    generators = {"none": frozen(build_component("generator", cfg.generator, info), ck / "generator.pt", gen_what,
+                                 gen_state)}
+    for mode in cfg.cft.modes:
+        path = ck / f"cft-{mode}.pt"
+        if mode != "none" and path.is_file():
+            generators[mode] = frozen(build_component("generator", cfg.generator, info), path, gen_what)
+    return Run(
+        run_dir=run_dir,
+        config=cfg,
+        info=info,
+        device=dev,
+        mechanisms=mechanisms,
+        segmentor=optional("segmentor", "segmentor"),
+        eval_segmentor=optional("segmentor", "eval_segmentor"),
+        regressor=optional("regressor", "regressor"),
+        generators=generators,
+        eps=float(gen_state["eps"]),
+    )
+
+
+def generator_state(path: Path) -> dict[str, Any]:
+    """A final generator checkpoint, which records eps beside the weights."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("eps"), (int, float)):
+        raise UserError(f"checkpoint {path} records no eps (not a trained generator's final checkpoint)")
+    return state
