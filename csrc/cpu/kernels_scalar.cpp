@@ -166,9 +166,10 @@ void forward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, doub
   forward_chunk_dispatch<VecF>(p, b, begin, end, partial, id_range, scratch);
 }
 
-void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
-  if (p.dtype == DType::Float64) return backward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, scratch);
-  backward_chunk_dispatch<VecF>(p, b, begin, end, scratch);
+void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range, void* scratch) {
+  if (p.dtype == DType::Float64)
+    return backward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, id_range, scratch);
+  backward_chunk_dispatch<VecF>(p, b, begin, end, id_range, scratch);
 }
 
 }  // namespace
