@@ -9,9 +9,10 @@ through a torch.autograd.Function (`eager_soft_area`, `eager_area_loss`) instead
 dispatcher, which costs tens of microseconds per call; torch.compile, tracing and other devices
 use the custom ops. Both routes compute bitwise the same values.
 
-The ops are public (`torch.ops.segcft.*`), so each implementation checks all its arguments
-itself before any pointer reaches a kernel (`_validate.check_op_inputs` and friends: metadata
-only, microseconds), and the fakes run the same metadata checks. Value checks ride on the
+The ops are public (`torch.ops.segcft.*`), so each op body checks all its arguments itself
+before any pointer reaches a kernel (`_validate.check_op_inputs` and friends: metadata only),
+and the fakes run the same checks; the eager route skips them, its public callers in
+segcft.ops having run them. Value checks sit in the shared implementations and ride on the
 kernels' own passes: the CPU kernels report the range of the region ids they read and check
 the index rows and scale of the loss in C++; the other routes read them with torch.
 """
@@ -84,7 +85,6 @@ def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: i
 def _soft_area_impl(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
 ) -> torch.Tensor:
-    regions = v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
     module = _cpu_module(logits)
     if module is None:
         return _raw_sums(logits, regions, num_regions, activation) * voxel_volume
@@ -103,8 +103,6 @@ def _soft_area_backward_impl(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """dL/dlogits for dL/d(raw sums) = grad * scale."""
-    regions = v.check_op_inputs(logits, regions, num_regions, activation, scale)
-    v.check_grad("grad", grad, logits, _sums_shape(logits, num_regions))
     grad = grad.to(v.accumulate_dtype(logits.dtype)).contiguous()
     module = _cpu_module(logits)
     if module is not None:
@@ -139,6 +137,8 @@ def soft_area_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) from grad = dL/d(raw sums) (B, C, max(R, 1)):
     recomputes the probabilities from the logits in one pass."""
+    regions = v.check_op_inputs(logits, regions, num_regions, activation, 1.0)
+    v.check_grad("grad", grad, logits, _sums_shape(logits, num_regions))
     return _soft_area_backward_impl(logits, regions, num_regions, activation, grad)
 
 
@@ -157,6 +157,7 @@ def soft_area_op(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
 ) -> torch.Tensor:
     """Soft areas (B, C, max(R, 1)) in physical units: one pass over the logits."""
+    regions = v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
     return _soft_area_impl(logits, regions, num_regions, activation, voxel_volume)
 
 
@@ -255,8 +256,6 @@ def _sums_shape(logits: torch.Tensor, num_regions: int) -> tuple[int, int, int]:
 
 def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
                     num_regions, huber_delta):
-    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
-                                    scale, penalty, huber_delta)
     module = _cpu_module(logits)
     acc = v.accumulate_dtype(logits.dtype)
     b, c = logits.shape[:2]
@@ -283,9 +282,6 @@ def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volum
 def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights,
                              index, scale, penalty, huber_delta, grad_loss, grad_areas):
     """dL/dlogits of the area loss from dL/dloss (0-dim) and dL/dareas (or None)."""
-    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
-                                    scale, penalty, huber_delta)
-    _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
     module = _cpu_module(logits)
     acc = v.accumulate_dtype(logits.dtype)
     areas = areas.to(acc).contiguous()
@@ -360,6 +356,9 @@ def area_loss_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) of segcft::area_loss: the loss gradient dL/dA and
     the soft-area backward in one op."""
+    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
+                                    scale, penalty, huber_delta)
+    _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
     return _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets,
                                     weights, index, scale, penalty, huber_delta, grad_loss, grad_areas)
 
@@ -389,6 +388,8 @@ def area_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, areas): the batch mean of sum_k w rho((A - t) / scale), and the areas
     (B, C, max(R, 1)) it was computed from (kept for the backward; tiny)."""
+    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
+                                    scale, penalty, huber_delta)
     return _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
                            num_regions, huber_delta)
 
