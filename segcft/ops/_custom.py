@@ -260,8 +260,7 @@ def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volum
     acc = v.accumulate_dtype(logits.dtype)
     b, c = logits.shape[:2]
     if module is None:
-        v.check_index_values(index, c, num_regions)
-        v.check_scale_values(scale)
+        v.check_loss_values(index, scale, c, num_regions)
         areas = _raw_sums(logits, regions, num_regions, activation) * voxel_volume
         u = (reference.variable_areas(areas, index) - targets.to(acc)) / scale.to(acc)
         loss = (weights.to(acc) * reference.rho(u, penalty, huber_delta)).sum() / max(b, 1)
@@ -297,8 +296,7 @@ def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_vol
         if bad is not None:
             _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
-    v.check_index_values(index, logits.shape[1], num_regions)
-    v.check_scale_values(scale)
+    v.check_loss_values(index, scale, logits.shape[1], num_regions)
     b, c, rb = areas.shape
     grad_a = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss)[0]
     cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)

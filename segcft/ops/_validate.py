@@ -1,10 +1,10 @@
 """Argument checks shared by the kernel ops and the pure-torch reference.
 
 Shape, dtype and device checks read only metadata (safe under torch.compile) and run in the
-public functions, in every custom op's implementation and in its fake (the ops are public:
+public functions, in every custom op's body and in its fake (the ops are public:
 `torch.ops.segcft.*` may be called directly). The value checks (`check_region_values`,
-`check_index_values`, `check_scale_values`) read data and run inside the op implementations;
-on the CPU the kernels do them on their own pass over the data instead.
+`check_index_values`, `check_scale_values`, `check_loss_values`) read data and run inside the
+op implementations; on the CPU the kernels do them on their own pass over the data instead.
 """
 
 from __future__ import annotations
@@ -200,6 +200,15 @@ def check_scale_values(scale: torch.Tensor) -> None:
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
         scale_error(k, float(scale[k]))
+
+
+def check_loss_values(index: torch.Tensor, scale: torch.Tensor, num_classes: int, num_regions: int) -> None:
+    """check_index_values and check_scale_values with one read back from the device when all is well."""
+    cls, reg = index[:, 0], index[:, 1]
+    ok = ((cls >= 0) & (cls < num_classes) & (reg >= -1) & (reg < num_regions)).all()
+    if not bool(ok & (torch.isfinite(scale) & (scale > 0)).all()):
+        check_index_values(index, num_classes, num_regions)
+        check_scale_values(scale)
 
 
 def scale_error(k: int, value: float) -> None:
