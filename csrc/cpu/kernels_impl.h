@@ -5,7 +5,8 @@
 //
 // V provides: W (lanes), S (scalar compute type), F (vector of S), I (vector of region ids), M
 // (lane mask); zero, set1, add, sub, mul, div, recip, max, exp, load_s, store_s, load<DT>, store<DT>,
-// load_ids, eq, valid, tail, mask_add, select, permute, gather, hsum.
+// load_ids, eq, valid, tail, mask_add, select, permute, gather, hsum; BadIds, no_bad_ids,
+// flag_bad_ids (marks W int64 ids outside [0, R), exactly on all 64 bits) and any_bad_ids.
 
 template <DType DT>
 struct Storage;
@@ -254,7 +255,9 @@ void forward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, doubl
 }
 
 // Backward over rows with stride 1 (and region ids with stride 1); R == 0 or R <= V::W. With a
-// region map, writes the smallest and largest id read to id_range (as the forward does).
+// region map, writes the smallest and largest id read to id_range (as the forward does): full
+// vectors only flag ids outside [0, R) (V::flag_bad_ids, about free), and the range is computed
+// exactly, by a second walk over the ids, only for a chunk that has such an id.
 template <class V, DType DT, int CT, bool SOFTMAX>
 void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range) {
   using F = typename V::F;
@@ -278,7 +281,7 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, int6
   const bool streaming =
       V::kStream && static_cast<std::size_t>(p.batch * CT * Sn) * sizeof(T) >= kStreamBytes;
   int64_t id_lo = INT64_MAX, id_hi = INT64_MIN;
-  typename V::IdRange vlo = V::set1_id(INT64_MAX), vhi = V::set1_id(INT64_MIN);
+  typename V::BadIds bad = V::no_bad_ids();
 
   for_each_segment<T>(p, b, begin, end, [&](int64_t flat, const T* base, const int64_t* rbase, int64_t len) {
     for (int64_t j = 0; j < len; j += V::W) {
@@ -290,13 +293,12 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, int6
         for (int c = 0; c < CT; ++c) gs[c] = gtab[c];
       } else {
         const typename V::I ids = n == V::W ? V::load_ids(rbase + j) : load_region_ids<V>(rbase + j, 1, n);
-        if constexpr (V::kVecIdRange) {
-          if (n == V::W) V::id_range(rbase + j, vlo, vhi);
-          else region_id_range(rbase + j, 1, n, id_lo, id_hi);
+        const typename V::M ok = V::valid(ids, static_cast<int>(R));
+        if (n == V::W) {
+          bad = V::flag_bad_ids(bad, rbase + j, ok, static_cast<int>(R));
         } else {
           region_id_range(rbase + j, 1, n, id_lo, id_hi);
         }
-        const typename V::M ok = V::valid(ids, static_cast<int>(R));
 #pragma GCC unroll 16
         for (int c = 0; c < CT; ++c) gs[c] = V::permute(ids, gtab[c], ok);
       }
@@ -331,12 +333,10 @@ void backward_fast(const Problem& p, int64_t b, int64_t begin, int64_t end, int6
     }
   });
   if (streaming) V::stream_fence();
-  if constexpr (V::kVecIdRange) {
-    if (R > 0) {
-      id_lo = std::min(id_lo, V::reduce_min(vlo));
-      id_hi = std::max(id_hi, V::reduce_max(vhi));
-    }
-  }
+  if (V::any_bad_ids(bad))
+    for_each_segment<T>(p, b, begin, end, [&](int64_t, const T*, const int64_t* rbase, int64_t len) {
+      region_id_range(rbase, 1, len, id_lo, id_hi);
+    });
   id_range[0] = id_lo;
   id_range[1] = id_hi;
 }

@@ -142,6 +142,10 @@ struct Vec1 {
   static constexpr bool kVecIdRange = false;
   static M eq(I id, int r) { return id == r; }
   static M valid(I id, int R) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(R); }
+  using BadIds = bool;
+  static BadIds no_bad_ids() { return false; }
+  static BadIds flag_bad_ids(BadIds bad, const int64_t*, M ok, int) { return bad || !ok; }  // valid is exact
+  static bool any_bad_ids(BadIds bad) { return bad; }
   static M tail(int n) { return n > 0; }
   static F mask_add(F acc, M m, F x) { return m ? acc + x : acc; }
   static F mask_fmadd(F acc, M m, F a, F b) { return m ? a * b + acc : acc; }
