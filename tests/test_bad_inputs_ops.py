@@ -209,13 +209,15 @@ def test_soft_area_backward_op_rejects(case):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("num_regions", [2, 12])
-def test_soft_area_backward_op_bad_region_id_on_every_kernel_path(isa, dtype, num_regions, monkeypatch):
-    """The backward kernels report the ids they read: one id outside [0, R) raises on the
-    vector (R <= lanes), gather (R > lanes) and float64 paths alike."""
+@pytest.mark.parametrize("column", [3, W - 1], ids=["full_vector", "tail"])
+def test_soft_area_backward_op_bad_region_id_on_every_kernel_path(isa, dtype, num_regions, column, monkeypatch):
+    """The backward kernels report the ids they read: one id outside [0, R), in a full vector or
+    in the tail of a row, raises with the exact range on the vector (R <= lanes), gather
+    (R > lanes) and float64 paths alike."""
     monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
     regions = _regions(num_regions)
-    regions[0, 0, 3] = -2
-    with pytest.raises(OpValueError, match=r"found values in \[-2, "):
+    regions[0, 0, column] = -2
+    with pytest.raises(OpValueError, match=rf"found values in \[-2, {num_regions - 1}\]"):
         torch.ops.segcft.soft_area_backward(_logits(dtype), regions, num_regions, "sigmoid",
                                             torch.ones(B, C, num_regions))
 
