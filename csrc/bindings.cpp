@@ -89,9 +89,9 @@ void backward_scaled(segcft::Problem p, const S* grad, double scale, int num_thr
 // Returns ("regions", lo, hi) when the map holds ids outside [0, R) (the gradient is then
 // incomplete), else None.
 py::object backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
-              const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
-              const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
-              std::uintptr_t grad_ptr, std::uintptr_t grad_logits_ptr, int num_threads, double scale) {
+                    const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
+                    const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
+                    std::uintptr_t grad_ptr, std::uintptr_t grad_logits_ptr, int num_threads, double scale) {
   segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr,
                                            region_strides, num_regions, activation);
   check_positive(scale, "scale");
@@ -197,12 +197,12 @@ py::object loss_forward(std::uintptr_t logits_ptr, int dtype, const std::vector<
 // output has no gradient). Returns None, or the error tuples of loss_forward (the index and scale
 // before any work, the region ids after the kernel).
 py::object loss_backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
-                   const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
-                   const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
-                   std::uintptr_t grad_logits_ptr, int num_threads, double voxel_volume, std::uintptr_t areas_ptr,
-                   std::uintptr_t index_ptr, int64_t k, std::uintptr_t targets_ptr, std::uintptr_t weights_ptr,
-                   std::uintptr_t scale_ptr, int penalty, double huber_delta, double grad_loss,
-                   std::uintptr_t grad_areas_ptr) {
+                         const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
+                         const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
+                         std::uintptr_t grad_logits_ptr, int num_threads, double voxel_volume,
+                         std::uintptr_t areas_ptr, std::uintptr_t index_ptr, int64_t k, std::uintptr_t targets_ptr,
+                         std::uintptr_t weights_ptr, std::uintptr_t scale_ptr, int penalty, double huber_delta,
+                         double grad_loss, std::uintptr_t grad_areas_ptr) {
   segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr, region_strides,
                                            num_regions, activation);
   const LossTerms t = loss_terms(p, index_ptr, k, targets_ptr, weights_ptr, scale_ptr, penalty, huber_delta);

@@ -123,7 +123,7 @@ struct Vec512 {
   // load_ids saturates, so valid is exact on all 64 bits of the ids.
   using BadIds = M;
   static BadIds no_bad_ids() { return 0; }
-  static BadIds flag_bad_ids(BadIds bad, const int64_t*, M ok, int) { return static_cast<M>(bad | static_cast<M>(~ok)); }
+  static BadIds flag_bad_ids(BadIds bad, const int64_t*, M ok, int) { return static_cast<M>(bad | ~ok); }
   static bool any_bad_ids(BadIds bad) { return bad != 0; }
   static M tail(int n) { return static_cast<M>((1u << n) - 1u); }
   static F mask_add(F acc, M m, F x) { return _mm512_mask_add_ps(acc, m, acc, x); }

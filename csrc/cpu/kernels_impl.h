@@ -531,9 +531,12 @@ template <class V>
 void backward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range,
                              void* scratch) {
   switch (p.dtype) {
-    case DType::Float32: return backward_chunk_channels<V, DType::Float32>(p, b, begin, end, id_range, scratch);
-    case DType::Float16: return backward_chunk_channels<V, DType::Float16>(p, b, begin, end, id_range, scratch);
-    case DType::BFloat16: return backward_chunk_channels<V, DType::BFloat16>(p, b, begin, end, id_range, scratch);
+    case DType::Float32:
+      return backward_chunk_channels<V, DType::Float32>(p, b, begin, end, id_range, scratch);
+    case DType::Float16:
+      return backward_chunk_channels<V, DType::Float16>(p, b, begin, end, id_range, scratch);
+    case DType::BFloat16:
+      return backward_chunk_channels<V, DType::BFloat16>(p, b, begin, end, id_range, scratch);
     default: return;
   }
 }
