@@ -2,7 +2,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu/area_loss.h"
@@ -16,6 +19,24 @@ using segcft::cpu::LossTerms;
 
 std::size_t out_numel(const segcft::Problem& p) {
   return static_cast<std::size_t>(p.batch * p.channels * p.region_slots());
+}
+
+// Scalars that multiply the sums or divide a difference must be finite and > 0.
+void check_positive(double value, const char* name) {
+  if (!(std::isfinite(value) && value > 0))
+    throw std::invalid_argument(std::string(name) + " must be finite and > 0, got " + std::to_string(value));
+}
+
+void check_ptr(std::uintptr_t ptr, const char* name) {
+  if (ptr == 0) throw std::invalid_argument(std::string(name) + " is null");
+}
+
+// ("regions", lo, hi) when the ids a kernel read leave [0, R), else None (also when it read none:
+// the range is then (INT64_MAX, INT64_MIN)).
+py::object region_error(const segcft::Problem& p, const int64_t id_range[2]) {
+  if (p.regions != nullptr && (id_range[0] < 0 || id_range[1] >= p.num_regions))
+    return py::make_tuple("regions", id_range[0], id_range[1]);
+  return py::none();
 }
 
 // Raw sums into out, then out *= scale in the accumulation type (as a tensor times a number).
@@ -39,6 +60,8 @@ py::object forward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64
                    std::uintptr_t out_ptr, int num_threads, double scale) {
   const segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr,
                                                  region_strides, num_regions, activation);
+  check_positive(scale, "scale");
+  if (out_numel(p) > 0) check_ptr(out_ptr, "out_ptr");
   int64_t id_range[2];
   {
     py::gil_scoped_release release;
@@ -48,9 +71,9 @@ py::object forward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64
   return py::make_tuple(id_range[0], id_range[1]);
 }
 
-// Runs the backward kernel with grad * scale (scale 1: grad as given).
+// Runs the backward kernel with grad * scale (scale 1: grad as given); id_range as the forward's.
 template <class S>
-void backward_scaled(segcft::Problem p, const S* grad, double scale, int num_threads) {
+void backward_scaled(segcft::Problem p, const S* grad, double scale, int num_threads, int64_t* id_range) {
   std::vector<S> scaled;
   if (scale != 1.0) {
     const std::size_t n = out_numel(p);
@@ -60,28 +83,48 @@ void backward_scaled(segcft::Problem p, const S* grad, double scale, int num_thr
     grad = scaled.data();
   }
   p.grad = grad;
-  segcft::cpu::soft_area_backward(p, num_threads);
+  segcft::cpu::soft_area_backward(p, num_threads, id_range);
 }
 
-void backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
-              const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
-              const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
-              std::uintptr_t grad_ptr, std::uintptr_t grad_logits_ptr, int num_threads, double scale) {
+// Returns ("regions", lo, hi) when the map holds ids outside [0, R) (the gradient is then
+// incomplete), else None.
+py::object backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
+                    const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
+                    const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
+                    std::uintptr_t grad_ptr, std::uintptr_t grad_logits_ptr, int num_threads, double scale) {
   segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr,
                                            region_strides, num_regions, activation);
-  p.grad_logits = reinterpret_cast<void*>(grad_logits_ptr);
-  py::gil_scoped_release release;
-  if (p.dtype == segcft::DType::Float64) {
-    backward_scaled(p, reinterpret_cast<const double*>(grad_ptr), scale, num_threads);
-  } else {
-    backward_scaled(p, reinterpret_cast<const float*>(grad_ptr), scale, num_threads);
+  check_positive(scale, "scale");
+  if (p.batch * p.channels * p.spatial_numel() > 0) {
+    check_ptr(grad_ptr, "grad_ptr");
+    check_ptr(grad_logits_ptr, "grad_logits_ptr");
   }
+  p.grad_logits = reinterpret_cast<void*>(grad_logits_ptr);
+  int64_t id_range[2];
+  {
+    py::gil_scoped_release release;
+    if (p.dtype == segcft::DType::Float64) {
+      backward_scaled(p, reinterpret_cast<const double*>(grad_ptr), scale, num_threads, id_range);
+    } else {
+      backward_scaled(p, reinterpret_cast<const float*>(grad_ptr), scale, num_threads, id_range);
+    }
+  }
+  return region_error(p, id_range);
 }
 
 LossTerms loss_terms(const segcft::Problem& p, std::uintptr_t index_ptr, int64_t k, std::uintptr_t targets_ptr,
                      std::uintptr_t weights_ptr, std::uintptr_t scale_ptr, int penalty, double huber_delta) {
   if (penalty < 0 || penalty > 2) throw std::invalid_argument("penalty must be 0 (l1), 1 (l2) or 2 (huber)");
   if (k < 0) throw std::invalid_argument("k must be >= 0");
+  check_positive(huber_delta, "huber_delta");
+  if (k > 0) {
+    check_ptr(index_ptr, "index_ptr");
+    check_ptr(scale_ptr, "scale_ptr");
+    if (p.batch > 0) {
+      check_ptr(targets_ptr, "targets_ptr");
+      check_ptr(weights_ptr, "weights_ptr");
+    }
+  }
   LossTerms t;
   t.batch = p.batch;
   t.channels = p.channels;
@@ -96,10 +139,30 @@ LossTerms loss_terms(const segcft::Problem& p, std::uintptr_t index_ptr, int64_t
   return t;
 }
 
-// Soft areas and the loss in one call. Checks the index rows first (class in [0, C), region in
-// [-1, R)) and returns ("index", class_lo, class_hi, region_lo, region_hi) without touching the
-// logits when one is out of range; after the kernel, ("regions", lo, hi) when a region id is out
-// of [0, R) (the loss is then not computed); None when all is well.
+template <class S>
+py::object scale_error(const LossTerms& t) {
+  const S* s = static_cast<const S*>(t.scale);
+  for (int64_t k = 0; k < t.k; ++k)
+    if (!(std::isfinite(s[k]) && s[k] > S(0))) return py::make_tuple("scale", k, static_cast<double>(s[k]));
+  return py::none();
+}
+
+// ("index", class_lo, class_hi, region_lo, region_hi) when an index row is out of range (class
+// in [0, C), region in [-1, R) and -1 without a map), ("scale", k, value) when scale[k] is not
+// finite and > 0, else None. O(K): runs before any kernel.
+py::object loss_input_error(const segcft::Problem& p, const LossTerms& t) {
+  if (t.k > 0) {
+    int64_t r[4];
+    segcft::cpu::index_ranges(t, r);
+    if (r[0] < 0 || r[1] >= p.channels || r[2] < -1 || r[3] >= p.num_regions)
+      return py::make_tuple("index", r[0], r[1], r[2], r[3]);
+  }
+  return p.dtype == segcft::DType::Float64 ? scale_error<double>(t) : scale_error<float>(t);
+}
+
+// Soft areas and the loss in one call. Checks the loss inputs first (see loss_input_error) and
+// returns their error tuple without touching the logits; after the kernel, ("regions", lo, hi)
+// when a region id is out of [0, R) (the loss is then not computed); None when all is well.
 py::object loss_forward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
                         const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
                         const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
@@ -109,19 +172,18 @@ py::object loss_forward(std::uintptr_t logits_ptr, int dtype, const std::vector<
   const segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr,
                                                  region_strides, num_regions, activation);
   const LossTerms t = loss_terms(p, index_ptr, k, targets_ptr, weights_ptr, scale_ptr, penalty, huber_delta);
-  if (k > 0) {
-    int64_t r[4];
-    segcft::cpu::index_ranges(t, r);
-    if (r[0] < 0 || r[1] >= p.channels || r[2] < -1 || r[3] >= num_regions)
-      return py::make_tuple("index", r[0], r[1], r[2], r[3]);
-  }
+  check_positive(voxel_volume, "voxel_volume");
+  check_ptr(loss_ptr, "loss_ptr");
+  if (out_numel(p) > 0) check_ptr(areas_ptr, "areas_ptr");
+  py::object bad = loss_input_error(p, t);
+  if (!bad.is_none()) return bad;
   int64_t id_range[2];
   {
     py::gil_scoped_release release;
     forward_scaled(p, reinterpret_cast<void*>(areas_ptr), num_threads, voxel_volume, id_range);
   }
-  if (p.regions != nullptr && p.batch * p.spatial_numel() > 0 && (id_range[0] < 0 || id_range[1] >= num_regions))
-    return py::make_tuple("regions", id_range[0], id_range[1]);
+  bad = region_error(p, id_range);
+  if (!bad.is_none()) return bad;
   if (p.dtype == segcft::DType::Float64) {
     *reinterpret_cast<double*>(loss_ptr) =
         segcft::cpu::area_loss_value(t, reinterpret_cast<const double*>(areas_ptr));
@@ -132,30 +194,40 @@ py::object loss_forward(std::uintptr_t logits_ptr, int dtype, const std::vector<
 }
 
 // dL/dlogits of the loss (areas as returned by loss_forward; grad_areas_ptr 0 when the areas
-// output has no gradient).
-void loss_backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
-                   const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
-                   const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
-                   std::uintptr_t grad_logits_ptr, int num_threads, double voxel_volume, std::uintptr_t areas_ptr,
-                   std::uintptr_t index_ptr, int64_t k, std::uintptr_t targets_ptr, std::uintptr_t weights_ptr,
-                   std::uintptr_t scale_ptr, int penalty, double huber_delta, double grad_loss,
-                   std::uintptr_t grad_areas_ptr) {
+// output has no gradient). Returns None, or the error tuples of loss_forward (the index and scale
+// before any work, the region ids after the kernel).
+py::object loss_backward(std::uintptr_t logits_ptr, int dtype, const std::vector<int64_t>& shape,
+                         const std::vector<int64_t>& strides, std::uintptr_t regions_ptr,
+                         const std::vector<int64_t>& region_strides, int64_t num_regions, int activation,
+                         std::uintptr_t grad_logits_ptr, int num_threads, double voxel_volume,
+                         std::uintptr_t areas_ptr, std::uintptr_t index_ptr, int64_t k, std::uintptr_t targets_ptr,
+                         std::uintptr_t weights_ptr, std::uintptr_t scale_ptr, int penalty, double huber_delta,
+                         double grad_loss, std::uintptr_t grad_areas_ptr) {
   segcft::Problem p = segcft::make_problem(logits_ptr, dtype, shape, strides, regions_ptr, region_strides,
                                            num_regions, activation);
   const LossTerms t = loss_terms(p, index_ptr, k, targets_ptr, weights_ptr, scale_ptr, penalty, huber_delta);
+  check_positive(voxel_volume, "voxel_volume");
+  if (out_numel(p) > 0) check_ptr(areas_ptr, "areas_ptr");
+  if (p.batch * p.channels * p.spatial_numel() > 0) check_ptr(grad_logits_ptr, "grad_logits_ptr");
+  const py::object bad = loss_input_error(p, t);
+  if (!bad.is_none()) return bad;
   p.grad_logits = reinterpret_cast<void*>(grad_logits_ptr);
-  py::gil_scoped_release release;
-  if (p.dtype == segcft::DType::Float64) {
-    const auto g = segcft::cpu::area_loss_grad(t, reinterpret_cast<const double*>(areas_ptr), grad_loss,
-                                               reinterpret_cast<const double*>(grad_areas_ptr), voxel_volume);
-    p.grad = g.data();
-    segcft::cpu::soft_area_backward(p, num_threads);
-  } else {
-    const auto g = segcft::cpu::area_loss_grad(t, reinterpret_cast<const float*>(areas_ptr), grad_loss,
-                                               reinterpret_cast<const float*>(grad_areas_ptr), voxel_volume);
-    p.grad = g.data();
-    segcft::cpu::soft_area_backward(p, num_threads);
+  int64_t id_range[2];
+  {
+    py::gil_scoped_release release;
+    if (p.dtype == segcft::DType::Float64) {
+      const auto g = segcft::cpu::area_loss_grad(t, reinterpret_cast<const double*>(areas_ptr), grad_loss,
+                                                 reinterpret_cast<const double*>(grad_areas_ptr), voxel_volume);
+      p.grad = g.data();
+      segcft::cpu::soft_area_backward(p, num_threads, id_range);
+    } else {
+      const auto g = segcft::cpu::area_loss_grad(t, reinterpret_cast<const float*>(areas_ptr), grad_loss,
+                                                 reinterpret_cast<const float*>(grad_areas_ptr), voxel_volume);
+      p.grad = g.data();
+      segcft::cpu::soft_area_backward(p, num_threads, id_range);
+    }
   }
+  return region_error(p, id_range);
 }
 
 }  // namespace
@@ -171,14 +243,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("soft_area_backward", &backward, py::arg("logits_ptr"), py::arg("dtype"), py::arg("shape"),
         py::arg("strides"), py::arg("regions_ptr"), py::arg("region_strides"), py::arg("num_regions"),
         py::arg("activation"), py::arg("grad_ptr"), py::arg("grad_logits_ptr"), py::arg("num_threads"),
-        py::arg("scale") = 1.0, "dL/dlogits (contiguous, logits dtype) from dL/d(raw sums) = grad * scale.");
+        py::arg("scale") = 1.0,
+        "dL/dlogits (contiguous, logits dtype) from dL/d(raw sums) = grad * scale; returns None, or "
+        "('regions', lo, hi) when the map holds ids outside [0, num_regions).");
   m.def("area_loss_forward", &loss_forward,
         "Areas (raw sums times voxel_volume) and the area loss into loss_ptr (0-dim, areas' type) in one "
         "call; targets, weights and scale contiguous in the areas' type, index contiguous int64 (K, 2). "
-        "Returns None, or ('index', ...) / ('regions', lo, hi) with the ranges found when ids are out of range.");
+        "Returns None, or ('index', ...) / ('regions', lo, hi) with the ranges found when ids are out of range, "
+        "or ('scale', k, value) when scale[k] is not finite and > 0.");
   m.def("area_loss_backward", &loss_backward,
         "dL/dlogits of the area loss for dL/dloss = grad_loss (plus grad_areas on the areas output, "
-        "grad_areas_ptr 0 for none).");
+        "grad_areas_ptr 0 for none); returns None or the error tuples of area_loss_forward.");
   m.def("cpu_isa", &segcft::cpu::active_isa,
         "Instruction set the kernels use on this CPU: avx512, avx2 or scalar (SEGCFT_CPU_ISA lowers it).");
 }

@@ -14,9 +14,16 @@
 // sigmoid backward: dL/dl[b,k,s] = g[b,k,r(s)] p (1 - p).
 // Forward sums are accumulated in the compute precision inside fixed chunks of the flattened
 // spatial axes and combined in chunk order, so results are bitwise identical for any number of
-// threads. Region ids outside [0, R) are never used to index memory (callers validate them).
+// threads. Region ids outside [0, R) are never used to index memory: both CPU kernels report the
+// smallest and largest id they read, and the bindings reject a map with ids outside [0, R).
+//
+// The bindings check every argument they can see (ranks, signs, codes, scalars, region and index
+// ranges); they cannot see the size of the memory behind a pointer, so the shapes and strides
+// must describe the tensors the pointers come from (segcft/ops/_custom.py checks that).
 #pragma once
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -28,6 +35,9 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 enum class Activation : int { Softmax = 0, Sigmoid = 1 };
 
 constexpr int kMaxSpatialDims = 3;
+// Largest region count R: the kernels keep C x R accumulators per worker and chunk, so an absurd
+// R (a stray label value) must be refused rather than allocated.
+constexpr int64_t kMaxRegions = 4096;
 
 // One soft-area problem with its spatial axes padded in front to three (size 1, stride 0).
 struct Problem {
@@ -70,13 +80,24 @@ inline Problem make_problem(std::uintptr_t logits_ptr, int dtype, const std::vec
   if (dtype < 0 || dtype > 3) throw std::invalid_argument("dtype must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64)");
   if (activation != 0 && activation != 1)
     throw std::invalid_argument("activation must be 0 (softmax) or 1 (sigmoid)");
-  if (num_regions < 0 || num_regions > 0x7fffffff)
-    throw std::invalid_argument("num_regions must be in [0, 2^31)");
+  if (num_regions < 0 || num_regions > kMaxRegions)
+    throw std::invalid_argument("num_regions must be in [0, " + std::to_string(kMaxRegions) + "], got " +
+                                std::to_string(num_regions));
   if ((regions_ptr != 0) != (num_regions > 0))
     throw std::invalid_argument("regions_ptr must be set exactly when num_regions > 0");
   const size_t nd = shape.size() - 2;
   if (regions_ptr != 0 && region_strides.size() != nd + 1)
     throw std::invalid_argument("region_strides must be [b, *s] with one entry per spatial axis plus one");
+  for (const int64_t s : region_strides)
+    if (s < 0) throw std::invalid_argument("region_strides must be >= 0");
+  if (std::find(shape.begin(), shape.end(), int64_t(0)) == shape.end()) {
+    int64_t numel = 1;
+    for (const int64_t n : shape) {
+      if (numel > INT64_MAX / n) throw std::invalid_argument("shape has 2^63 elements or more");
+      numel *= n;
+    }
+    if (logits_ptr == 0) throw std::invalid_argument("logits_ptr is null");
+  }
   Problem p;
   p.logits = reinterpret_cast<const void*>(logits_ptr);
   p.dtype = static_cast<DType>(dtype);
@@ -106,8 +127,10 @@ namespace cpu {
 // to id_range[0], id_range[1] (INT64_MAX, INT64_MIN when it read none), so callers can validate
 // the map without a second pass over it.
 void soft_area_forward(const Problem& p, void* out, int num_threads, int64_t* id_range = nullptr);
-// Writes dL/dlogits for grad = dL/d(raw sums) into p.grad_logits.
-void soft_area_backward(const Problem& p, int num_threads);
+// Writes dL/dlogits for grad = dL/d(raw sums) into p.grad_logits; with a region map and id_range
+// set, also the range of the region ids read (as soft_area_forward). Out-of-range ids get a zero
+// gradient; the caller rejects the result.
+void soft_area_backward(const Problem& p, int num_threads, int64_t* id_range = nullptr);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

@@ -37,8 +37,10 @@ struct KernelTable {
   // region id of the range into id_range[0], id_range[1] (overwritten).
   void (*forward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, double* partial,
                         int64_t* id_range, void* scratch);
-  // dL/dlogits over flattened spatial positions [begin, end) of batch item b.
-  void (*backward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch);
+  // dL/dlogits over flattened spatial positions [begin, end) of batch item b; with a region map,
+  // also the smallest and largest region id read into id_range[0], id_range[1] (overwritten).
+  void (*backward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range,
+                         void* scratch);
 };
 
 KernelTable scalar_kernels();

@@ -105,6 +105,19 @@ struct Vec256 {
     const __m256i ltR = _mm256_cmpgt_epi32(_mm256_set1_epi32(R), ids);
     return _mm256_castsi256_ps(_mm256_and_si256(ge0, ltR));
   }
+  // load_ids keeps the low 32 bits of each id, so valid may pass 2^32 + r: the 8 ids at p are
+  // compared on all 64 bits (lanes with id < 0 or id >= R set).
+  using BadIds = __m256i;
+  static BadIds no_bad_ids() { return _mm256_setzero_si256(); }
+  static BadIds flag_bad_ids(BadIds bad, const int64_t* p, M, int R) {
+    const __m256i lo = _mm256_set1_epi64x(-1), hi = _mm256_set1_epi64x(R);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4));
+    const __m256i ok = _mm256_and_si256(_mm256_and_si256(_mm256_cmpgt_epi64(a, lo), _mm256_cmpgt_epi64(hi, a)),
+                                        _mm256_and_si256(_mm256_cmpgt_epi64(b, lo), _mm256_cmpgt_epi64(hi, b)));
+    return _mm256_or_si256(bad, _mm256_xor_si256(ok, _mm256_set1_epi64x(-1)));
+  }
+  static bool any_bad_ids(BadIds bad) { return !_mm256_testz_si256(bad, bad); }
   static M tail(int n) {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
   }

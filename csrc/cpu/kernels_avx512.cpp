@@ -120,6 +120,11 @@ struct Vec512 {
   static constexpr bool kVecIdRange = true;
   static M eq(I ids, int r) { return _mm512_cmpeq_epi32_mask(ids, _mm512_set1_epi32(r)); }
   static M valid(I ids, int R) { return _mm512_cmplt_epu32_mask(ids, _mm512_set1_epi32(R)); }
+  // load_ids saturates, so valid is exact on all 64 bits of the ids.
+  using BadIds = M;
+  static BadIds no_bad_ids() { return 0; }
+  static BadIds flag_bad_ids(BadIds bad, const int64_t*, M ok, int) { return static_cast<M>(bad | ~ok); }
+  static bool any_bad_ids(BadIds bad) { return bad != 0; }
   static M tail(int n) { return static_cast<M>((1u << n) - 1u); }
   static F mask_add(F acc, M m, F x) { return _mm512_mask_add_ps(acc, m, acc, x); }
   static F mask_fmadd(F acc, M m, F a, F b) { return _mm512_mask3_fmadd_ps(a, b, acc, m); }

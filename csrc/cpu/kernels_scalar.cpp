@@ -142,6 +142,10 @@ struct Vec1 {
   static constexpr bool kVecIdRange = false;
   static M eq(I id, int r) { return id == r; }
   static M valid(I id, int R) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(R); }
+  using BadIds = bool;
+  static BadIds no_bad_ids() { return false; }
+  static BadIds flag_bad_ids(BadIds bad, const int64_t*, M ok, int) { return bad || !ok; }  // valid is exact
+  static bool any_bad_ids(BadIds bad) { return bad; }
   static M tail(int n) { return n > 0; }
   static F mask_add(F acc, M m, F x) { return m ? acc + x : acc; }
   static F mask_fmadd(F acc, M m, F a, F b) { return m ? a * b + acc : acc; }
@@ -166,9 +170,10 @@ void forward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, doub
   forward_chunk_dispatch<VecF>(p, b, begin, end, partial, id_range, scratch);
 }
 
-void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, void* scratch) {
-  if (p.dtype == DType::Float64) return backward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, scratch);
-  backward_chunk_dispatch<VecF>(p, b, begin, end, scratch);
+void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range, void* scratch) {
+  if (p.dtype == DType::Float64)
+    return backward_chunk_impl<VecD, DType::Float64, 0>(p, b, begin, end, id_range, scratch);
+  backward_chunk_dispatch<VecF>(p, b, begin, end, id_range, scratch);
 }
 
 }  // namespace

@@ -236,14 +236,25 @@ void soft_area_forward(const Problem& p, void* out, int num_threads, int64_t* id
   }
 }
 
-void soft_area_backward(const Problem& p, int num_threads) {
+void soft_area_backward(const Problem& p, int num_threads, int64_t* id_range) {
   const std::vector<Chunk> chunks = make_chunks(p);
-  if (chunks.empty() || p.channels == 0) return;
-  const KernelTable table = select_table(p.dtype);
-  run_chunks(chunks.size(), effective_threads(p, chunks.size(), num_threads), table.scratch_bytes(p),
-             [&](std::size_t i, void* scratch) {
-               table.backward_chunk(p, chunks[i].b, chunks[i].begin, chunks[i].end, scratch);
-             });
+  int64_t id_lo = INT64_MAX, id_hi = INT64_MIN;
+  if (!chunks.empty() && p.channels > 0) {
+    const KernelTable table = select_table(p.dtype);
+    std::vector<int64_t> ranges(2 * chunks.size());
+    run_chunks(chunks.size(), effective_threads(p, chunks.size(), num_threads), table.scratch_bytes(p),
+               [&](std::size_t i, void* scratch) {
+                 table.backward_chunk(p, chunks[i].b, chunks[i].begin, chunks[i].end, &ranges[2 * i], scratch);
+               });
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+      id_lo = std::min(id_lo, ranges[2 * i]);
+      id_hi = std::max(id_hi, ranges[2 * i + 1]);
+    }
+  }
+  if (id_range != nullptr) {
+    id_range[0] = id_lo;
+    id_range[1] = id_hi;
+  }
 }
 
 const char* active_isa() { return select_table(DType::Float32).name; }

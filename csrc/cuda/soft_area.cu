@@ -757,8 +757,9 @@ Problem prepare(const SoftAreaArgs& args) {
     bad_argument("activation must be 0 (softmax) or 1 (sigmoid), got " +
                  std::to_string(args.activation));
   }
-  if (args.num_regions < 0 || args.num_regions > INT_MAX) {
-    bad_argument("num_regions must be in [0, 2^31), got " + std::to_string(args.num_regions));
+  if (args.num_regions < 0 || args.num_regions > kMaxRegions) {
+    bad_argument("num_regions must be in [0, " + std::to_string(kMaxRegions) + "], got " +
+                 std::to_string(args.num_regions));
   }
   const int nd = static_cast<int>(rank) - 2;
   const bool has_regions = args.num_regions > 0;

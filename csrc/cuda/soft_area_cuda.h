@@ -9,6 +9,10 @@
 
 namespace segcft::cuda {
 
+/// Largest region count R (the same bound as the CPU kernels, csrc/soft_area.h): the forward keeps
+/// C x R partial sums per block, so a stray label value must be refused rather than allocated.
+constexpr std::int64_t kMaxRegions = 4096;
+
 /// Description of the logits (and optional region map) shared by forward and backward.
 struct SoftAreaArgs {
   std::uintptr_t logits = 0;                 // device pointer to (B, C, *S) logits

@@ -8,6 +8,13 @@ C++. In eager mode, `soft_area` and `area_loss` in segcft.ops run these same imp
 through a torch.autograd.Function (`eager_soft_area`, `eager_area_loss`) instead of the custom-op
 dispatcher, which costs tens of microseconds per call; torch.compile, tracing and other devices
 use the custom ops. Both routes compute bitwise the same values.
+
+The ops are public (`torch.ops.segcft.*`), so each op body checks all its arguments itself
+before any pointer reaches a kernel (`_validate.check_op_inputs` and friends: metadata only),
+and the fakes run the same checks; the eager route skips them, its public callers in
+segcft.ops having run them. Value checks sit in the shared implementations and ride on the
+kernels' own passes: the CPU kernels report the range of the region ids they read and check
+the index rows and scale of the loss in C++; the other routes read them with torch.
 """
 
 from __future__ import annotations
@@ -100,13 +107,17 @@ def _soft_area_backward_impl(
     module = _cpu_module(logits)
     if module is not None:
         out = torch.empty(logits.shape, dtype=logits.dtype)
-        module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
-                                  out.data_ptr(), torch.get_num_threads(), scale)
+        bad = module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
+                                        out.data_ptr(), torch.get_num_threads(), scale)
+        if bad is not None:
+            _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
     if scale != 1.0:
         grad = grad * scale
     module = _kernel_module(logits)
     if module is None:
+        # The CUDA kernels skip ids outside [0, R); torch's gather would fault on them.
+        v.check_region_values(regions, num_regions)
         return reference.raw_backward(logits, regions, num_regions, activation, grad)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if logits.numel() == 0:
@@ -126,11 +137,15 @@ def soft_area_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) from grad = dL/d(raw sums) (B, C, max(R, 1)):
     recomputes the probabilities from the logits in one pass."""
+    regions = v.check_op_inputs(logits, regions, num_regions, activation, 1.0)
+    v.check_grad("grad", grad, logits, _sums_shape(logits, num_regions))
     return _soft_area_backward_impl(logits, regions, num_regions, activation, grad)
 
 
 @soft_area_backward.register_fake
 def _(logits, regions, num_regions, activation, grad):
+    v.check_op_inputs(logits, regions, num_regions, activation, 1.0)
+    v.check_grad("grad", grad, logits, _sums_shape(logits, num_regions))
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -142,13 +157,14 @@ def soft_area_op(
     logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
 ) -> torch.Tensor:
     """Soft areas (B, C, max(R, 1)) in physical units: one pass over the logits."""
+    regions = v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
     return _soft_area_impl(logits, regions, num_regions, activation, voxel_volume)
 
 
 @soft_area_op.register_fake
 def _(logits, regions, num_regions, activation, voxel_volume):
-    b, c = logits.shape[:2]
-    return logits.new_empty((b, c, max(num_regions, 1)), dtype=v.accumulate_dtype(logits.dtype))
+    v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
+    return logits.new_empty(_sums_shape(logits, num_regions), dtype=v.accumulate_dtype(logits.dtype))
 
 
 def _soft_area_setup(ctx, inputs, output) -> None:
@@ -208,9 +224,34 @@ def _loss_tensors(logits, targets, weights, index, scale):
 
 
 def _raise_bad_ids(bad: tuple, num_classes: int, num_regions: int) -> None:
+    """Raises the error for a C++ error tuple ("index", ...), ("scale", k, value) or ("regions", lo, hi)."""
     if bad[0] == "index":
         v.check_index_range(bad[1], bad[2], bad[3], bad[4], num_classes, num_regions)
+    if bad[0] == "scale":
+        v.scale_error(bad[1], bad[2])
     v.check_region_range(bad[1], bad[2], num_regions)
+
+
+def _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
+                          penalty, huber_delta) -> torch.Tensor | None:
+    """The metadata checks of segcft::area_loss and its backward; returns the region map as int64."""
+    regions = v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
+    v.check_penalty(penalty, huber_delta)
+    v.check_loss_inputs(logits, targets, weights, index, scale)
+    return regions
+
+
+def _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas) -> None:
+    shape = _sums_shape(logits, num_regions)
+    v.check_grad("areas", areas, logits, shape)
+    v.check_grad("grad_loss", grad_loss, logits, ())
+    if grad_areas is not None:
+        v.check_grad("grad_areas", grad_areas, logits, shape)
+
+
+def _sums_shape(logits: torch.Tensor, num_regions: int) -> tuple[int, int, int]:
+    """(B, C, max(R, 1)): the shape of the raw sums, the areas and their gradients."""
+    return (logits.shape[0], logits.shape[1], max(num_regions, 1))
 
 
 def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
@@ -219,7 +260,7 @@ def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volum
     acc = v.accumulate_dtype(logits.dtype)
     b, c = logits.shape[:2]
     if module is None:
-        v.check_index_values(index, c, num_regions)
+        v.check_loss_values(index, scale, c, num_regions)
         areas = _raw_sums(logits, regions, num_regions, activation) * voxel_volume
         u = (reference.variable_areas(areas, index) - targets.to(acc)) / scale.to(acc)
         loss = (weights.to(acc) * reference.rho(u, penalty, huber_delta)).sum() / max(b, 1)
@@ -241,17 +282,21 @@ def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_vol
                              index, scale, penalty, huber_delta, grad_loss, grad_areas):
     """dL/dlogits of the area loss from dL/dloss (0-dim) and dL/dareas (or None)."""
     module = _cpu_module(logits)
-    acc = areas.dtype
+    acc = v.accumulate_dtype(logits.dtype)
+    areas = areas.to(acc).contiguous()
     if module is not None:
         t, w, idx, s = _loss_tensors(logits, targets, weights, index, scale)
         out = torch.empty(logits.shape, dtype=logits.dtype)
         ga = None if grad_areas is None else grad_areas.to(acc).contiguous()
-        module.area_loss_backward(
+        bad = module.area_loss_backward(
             *_kernel_args(logits, regions, num_regions, activation), out.data_ptr(), torch.get_num_threads(),
             voxel_volume, areas.data_ptr(), idx.data_ptr(), idx.shape[0], t.data_ptr(), w.data_ptr(),
             s.data_ptr(), _PENALTY_CODES[penalty], huber_delta, float(grad_loss), 0 if ga is None else ga.data_ptr(),
         )
+        if bad is not None:
+            _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
+    v.check_loss_values(index, scale, logits.shape[1], num_regions)
     b, c, rb = areas.shape
     grad_a = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss)[0]
     cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
@@ -309,6 +354,9 @@ def area_loss_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) of segcft::area_loss: the loss gradient dL/dA and
     the soft-area backward in one op."""
+    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
+                                    scale, penalty, huber_delta)
+    _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
     return _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets,
                                     weights, index, scale, penalty, huber_delta, grad_loss, grad_areas)
 
@@ -316,6 +364,9 @@ def area_loss_backward(
 @area_loss_backward.register_fake
 def _(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights, index, scale, penalty,
       huber_delta, grad_loss, grad_areas):
+    _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
+                          penalty, huber_delta)
+    _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -335,15 +386,18 @@ def area_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, areas): the batch mean of sum_k w rho((A - t) / scale), and the areas
     (B, C, max(R, 1)) it was computed from (kept for the backward; tiny)."""
+    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
+                                    scale, penalty, huber_delta)
     return _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
                            num_regions, huber_delta)
 
 
 @area_loss_op.register_fake
 def _(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta):
-    b, c = logits.shape[:2]
+    _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
+                          penalty, huber_delta)
     acc = v.accumulate_dtype(logits.dtype)
-    return logits.new_empty((), dtype=acc), logits.new_empty((b, c, max(num_regions, 1)), dtype=acc)
+    return logits.new_empty((), dtype=acc), logits.new_empty(_sums_shape(logits, num_regions), dtype=acc)
 
 
 def _area_loss_setup(ctx, inputs, output) -> None:

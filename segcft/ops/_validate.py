@@ -1,7 +1,10 @@
 """Argument checks shared by the kernel ops and the pure-torch reference.
 
-Shape, dtype and device checks read only metadata (safe under torch.compile); the value checks
-(`check_region_values`, `check_index_values`) read data and run inside the op implementations.
+Shape, dtype and device checks read only metadata (safe under torch.compile) and run in the
+public functions, in every custom op's body and in its fake (the ops are public:
+`torch.ops.segcft.*` may be called directly). The value checks (`check_region_values`,
+`check_index_values`, `check_scale_values`, `check_loss_values`) read data and run inside the
+op implementations; on the CPU the kernels do them on their own pass over the data instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from segcft.errors import UserError
 ACTIVATIONS = ("softmax", "sigmoid")
 PENALTIES = ("l1", "l2", "huber")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Largest region count R, as kMaxRegions in csrc/soft_area.h and csrc/cuda/soft_area_cuda.h: the
+# kernels keep C x R sums per worker, so a stray label value must not become an allocation.
+MAX_REGIONS = 4096
 
 
 class OpValueError(UserError, ValueError):
@@ -58,9 +64,16 @@ def check_penalty(penalty: str, huber_delta: float) -> str:
     """Checks the penalty name and the Huber threshold."""
     if penalty not in PENALTIES:
         raise OpValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
-    if not isinstance(huber_delta, Real) or not huber_delta > 0:
-        raise OpValueError(f"huber_delta must be a number > 0, got {huber_delta!r}")
+    if isinstance(huber_delta, bool) or not isinstance(huber_delta, Real) or not 0 < huber_delta < math.inf:
+        raise OpValueError(f"huber_delta must be a finite number > 0, got {huber_delta!r}")
     return penalty
+
+
+def check_positive(name: str, value: float) -> float:
+    """Checks a scalar op argument that scales or divides: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+        raise OpValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def voxel_volume(spacing: float | Sequence[float], nd: int) -> float:
@@ -80,13 +93,15 @@ def voxel_volume(spacing: float | Sequence[float], nd: int) -> float:
     volume = 1.0
     for value in values:
         volume *= float(value)
+    if not 0 < volume < math.inf:
+        raise OpValueError(f"spacing {spacing!r} gives a voxel volume of {volume}, expected a finite number > 0")
     return volume
 
 
 def check_regions(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int) -> torch.Tensor | None:
     """Checks a region map (B, *S) against the logits; returns it as int64 (or None)."""
-    if isinstance(num_regions, bool) or not isinstance(num_regions, int) or num_regions < 0:
-        raise OpValueError(f"num_regions must be an int >= 0, got {num_regions!r}")
+    if isinstance(num_regions, bool) or not isinstance(num_regions, int) or not 0 <= num_regions <= MAX_REGIONS:
+        raise OpValueError(f"num_regions must be an int in [0, {MAX_REGIONS}], got {num_regions!r}")
     if regions is None:
         if num_regions != 0:
             raise OpValueError(f"num_regions={num_regions} needs a region map (regions=None was given)")
@@ -95,8 +110,8 @@ def check_regions(logits: torch.Tensor, regions: torch.Tensor | None, num_region
         raise OpTypeError(f"regions must be a torch.Tensor (B, *S) or None, got {type(regions).__name__}")
     if regions.dtype.is_floating_point or regions.dtype.is_complex or regions.dtype == torch.bool:
         raise OpTypeError(f"regions must be an integer tensor of region ids, got {regions.dtype}")
-    if num_regions < 1 or num_regions >= 2**31:
-        raise OpValueError(f"num_regions must be in [1, 2^31) when regions are given, got {num_regions}")
+    if num_regions < 1:
+        raise OpValueError(f"num_regions must be in [1, {MAX_REGIONS}] when regions are given, got {num_regions}")
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(regions.shape) != tuple(expected):
         raise OpValueError(
@@ -177,3 +192,47 @@ def check_index_range(cls_lo: int, cls_hi: int, reg_lo: int, reg_hi: int, num_cl
     if reg_lo < -1 or reg_hi >= num_regions:
         expected = "-1 (whole class; no region map was given)" if num_regions == 0 else f"[-1, {num_regions})"
         raise OpValueError(f"index[:, 1] must hold region ids in {expected}, found values in [{reg_lo}, {reg_hi}]")
+
+
+def check_scale_values(scale: torch.Tensor) -> None:
+    """Raises unless every entry of area_loss's scale (K,) is finite and > 0 (reads it once)."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        scale_error(k, float(scale[k]))
+
+
+def check_loss_values(index: torch.Tensor, scale: torch.Tensor, num_classes: int, num_regions: int) -> None:
+    """check_index_values and check_scale_values with one read back from the device when all is well."""
+    cls, reg = index[:, 0], index[:, 1]
+    ok = ((cls >= 0) & (cls < num_classes) & (reg >= -1) & (reg < num_regions)).all()
+    if not bool(ok & (torch.isfinite(scale) & (scale > 0)).all()):
+        check_index_values(index, num_classes, num_regions)
+        check_scale_values(scale)
+
+
+def scale_error(k: int, value: float) -> None:
+    """Raises the error for scale[k] = value, an entry that is not finite and > 0."""
+    raise OpValueError(f"scale must hold finite values > 0 (it divides A - t), found scale[{k}] = {value}")
+
+
+def check_op_inputs(
+    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, voxel_volume: float
+) -> torch.Tensor | None:
+    """The checks every segcft custom op runs on its shared arguments; returns the region map as
+    int64 (or None). Metadata only."""
+    check_logits(logits)
+    check_activation(activation)
+    check_positive("voxel_volume", voxel_volume)
+    return check_regions(logits, regions, num_regions)
+
+
+def check_grad(name: str, grad: torch.Tensor, logits: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Checks a floating-point gradient input of an op: its exact shape and the logits' device."""
+    if not isinstance(grad, torch.Tensor):
+        raise OpTypeError(f"{name} must be a torch.Tensor, got {type(grad).__name__}")
+    if not grad.dtype.is_floating_point:
+        raise OpTypeError(f"{name} must be a floating-point tensor, got {grad.dtype}")
+    if tuple(grad.shape) != tuple(shape):
+        raise OpValueError(f"{name} must have shape {tuple(shape)}, got {tuple(grad.shape)}")
+    check_same_device(logits, **{name: grad})

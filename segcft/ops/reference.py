@@ -118,7 +118,7 @@ def area_loss(
     regions = v.check_regions(logits, regions, num_regions)
     v.check_loss_inputs(logits, targets, weights, index, scale)
     v.check_region_values(regions, num_regions)
-    v.check_index_values(index, logits.shape[1], num_regions)
+    v.check_loss_values(index, scale, logits.shape[1], num_regions)
     acc = v.accumulate_dtype(logits.dtype)
     areas = raw_sums(logits, regions, num_regions, activation) * vol
     a = variable_areas(areas, index)
