@@ -1,5 +1,5 @@
 // CUDA soft-area kernels: per-class (and per-region) sums of softmax/sigmoid probabilities and
-// their gradient (METHOD.md section 3). Probabilities are recomputed in registers, never stored.
+// their gradient (docs/method.md section 4). Probabilities are recomputed in registers, never stored.
 //
 // Forward (deterministic two-pass reduction):
 //   pass 1  grid (blocks per image, batch, class chunks), 32..256 threads. Each block owns a

@@ -1,4 +1,4 @@
-// Host interface of the CUDA soft-area kernels (METHOD.md section 3).
+// Host interface of the CUDA soft-area kernels (docs/method.md section 4).
 //
 // Tensors cross as raw device pointers, shapes and element strides, so neither this header nor
 // the kernels depend on libtorch. All work is enqueued on the caller's stream.

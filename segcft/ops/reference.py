@@ -2,7 +2,7 @@
 
 Used as the fallback where the compiled kernels are missing, and as the ground truth in tests.
 `soft_area` and `area_loss` differentiate through torch autograd; `raw_sums` and
-`raw_backward` mirror the two kernels (raw sums, and the closed-form gradient of METHOD.md 3).
+`raw_backward` mirror the two kernels (raw sums, and the closed-form gradient of docs/method.md section 4.5).
 """
 
 from __future__ import annotations
