@@ -280,6 +280,23 @@ def test_yaml_label_out_of_range(good, tmp_path):
     assert {"structures.1.5", f"structures.{2**40}"} <= keys
 
 
+def test_yaml_region_id_beyond_the_kernels_bound(good, tmp_path):
+    """Region id 2,000,000,000 in dataset.yaml would make the kernels allocate per class x
+    region: `data check` names the key, and DatasetInfo refuses it for plugin datasets too."""
+    from segcft.data.variables import MAX_REGION_ID, DatasetInfo, Normalisation
+    from segcft.ops._validate import MAX_REGIONS
+
+    assert MAX_REGION_ID == MAX_REGIONS - 1
+    root = _copy(good, tmp_path)
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    spec["regions"] = {1: "proximal", 2_000_000_000: "distal"}
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    problems = tools.check_dataset(root)
+    assert "regions.2000000000" in {p.key for p in problems}
+    with pytest.raises(ValueError, match=r"region ids must be integers in \[1, 4095\]"):
+        DatasetInfo("d", 2, (4, 4), (1.0, 1.0), {1: "a"}, [], Normalisation((), ()), regions={4096: "r"})
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run folder with only its config.yaml (as a run whose dataset.json was lost)."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from segcft.data.configs import TiffConfig
-from segcft.data.variables import DatasetInfo, Measure, Variable, fit_normalisation
+from segcft.data.variables import MAX_REGION_ID, DatasetInfo, Measure, Variable, fit_normalisation
 from segcft.errors import DatasetError
 
 SPEC_FILE = "dataset.yaml"
@@ -120,7 +120,7 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = False) -> dict[int, str]:
+def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = False, top: int = 2**31 - 1) -> dict[int, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -135,8 +135,8 @@ def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = Fals
         except (TypeError, ValueError):
             problems.append(Problem(f"id {k!r} is not an integer", SPEC_FILE, key=f"{key}.{k}"))
             continue
-        if not (0 if allow_zero else 1) <= i < 2**31 or not isinstance(v, str) or not v:
-            problems.append(Problem(f"expected an id in [1, 2**31) mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
+        if not (0 if allow_zero else 1) <= i <= top or not isinstance(v, str) or not v:
+            problems.append(Problem(f"expected an id in [1, {top}] mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
             continue
         out[i] = v
     if len(set(out.values())) != len(out):
@@ -192,7 +192,7 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
     structures = _id_map(data.get("structures"), "structures", problems)
     if not structures and "structures" not in data:
         problems.append(Problem("expected a mapping {label: name} with at least one structure", SPEC_FILE, key="structures"))
-    regions = _id_map(data.get("regions"), "regions", problems)
+    regions = _id_map(data.get("regions"), "regions", problems, top=MAX_REGION_ID)
 
     variables: list[Variable] = []
     raw_vars = data.get("variables")

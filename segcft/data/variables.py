@@ -81,6 +81,11 @@ def fit_normalisation(variables: Sequence[Variable], rows: Iterable[Sequence[flo
     return Normalisation(tuple(mean), tuple(std))
 
 
+MAX_REGION_ID = 4095
+"""Largest region id: the kernels measure per class x region and accept at most 4096 regions
+(``segcft.ops`` MAX_REGIONS), ids 0..4095."""
+
+
 @dataclass
 class DatasetInfo:
     """Metadata of a dataset: geometry, label names, region names and the causal graph.
@@ -109,6 +114,9 @@ class DatasetInfo:
             raise ValueError(f"dataset {self.name!r}: duplicate variable names in {names}")
         if len(self.normalisation.mean) != len(self.variables):
             raise ValueError(f"dataset {self.name!r}: normalisation has the wrong length")
+        bad = [k for k in self.regions if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_REGION_ID]
+        if bad:
+            raise ValueError(f"dataset {self.name!r}: region ids must be integers in [1, {MAX_REGION_ID}], got {bad}")
         self.topological_order()  # validates the DAG
 
     # -- geometry -------------------------------------------------------------------------
