@@ -17,7 +17,66 @@ from segcft.distributed import Dist, resolve_device
 from segcft.dscm import DSCM
 from segcft.errors import UserError
 
-__all__ = ["Run", "generator_state", "load_run"]
+__all__ = ["Run", "RunDir", "generator_state", "load_run"]
+
+
+class RunDir:
+    """Every path of a run folder, spelled once (docs/design.md, "Run directory").
+
+    ``config.yaml`` (the resolved config), ``dataset.json`` (dataset metadata and
+    normalisation), ``checkpoints/<stage>.pt`` (a finished stage) and
+    ``checkpoints/<stage>.last.pt`` (its resume state while it runs), ``metrics.csv`` (+
+    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def final(self, stage: str) -> Path:
+        """The checkpoint of a finished stage."""
+        return self.checkpoints / f"{stage}.pt"
+
+    def last(self, stage: str) -> Path:
+        """The resume state of a stage that is running or was interrupted."""
+        return self.checkpoints / f"{stage}.last.pt"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (its resolved config)."""
+        return self.config.is_file()
 
 
 @dataclass
@@ -55,13 +114,13 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
     """Load a run folder written by :func:`run_training` (weights-only checkpoints)."""
     from segcft.config import read_yaml, run_config_from_dict
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    rd = RunDir(run_dir)
+    run_dir = rd.root
+    if not rd.is_run():
         raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
-    cfg = run_config_from_dict(read_yaml(run_dir / "config.yaml"))
-    info = read_dataset_info(run_dir / "dataset.json")
+    cfg = run_config_from_dict(read_yaml(rd.config))
+    info = read_dataset_info(rd.dataset_json)
     dev = resolve_device(device or cfg.device, Dist())
-    ck = run_dir / "checkpoints"
 
     def frozen(module: nn.Module, path: Path, what: str, state: dict[str, Any] | None = None) -> nn.Module:
         load_model_state(module, load_checkpoint(path) if state is None else state, path, what)
@@ -69,19 +128,19 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
 
     def optional(kind: str, stage: str) -> nn.Module | None:
         section = getattr(cfg, kind)
-        if not section.name or not (ck / f"{stage}.pt").is_file():
+        if not section.name or not rd.final(stage).is_file():
             return None
-        return frozen(build_component(kind, section, info), ck / f"{stage}.pt", f"{kind} {section.name!r}")
+        return frozen(build_component(kind, section, info), rd.final(stage), f"{kind} {section.name!r}")
 
     from segcft.models.mechanisms import ParentSCM
 
-    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), ck / "mechanisms.pt", "parent mechanisms")
+    mechanisms = frozen(ParentSCM(info, cfg.mechanisms), rd.final("mechanisms"), "parent mechanisms")
     gen_what = f"generator {cfg.generator.name!r}"
-    gen_state = generator_state(ck / "generator.pt")
-    generators = {"none": frozen(build_component("generator", cfg.generator, info), ck / "generator.pt", gen_what,
+    gen_state = generator_state(rd.final("generator"))
+    generators = {"none": frozen(build_component("generator", cfg.generator, info), rd.final("generator"), gen_what,
                                  gen_state)}
     for mode in cfg.cft.modes:
-        path = ck / f"cft-{mode}.pt"
+        path = rd.final(f"cft-{mode}")
         if mode != "none" and path.is_file():
             generators[mode] = frozen(build_component("generator", cfg.generator, info), path, gen_what)
     return Run(
