@@ -55,6 +55,9 @@ class DSCM(nn.Module):
     """Parents SCM + image generator: counterfactual parents by the mechanisms, counterfactual
     images by the generator's abduction of z and of the pixel noise (docs/method.md section 3.3)."""
 
+    mechanisms: Any  # a ParentMechanisms module
+    generator: Any  # a segcft.protocols.Generator module
+
     def __init__(self, info: DatasetInfo, mechanisms: nn.Module, generator: nn.Module) -> None:
         super().__init__()
         self.info = info
@@ -92,7 +95,7 @@ class DSCM(nn.Module):
         :meth:`parents_counterfactual` (the image half of :meth:`counterfactual`)."""
         return self.generator.counterfactual(x, pa, pa_cf, particles=particles)
 
-    def abduct(self, x: torch.Tensor, pa: torch.Tensor, particles: int = 1) -> "Abduction":
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, particles: int = 1) -> Abduction:
         """Abduct x once, to decode it under any number of parent vectors (evaluation)."""
         return Abduction(self.generator, x, pa, particles)
 

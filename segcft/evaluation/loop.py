@@ -279,8 +279,9 @@ class _ModeScorer:
         if iv.true_image is not None:
             outside = ~dilate(union, ev.dilation)
             ev.scores.add(ExactError(name, mode, "outside"), to_255(masked_mean_abs(x_cf, iv.true_image, outside)))
-        if var.measure.region is not None and regions is not None:
-            region = dilate(regions == ev.info.region_id(var.measure.region), ev.dilation)
+        region_name = var.measure.region if var.measure is not None else None
+        if region_name is not None and regions is not None:
+            region = dilate(regions.eq(ev.info.region_id(region_name)), ev.dilation)
             ev.scores.add(Change(name, mode, "outside_region"), to_255(masked_mean_abs(x_cf, x, ~region)))
 
 

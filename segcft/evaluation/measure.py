@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from segcft.data.variables import DatasetInfo, Variable
+from segcft.data.variables import DatasetInfo, Measure, Variable
 
 __all__ = ["Measurer"]
 
@@ -37,16 +37,25 @@ class Measurer:
         out = torch.full((logits.shape[0], len(info.variables)), math.nan, dtype=torch.float64, device=logits.device)
         for var in info.structure_variables:
             j = info.index(var.name)
-            c = info.class_index(var.measure.structure)
-            if var.measure.region is None:
+            spec = _spec(var)
+            c = info.class_index(spec.structure)
+            if spec.region is None:
                 out[:, j] = whole[:, c]
             elif regional is not None:
-                out[:, j] = regional[:, c, info.region_id(var.measure.region)]
+                out[:, j] = regional[:, c, info.region_id(spec.region)]
         return out
 
     def structure_mask(self, var: Variable, labels: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
         """(B, *S) bool mask of a structure variable: its class, restricted to its region."""
-        m = labels == self.info.class_index(var.measure.structure)
-        if var.measure.region is not None and regions is not None:
-            m = m & (regions == self.info.region_id(var.measure.region))
+        spec = _spec(var)
+        m = labels.eq(self.info.class_index(spec.structure))
+        if spec.region is not None and regions is not None:
+            m = m & regions.eq(self.info.region_id(spec.region))
         return m
+
+
+def _spec(var: Variable) -> Measure:
+    """The measurement of a structure variable (its structure class and optional region)."""
+    if var.measure is None:
+        raise ValueError(f"{var.name!r} is not a structure variable")
+    return var.measure

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ __all__ = [
     "ExactError",
     "Floor",
     "Leakage",
-    "Measure",
     "Reversibility",
+    "ScoreKey",
     "Scores",
     "fmt",
     "get",
@@ -36,12 +36,12 @@ Summary = dict[str, float]
 """``{"mean", "lo", "hi", "n"}``: a mean with its 95% bootstrap interval over subjects."""
 
 
-class Measure:
-    """Base of the score keys (frozen dataclasses, hashable)."""
+class ScoreKey:
+    """Base of the score keys: one frozen (hashable) dataclass per measure."""
 
 
 @dataclass(frozen=True)
-class Floor(Measure):
+class Floor(ScoreKey):
     """Measurement floor: a segmentor's area of ``structure`` on the factual image against the
     recorded value; ``stat`` is ``ae`` (absolute error) or ``ape`` (absolute percentage error)."""
 
@@ -51,7 +51,7 @@ class Floor(Measure):
 
 
 @dataclass(frozen=True)
-class AreaError(Measure):
+class AreaError(ScoreKey):
     """Area of ``structure`` measured by ``who`` on the counterfactual of do(``variable``) made
     by ``source`` (a mode, or ``ref:<name>`` for a reference image), against its counterfactual
     value: effectiveness when ``structure == variable``, per-variable leakage otherwise."""
@@ -64,7 +64,7 @@ class AreaError(Measure):
 
 
 @dataclass(frozen=True)
-class Leakage(Measure):
+class Leakage(ScoreKey):
     """Mean percentage error of the structures other than ``variable`` (per subject)."""
 
     variable: str
@@ -73,7 +73,7 @@ class Leakage(Measure):
 
 
 @dataclass(frozen=True)
-class Change(Measure):
+class Change(ScoreKey):
     """Locality: mean |x_cf - x| (0-255) ``outside`` or ``inside`` the dilated structure, or
     ``outside_region`` (outside the variable's dilated region)."""
 
@@ -83,7 +83,7 @@ class Change(Measure):
 
 
 @dataclass(frozen=True)
-class ExactError(Measure):
+class ExactError(ScoreKey):
     """Phantoms: mean |x_cf - exact counterfactual| (0-255) over ``all`` voxels or ``outside``
     the dilated structure."""
 
@@ -93,7 +93,7 @@ class ExactError(Measure):
 
 
 @dataclass(frozen=True)
-class Composition(Measure):
+class Composition(ScoreKey):
     """Mean |x_m - x| (0-255) after ``cycle`` null interventions in a row."""
 
     mode: str
@@ -101,7 +101,7 @@ class Composition(Measure):
 
 
 @dataclass(frozen=True)
-class Reversibility(Measure):
+class Reversibility(ScoreKey):
     """Mean |x - x_back| (0-255): do(variable) then back to the factual parents."""
 
     variable: str
@@ -112,12 +112,12 @@ class Scores:
     """Per-sample values of every measure, concatenated over batches (float64, CPU)."""
 
     def __init__(self) -> None:
-        self._values: dict[Measure, list[torch.Tensor]] = {}
+        self._values: dict[ScoreKey, list[torch.Tensor]] = {}
 
-    def add(self, key: Measure, values: torch.Tensor) -> None:
+    def add(self, key: ScoreKey, values: torch.Tensor) -> None:
         self._values.setdefault(key, []).append(values.detach().double().cpu().reshape(-1))
 
-    def get(self, key: Measure) -> np.ndarray | None:
+    def get(self, key: ScoreKey) -> np.ndarray | None:
         """All values of ``key``; None when the measure was never taken."""
         vals = self._values.get(key)
         return None if vals is None else torch.cat(vals).numpy()
@@ -131,11 +131,11 @@ class Bootstrap:
     resamples: int
     seed: int
 
-    def mean(self, key: Measure) -> Summary | None:
+    def mean(self, key: ScoreKey) -> Summary | None:
         v = self.scores.get(key)
         return None if v is None else bootstrap_mean(v, self.resamples, self.seed)
 
-    def ratio(self, num: Measure, den: Measure) -> Summary:
+    def ratio(self, num: ScoreKey, den: ScoreKey) -> Summary:
         """Ratio of means with a paired interval (see ``segcft.metrics.bootstrap_ratio``)."""
         return bootstrap_ratio(self.scores.get(num), self.scores.get(den), self.resamples, self.seed)  # type: ignore[arg-type]
 
@@ -144,7 +144,8 @@ class Bootstrap:
         return {"mae": self.mean(replace(key, stat="ae")), "mape": self.mean(replace(key, stat="ape"))}
 
 
-def finite(v: Any) -> bool:
+def finite(v: Any) -> TypeGuard[float]:
+    """Whether ``v`` is a finite number (summaries hold None or NaN where undefined)."""
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 

@@ -164,8 +164,8 @@ def headline(result: Mapping[str, Any]) -> list[str]:
     for m in result["modes"]:
         parts = []
         for label, path, unit in _HEADLINE:
-            vals = [(get(e["modes"][m], *path) or {}).get("mean") for e in structural]
-            vals = [v for v in vals if finite(v)]
+            means = [(get(e["modes"][m], *path) or {}).get("mean") for e in structural]
+            vals = [v for v in means if finite(v)]
             if vals:
                 parts.append(f"{label} {float(np.mean(vals)):.2f}{unit}")
         comp = get(result, "composition", m, "m1", "mean")
@@ -261,10 +261,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def write_report(result: Mapping[str, Any]) -> str:
     """Markdown report of ``evaluate``'s result: headline summary, then one table per
     intervened variable (rows are modes), grouped per region for regional variables."""
-    modes = result["modes"]
-    units = result["units"]
-    inter = result["interventions"]
-    phantom = result["phantom"]
+    modes, units, inter = result["modes"], result["units"], result["interventions"]
     L: list[str] = [f"# Evaluation: {result['dataset']} ({result['split']} split, {result['n']} subjects)", ""]
     L.append(
         f"Modes: {', '.join(modes)}. Means with 95% bootstrap intervals over subjects ({result['bootstrap']} "
@@ -273,82 +270,9 @@ def write_report(result: Mapping[str, Any]) -> str:
         f"scale; locality masks are dilated by {result['dilation']} voxels."
     )
     L.append("")
-    L.append("## Headline")
-    L.append("")
-    L.append("Means over the structure interventions (image differences on the 0-255 scale):")
-    L.append("")
-    L += [f"- {line}" for line in result.get("headline", [])]
-    L.append("")
-    rows = []
-    for name, entry in inter.items():
-        if not entry["structure"]:
-            continue
-        for m in modes:
-            e = entry["modes"][m]
-            rows.append(
-                [
-                    name,
-                    m,
-                    fmt(get(e, "effectiveness", "eval", "mape")),
-                    fmt(get(e, "leakage", "mape_mean", "eval")),
-                    fmt(get(e, "locality", "outside")),
-                    fmt(get(e, "locality", "outside_region")) if entry["region"] else "–",
-                    fmt(get(e, "ground_truth", "all")) if phantom else "–",
-                ]
-            )
-    if rows:
-        L += _table(
-            [
-                "do(variable)",
-                "mode",
-                "MAPE % (eval)",
-                "leakage MAPE %",
-                "change outside structure",
-                "change outside region",
-                "error vs exact cf",
-            ],
-            rows,
-        )
-    else:
-        L.append("The dataset has no structure variables.")
-    L.append("")
-    L.append("Composition and reversibility (mean |difference|, 0-255):")
-    L.append("")
-    comp_rows = []
-    for m in modes:
-        rev = [(get(entry["modes"][m], "reversibility") or {}).get("mean") for entry in inter.values()]
-        rev = [r for r in rev if finite(r)]
-        comp_rows.append(
-            [
-                m,
-                fmt(get(result, "composition", m, "m1")),
-                fmt(get(result, "composition", m, "m10")),
-                f"{float(np.mean(rev)):.2f}" if rev else "–",
-            ]
-        )
-    L += _table(["mode", "composition m=1", "composition m=10", "reversibility (mean over interventions)"], comp_rows)
-    L.append("")
-
-    L.append("## Measurement floor")
-    L.append("")
-    L.append("Segmentors on the factual images against the recorded values.")
-    L.append("")
-    fl_rows = []
-    for s, d in result["factual"].items():
-        fl_rows.append(
-            [
-                s,
-                units.get(s, ""),
-                fmt(get(d, "eval", "mae")),
-                fmt(get(d, "eval", "mape")),
-                fmt(get(d, "guide", "mae")),
-                fmt(get(d, "guide", "mape")),
-            ]
-        )
-    if fl_rows:
-        L += _table(["variable", "unit", "MAE (eval)", "MAPE % (eval)", "MAE (guide)", "MAPE % (guide)"], fl_rows)
-        L.append("")
-
+    L += _headline_section(result)
+    L += _composition_section(result)
+    L += _floor_section(result)
     groups: dict[str | None, list[str]] = {}
     for name, entry in inter.items():
         groups.setdefault(entry["region"], []).append(name)
@@ -357,8 +281,65 @@ def write_report(result: Mapping[str, Any]) -> str:
             L.append(f"## Region: {region}")
             L.append("")
         for name in names:
-            L += _variable_section(name, inter[name], modes, units, phantom, level="###" if region else "##")
+            L += _variable_section(name, inter[name], modes, units, result["phantom"], level="###" if region else "##")
     return "\n".join(L).rstrip() + "\n"
+
+
+def _headline_section(result: Mapping[str, Any]) -> list[str]:
+    """The headline lines, then one row per structure intervention and mode."""
+    L = ["## Headline", "", "Means over the structure interventions (image differences on the 0-255 scale):", ""]
+    L += [f"- {line}" for line in result.get("headline", [])]
+    L.append("")
+    rows = []
+    for name, entry in result["interventions"].items():
+        if not entry["structure"]:
+            continue
+        for m in result["modes"]:
+            e = entry["modes"][m]
+            rows.append(
+                [name, m]
+                + [fmt(get(e, *path)) for _, path, _ in _HEADLINE[:3]]
+                + [
+                    fmt(get(e, "locality", "outside_region")) if entry["region"] else "–",
+                    fmt(get(e, *_HEADLINE[3][1])) if result["phantom"] else "–",
+                ]
+            )
+    if rows:
+        header = ["do(variable)", "mode", "MAPE % (eval)", "leakage MAPE %", "change outside structure"]
+        L += _table([*header, "change outside region", "error vs exact cf"], rows)
+    else:
+        L.append("The dataset has no structure variables.")
+    L.append("")
+    return L
+
+
+def _composition_section(result: Mapping[str, Any]) -> list[str]:
+    """Composition after 1 and 10 null interventions, reversibility averaged over interventions."""
+    L = ["Composition and reversibility (mean |difference|, 0-255):", ""]
+    rows = []
+    for m in result["modes"]:
+        revs = [
+            (get(entry["modes"][m], "reversibility") or {}).get("mean") for entry in result["interventions"].values()
+        ]
+        rev = [r for r in revs if finite(r)]
+        comp = [fmt(get(result, "composition", m, "m1")), fmt(get(result, "composition", m, "m10"))]
+        rows.append([m, *comp, f"{float(np.mean(rev)):.2f}" if rev else "–"])
+    L += _table(["mode", "composition m=1", "composition m=10", "reversibility (mean over interventions)"], rows)
+    L.append("")
+    return L
+
+
+def _floor_section(result: Mapping[str, Any]) -> list[str]:
+    """Measurement floor: both segmentors on the factual images."""
+    L = ["## Measurement floor", "", "Segmentors on the factual images against the recorded values.", ""]
+    rows = []
+    for s, d in result["factual"].items():
+        cells = [fmt(get(d, who, stat)) for who in ("eval", "guide") for stat in ("mae", "mape")]
+        rows.append([s, result["units"].get(s, ""), *cells])
+    if rows:
+        L += _table(["variable", "unit", "MAE (eval)", "MAPE % (eval)", "MAE (guide)", "MAPE % (guide)"], rows)
+        L.append("")
+    return L
 
 
 def _variable_section(

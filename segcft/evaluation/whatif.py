@@ -132,25 +132,9 @@ def counterfactual_with(
     regions = None if src.regions is None else src.regions.to(device)
     meas = Measurer(info)
     notes = list(src.notes)
+    what = f"--do {', '.join(interventions)}"
     with torch.no_grad():
-        if src.parents is None:
-            pa = _abduct_parents(run, x, regions, src.spacing, meas)
-            notes.append(
-                "parents abducted: structure variables measured by the guide segmentor (soft areas), "
-                "subject variables predicted by the regressor"
-            )
-        else:
-            pa = src.parents.to(device).float().reshape(1, -1)
-        phys = info.denormalise(pa.double())[0]
-        targets = _targets(parsed, info, phys, pa.dtype, device)
-        pa_cf = dscm.parents_counterfactual(pa, targets)
-        what = f"--do {', '.join(interventions)}"
-        bad = [name for name, ok in zip(info.variable_names, torch.isfinite(pa_cf).all(0).tolist()) if not ok]
-        if bad:
-            raise UserError(
-                f"{what}: the counterfactual value of {', '.join(bad)} is not finite; "
-                "the intervention is out of the range the mechanisms can handle (nothing written)"
-            )
+        pa, phys, targets, pa_cf = _parents(run, dscm, src, x, regions, meas, parsed, what, notes)
         intended = info.denormalise(pa_cf.double())[0]
         torch.manual_seed(int(run.config.seed))
         x_cf, var_map = dscm.image_counterfactual(x, pa, pa_cf, particles=int(particles))
@@ -194,11 +178,45 @@ def counterfactual_with(
     return result
 
 
+def _parents(
+    run: Any,
+    dscm: DSCM,
+    src: _Input,
+    x: torch.Tensor,
+    regions: torch.Tensor | None,
+    meas: Measurer,
+    parsed: list[ParsedIntervention],
+    what: str,
+    notes: list[str],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(normalised parents (1, P), their physical values (P,), normalised targets, counterfactual
+    parents (1, P)): recorded or abducted parents, then the mechanisms' counterfactual."""
+    info: DatasetInfo = run.info
+    if src.parents is None:
+        pa = _abduct_parents(run, x, regions, src.spacing, meas)
+        notes.append(
+            "parents abducted: structure variables measured by the guide segmentor (soft areas), "
+            "subject variables predicted by the regressor"
+        )
+    else:
+        pa = src.parents.to(x.device).float().reshape(1, -1)
+    phys = info.denormalise(pa.double())[0]
+    targets = _targets(parsed, info, phys, pa.dtype, x.device)
+    pa_cf = dscm.parents_counterfactual(pa, targets)
+    bad = [name for name, ok in zip(info.variable_names, torch.isfinite(pa_cf).all(0).tolist()) if not ok]
+    if bad:
+        raise UserError(
+            f"{what}: the counterfactual value of {', '.join(bad)} is not finite; "
+            "the intervention is out of the range the mechanisms can handle (nothing written)"
+        )
+    return pa, phys, targets, pa_cf
+
+
 def _pick_mode(run: Any, mode: str | None) -> str:
     """The named mode, or the first of ``MODE_PREFERENCE`` the run has."""
     if mode is None:
         mode = next((m for m in MODE_PREFERENCE if m in run.generators), next(iter(run.generators), None))
-    if mode not in run.generators:
+    if mode is None or mode not in run.generators:
         raise UserError(f"--mode: the run has no {mode!r} generator; available: {', '.join(run.generators)}")
     return mode
 
@@ -297,7 +315,7 @@ class _Input:
             lim = np.iinfo(self.dtype)
             v = np.clip(np.rint(v), max(lim.min, self.lo), min(lim.max, self.hi))
         elif self.dtype == np.bool_:
-            v = v >= 0.5 * (self.lo + self.hi)
+            return (v >= 0.5 * (self.lo + self.hi)).astype(self.dtype)
         return v.astype(self.dtype)
 
 
@@ -359,7 +377,7 @@ def _read_input(run: Any, input: str | Path) -> _Input:
             f"warning: the input's spacing {tuple(spacing)} differs from the run's {tuple(info.spacing)}; "
             "areas use the input's spacing"
         )
-    regional = [v.name for v in info.structure_variables if v.measure.region]
+    regional = [v.name for v in info.structure_variables if v.measure is not None and v.measure.region]
     if regional:
         raise UserError(
             f"--input {path}: the run has region-level variables ({', '.join(regional)}) and a TIFF file carries no "
