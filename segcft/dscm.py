@@ -12,7 +12,7 @@ from torch import nn
 
 from segcft.data.variables import DatasetInfo
 
-__all__ = ["DSCM", "Intervention", "ParentMechanisms", "affected_mask", "permutation_intervention"]
+__all__ = ["DSCM", "Abduction", "Intervention", "ParentMechanisms", "affected_mask", "permutation_intervention"]
 
 
 class ParentMechanisms(Protocol):
@@ -55,6 +55,9 @@ class DSCM(nn.Module):
     """Parents SCM + image generator: counterfactual parents by the mechanisms, counterfactual
     images by the generator's abduction of z and of the pixel noise (docs/method.md section 3.3)."""
 
+    mechanisms: Any  # a ParentMechanisms module
+    generator: Any  # a segcft.protocols.Generator module
+
     def __init__(self, info: DatasetInfo, mechanisms: nn.Module, generator: nn.Module) -> None:
         super().__init__()
         self.info = info
@@ -82,8 +85,19 @@ class DSCM(nn.Module):
         """(x_cf, pa_cf, per-pixel variance or None): the full abduction-action-prediction.
         Differentiable in the generator's weights (used by fine-tuning)."""
         pa_cf = self.parents_counterfactual(pa, interventions)
-        x_cf, var = self.generator.counterfactual(x, pa, pa_cf, particles=particles)
+        x_cf, var = self.image_counterfactual(x, pa, pa_cf, particles=particles)
         return x_cf, pa_cf, var
+
+    def image_counterfactual(
+        self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_cf, per-pixel variance or None) under counterfactual parents already computed by
+        :meth:`parents_counterfactual` (the image half of :meth:`counterfactual`)."""
+        return self.generator.counterfactual(x, pa, pa_cf, particles=particles)
+
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, particles: int = 1) -> Abduction:
+        """Abduct x once, to decode it under any number of parent vectors (evaluation)."""
+        return Abduction(self.generator, x, pa, particles)
 
     def counterfactual_with_elbo(
         self, x: torch.Tensor, pa: torch.Tensor, interventions: dict[str, torch.Tensor] | Intervention
@@ -111,6 +125,41 @@ class DSCM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dataset={self.info.name!r}, variables={self.info.variable_names}"
+
+
+class Abduction:
+    """Latents z ~ q(z | x, pa) (``particles`` draws per subject, particle-major) and the pixel
+    noise u = (x - mu) / sigma under the factual parents: a counterfactual under any parents
+    then costs one decode, x_cf = clamp(mu* + sigma* u, -1, 1), averaged over particles. With
+    the same draws, :meth:`under` is the generator's own ``counterfactual``."""
+
+    def __init__(self, generator: Any, x: torch.Tensor, pa: torch.Tensor, particles: int = 1) -> None:
+        self.generator = generator
+        self.particles = particles
+        self.x = _tile(x, particles)
+        self.pa = _tile(pa, particles)
+        self.latents = generator.abduct(self.x, self.pa)
+        self.loc, self.scale = generator.decode(self.latents, self.pa)
+        self.u = (self.x.float() - self.loc) / self.scale
+
+    def null(self) -> torch.Tensor:
+        """The counterfactual under the factual parents (x up to clamping and rounding)."""
+        return self._mean((self.loc + self.scale * self.u).clamp(-1.0, 1.0))
+
+    def under(self, pa_cf: torch.Tensor) -> torch.Tensor:
+        """The counterfactual under the parents ``pa_cf`` (B, P)."""
+        loc, scale = self.generator.decode(self.latents, _tile(pa_cf, self.particles))
+        return self._mean((loc + scale * self.u).clamp(-1.0, 1.0))
+
+    def _mean(self, x_cf: torch.Tensor) -> torch.Tensor:
+        if self.particles == 1:
+            return x_cf
+        return x_cf.reshape(self.particles, -1, *x_cf.shape[1:]).mean(0)
+
+
+def _tile(t: torch.Tensor, times: int) -> torch.Tensor:
+    """``times`` copies of a batch along the batch axis, copy-major."""
+    return t if times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
 
 
 def affected_mask(info: DatasetInfo, intervened: str, device: Any = None) -> torch.Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +32,10 @@ PIXEL_SCALE = 127.5
 """A difference of 2 in [-1, 1] is a difference of 255 on the 8-bit scale."""
 
 
-def to_255(values: torch.Tensor | np.ndarray | float) -> torch.Tensor | np.ndarray | float:
+_Values = TypeVar("_Values", torch.Tensor, np.ndarray, float)
+
+
+def to_255(values: _Values) -> _Values:
     """Convert absolute differences of [-1, 1] images to the 0-255 scale."""
     return values * PIXEL_SCALE
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -814,42 +813,10 @@ def run_training(
         if d.main and (run_dir / "report.md").is_file():
             if not result and (run_dir / "metrics.json").is_file():
                 result = json.loads((run_dir / "metrics.json").read_text())
-            _print_headline(run_dir, result)
+            from segcft.evaluation.report import print_headline
+
+            print_headline(run_dir, result)
         return run_dir / "report.md"
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _print_headline(run_dir: Path, result: dict[str, Any]) -> None:
-    """The last lines of a run: where the report is and the numbers that matter."""
-    for line in _headline_lines(result):
-        print(line, flush=True)
-    print(f"report: {run_dir / 'report.md'}", flush=True)
-
-
-def _headline_lines(result: dict[str, Any]) -> list[str]:
-    """Per intervened structure variable and mode: effectiveness MAPE (evaluation segmentor),
-    leakage MAPE of the other structures and mean change outside the structure (0-255)."""
-    lines: list[str] = []
-    for name, entry in (result.get("interventions") or {}).items():
-        if not entry.get("structure"):
-            continue
-        parts = []
-        for mode in result.get("modes", []):
-            e = entry["modes"].get(mode, {})
-            parts.append(
-                f"{mode}: MAPE {_mean(e, 'effectiveness', 'eval', 'mape')}%, leakage {_mean(e, 'leakage', 'mape_mean', 'eval')}%, "
-                f"outside {_mean(e, 'locality', 'outside')}"
-            )
-        lines.append(f"do({name}) | " + " | ".join(parts))
-    return lines
-
-
-def _mean(d: Any, *path: str) -> str:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return "-"
-        d = d[p]
-    v = d.get("mean") if isinstance(d, dict) else d
-    return f"{v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"

@@ -229,7 +229,7 @@ def _flatten(d, prefix=""):
 def test_shared_abduction_reproduces_the_hvae_counterfactual():
     """Evaluation abducts once and decodes per intervention; with the same draws this is the
     generator's own counterfactual (one abduction, decode under pa and pa_cf)."""
-    from segcft.evaluate import _Abduction
+    from segcft.dscm import Abduction as _Abduction
     from segcft.models.configs import HVAEConfig
     from segcft.models.hvae import HVAE
 
