@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from segcft.data.variables import DatasetInfo, read_dataset_info
 from segcft.distributed import Dist, resolve_device
 from segcft.dscm import DSCM
 from segcft.errors import UserError
+
+if TYPE_CHECKING:
+    from segcft.config import RunConfig
 
 __all__ = ["Run", "RunDir", "generator_state", "load_run"]
 
@@ -110,13 +113,13 @@ class RunDir:
         """Write the resume state of a running stage."""
         save_checkpoint(self.last(stage), state)
 
-    def write_config(self, cfg: Any) -> None:
+    def write_config(self, cfg: RunConfig) -> None:
         """Store the resolved config (refused before writing when it would not read back equal)."""
         from segcft.config import dump_run_config
 
         dump_run_config(cfg, self.config)
 
-    def read_config(self, where: str = "config") -> Any:
+    def read_config(self, where: str = "config") -> RunConfig:
         """The stored resolved config as a ``RunConfig`` (``where`` names it in errors)."""
         from segcft.config import read_yaml, run_config_from_dict
 

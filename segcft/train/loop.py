@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ def fit(
     GPUs; same maths); the returned model is contiguous again."""
     layout = torch.channels_last if channels_last and ctx.info.spatial_dims == 2 else None
     if layout is not None:
-        model.to(memory_format=layout)
+        model.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack memory_format
     _check_batch(stage, sc, ctx.d.world)
     ts = _start(ctx, stage, model, loss_fn, sc, betas, extra_opt, rng)
     wrapped = _wrap(ctx, loss_fn)
@@ -69,7 +70,9 @@ def fit(
     progress.close()
     model.eval()
     trained = ts.ema.module if ts.ema is not None else model
-    return trained.to(memory_format=torch.contiguous_format) if layout is not None else trained
+    if layout is not None:
+        trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
+    return trained
 
 
 def _check_batch(stage: str, sc: Any, world: int) -> None:

@@ -46,7 +46,7 @@ class RegressorLoss(nn.Module):
 
     def __init__(self, reg: nn.Module) -> None:
         super().__init__()
-        self.reg = reg
+        self.reg: Any = reg  # a Regressor (segcft.protocols)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"loss": self.reg.nll(batch["image"], batch["parents"]).float().sum(1).mean()}
@@ -57,7 +57,7 @@ class GeneratorLoss(nn.Module):
 
     def __init__(self, gen: nn.Module) -> None:
         super().__init__()
-        self.gen = gen
+        self.gen: Any = gen  # a Generator (segcft.protocols)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = self.gen.elbo(batch["image"], batch["parents"])

@@ -72,6 +72,7 @@ def _check_checkpoints(ctx: StageContext, stages: list[str]) -> None:
     paths += [(s, run.last(s)) for s in stages if ctx.resume and run.last(s).is_file()]
     for stage, path in paths:
         kind = "segmentor" if stage == "eval_segmentor" else "generator" if stage.startswith("cft-") else stage
+        module: nn.Module
         if kind == "mechanisms":
             from segcft.models.mechanisms import ParentSCM
 
@@ -104,7 +105,7 @@ def _read_segmentor_import(ctx: StageContext, path: Path) -> dict[str, torch.Ten
 
         try:
             loaded: dict[str, Any] = {"model": load_file(str(path))}
-        except Exception as e:  # noqa: BLE001 - truncated or foreign file
+        except Exception as e:
             raise UserError(f"--segmentor-checkpoint {path}: cannot be read as safetensors: {e}") from None
     else:
         loaded = load_checkpoint(path)
@@ -124,8 +125,11 @@ def _segmentor_changes(ctx: StageContext) -> bool:
     except UserError:
         return True
     new = ctx.segmentor_import
-    return not (isinstance(current, dict) and current.keys() == new.keys()
-                and all(isinstance(current[k], torch.Tensor) and torch.equal(current[k], new[k]) for k in new))
+    return not (
+        isinstance(current, dict)
+        and current.keys() == new.keys()
+        and all(isinstance(current[k], torch.Tensor) and torch.equal(current[k], new[k]) for k in new)
+    )
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def _select_stages(all_stages: list[str], only: list[str] | None, from_stage: st
         if name == "cft":
             return [s for s in all_stages if s.startswith("cft-")]
         if name not in all_stages:
-            raise UserError(f"unknown stage {name!r}; stages of this run: {['cft'] + all_stages}")
+            raise UserError(f"unknown stage {name!r}; stages of this run: {['cft', *all_stages]}")
         return [name]
 
     redo: set[str] = set()
@@ -150,7 +154,11 @@ def _select_stages(all_stages: list[str], only: list[str] | None, from_stage: st
 
 
 def _check_request(
-    cfg: Any, run: RunDir, resume: str | None, only: list[str] | None, from_stage: str | None,
+    cfg: Any,
+    run: RunDir,
+    resume: str | None,
+    only: list[str] | None,
+    from_stage: str | None,
     segmentor_checkpoint: Path | str | None,
 ) -> tuple[Any, bool, Path | None]:
     """The options of ``run_training`` checked against each other and the run folder: the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -23,8 +23,13 @@ class ResumableSampler(Sampler[int]):
         self.n, self.d, self.seed, self.offset = n, d, seed, offset
 
     def __iter__(self) -> Iterator[int]:
-        ds = DistributedSampler(
-            range(self.n), num_replicas=self.d.world, rank=self.d.rank, shuffle=True, seed=self.seed, drop_last=True
+        ds: DistributedSampler[int] = DistributedSampler(
+            range(self.n),  # type: ignore[arg-type]  # only its length is used
+            num_replicas=self.d.world,
+            rank=self.d.rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
         )
         per_epoch = len(ds)
         if per_epoch == 0:

@@ -4,11 +4,11 @@ order; adding a stage is one entry (and its run function)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from segcft.cft import MODES, CFTObjective
@@ -18,8 +18,8 @@ from segcft.config import derived_seed
 from segcft.dscm import DSCM
 from segcft.run import generator_state
 from segcft.train.context import StageContext
-from segcft.train.losses import CFTLoss, GeneratorLoss, RegressorLoss, SegmentorLoss
 from segcft.train.loop import fit
+from segcft.train.losses import CFTLoss, GeneratorLoss, RegressorLoss, SegmentorLoss
 from segcft.train.progress import Progress
 
 __all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "stage_entry", "stage_names"]
@@ -42,8 +42,9 @@ def stage_mechanisms(ctx: StageContext, stage: str) -> None:
     torch.manual_seed(ctx.cfg.seed)
     scm = ParentSCM(ctx.info, ctx.cfg.mechanisms)
     progress = Progress(stage, sc.steps, 0, ctx.d.main, sc.log_every)
-    losses = scm.fit(parents, steps=sc.steps, lr=sc.lr, batch_size=sc.batch_size, seed=ctx.cfg.seed,
-                     weight_decay=sc.weight_decay)
+    losses = scm.fit(
+        parents, steps=sc.steps, lr=sc.lr, batch_size=sc.batch_size, seed=ctx.cfg.seed, weight_decay=sc.weight_decay
+    )
     ctx.metrics.drop_stage(stage)
     for i in range(0, len(losses), max(sc.log_every, 1)):
         chunk = losses[i : i + sc.log_every]
@@ -93,8 +94,9 @@ def stage_generator(ctx: StageContext, stage: str) -> None:
     seed = ctx.cfg.seed + 3
     torch.manual_seed(seed)
     gen = build_component("generator", ctx.cfg.generator, ctx.info).to(ctx.device)
-    trained = fit(ctx, stage, gen, GeneratorLoss(gen), ctx.cfg.train.generator, seed, betas=(0.9, 0.9),
-                  channels_last=True)
+    trained = fit(
+        ctx, stage, gen, GeneratorLoss(gen), ctx.cfg.train.generator, seed, betas=(0.9, 0.9), channels_last=True
+    )
     eps = _measure_eps(ctx, trained)
     if ctx.d.main:
         print(f"[generator] eps (training-set nelbo per pixel) = {eps:.5f}", flush=True)
@@ -103,7 +105,7 @@ def stage_generator(ctx: StageContext, stage: str) -> None:
 
 
 @torch.no_grad()
-def _measure_eps(ctx: StageContext, gen: nn.Module) -> float:
+def _measure_eps(ctx: StageContext, gen: Any) -> float:
     """Mean per-pixel nelbo of the trained generator on the training split (a seeded subset of
     at most EPS_SAMPLES samples), with a fixed seed for the posterior draws."""
     n = len(ctx.train_set)
@@ -142,10 +144,22 @@ def stage_cft(ctx: StageContext, stage: str) -> None:
     objective = CFTObjective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(ctx.device)
     rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + ctx.d.rank))
     loss_fn = CFTLoss(DSCM(ctx.info, mech, gen), objective, rng)
-    gen = fit(ctx, stage, gen, loss_fn, cfg.cft, seed, betas=(0.9, 0.9), extra_opt=objective.lagrange_optimizer(),
-              after_step=objective.clamp_lambda, rng=rng, channels_last=True)
-    ctx.save_final(stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]),
-                           "lambda": float(objective.lmbda.detach())})
+    gen = fit(
+        ctx,
+        stage,
+        gen,
+        loss_fn,
+        cfg.cft,
+        seed,
+        betas=(0.9, 0.9),
+        extra_opt=objective.lagrange_optimizer(),
+        after_step=objective.clamp_lambda,
+        rng=rng,
+        channels_last=True,
+    )
+    ctx.save_final(
+        stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]), "lambda": float(objective.lmbda.detach())}
+    )
 
 
 def stage_evaluate(ctx: StageContext, stage: str) -> dict[str, Any]:
@@ -180,24 +194,47 @@ class Stage:
 
 
 def _cft_requires(cfg: Any, stage: str) -> tuple[str, ...]:
-    return ("mechanisms", "generator") + (("regressor",) if cfg.regressor.name else ()) + (
-        ("segmentor",) if stage[len("cft-") :] in SEG_MODES else ()
+    return (
+        ("mechanisms", "generator")
+        + (("regressor",) if cfg.regressor.name else ())
+        + (("segmentor",) if stage[len("cft-") :] in SEG_MODES else ())
     )
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("mechanisms", "checkpoints/mechanisms.pt (ParentSCM weights, final nll)", stage_mechanisms),
-    Stage("segmentor", "checkpoints/segmentor.pt (the guide: weights, seed or source)", stage_segmentor,
-          instances=lambda cfg: ["segmentor"] if cfg.segmentor.name else []),
-    Stage("eval_segmentor", "checkpoints/eval_segmentor.pt (weights, seed)", stage_segmentor,
-          instances=lambda cfg: ["eval_segmentor"] if cfg.segmentor.name else []),
-    Stage("regressor", "checkpoints/regressor.pt (weights)", stage_regressor,
-          instances=lambda cfg: ["regressor"] if cfg.regressor.name else []),
+    Stage(
+        "segmentor",
+        "checkpoints/segmentor.pt (the guide: weights, seed or source)",
+        stage_segmentor,
+        instances=lambda cfg: ["segmentor"] if cfg.segmentor.name else [],
+    ),
+    Stage(
+        "eval_segmentor",
+        "checkpoints/eval_segmentor.pt (weights, seed)",
+        stage_segmentor,
+        instances=lambda cfg: ["eval_segmentor"] if cfg.segmentor.name else [],
+    ),
+    Stage(
+        "regressor",
+        "checkpoints/regressor.pt (weights)",
+        stage_regressor,
+        instances=lambda cfg: ["regressor"] if cfg.regressor.name else [],
+    ),
     Stage("generator", "checkpoints/generator.pt (weights, eps)", stage_generator),
-    Stage("cft", "checkpoints/cft-<mode>.pt per mode but none (weights, eps, lambda)", stage_cft,
-          requires=_cft_requires, instances=lambda cfg: [f"cft-{m}" for m in cfg.cft.modes if m != "none"]),
-    Stage("evaluate", "metrics.json, report.md, figures/", stage_evaluate,
-          requires=lambda cfg, stage: tuple(s for s in stage_names(cfg) if s != "evaluate")),
+    Stage(
+        "cft",
+        "checkpoints/cft-<mode>.pt per mode but none (weights, eps, lambda)",
+        stage_cft,
+        requires=_cft_requires,
+        instances=lambda cfg: [f"cft-{m}" for m in cfg.cft.modes if m != "none"],
+    ),
+    Stage(
+        "evaluate",
+        "metrics.json, report.md, figures/",
+        stage_evaluate,
+        requires=lambda cfg, stage: tuple(s for s in stage_names(cfg) if s != "evaluate"),
+    ),
 )
 
 STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)
