@@ -293,7 +293,7 @@ def test_yaml_region_id_beyond_the_kernels_bound(good, tmp_path):
     (root / "dataset.yaml").write_text(yaml.safe_dump(spec))
     problems = tools.check_dataset(root)
     assert "regions.2000000000" in {p.key for p in problems}
-    with pytest.raises(ValueError, match=r"region ids must be integers in \[1, 4095\]"):
+    with pytest.raises(ValueError, match=r"region ids must be integers in \[0, 4095\]"):
         DatasetInfo("d", 2, (4, 4), (1.0, 1.0), {1: "a"}, [], Normalisation((), ()), regions={4096: "r"})
 
 

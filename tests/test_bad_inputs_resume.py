@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every fitted stage takes 4 steps and leaves a resume checkpoint after each one; a kill at the
 # second checkpoint (after step 2) leaves the one of step 1, so a resume redoes step 2.
 OVERRIDES = [
-    "device=cpu", "cft.modes=[none,reg,seg]", "cft.steps=4",
+    "device=cpu", "cft.modes=[none,reg,seg]", "cft.steps=4", "cft.checkpoint_every=1",
     *(f"train.{s}.{k}" for s in ("segmentor", "regressor", "generator") for k in ("steps=4", "checkpoint_every=1")),
 ]
 FITTED = ["segmentor", "eval_segmentor", "regressor", "generator", "cft-reg", "cft-seg"]

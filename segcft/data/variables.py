@@ -114,9 +114,9 @@ class DatasetInfo:
             raise ValueError(f"dataset {self.name!r}: duplicate variable names in {names}")
         if len(self.normalisation.mean) != len(self.variables):
             raise ValueError(f"dataset {self.name!r}: normalisation has the wrong length")
-        bad = [k for k in self.regions if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_REGION_ID]
+        bad = [k for k in self.regions if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_REGION_ID]
         if bad:
-            raise ValueError(f"dataset {self.name!r}: region ids must be integers in [1, {MAX_REGION_ID}], got {bad}")
+            raise ValueError(f"dataset {self.name!r}: region ids must be integers in [0, {MAX_REGION_ID}], got {bad}")
         self.topological_order()  # validates the DAG
 
     # -- geometry -------------------------------------------------------------------------
