@@ -179,7 +179,7 @@ def stage_evaluate(ctx: StageContext, stage: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Stage:
     """One entry of the stage table. ``name`` is what ``--only`` and ``--from-stage`` accept;
-    ``instances`` gives the concrete stages it runs as (default: itself when ``enabled``);
+    ``instances(cfg)`` gives the concrete stages it runs as in a run (default: just ``name``);
     ``requires(cfg, stage)`` the stages whose final checkpoints the concrete ``stage`` reads;
     ``run(ctx, stage)`` trains it and writes what ``produces`` says."""
 
@@ -190,6 +190,7 @@ class Stage:
     instances: Callable[[Any], list[str]] | None = None
 
     def concrete(self, cfg: Any) -> list[str]:
+        """The concrete stages of this entry in the run of ``cfg``, in order."""
         return [self.name] if self.instances is None else self.instances(cfg)
 
 
