@@ -1,5 +1,6 @@
-"""A finished (or partly finished) run folder loaded for inference: ``segcft evaluate``,
-``segcft counterfactual`` and library users go through :func:`load_run`."""
+"""Run folders: :class:`RunDir` spells their paths, tells which stages are complete and writes
+their files atomically (``segcft train``); a finished (or partly finished) run is loaded for
+inference through :func:`load_run` (``segcft evaluate``, ``segcft counterfactual``, library users)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class RunDir:
     ``config.yaml`` (the resolved config), ``dataset.json`` (dataset metadata and
     normalisation), ``checkpoints/<stage>.pt`` (a finished stage) and
     ``checkpoints/<stage>.last.pt`` (its resume state while it runs), ``metrics.csv`` (+
-    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``."""
+    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``. It also decides when a
+    stage is complete, forgets a stage to redo it, and writes the run's files atomically (one
+    process: under DDP the caller lets rank 0 write)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
