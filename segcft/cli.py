@@ -300,20 +300,21 @@ def train_command(
 
     Config merge order: preset <- --config <- component flags and --device/--seed/--cft <- --set.
     """
-    from segcft.config import load_run_config, read_yaml, run_config_from_dict
+    from segcft.config import load_run_config
+    from segcft.run import RunDir
 
     if resume is not None and run_dir is None:
         raise click.UsageError("--resume needs --run-dir (the run to continue)")
     components = {"dataset": dataset, "generator": generator, "segmentor": segmentor, "regressor": regressor}
     preset_given = click.get_current_context().get_parameter_source("preset") is not click.core.ParameterSource.DEFAULT
-    stored = run_dir / "config.yaml" if run_dir is not None else None
+    run = RunDir(run_dir) if run_dir is not None else None
     own_config = (
-        resume is not None and stored is not None and stored.is_file() and not preset_given and config_file is None
+        resume is not None and run is not None and run.is_run() and not preset_given and config_file is None
         and not overrides and not cft_modes and seed is None and all(v is None for v in components.values())
     )
     if own_config:
-        assert stored is not None
-        cfg = run_config_from_dict(read_yaml(stored), f"config file {str(stored)!r}")
+        assert run is not None
+        cfg = run.read_config(f"config file {str(run.config)!r}")
         if device is not None:
             cfg.device = device  # type: ignore[assignment]  # a Choice of the same values
     else:
@@ -368,7 +369,10 @@ def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
     fine-tuning mode; writes metrics.json, report.md and figures/ in the run folder."""
     evaluate_run = _library("segcft.evaluate", "evaluate_run", "evaluate")
     evaluate_run(run_dir, split=split, n=n)
-    click.echo(f"metrics: {run_dir / 'metrics.json'}\nreport: {run_dir / 'report.md'}")
+    from segcft.run import RunDir
+
+    run = RunDir(run_dir)
+    click.echo(f"metrics: {run.metrics_json}\nreport: {run.report}")
 
 
 @cli.command("counterfactual")

@@ -1,21 +1,26 @@
-"""A finished (or partly finished) run folder loaded for inference: ``segcft evaluate``,
-``segcft counterfactual`` and library users go through :func:`load_run`."""
+"""Run folders: :class:`RunDir` spells their paths, tells which stages are complete and writes
+their files atomically (``segcft train``); a finished (or partly finished) run is loaded for
+inference through :func:`load_run` (``segcft evaluate``, ``segcft counterfactual``, library users)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from segcft.checkpoint import load_checkpoint, load_model_state
+from segcft.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, write_json
 from segcft.components import build_component, build_dataset
 from segcft.data.variables import DatasetInfo, read_dataset_info
 from segcft.distributed import Dist, resolve_device
 from segcft.dscm import DSCM
 from segcft.errors import UserError
+
+if TYPE_CHECKING:
+    from segcft.config import RunConfig
 
 __all__ = ["Run", "RunDir", "generator_state", "load_run"]
 
@@ -26,7 +31,9 @@ class RunDir:
     ``config.yaml`` (the resolved config), ``dataset.json`` (dataset metadata and
     normalisation), ``checkpoints/<stage>.pt`` (a finished stage) and
     ``checkpoints/<stage>.last.pt`` (its resume state while it runs), ``metrics.csv`` (+
-    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``."""
+    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``. It also decides when a
+    stage is complete, forgets a stage to redo it, and writes the run's files atomically (one
+    process: under DDP the caller lets rank 0 write)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -78,6 +85,67 @@ class RunDir:
         """Whether the folder holds a run (its resolved config)."""
         return self.config.is_file()
 
+    # ---- stage completion and invalidation ----
+    def done(self, stage: str) -> bool:
+        """Whether ``stage`` is complete: its final checkpoint exists (for ``evaluate``: both
+        ``report.md`` and ``metrics.json``)."""
+        if stage == "evaluate":
+            return self.report.is_file() and self.metrics_json.is_file()
+        return self.final(stage).is_file()
+
+    def invalidate(self, stage: str, keep_last: bool = False) -> None:
+        """Forget a stage's results so that it runs again: its final checkpoint, its resume
+        state unless ``keep_last`` (a resumed redo continues where it stopped), and for
+        ``evaluate`` the report and metrics.json."""
+        doomed = [self.final(stage)] + ([] if keep_last else [self.last(stage)])
+        if stage == "evaluate":
+            doomed += [self.report, self.metrics_json]
+        for path in doomed:
+            if path.is_file():
+                path.unlink()
+
+    # ---- atomic writes ----
+    def save_final(self, stage: str, state: dict[str, Any]) -> None:
+        """Mark ``stage`` complete: write its final checkpoint (``stage`` recorded in it), then
+        drop its resume state."""
+        save_checkpoint(self.final(stage), {"stage": stage, **state})
+        if self.last(stage).is_file():
+            self.last(stage).unlink()
+
+    def save_last(self, stage: str, state: dict[str, Any]) -> None:
+        """Write the resume state of a running stage."""
+        save_checkpoint(self.last(stage), state)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """Store the resolved config (refused before writing when it would not read back equal)."""
+        from segcft.config import dump_run_config
+
+        dump_run_config(cfg, self.config)
+
+    def read_config(self, where: str = "config") -> RunConfig:
+        """The stored resolved config as a ``RunConfig`` (``where`` names it in errors)."""
+        from segcft.config import read_yaml, run_config_from_dict
+
+        return run_config_from_dict(read_yaml(self.config), where)
+
+    def write_dataset_info(self, info: DatasetInfo) -> None:
+        """Store the dataset metadata and normalisation."""
+        write_json(self.dataset_json, info.to_dict())
+
+    def write_results(self, metrics: dict[str, Any], report: str) -> None:
+        """The evaluation's metrics.json, then report.md (their pair marks ``evaluate`` complete)."""
+        write_json(self.metrics_json, metrics)
+        atomic_write_text(self.report, report)
+
+    def figure(self, name: str) -> Path:
+        """A figure of the run, ``figures/<name>.png``."""
+        return self.figures / f"{name}.png"
+
+    def read_metrics(self) -> dict[str, Any]:
+        """The evaluation's metrics.json."""
+        result: dict[str, Any] = json.loads(self.metrics_json.read_text())
+        return result
+
 
 @dataclass
 class Run:
@@ -112,13 +180,11 @@ class Run:
 
 def load_run(run_dir: Path | str, device: str | None = None) -> Run:
     """Load a run folder written by :func:`run_training` (weights-only checkpoints)."""
-    from segcft.config import read_yaml, run_config_from_dict
-
     rd = RunDir(run_dir)
     run_dir = rd.root
     if not rd.is_run():
         raise UserError(f"{run_dir} is not a segcft run folder (no config.yaml)")
-    cfg = run_config_from_dict(read_yaml(rd.config))
+    cfg = rd.read_config()
     info = read_dataset_info(rd.dataset_json)
     dev = resolve_device(device or cfg.device, Dist())
 

@@ -20,7 +20,8 @@ import torch
 
 from segcft.checkpoint import load_checkpoint
 from segcft.config import load_run_config
-from segcft.train import _Pipeline, run_training
+from segcft.train import run_training
+from segcft.train.context import StageContext
 
 torch.set_num_threads(1)
 
@@ -47,7 +48,7 @@ class Killed(Exception):
 def killed_at_second_checkpoint(stage: str) -> Iterator[None]:
     """Raise ``Killed`` where ``stage`` would save its second resume checkpoint (or, for a stage
     without resume checkpoints, its final one); on every rank alike."""
-    save_last, save_final = _Pipeline._save_last, _Pipeline._save_final
+    save_last, save_final = StageContext.save_last, StageContext.save_final
     calls = []
 
     def last(self, name, *args, **kwargs):
@@ -62,11 +63,11 @@ def killed_at_second_checkpoint(stage: str) -> Iterator[None]:
             raise Killed(stage)
         return save_final(self, name, *args, **kwargs)
 
-    _Pipeline._save_last, _Pipeline._save_final = last, final
+    StageContext.save_last, StageContext.save_final = last, final
     try:
         yield
     finally:
-        _Pipeline._save_last, _Pipeline._save_final = save_last, save_final
+        StageContext.save_last, StageContext.save_final = save_last, save_final
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +179,15 @@ def test_resume_after_kill_is_bitwise_exact_with_two_gloo_ranks(trained, tmp_pat
 def test_torn_metrics_row_is_dropped_with_one_warning(tmp_path, capsys):
     """metrics.csv whose last row a kill cut mid-append (no line end): the row is dropped with
     one warning, later appends and header rewrites work, and the file reads back cleanly."""
-    from segcft.train import _MetricsLog
+    from segcft.train.metrics_log import MetricsLog
 
     path = tmp_path / "metrics.csv"
     path.write_text("stage,step,loss\r\ngenerator,2,5.25\r\ngenerator,4,5.1")
-    log = _MetricsLog(path, True)
+    log = MetricsLog(path, True)
     assert capsys.readouterr().err.count("torn row") == 1
     log.log("generator", 4, {"loss": 5.0})  # appended
     log.close()
-    log = _MetricsLog(path, True)
+    log = MetricsLog(path, True)
     log.log("generator", 6, {"loss": 4.9, "kl": 0.1})  # a new column: the file is rewritten
     log.close()
     assert "torn" not in capsys.readouterr().err

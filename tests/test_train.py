@@ -172,7 +172,7 @@ def test_validation_errors_are_one_line_before_training(tmp_path):
 
 def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
     from segcft.config import IntensityAugmentConfig
-    from segcft.train import _SegmentorLoss
+    from segcft.train.losses import SegmentorLoss
 
     seen = []
 
@@ -184,7 +184,7 @@ def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
     x = torch.linspace(-0.9, 0.9, 2 * 16).view(2, 1, 4, 4).repeat(3, 1, 1, 1)
     mask = torch.zeros(6, 4, 4, dtype=torch.int64)
     rng = torch.Generator().manual_seed(0)
-    _SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.1, scale=0.2), rng)({"image": x, "mask": mask})
+    SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.1, scale=0.2), rng)({"image": x, "mask": mask})
     y = seen[-1]
     # per image y + 1 = a (x + 1) + b: recover a and b from two pixels and check the bounds
     a = (y[:, 0, 0, 1] - y[:, 0, 0, 0]) / (x[:, 0, 0, 1] - x[:, 0, 0, 0])
@@ -193,7 +193,7 @@ def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
     assert len(set(a.round(decimals=4).tolist())) == 6  # one draw per image
     torch.testing.assert_close(y, (a.view(-1, 1, 1, 1) * (x + 1) - 1 + b.view(-1, 1, 1, 1)).clamp(-1, 1))
     # off: the images pass through untouched
-    _SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.0, scale=0.0), rng)({"image": x, "mask": mask})
+    SegmentorLoss(Probe(), IntensityAugmentConfig(shift=0.0, scale=0.0), rng)({"image": x, "mask": mask})
     assert torch.equal(seen[-1], x)
 
 

@@ -1,0 +1,252 @@
+"""The stages of a run, as one table: each entry names the stage, the stages whose final
+checkpoints it reads, what it produces and how it runs. ``segcft train`` walks the table in
+order; adding a stage is one entry (and its run function)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from segcft.cft import MODES, CFTObjective
+from segcft.checkpoint import load_checkpoint, load_model_state
+from segcft.components import build_component
+from segcft.config import derived_seed
+from segcft.dscm import DSCM
+from segcft.run import generator_state
+from segcft.train.context import StageContext
+from segcft.train.loop import fit
+from segcft.train.losses import CFTLoss, GeneratorLoss, RegressorLoss, SegmentorLoss
+from segcft.train.progress import Progress
+
+__all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "stage_entry", "stage_names"]
+
+EPS_SAMPLES = 512
+"""eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
+
+SEG_MODES = ("seg", "pos-seg")
+"""Fine-tuning modes guided by the segmentor."""
+
+
+# -- the stages -------------------------------------------------------------------------------
+def stage_mechanisms(ctx: StageContext, stage: str) -> None:
+    """The parent SCM by maximum likelihood on the training parents (``ParentSCM.fit``: its own
+    sampling with replacement and plain AdamW, not :func:`fit`; no resume state, it takes seconds)."""
+    from segcft.models.mechanisms import ParentSCM
+
+    sc = ctx.cfg.train.mechanisms
+    parents = _training_parents(ctx)
+    torch.manual_seed(ctx.cfg.seed)
+    scm = ParentSCM(ctx.info, ctx.cfg.mechanisms)
+    progress = Progress(stage, sc.steps, 0, ctx.d.main, sc.log_every)
+    losses = scm.fit(
+        parents, steps=sc.steps, lr=sc.lr, batch_size=sc.batch_size, seed=ctx.cfg.seed, weight_decay=sc.weight_decay
+    )
+    ctx.metrics.drop_stage(stage)
+    for i in range(0, len(losses), max(sc.log_every, 1)):
+        chunk = losses[i : i + sc.log_every]
+        ctx.metrics.log(stage, i + len(chunk), {"nll": sum(chunk) / len(chunk)})
+    progress.update(sc.steps, {"nll": losses[-1]})
+    progress.close()
+    ctx.save_final(stage, {"model": scm.state_dict(), "nll": losses[-1]})
+
+
+def _training_parents(ctx: StageContext) -> torch.Tensor:
+    """(N, P) normalised parents of the training split. A phantom gives them without
+    rendering its images (``subjects``); any other dataset is read through."""
+    subjects = getattr(ctx.train_set, "subjects", None)
+    if callable(subjects):
+        _, physical = subjects(range(len(ctx.train_set)))
+        return ctx.info.normalise(physical.double()).float()
+    loader = DataLoader(ctx.train_set, batch_size=64, shuffle=False, num_workers=0)
+    return torch.cat([b["parents"] for b in loader]).float()
+
+
+def stage_segmentor(ctx: StageContext, stage: str) -> None:
+    """The guide (``segmentor``, seed s, or the imported ``--segmentor-checkpoint``) and the
+    evaluation segmentor (``eval_segmentor``, seed s+1)."""
+    if stage == "segmentor" and ctx.segmentor_import is not None:
+        ctx.save_final(stage, {"model": ctx.segmentor_import, "source": str(ctx.segmentor_checkpoint)})
+        return
+    seed = ctx.cfg.seed + (1 if stage == "eval_segmentor" else 0)
+    torch.manual_seed(seed)
+    seg = build_component("segmentor", ctx.cfg.segmentor, ctx.info).to(ctx.device)
+    rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
+    loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
+    trained = fit(ctx, stage, seg, loss, ctx.cfg.train.segmentor, seed, rng=rng)
+    ctx.save_final(stage, {"model": trained.state_dict(), "seed": seed})
+
+
+def stage_regressor(ctx: StageContext, stage: str) -> None:
+    """The parent regressor (reg mode's guide)."""
+    seed = ctx.cfg.seed + 2
+    torch.manual_seed(seed)
+    reg = build_component("regressor", ctx.cfg.regressor, ctx.info).to(ctx.device)
+    trained = fit(ctx, stage, reg, RegressorLoss(reg), ctx.cfg.train.regressor, seed)
+    ctx.save_final(stage, {"model": trained.state_dict()})
+
+
+def stage_generator(ctx: StageContext, stage: str) -> None:
+    """The generator by its ELBO, then eps (its training-set nelbo)."""
+    seed = ctx.cfg.seed + 3
+    torch.manual_seed(seed)
+    gen = build_component("generator", ctx.cfg.generator, ctx.info).to(ctx.device)
+    trained = fit(
+        ctx, stage, gen, GeneratorLoss(gen), ctx.cfg.train.generator, seed, betas=(0.9, 0.9), channels_last=True
+    )
+    eps = _measure_eps(ctx, trained)
+    if ctx.d.main:
+        print(f"[generator] eps (training-set nelbo per pixel) = {eps:.5f}", flush=True)
+    ctx.metrics.log(stage, ctx.cfg.train.generator.steps, {"eps": eps})
+    ctx.save_final(stage, {"model": trained.state_dict(), "eps": eps})
+
+
+@torch.no_grad()
+def _measure_eps(ctx: StageContext, gen: Any) -> float:
+    """Mean per-pixel nelbo of the trained generator on the training split (a seeded subset of
+    at most EPS_SAMPLES samples), with a fixed seed for the posterior draws."""
+    n = len(ctx.train_set)
+    g = torch.Generator().manual_seed(ctx.cfg.seed + 4)
+    idx = torch.randperm(n, generator=g)[: min(n, EPS_SAMPLES)].tolist()
+    subset = torch.utils.data.Subset(ctx.train_set, idx)
+    loader = DataLoader(subset, batch_size=max(ctx.cfg.train.generator.batch_size, 1), shuffle=False)
+    torch.manual_seed(ctx.cfg.seed + 4)
+    total, count = 0.0, 0
+    gen.eval()
+    for batch in loader:
+        x, pa = batch["image"].to(ctx.device), batch["parents"].to(ctx.device)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            nelbo = gen.elbo(x, pa)["nelbo"].float()
+        total += float(nelbo.sum())
+        count += x.shape[0]
+    return total / count
+
+
+def stage_cft(ctx: StageContext, stage: str) -> None:
+    """Fine-tune a copy of the generator in one mode (``cft-<mode>``) under the Lagrangian."""
+    cfg, run, mode = ctx.cfg, ctx.run, stage[len("cft-") :]
+    seed = cfg.seed + 10 + MODES.index(mode)
+    torch.manual_seed(seed)
+    from segcft.models.mechanisms import ParentSCM
+
+    mech = ParentSCM(ctx.info, cfg.mechanisms)
+    load_model_state(mech, load_checkpoint(run.final("mechanisms")), run.final("mechanisms"), "parent mechanisms")
+    mech = mech.to(ctx.device).eval().requires_grad_(False)
+    gen_state = generator_state(run.final("generator"))
+    gen = build_component("generator", cfg.generator, ctx.info)
+    load_model_state(gen, gen_state, run.final("generator"), f"generator {cfg.generator.name!r}")
+    gen = gen.to(ctx.device)
+    segmentor = ctx.load_frozen("segmentor", "segmentor") if mode in SEG_MODES else None
+    regressor = ctx.load_frozen("regressor", "regressor") if cfg.regressor.name else None
+    objective = CFTObjective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(ctx.device)
+    rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + ctx.d.rank))
+    loss_fn = CFTLoss(DSCM(ctx.info, mech, gen), objective, rng)
+    gen = fit(
+        ctx,
+        stage,
+        gen,
+        loss_fn,
+        cfg.cft,
+        seed,
+        betas=(0.9, 0.9),
+        extra_opt=objective.lagrange_optimizer(),
+        after_step=objective.clamp_lambda,
+        rng=rng,
+        channels_last=True,
+    )
+    ctx.save_final(
+        stage, {"model": gen.state_dict(), "eps": float(gen_state["eps"]), "lambda": float(objective.lmbda.detach())}
+    )
+
+
+def stage_evaluate(ctx: StageContext, stage: str) -> dict[str, Any]:
+    """metrics.json, report.md and figures of the finished run (rank 0); returns the metrics."""
+    from segcft.evaluate import evaluate_run
+
+    ctx.curves()
+    result: dict[str, Any] = {}
+    if ctx.d.main:
+        ev = ctx.cfg.evaluate
+        result = evaluate_run(ctx.run.root, split=ev.split, n=ev.n)
+    ctx.d.barrier()
+    return result
+
+
+# -- the table --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the stage table. ``name`` is what ``--only`` and ``--from-stage`` accept;
+    ``instances(cfg)`` gives the concrete stages it runs as in a run (default: just ``name``);
+    ``requires(cfg, stage)`` the stages whose final checkpoints the concrete ``stage`` reads;
+    ``run(ctx, stage)`` trains it and writes what ``produces`` says."""
+
+    name: str
+    produces: str
+    run: Callable[[StageContext, str], Any]
+    requires: Callable[[Any, str], tuple[str, ...]] = lambda cfg, stage: ()
+    instances: Callable[[Any], list[str]] | None = None
+
+    def concrete(self, cfg: Any) -> list[str]:
+        """The concrete stages of this entry in the run of ``cfg``, in order."""
+        return [self.name] if self.instances is None else self.instances(cfg)
+
+
+def _cft_requires(cfg: Any, stage: str) -> tuple[str, ...]:
+    return (
+        ("mechanisms", "generator")
+        + (("regressor",) if cfg.regressor.name else ())
+        + (("segmentor",) if stage[len("cft-") :] in SEG_MODES else ())
+    )
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("mechanisms", "checkpoints/mechanisms.pt (ParentSCM weights, final nll)", stage_mechanisms),
+    Stage(
+        "segmentor",
+        "checkpoints/segmentor.pt (the guide: weights, seed or source)",
+        stage_segmentor,
+        instances=lambda cfg: ["segmentor"] if cfg.segmentor.name else [],
+    ),
+    Stage(
+        "eval_segmentor",
+        "checkpoints/eval_segmentor.pt (weights, seed)",
+        stage_segmentor,
+        instances=lambda cfg: ["eval_segmentor"] if cfg.segmentor.name else [],
+    ),
+    Stage(
+        "regressor",
+        "checkpoints/regressor.pt (weights)",
+        stage_regressor,
+        instances=lambda cfg: ["regressor"] if cfg.regressor.name else [],
+    ),
+    Stage("generator", "checkpoints/generator.pt (weights, eps)", stage_generator),
+    Stage(
+        "cft",
+        "checkpoints/cft-<mode>.pt per mode but none (weights, eps, lambda)",
+        stage_cft,
+        requires=_cft_requires,
+        instances=lambda cfg: [f"cft-{m}" for m in cfg.cft.modes if m != "none"],
+    ),
+    Stage(
+        "evaluate",
+        "metrics.json, report.md, figures/",
+        stage_evaluate,
+        requires=lambda cfg, stage: tuple(s for s in stage_names(cfg) if s != "evaluate"),
+    ),
+)
+
+STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)
+"""Stage groups in order; ``cft`` expands to ``cft-<mode>`` for every fine-tuned mode."""
+
+
+def stage_names(cfg: Any) -> list[str]:
+    """The concrete stages of a run, in order (``cft`` expanded per mode)."""
+    return [name for entry in STAGE_TABLE for name in entry.concrete(cfg)]
+
+
+def stage_entry(cfg: Any, stage: str) -> Stage:
+    """The table entry that runs the concrete ``stage``."""
+    return next(entry for entry in STAGE_TABLE if stage in entry.concrete(cfg))
