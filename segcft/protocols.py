@@ -1,6 +1,6 @@
 """The contracts between pipeline stages (docs/design.md, "Contracts"), as typing Protocols.
 
-Plugins implement these; ``train.py``, ``cft.py`` and ``evaluate.py`` only rely on them.
+Plugins implement these; ``train.py``, ``segcft.objectives`` and ``evaluate.py`` only rely on them.
 Batches are dicts (docs/design.md, "Data flow"): ``image`` (B, 1, *S) in [-1, 1], ``mask``
 (B, *S) int64 class indices (0 background, then ``DatasetInfo.class_names``), ``regions`` (B, *S) int64 region ids (optional), ``parents`` (B, P) normalised float32,
 ``exogenous`` (B, E) float32 (phantoms only), ``index`` (B,) int64 sample index.
@@ -14,6 +14,11 @@ if TYPE_CHECKING:  # torch stays out of the import path of the CLI and the regis
     import torch
 
     from segcft.data.variables import DatasetInfo
+
+COMPONENT_KINDS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
+"""The components a run config names in its sections of the same names (``dataset: {name: ...}``)."""
+KINDS: tuple[str, ...] = (*COMPONENT_KINDS, "objective")
+"""Everything plugins register by name: the components and the fine-tuning objectives (``cft.modes``)."""
 
 
 @runtime_checkable
@@ -86,3 +91,24 @@ class Phantom(Dataset, Protocol):
     ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
         """(B, E) exogenous and (B, P) *physical* parent values -> image (B, 1, *S) in [-1, 1],
         mask (B, *S) int64, regions (B, *S) int64 or None. Deterministic."""
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What fine-tuning uses of an objective: the Lagrangian of one mode on a batch, with its
+    multiplier ``lmbda`` (>= 0). Objectives subclass ``segcft.objectives.base.CFTObjective``,
+    which implements all of it but the guidance term ``guide_loss``."""
+
+    lmbda: "torch.nn.Parameter"
+
+    def __call__(
+        self, dscm: Any, batch: dict[str, "torch.Tensor"], generator: "torch.Generator | None" = None
+    ) -> dict[str, Any]:
+        """``loss`` (a scalar to backpropagate into the generator and ``lmbda``), ``variable`` (the
+        intervened variable's name) and any floats to log."""
+
+    def lagrange_optimizer(self) -> "torch.optim.Optimizer":
+        """The optimiser that ascends ``lmbda``."""
+
+    def clamp_lambda(self) -> None:
+        """Project ``lmbda`` back onto its feasible set after each ascent step."""

@@ -30,7 +30,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from segcft.cft import MODES, CFTObjective, check_mode
 from segcft.checkpoint import (
     atomic_write_text,
     capture_rng,
@@ -46,6 +45,8 @@ from segcft.data.variables import DatasetInfo
 from segcft.distributed import Dist, init_distributed, resolve_device
 from segcft.dscm import DSCM
 from segcft.errors import ConfigError, UserError
+from segcft.objectives.base import CFTObjective, build_objective
+from segcft.objectives.modes import check_mode, objective_guides, objective_index
 from segcft.run import Run, generator_state, load_run
 from segcft.models.segmentation import segmentation_loss
 
@@ -578,7 +579,7 @@ class _Pipeline:
 
     def stage_cft(self, mode: str) -> None:
         cfg = self.cfg
-        seed = cfg.seed + 10 + MODES.index(mode)
+        seed = cfg.seed + 10 + objective_index(mode)
         self._seeded(seed)
         from segcft.models.mechanisms import ParentSCM
 
@@ -589,9 +590,8 @@ class _Pipeline:
         gen = build_component("generator", cfg.generator, self.info)
         load_model_state(gen, gen_state, self._final("generator"), f"generator {cfg.generator.name!r}")
         gen = gen.to(self.device)
-        segmentor = self._load_frozen("segmentor", "segmentor") if mode in ("seg", "pos-seg") else None
-        regressor = self._load_frozen("regressor", "regressor") if cfg.regressor.name else None
-        objective = CFTObjective(mode, self.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(self.device)
+        guides = {kind: self._load_frozen(kind, kind) for kind in objective_guides(mode, cfg)}
+        objective = build_objective(mode, self.info, cfg.cft, float(gen_state["eps"]), **guides).to(self.device)
         rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + self.d.rank))
         loss_fn = _CFTLoss(DSCM(self.info, mech, gen), objective, rng)
         stage = f"cft-{mode}"
