@@ -6,7 +6,7 @@ module imports neither torch nor model code.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from segcft import PLUGIN_API_VERSION, hookimpl
 from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, TiffConfig

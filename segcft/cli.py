@@ -13,9 +13,10 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import click
 
@@ -198,7 +199,7 @@ def _generator_parameter_counts() -> Callable[[Any], str]:
                 cache["info"] = dataset.info
             model = entry.load()(entry.config(), cache["info"])
             return f"{sum(p.numel() for p in model.parameters()):,} (default config, {cache['info'].name})"
-        except Exception as exc:  # noqa: BLE001 - informational only
+        except Exception as exc:
             return f"unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
 
     return count
@@ -506,4 +507,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="segcft")
 
 
-__all__ = ["cli", "main", "CommandUnavailable", "SegcftGroup"]
+__all__ = ["CommandUnavailable", "SegcftGroup", "cli", "main"]

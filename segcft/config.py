@@ -27,9 +27,10 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -296,7 +297,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise fail()
-        return _apply_mapping(tp(), value, where)
+        return _apply_mapping(typing.cast(Any, tp)(), value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -455,7 +456,7 @@ def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
         if tp in seen:
             return f"{tp.__name__} contains itself"
         try:
-            check_config_class(tp, _seen=seen + (tp,))
+            check_config_class(tp, _seen=(*seen, tp))
         except ConfigError as exc:
             return str(exc)
         return None
@@ -471,7 +472,7 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
     name = getattr(cls, "__qualname__", repr(cls))
     try:
         hints = _hints(cls)
-    except Exception as exc:  # noqa: BLE001 - an unresolvable annotation names no field otherwise
+    except Exception as exc:
         raise ConfigError(f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})") from None
     for f in dataclasses.fields(cls):
         where = f"config class {name}, field {f.name!r}"
@@ -856,7 +857,7 @@ def load_run_config(
     for kind in components or {}:
         if kind not in COMPONENT_KINDS:
             raise ValueError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
-    override_items = [parse_override(text) + (text,) for text in overrides]
+    override_items = [(*parse_override(text), text) for text in overrides]
 
     def resolve(with_overlay: bool) -> RunConfig:
         cfg = RunConfig()
@@ -895,7 +896,8 @@ def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any
     _apply_component(section, kind, {"name": name}, f"--{kind}")
     for text in overrides:
         key, raw = parse_override(text)
-        holder = RunConfig(**{kind: section})
+        holder = RunConfig()
+        setattr(holder, kind, section)
         value = _override_value(holder, f"{kind}.{key}", raw)
         _apply_component(section, kind, _nest(key, value), f"--set {_short(text)}")
     return section.params

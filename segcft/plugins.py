@@ -25,14 +25,15 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import pluggy
 
 from segcft import PLUGIN_API_VERSION, __version__, hookimpl
 from segcft.errors import UserError
-from segcft.protocols import KINDS
+from segcft.protocols import GUIDES, KINDS, OBJECTIVE_NEEDS
 
 PROJECT = "segcft"
 ENTRY_POINT_GROUP = "segcft"
@@ -46,20 +47,14 @@ FAILED_COMPONENT_ATTRIBUTE = "segcft_failed_component"
 plugin and component, so that the CLI can print one line instead of a traceback."""
 
 HOOKS: dict[str, str] = {kind: f"segcft_register_{kind}s" for kind in KINDS}
-GUIDES: tuple[str, ...] = ("segmentor", "regressor")
-"""The frozen components an objective may guide with, in the order fine-tuning loads them."""
-OBJECTIVE_NEEDS: tuple[str, ...] = (*GUIDES, "structures", "regions")
-"""What an objective may declare it ``needs``: a guide, the dataset's structure variables or its regions."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "Entry",
-    "GUIDES",
     "KINDS",
-    "OBJECTIVE_NEEDS",
+    "Entry",
     "PluginError",
     "PluginInfo",
     "PluginWarning",
@@ -108,9 +103,8 @@ class SegcftHookSpecs:
 
     @hookspec
     def segcft_register_objectives(self, register: Callable[..., None]) -> None:
-        """Register fine-tuning objectives ``build(config, ctx) -> nn.Module`` (Objective protocol;
-        ``ctx`` is a ``segcft.objectives.base.ObjectiveContext``); ``register`` also takes
-        ``needs=`` and ``uses=`` (see ``OBJECTIVE_NEEDS``). The names are the ``cft.modes``."""
+        """Register fine-tuning objectives ``build(config, ctx: ObjectiveContext) -> CFTObjective``
+        (``segcft.objectives.base``) named as ``cft.modes``; ``register`` also takes ``needs``, ``uses``."""
 
     @hookspec
     def segcft_register_commands(self, cli: Any) -> None:
@@ -127,9 +121,8 @@ def _mark(exc: Exception, component: str) -> None:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered component: its name, typed config class and lazy factory; an objective
-    also declares what it ``needs`` (``OBJECTIVE_NEEDS``) and the guides it ``uses`` when the
-    run config names them."""
+    """One registered component: its name, typed config class and lazy factory; an objective also
+    declares what it ``needs`` (``OBJECTIVE_NEEDS``) and the guides it ``uses`` if the run names them."""
 
     kind: str
     name: str
@@ -183,7 +176,7 @@ class Entry:
         module_name, _, attr = self.factory.partition(":")
         module = importlib.import_module(module_name)
         try:
-            obj = module
+            obj: Any = module
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
@@ -371,9 +364,7 @@ def _make_register(kind: str, plugin: str, staged: list[tuple[Entry, bool]]) -> 
         aliases, needs, uses = tuple(aliases), tuple(needs), tuple(uses)
         _validate(kind, plugin, name, factory, config, tuple(dims), aliases)
         _validate_needs(kind, f"plugin {plugin!r} registering {kind} {name!r}", aliases, needs, uses)
-        entry = Entry(
-            kind, name, factory, config, tuple(sorted(set(dims))), description, aliases, plugin, needs, uses
-        )
+        entry = Entry(kind, name, factory, config, tuple(sorted(set(dims))), description, aliases, plugin, needs, uses)
         staged.append((entry, override))
 
     return register
@@ -432,7 +423,7 @@ def _register_plugin(
     try:
         pm.register(plugin, name=info.name)
         pm.check_pending()
-    except Exception as exc:  # noqa: BLE001 - any plugin failure is reported, not fatal
+    except Exception as exc:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
         _problem(registry, info, f"{label} failed validation: {exc}")
@@ -446,7 +437,7 @@ def _register_plugin(
                 if impl.plugin is plugin:
                     impl.function(register=_make_register(kind, info.name, staged))
         registry._commit(staged)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
+    except (Exception, SystemExit) as exc:
         pm.unregister(plugin)
         _problem(registry, info, f"{label} failed to register: {_failure(exc) if isinstance(exc, SystemExit) else exc}")
         return
@@ -504,7 +495,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: b
             info = PluginInfo(ep.name, dist, version)
             try:
                 plugin = ep.load()
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not break segcft
+            except (Exception, SystemExit) as exc:
                 _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
                          f"{_failure(exc)}")
                 continue
@@ -547,7 +538,7 @@ def add_plugin_commands(cli: Any) -> frozenset[str]:
         before = dict(cli.commands)
         try:
             impl.function(cli=cli)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
+        except (Exception, SystemExit) as exc:
             cli.commands.clear()
             cli.commands.update(before)
             _warn_or_raise(f"{label} failed to add its commands: {_failure(exc)}", "its commands are skipped")

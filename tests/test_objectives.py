@@ -209,7 +209,7 @@ def test_factory_must_return_a_cft_objective():
     plugins.register_plugin(WrongPlugin(), "wrong-plugin")
     cfg = load_run_config(preset="smoke")
     info = build_dataset(cfg, "val").info
-    with pytest.raises(PluginError, match="returned Linear, not a segcft.objectives.base.CFTObjective"):
+    with pytest.raises(PluginError, match=r"returned Linear, not a segcft\.objectives\.base\.CFTObjective"):
         build_objective("wrong", info, cfg.cft, eps=1.0)
     with pytest.raises(ConfigError, match="'none' is the pre-trained generator"):
         build_objective("none", info, cfg.cft, eps=1.0)

@@ -27,7 +27,8 @@ from segcft.data.variables import DatasetInfo
 from segcft.dscm import DSCM, Intervention, permutation_intervention
 from segcft.errors import ConfigError
 from segcft.objectives.modes import KIND, check_mode
-from segcft.plugins import GUIDES, PluginError, get_registry
+from segcft.plugins import PluginError, get_registry
+from segcft.protocols import GUIDES
 
 __all__ = ["CONSTRAINT_AVERAGE", "CFTObjective", "ObjectiveContext", "build_objective"]
 
@@ -58,6 +59,8 @@ class CFTObjective(nn.Module):
     lambda_init and the guidance settings). Frozen guides are stored outside the module's
     parameters so that optimisers and checkpoints of the objective hold only ``lmbda``."""
 
+    lmbda: nn.Parameter
+    constraint_avg: torch.Tensor
     segmentor: nn.Module | None
     regressor: nn.Module | None
 

@@ -23,6 +23,9 @@ class GuidedObjective(CFTObjective):
     """L_guide = seg_weight * area loss of ``terms`` (if any) + reg_weight * regressor NLL of the
     variables ``reg_vars`` (if any)."""
 
+    terms: AreaTerms | None
+    reg_vars: torch.Tensor
+
     def __init__(self, ctx: ObjectiveContext, terms: AreaTerms | None, reg_vars: torch.Tensor) -> None:
         if ctx.cft.penalty not in PENALTIES:
             raise ConfigError(f"cft.penalty: unknown penalty {ctx.cft.penalty!r}; expected one of {list(PENALTIES)}")

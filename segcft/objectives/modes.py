@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from segcft.errors import ConfigError
-from segcft.plugins import GUIDES, get_registry
+from segcft.plugins import get_registry
+from segcft.protocols import GUIDES
 
 __all__ = ["applicable_modes", "check_mode", "objective_guides", "objective_index", "objective_names"]
 
