@@ -199,7 +199,7 @@ def _generator_parameter_counts() -> Callable[[Any], str]:
                 cache["info"] = dataset.info
             model = entry.load()(entry.config(), cache["info"])
             return f"{sum(p.numel() for p in model.parameters()):,} (default config, {cache['info'].name})"
-        except Exception as exc:
+        except Exception as exc:  # informational only
             return f"unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
 
     return count

@@ -472,7 +472,7 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
     name = getattr(cls, "__qualname__", repr(cls))
     try:
         hints = _hints(cls)
-    except Exception as exc:
+    except Exception as exc:  # an unresolvable annotation names no field otherwise
         raise ConfigError(f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})") from None
     for f in dataclasses.fields(cls):
         where = f"config class {name}, field {f.name!r}"

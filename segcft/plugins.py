@@ -423,7 +423,7 @@ def _register_plugin(
     try:
         pm.register(plugin, name=info.name)
         pm.check_pending()
-    except Exception as exc:
+    except Exception as exc:  # any plugin failure is reported, not fatal
         if pm.is_registered(plugin):
             pm.unregister(plugin)
         _problem(registry, info, f"{label} failed validation: {exc}")
@@ -437,7 +437,7 @@ def _register_plugin(
                 if impl.plugin is plugin:
                     impl.function(register=_make_register(kind, info.name, staged))
         registry._commit(staged)
-    except (Exception, SystemExit) as exc:
+    except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops segcft
         pm.unregister(plugin)
         _problem(registry, info, f"{label} failed to register: {_failure(exc) if isinstance(exc, SystemExit) else exc}")
         return
@@ -495,7 +495,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: b
             info = PluginInfo(ep.name, dist, version)
             try:
                 plugin = ep.load()
-            except (Exception, SystemExit) as exc:
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break segcft
                 _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
                          f"{_failure(exc)}")
                 continue
@@ -538,7 +538,7 @@ def add_plugin_commands(cli: Any) -> frozenset[str]:
         before = dict(cli.commands)
         try:
             impl.function(cli=cli)
-        except (Exception, SystemExit) as exc:
+        except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops segcft
             cli.commands.clear()
             cli.commands.update(before)
             _warn_or_raise(f"{label} failed to add its commands: {_failure(exc)}", "its commands are skipped")
