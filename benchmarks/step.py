@@ -66,7 +66,7 @@ def _cft_config() -> SimpleNamespace:
 
 def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device) -> dict[str, object]:
     """Time ``reps`` fine-tuning steps after one warm-up step, in this process."""
-    from segcft.cft import CFTObjective
+    from segcft.objectives.base import build_objective
     from segcft.dscm import permutation_intervention
 
     if variant == "seg-reference":
@@ -76,7 +76,7 @@ def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device)
         ops.area_loss = reference.area_loss  # this process only runs this variant
     ds, info, dscm, seg, regressor = _setup(shape, device)
     mode = "reg" if variant == "reg" else ("pos-seg" if shape == "3d" else "seg")
-    obj = CFTObjective(mode, info, _cft_config(), eps=1.0, segmentor=seg, regressor=regressor).to(device)
+    obj = build_objective(mode, info, _cft_config(), eps=1.0, segmentor=seg, regressor=regressor).to(device)
     items = ds.__getitems__(list(range(batch)))
     b = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
     opt = torch.optim.AdamW(dscm.generator.parameters(), lr=1e-4)

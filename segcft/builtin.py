@@ -6,11 +6,12 @@ module imports neither torch nor model code.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from segcft import PLUGIN_API_VERSION, hookimpl
 from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, TiffConfig
 from segcft.models.configs import CNNRegressorConfig, HVAEConfig, UNetConfig
+from segcft.objectives.configs import NoSettings
 
 SEGCFT_PLUGIN_API_VERSION = PLUGIN_API_VERSION
 
@@ -74,4 +75,39 @@ def segcft_register_regressors(register: Callable[..., None]) -> None:
         config=CNNRegressorConfig,
         dims=(2, 3),
         description="small CNN predicting every variable from the image (Gaussian or Bernoulli)",
+    )
+
+
+@hookimpl
+def segcft_register_objectives(register: Callable[..., None]) -> None:
+    """The fine-tuning modes of docs/method.md section 5. Registered in this order, which fixes
+    their seeds: stage ``cft-<mode>`` is seeded ``seed + 10 + index`` (none 0, reg 1, seg 2, pos-seg 3)."""
+    register(
+        "none",
+        "segcft.objectives.guided:pretrained",
+        config=NoSettings,
+        description="the pre-trained generator, not fine-tuned (the baseline)",
+    )
+    register(
+        "reg",
+        "segcft.objectives.guided:build_reg",
+        config=NoSettings,
+        needs=("regressor",),
+        description="Reg-CFT: the frozen regressor's likelihood of every counterfactual variable",
+    )
+    register(
+        "seg",
+        "segcft.objectives.guided:build_seg",
+        config=NoSettings,
+        needs=("segmentor", "structures"),
+        uses=("regressor",),
+        description="Seg-CFT: the frozen segmentor's soft structure areas (+ regressor on subject variables)",
+    )
+    register(
+        "pos-seg",
+        "segcft.objectives.guided:build_pos_seg",
+        config=NoSettings,
+        needs=("segmentor", "structures", "regions"),
+        uses=("regressor",),
+        description="Pos-Seg-CFT: soft structure areas per region (+ regressor on subject variables)",
     )

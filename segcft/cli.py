@@ -13,16 +13,19 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import click
 
 from segcft import __version__
+from segcft.config import DEFAULT_PRESET, PRESETS
 from segcft.errors import UserError
+from segcft.protocols import KINDS
 
-KIND_CHOICES = {"generators": "generator", "segmentors": "segmentor", "regressors": "regressor", "datasets": "dataset"}
+KIND_CHOICES = {f"{kind}s": kind for kind in KINDS}
 
 
 class CommandUnavailable(UserError):
@@ -147,8 +150,8 @@ def _echo_json(data: Any) -> None:
 def cli(debug: bool) -> None:
     """segcft: segmentor-guided counterfactual fine-tuning of deep structural causal models.
 
-    Components (datasets, generators, segmentors, regressors) come from plugins; see
-    'segcft plugins' and 'segcft list generators'.
+    Components (datasets, generators, segmentors, regressors) and fine-tuning objectives come
+    from plugins; see 'segcft plugins' and 'segcft list generators'.
     """
 
 
@@ -196,7 +199,7 @@ def _generator_parameter_counts() -> Callable[[Any], str]:
                 cache["info"] = dataset.info
             model = entry.load()(entry.config(), cache["info"])
             return f"{sum(p.numel() for p in model.parameters()):,} (default config, {cache['info'].name})"
-        except Exception as exc:  # noqa: BLE001 - informational only
+        except Exception as exc:  # informational only
             return f"unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
 
     return count
@@ -207,10 +210,13 @@ def _generator_parameter_counts() -> Callable[[Any], str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show config fields (and generator parameter counts).")
 def list_command(kind: str, as_json: bool, verbose: bool) -> None:
-    """List registered components of one KIND with descriptions, dims and config fields."""
+    """List registered components (or objectives) of one KIND with descriptions, dims and config
+    fields; objectives also with what they need and use, in registration order (their seed order)."""
     from segcft.plugins import get_registry
 
-    entries = get_registry().entries(KIND_CHOICES[kind])
+    registry = get_registry()
+    names = registry.ordered("objective") if kind == "objectives" else registry.names(KIND_CHOICES[kind])
+    entries = [registry.get(KIND_CHOICES[kind], name) for name in names]
     count = _generator_parameter_counts() if verbose and kind == "generators" else None
     rows = []
     for e in entries:
@@ -223,6 +229,8 @@ def list_command(kind: str, as_json: bool, verbose: bool) -> None:
             "factory": e.factory_path,
             "config": _field_rows(e.config),
         }
+        if kind == "objectives":
+            row.update(needs=list(e.needs), uses=list(e.uses))
         if count is not None:
             row["parameters"] = count(e)
         rows.append(row)
@@ -235,6 +243,9 @@ def list_command(kind: str, as_json: bool, verbose: bool) -> None:
         click.echo(f"{row['name']}{aliases}  [{dims}, plugin {row['plugin']}]")
         if row["description"]:
             click.echo(f"    {row['description']}")
+        if kind == "objectives" and (row["needs"] or row["uses"]):
+            used = f"; uses {', '.join(row['uses'])} if configured" if row["uses"] else ""
+            click.echo(f"    needs {', '.join(row['needs']) or 'nothing'}{used}")
         if verbose:
             if "parameters" in row:
                 click.echo(f"    parameters: {row['parameters']}")
@@ -256,7 +267,7 @@ def _interventions(ctx: click.Context, param: click.Parameter, values: Sequence[
 @cli.command("train")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run config YAML (e.g. RUN/config.yaml of an earlier run).")
-@click.option("--preset", type=click.Choice(["smoke", "quick", "paper"]), default="quick", show_default=True,
+@click.option("--preset", type=click.Choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
               help="Named preset applied under --config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set generator.beta=2.0 (repeatable).")
@@ -264,8 +275,8 @@ def _interventions(ctx: click.Context, param: click.Parameter, values: Sequence[
 @click.option("--generator", shell_complete=_complete_names("generator"), help="Generator plugin name; its parameters reset to that plugin's defaults.")
 @click.option("--segmentor", shell_complete=_complete_names("segmentor"), help="Segmentor plugin name.")
 @click.option("--regressor", shell_complete=_complete_names("regressor"), help="Regressor plugin name.")
-@click.option("--cft", "cft_modes", multiple=True, type=click.Choice(["none", "reg", "seg", "pos-seg"]),
-              help="Fine-tuning mode to train (repeatable); replaces cft.modes.")
+@click.option("--cft", "cft_modes", multiple=True, metavar="MODE", shell_complete=_complete_names("objective"),
+              help="Fine-tuning mode to train (repeatable; see 'segcft list objectives'); replaces cft.modes.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder [default: runs/<dataset>-<generator>-<time>].")
 @click.option("--resume", metavar="auto|PATH",
@@ -500,4 +511,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="segcft")
 
 
-__all__ = ["cli", "main", "CommandUnavailable", "SegcftGroup"]
+__all__ = ["CommandUnavailable", "SegcftGroup", "cli", "main"]

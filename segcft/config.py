@@ -7,7 +7,9 @@ type-checked against the dataclasses (and against the config class a plugin regi
 component); unknown keys and wrong types raise ConfigError naming the source, the key and what
 was expected. Fields declare their ranges in their metadata (``"ge"``, ``"gt"``, ``"le"``,
 ``"lt"``), floats must be finite, and the resolved config must read back equal from its YAML
-form; each fine-tuning mode is checked against the dataset's metadata when its plugin offers it.
+form. Fine-tuning modes are the registered objectives' names (``"names"`` in a field's
+metadata) with their settings in ``cft.objectives`` (``"configs"``); each mode is checked against
+the dataset's metadata when its plugin offers it.
 YAML is read with a bounded ``yaml.SafeLoader`` only: nothing in a config is evaluated as code.
 
 Component sections are flat in YAML, ``generator: {name: hvae, beta: 2.0}``: every key but
@@ -25,26 +27,24 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 
 from segcft import __version__
 from segcft.errors import ConfigError, UserError
 from segcft.models.configs import MechanismsConfig
+from segcft.protocols import COMPONENT_KINDS
 
 _FLOAT_LITERAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
 DEFAULT_PRESET = "quick"
-COMPONENTS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
-CFT_MODES: tuple[str, ...] = ("none", "reg", "seg", "pos-seg")
 OVERLAY_3D = "when_3d"
 """Preset key of the overlay applied only when the resolved dataset is 3D (see :func:`read_preset`)."""
-
-CFTMode = Literal["none", "reg", "seg", "pos-seg"]
 
 
 @dataclass
@@ -128,8 +128,13 @@ class CFTConfig:
     """Counterfactual fine-tuning: guidance modes, the Lagrangian and the optimiser of the
     fine-tuned generator (AdamW with betas (0.9, 0.9), like the generator stage)."""
 
-    modes: tuple[CFTMode, ...] = field(
-        default=("none", "reg", "seg"), metadata={"help": "fine-tuning modes to train: none, reg, seg, pos-seg"}
+    modes: tuple[str, ...] = field(
+        default=("none", "reg", "seg"),
+        metadata={"help": "fine-tuning modes to train (see 'segcft list objectives')", "names": "objective"},
+    )
+    objectives: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "settings of objectives that have their own: mode -> mapping", "configs": "objective"},
     )
     steps: int = field(default=1000, metadata={"help": "fine-tuning steps per mode", "ge": 1})
     batch_size: int = field(default=16, metadata={"help": "samples per step", "ge": 1})
@@ -292,7 +297,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise fail()
-        return _apply_mapping(tp(), value, where)
+        return _apply_mapping(typing.cast(Any, tp)(), value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -383,11 +388,47 @@ def _apply_mapping(obj: Any, values: Mapping[str, Any], where: str) -> Any:
         sub = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _apply_mapping(getattr(obj, key), value, sub)
+        elif "configs" in fields[key].metadata:
+            setattr(obj, key, _apply_configs(getattr(obj, key), value, fields[key].metadata["configs"], sub))
         else:
             coerced = _coerce(value, tp, sub)
             _check_bounds(coerced, fields[key].metadata, sub)
+            if "names" in fields[key].metadata:
+                _check_names(coerced, fields[key].metadata["names"], sub)
             setattr(obj, key, coerced)
     return obj
+
+
+def _check_names(values: Sequence[str], kind: str, where: str) -> None:
+    """Raise ConfigError when an item of ``values`` is not a registered name of ``kind`` (listed
+    in registration order; aliases are not accepted)."""
+    known = _registry().ordered(kind)
+    for i, value in enumerate(values):
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}[{i}]: expected one of {', '.join(map(repr, known))}, got {_quote(value)}{hint} "
+                f"(see 'segcft list {kind}s')"
+            )
+
+
+def _apply_configs(current: Mapping[str, Any], values: Any, kind: str, where: str) -> dict[str, Any]:
+    """``current`` (name -> config instance of the registered ``kind`` of that name) updated from
+    ``values`` (name -> mapping of that config's fields)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {kind} name to its settings, got {_quote(values)}")
+    known = _registry().ordered(kind)
+    out = dict(current)
+    for name, settings in values.items():
+        sub = f"{where}.{name}"
+        if name not in known:
+            raise ConfigError(f"{sub}: unknown {kind} {_quote(name)} (registered: {', '.join(known)})")
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{sub}: expected a mapping of the {kind}'s settings, got {_quote(settings)}")
+        params = copy.deepcopy(out[name]) if name in out else _registry().get(kind, name).config()
+        out[name] = _apply_mapping(params, settings, sub)
+    return out
 
 
 def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
@@ -415,7 +456,7 @@ def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
         if tp in seen:
             return f"{tp.__name__} contains itself"
         try:
-            check_config_class(tp, _seen=seen + (tp,))
+            check_config_class(tp, _seen=(*seen, tp))
         except ConfigError as exc:
             return str(exc)
         return None
@@ -431,7 +472,7 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
     name = getattr(cls, "__qualname__", repr(cls))
     try:
         hints = _hints(cls)
-    except Exception as exc:  # noqa: BLE001 - an unresolvable annotation names no field otherwise
+    except Exception as exc:  # an unresolvable annotation names no field otherwise
         raise ConfigError(f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})") from None
     for f in dataclasses.fields(cls):
         where = f"config class {name}, field {f.name!r}"
@@ -494,7 +535,7 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
     valid = [f.name for f in dataclasses.fields(RunConfig)]
     for key, value in layer.items():
         path = f"{where}: {key}" if where else key
-        if key in COMPONENTS:
+        if key in COMPONENT_KINDS:
             _apply_component(getattr(cfg, key), key, value, path)
         elif key in valid:
             current = getattr(cfg, key)
@@ -660,11 +701,11 @@ def preset_path(name: str) -> Path:
 
 def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
     registry = _registry()
-    missing = [kind for kind in COMPONENTS if not getattr(cfg, kind).name]
+    missing = [kind for kind in COMPONENT_KINDS if not getattr(cfg, kind).name]
     if missing:
         raise ConfigError(f"{where}: no component chosen for {', '.join(missing)} (set e.g. {missing[0]}.name)")
     dataset = registry.get("dataset", cfg.dataset.name)
-    for kind in COMPONENTS[1:]:
+    for kind in COMPONENT_KINDS[1:]:
         entry = registry.get(kind, getattr(cfg, kind).name)
         if not set(entry.dims) & set(dataset.dims):
             raise ConfigError(
@@ -694,16 +735,17 @@ def _dataset_info(cfg: RunConfig) -> Any:
 
 
 def check_modes(cfg: RunConfig, where: str = "config") -> None:
-    """Raise ConfigError when a fine-tuning mode of ``cfg`` cannot run on its dataset (seg and
-    pos-seg need structure variables, pos-seg regions), as far as the dataset plugin tells
-    without building data (see :func:`_dataset_info`)."""
-    needs = {"seg", "pos-seg"} & set(cfg.cft.modes)
-    if not needs:
+    """Raise ConfigError when a fine-tuning mode of ``cfg`` cannot run on its dataset (what its
+    objective registered it needs: structure variables, regions), as far as the dataset plugin
+    tells without building data (see :func:`_dataset_info`)."""
+    from segcft.objectives.modes import check_mode
+
+    data_needs = {"structures", "regions"}
+    if not any(data_needs & set(_registry().get("objective", m).needs) for m in cfg.cft.modes):
         return
     info = _dataset_info(cfg)
     if info is None:
         return
-    from segcft.cft import check_mode
 
     try:
         for mode in cfg.cft.modes:
@@ -813,9 +855,9 @@ def load_run_config(
     base, overlay = read_preset(preset) if preset is not None else ({}, None)
     file_layer = read_yaml(config_file) if config_file is not None else None
     for kind in components or {}:
-        if kind not in COMPONENTS:
-            raise ValueError(f"unknown component kind {kind!r}; expected one of {COMPONENTS}")
-    override_items = [parse_override(text) + (text,) for text in overrides]
+        if kind not in COMPONENT_KINDS:
+            raise ValueError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
+    override_items = [(*parse_override(text), text) for text in overrides]
 
     def resolve(with_overlay: bool) -> RunConfig:
         cfg = RunConfig()
@@ -854,7 +896,8 @@ def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any
     _apply_component(section, kind, {"name": name}, f"--{kind}")
     for text in overrides:
         key, raw = parse_override(text)
-        holder = RunConfig(**{kind: section})
+        holder = RunConfig()
+        setattr(holder, kind, section)
         value = _override_value(holder, f"{kind}.{key}", raw)
         _apply_component(section, kind, _nest(key, value), f"--set {_short(text)}")
     return section.params

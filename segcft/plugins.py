@@ -1,7 +1,7 @@
 """Plugin manager, hook specifications and the registry of component factories.
 
-Components (datasets, generators, segmentors, regressors) are registered by name through
-pluggy hooks; built-in ones (``segcft.builtin``) use exactly the same hooks as third-party
+Components (datasets, generators, segmentors, regressors) and fine-tuning objectives are
+registered by name through pluggy hooks; built-in ones (``segcft.builtin``) use exactly the same hooks as third-party
 plugins found through the ``segcft`` entry-point group. Hooks receive a ``register`` callback
 and record *factories*, never instances: a factory is a callable or a lazy ``"module:attr"``
 string, so loading the registry imports neither torch nor model code.
@@ -25,13 +25,15 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import pluggy
 
 from segcft import PLUGIN_API_VERSION, __version__, hookimpl
 from segcft.errors import UserError
+from segcft.protocols import GUIDES, KINDS, OBJECTIVE_NEEDS
 
 PROJECT = "segcft"
 ENTRY_POINT_GROUP = "segcft"
@@ -44,7 +46,6 @@ FAILED_COMPONENT_ATTRIBUTE = "segcft_failed_component"
 """Set on an exception raised while a third-party factory was imported or called: names the
 plugin and component, so that the CLI can print one line instead of a traceback."""
 
-KINDS: tuple[str, ...] = ("dataset", "generator", "segmentor", "regressor")
 HOOKS: dict[str, str] = {kind: f"segcft_register_{kind}s" for kind in KINDS}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -52,8 +53,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "Entry",
     "KINDS",
+    "Entry",
     "PluginError",
     "PluginInfo",
     "PluginWarning",
@@ -101,6 +102,11 @@ class SegcftHookSpecs:
         """Register regressor factories ``build(config, info) -> nn.Module`` (Regressor protocol)."""
 
     @hookspec
+    def segcft_register_objectives(self, register: Callable[..., None]) -> None:
+        """Register fine-tuning objectives ``build(config, ctx: ObjectiveContext) -> CFTObjective``
+        (``segcft.objectives.base``) named as ``cft.modes``; ``register`` also takes ``needs``, ``uses``."""
+
+    @hookspec
     def segcft_register_commands(self, cli: Any) -> None:
         """Add Click subcommands to the ``segcft`` command group ``cli``."""
 
@@ -115,7 +121,8 @@ def _mark(exc: Exception, component: str) -> None:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered component: its name, typed config class and lazy factory."""
+    """One registered component: its name, typed config class and lazy factory; an objective also
+    declares what it ``needs`` (``OBJECTIVE_NEEDS``) and the guides it ``uses`` if the run names them."""
 
     kind: str
     name: str
@@ -125,6 +132,8 @@ class Entry:
     description: str = ""
     aliases: tuple[str, ...] = ()
     plugin: str = ""
+    needs: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
 
     def load(self) -> Callable[..., Any]:
         """The factory callable; a ``"module:attr"`` factory is imported now (not at registration).
@@ -167,7 +176,7 @@ class Entry:
         module_name, _, attr = self.factory.partition(":")
         module = importlib.import_module(module_name)
         try:
-            obj = module
+            obj: Any = module
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
@@ -210,11 +219,13 @@ class PluginInfo:
 
 
 class Registry:
-    """Name -> ``Entry`` per component kind, with aliases and close-match suggestions."""
+    """Name -> ``Entry`` per component kind, with aliases and close-match suggestions, and the
+    order in which names were first registered (an override keeps its name's place)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self._order: dict[str, list[str]] = {kind: [] for kind in KINDS}
         self.plugins: list[PluginInfo] = []
 
     def _check_kind(self, kind: str) -> None:
@@ -225,6 +236,11 @@ class Registry:
         """Registered names of ``kind`` (without aliases), sorted."""
         self._check_kind(kind)
         return sorted(self._entries[kind])
+
+    def ordered(self, kind: str) -> list[str]:
+        """Registered names of ``kind`` in the order they were first registered (built-ins first)."""
+        self._check_kind(kind)
+        return list(self._order[kind])
 
     def entries(self, kind: str) -> list[Entry]:
         """Registered entries of ``kind``, sorted by name."""
@@ -258,6 +274,7 @@ class Registry:
         leaves the registry unchanged."""
         entries = {k: dict(v) for k, v in self._entries.items()}
         aliases = {k: dict(v) for k, v in self._aliases.items()}
+        order = {k: list(v) for k, v in self._order.items()}
         try:
             for entry, override in staged:
                 for key in (entry.name, *entry.aliases):
@@ -275,9 +292,26 @@ class Registry:
                 self._entries[entry.kind][entry.name] = entry
                 for alias in entry.aliases:
                     self._aliases[entry.kind][alias] = entry.name
+                if entry.name not in self._order[entry.kind]:
+                    self._order[entry.kind].append(entry.name)
+            self._order = {k: [n for n in v if n in self._entries[k]] for k, v in self._order.items()}
         except Exception:
-            self._entries, self._aliases = entries, aliases
+            self._entries, self._aliases, self._order = entries, aliases, order
             raise
+
+
+def _validate_needs(kind: str, where: str, aliases: Any, needs: Any, uses: Any) -> None:
+    """What an objective declares it needs and uses; nothing for the other kinds."""
+    if kind != "objective":
+        if needs or uses:
+            raise PluginError(f"{where}: only objectives take needs= and uses=")
+        return
+    if aliases:
+        raise PluginError(f"{where}: objectives take no aliases (the name names the run's cft-<mode> stage)")
+    for label, values, allowed in (("needs", needs, OBJECTIVE_NEEDS), ("uses", uses, GUIDES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise PluginError(f"{where}: {label}= takes {', '.join(map(repr, allowed))}, got {bad[0]!r}")
 
 
 def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims: Any, aliases: Any) -> None:
@@ -322,11 +356,15 @@ def _make_register(kind: str, plugin: str, staged: list[tuple[Entry, bool]]) -> 
         description: str = "",
         aliases: Sequence[str] = (),
         override: bool = False,
+        needs: Sequence[str] = (),
+        uses: Sequence[str] = (),
     ) -> None:
-        """Record ``factory`` under ``name``; ``override=True`` replaces an earlier registration."""
-        aliases = tuple(aliases)
+        """Record ``factory`` under ``name``; ``override=True`` replaces an earlier registration.
+        Objectives declare ``needs`` (``OBJECTIVE_NEEDS``) and the guides they ``uses`` if named."""
+        aliases, needs, uses = tuple(aliases), tuple(needs), tuple(uses)
         _validate(kind, plugin, name, factory, config, tuple(dims), aliases)
-        entry = Entry(kind, name, factory, config, tuple(sorted(set(dims))), description, aliases, plugin)
+        _validate_needs(kind, f"plugin {plugin!r} registering {kind} {name!r}", aliases, needs, uses)
+        entry = Entry(kind, name, factory, config, tuple(sorted(set(dims))), description, aliases, plugin, needs, uses)
         staged.append((entry, override))
 
     return register
@@ -385,7 +423,7 @@ def _register_plugin(
     try:
         pm.register(plugin, name=info.name)
         pm.check_pending()
-    except Exception as exc:  # noqa: BLE001 - any plugin failure is reported, not fatal
+    except Exception as exc:  # any plugin failure is reported, not fatal
         if pm.is_registered(plugin):
             pm.unregister(plugin)
         _problem(registry, info, f"{label} failed validation: {exc}")
@@ -399,7 +437,7 @@ def _register_plugin(
                 if impl.plugin is plugin:
                     impl.function(register=_make_register(kind, info.name, staged))
         registry._commit(staged)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
+    except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops segcft
         pm.unregister(plugin)
         _problem(registry, info, f"{label} failed to register: {_failure(exc) if isinstance(exc, SystemExit) else exc}")
         return
@@ -457,7 +495,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: b
             info = PluginInfo(ep.name, dist, version)
             try:
                 plugin = ep.load()
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not break segcft
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break segcft
                 _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
                          f"{_failure(exc)}")
                 continue
@@ -500,7 +538,7 @@ def add_plugin_commands(cli: Any) -> frozenset[str]:
         before = dict(cli.commands)
         try:
             impl.function(cli=cli)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - KeyboardInterrupt still stops segcft
+        except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops segcft
             cli.commands.clear()
             cli.commands.update(before)
             _warn_or_raise(f"{label} failed to add its commands: {_failure(exc)}", "its commands are skipped")

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from segcft.cft import CFTObjective, applicable_modes, area_terms, check_mode
+from segcft.objectives.area import area_terms
+from segcft.objectives.base import build_objective
+from segcft.objectives.modes import applicable_modes, check_mode
 from segcft.data.variables import DatasetInfo, Measure, Normalisation, Variable
 from segcft.dscm import DSCM, affected_mask, permutation_intervention
 from segcft.errors import ConfigError
@@ -183,11 +185,11 @@ def test_parents_counterfactual_propagates_descendants_only(setup):
 
 def test_area_terms_seg_aggregates_regions_and_pos_seg_splits_them():
     info = make_info()
-    seg = area_terms(info, "seg")
+    seg = area_terms(info, regional=False)
     assert seg.index.tolist() == [[1, -1], [2, -1]]
     assert seg.members == ((2,), (3, 4))
     assert seg.scale.tolist() == pytest.approx([15.0, (25.0 + 25.0) ** 0.5])
-    pos = area_terms(info, "pos-seg")
+    pos = area_terms(info, regional=True)
     assert pos.index.tolist() == [[1, -1], [2, 1], [2, 2]]
     pa = torch.zeros(2, 5)
     assert pos.targets(info, pa).tolist() == [[60.0, 20.0, 20.0]] * 2
@@ -199,7 +201,7 @@ def test_area_terms_seg_aggregates_regions_and_pos_seg_splits_them():
 
 def test_gradient_reaches_generator_not_frozen_segmentor(setup):
     info, dscm, seg, reg = setup
-    obj = CFTObjective("pos-seg", info, cfg(), eps=10.0, segmentor=seg, regressor=reg)
+    obj = build_objective("pos-seg", info, cfg(), eps=10.0, segmentor=seg, regressor=reg)
     assert not any(p.requires_grad for p in seg.parameters())
     assert [n for n, _ in obj.named_parameters()] == ["lmbda"]
     out = obj(dscm, make_batch(info), torch.Generator().manual_seed(0))
@@ -232,19 +234,19 @@ def test_lambda_rises_while_violated_and_stays_nonnegative(setup):
     info, dscm, seg, reg = setup
     with torch.no_grad():
         nelbo = float(dscm.generator.elbo(make_batch(info)["image"], make_batch(info)["parents"])["loss"])
-    violated = CFTObjective("seg", info, cfg(damping=0.0), eps=nelbo - 5.0, segmentor=seg, regressor=reg)
+    violated = build_objective("seg", info, cfg(damping=0.0), eps=nelbo - 5.0, segmentor=seg, regressor=reg)
     lambdas = [lam for _, lam in _steps(violated, dscm, info, 6)]
     assert all(b > a for a, b in zip(lambdas, lambdas[1:])), lambdas
     assert lambdas[-1] > 0.04
 
-    satisfied = CFTObjective("seg", info, cfg(lambda_init=0.02), eps=nelbo + 50.0, segmentor=seg)
+    satisfied = build_objective("seg", info, cfg(lambda_init=0.02), eps=nelbo + 50.0, segmentor=seg)
     lambdas = [lam for _, lam in _steps(satisfied, dscm, info, 6)]
     assert min(lambdas) == 0.0 and all(lam >= 0.0 for lam in lambdas)
 
 
 def test_seg_cft_reduces_guide_loss(setup):
     info, dscm, seg, _ = setup
-    obj = CFTObjective("seg", info, cfg(damping=0.0), eps=1e3, segmentor=seg)
+    obj = build_objective("seg", info, cfg(damping=0.0), eps=1e3, segmentor=seg)
     batch = make_batch(info, b=16, seed=5)
     do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["lung"])
     opt = torch.optim.Adam(dscm.generator.parameters(), lr=2e-2)
@@ -262,8 +264,8 @@ def test_soft_labels_use_factual_measurements_for_untouched_terms(setup):
     info, dscm, seg, reg = setup
     batch = make_batch(info)
     do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["sex"])
-    hard = CFTObjective("seg", info, cfg(), eps=1e3, segmentor=seg, regressor=reg)
-    soft = CFTObjective("seg", info, cfg(soft_labels=True), eps=1e3, segmentor=seg, regressor=reg)
+    hard = build_objective("seg", info, cfg(), eps=1e3, segmentor=seg, regressor=reg)
+    soft = build_objective("seg", info, cfg(soft_labels=True), eps=1e3, segmentor=seg, regressor=reg)
     # The identity "generator" makes x_cf == x: soft labels then match exactly, hard ones do not.
     identity = DSCM(info, LinearSCM(info), IdentityGenerator())
     x_cf, pa_cf, _ = identity.counterfactual(batch["image"], batch["parents"], do)
@@ -283,9 +285,9 @@ class IdentityGenerator(nn.Module):
 def test_objective_validation(setup):
     info, _, seg, _ = setup
     with pytest.raises(ConfigError, match="needs a trained regressor"):
-        CFTObjective("reg", info, cfg(), eps=1.0, segmentor=seg)
+        build_objective("reg", info, cfg(), eps=1.0, segmentor=seg)
     with pytest.raises(ConfigError, match="penalty"):
-        CFTObjective("seg", info, cfg(penalty="l3"), eps=1.0, segmentor=seg)
+        build_objective("seg", info, cfg(penalty="l3"), eps=1.0, segmentor=seg)
     flat = DatasetInfo("flat", 2, (S, S), (1.0, 1.0), {1: "lung"}, [Variable("lung", "continuous", measure=Measure("lung"))], Normalisation((1.0,), (1.0,)))
     with pytest.raises(ConfigError, match="regions"):
         check_mode("pos-seg", flat)
@@ -325,14 +327,14 @@ def test_hvae_fused_elbo_counterfactual_matches_separate_passes():
 def test_damping_uses_the_constraints_moving_average(setup):
     """The damping coefficient follows a moving average of eps - nelbo (starting at 0), so one
     batch's deviation moves it by (1 - CONSTRAINT_AVERAGE) of the deviation only."""
-    from segcft.cft import CONSTRAINT_AVERAGE
+    from segcft.objectives.base import CONSTRAINT_AVERAGE
 
     info, dscm, seg, _ = setup
     batch = make_batch(info)
     do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["lung"])
     with torch.no_grad():
         nelbo = float(dscm.generator.elbo(batch["image"], batch["parents"])["loss"])
-    obj = CFTObjective("seg", info, cfg(), eps=nelbo + 0.5, segmentor=seg)
+    obj = build_objective("seg", info, cfg(), eps=nelbo + 0.5, segmentor=seg)
     avgs = []
     for _ in range(3):
         out = obj(dscm, batch, intervention=do)

@@ -152,7 +152,7 @@ def test_train_default_run_dir_and_resume_needs_run_dir(trained):
         (["--set", "generator.beta=abc"], "generator.beta: expected float, got 'abc'"),
         (["--set", "cft.modez=[seg]"], "unknown key 'modez'; did you mean 'modes'?"),
         (["--config", "/nonexistent/run.yaml"], "does not exist"),
-        (["--cft", "magic"], "'magic' is not one of"),
+        (["--cft", "magic"], "expected one of 'none', 'reg', 'seg', 'pos-seg', got 'magic'"),
     ],
 )
 def test_train_user_errors_are_one_line_exit_2(trained, args, message):

@@ -49,6 +49,10 @@ class InlinePlugin:
         register("toy-reg", f"{__name__}:_factory", config=ToyConfig)
 
     @segcft.hookimpl
+    def segcft_register_objectives(self, register):
+        register("toy-cft", _factory, config=ToyConfig, needs=("segmentor",))
+
+    @segcft.hookimpl
     def segcft_register_commands(self, cli):
         cli.commands_seen = True
 
@@ -84,6 +88,8 @@ def test_inline_plugin_every_hook_and_lazy_factories():
     assert gen.load()(ToyConfig(width=5), None) == ("built", 5)
     assert reg.get("segmentor", "toy-seg").dims == (3,)
     assert reg.get("regressor", "toy-reg").load().__wrapped__ is _factory
+    assert reg.get("objective", "toy-cft").needs == ("segmentor",)
+    assert reg.ordered("objective") == ["none", "reg", "seg", "pos-seg", "toy-cft"]
     # a string factory is only imported on load: registering a missing module is fine
     with pytest.raises(ModuleNotFoundError):
         reg.get("dataset", "toy-data").load()

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segcft.cft import CFTObjective
 from segcft.dscm import DSCM
 from segcft.models.segmentation import segmentation_loss
+from segcft.objectives.base import CFTObjective
 
 __all__ = ["CFTLoss", "GeneratorLoss", "RegressorLoss", "SegmentorLoss"]
 

@@ -11,14 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segcft.cft import check_mode
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component, registry_entry
 from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
+from segcft.objectives.modes import check_mode, objective_needs
+from segcft.protocols import GUIDES
 from segcft.run import RunDir
 from segcft.train.context import StageContext
-from segcft.train.stages import SEG_MODES, stage_entry, stage_names
+from segcft.train.stages import stage_entry, stage_names
 
 __all__ = ["run_training"]
 
@@ -43,10 +44,9 @@ def validate(ctx: StageContext, stages: list[str]) -> None:
             build_component(kind, section, info)  # parameter errors surface now, not mid-run
     for mode in cfg.cft.modes:
         check_mode(mode, info)
-        if mode == "reg" and not cfg.regressor.name:
-            raise ConfigError("cft.modes: 'reg' needs a regressor (regressor.name)")
-        if mode in SEG_MODES and not cfg.segmentor.name:
-            raise ConfigError(f"cft.modes: {mode!r} needs a segmentor (segmentor.name)")
+        for kind in objective_needs(mode):
+            if kind in GUIDES and not getattr(cfg, kind).name:
+                raise ConfigError(f"cft.modes: {mode!r} needs a {kind} ({kind}.name)")
     if ctx.segmentor_checkpoint is not None and "segmentor" in stages:
         ctx.segmentor_import = _read_segmentor_import(ctx, ctx.segmentor_checkpoint)
     if cfg.segmentor.name:

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from segcft.cft import MODES, CFTObjective
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component
 from segcft.config import derived_seed
 from segcft.dscm import DSCM
+from segcft.objectives.base import build_objective
+from segcft.objectives.modes import objective_guides, objective_index
 from segcft.run import generator_state
 from segcft.train.context import StageContext
 from segcft.train.loop import fit
@@ -27,7 +28,6 @@ __all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "stage_entry", "stag
 EPS_SAMPLES = 512
 """eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
 
-SEG_MODES = ("seg", "pos-seg")
 """Fine-tuning modes guided by the segmentor."""
 
 
@@ -128,7 +128,7 @@ def _measure_eps(ctx: StageContext, gen: Any) -> float:
 def stage_cft(ctx: StageContext, stage: str) -> None:
     """Fine-tune a copy of the generator in one mode (``cft-<mode>``) under the Lagrangian."""
     cfg, run, mode = ctx.cfg, ctx.run, stage[len("cft-") :]
-    seed = cfg.seed + 10 + MODES.index(mode)
+    seed = cfg.seed + 10 + objective_index(mode)
     torch.manual_seed(seed)
     from segcft.models.mechanisms import ParentSCM
 
@@ -139,9 +139,8 @@ def stage_cft(ctx: StageContext, stage: str) -> None:
     gen = build_component("generator", cfg.generator, ctx.info)
     load_model_state(gen, gen_state, run.final("generator"), f"generator {cfg.generator.name!r}")
     gen = gen.to(ctx.device)
-    segmentor = ctx.load_frozen("segmentor", "segmentor") if mode in SEG_MODES else None
-    regressor = ctx.load_frozen("regressor", "regressor") if cfg.regressor.name else None
-    objective = CFTObjective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), segmentor, regressor).to(ctx.device)
+    guides = {kind: ctx.load_frozen(kind, kind) for kind in objective_guides(mode, cfg)}
+    objective = build_objective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), **guides).to(ctx.device)
     rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + ctx.d.rank))
     loss_fn = CFTLoss(DSCM(ctx.info, mech, gen), objective, rng)
     gen = fit(
@@ -195,11 +194,7 @@ class Stage:
 
 
 def _cft_requires(cfg: Any, stage: str) -> tuple[str, ...]:
-    return (
-        ("mechanisms", "generator")
-        + (("regressor",) if cfg.regressor.name else ())
-        + (("segmentor",) if stage[len("cft-") :] in SEG_MODES else ())
-    )
+    return ("mechanisms", "generator", *objective_guides(stage[len("cft-") :], cfg))
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
