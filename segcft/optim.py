@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights."""
         d = self.decay()
-        ema_params = list(self.module.parameters())
+        ema_params: list[torch.Tensor] = list(self.module.parameters())
         params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(params):
             raise ValueError("EMA.update: the model does not match the averaged module")
@@ -75,10 +76,11 @@ class EMA:
         ``weights_only=True``)."""
         return {"module": self.module.state_dict(), "updates": self.updates, "rate": self.rate}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.module.load_state_dict(state["module"])  # type: ignore[arg-type]
-        self.updates = int(state["updates"])  # type: ignore[arg-type]
-        self.rate = float(state["rate"])  # type: ignore[arg-type]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (as loaded from a checkpoint, hence untyped)."""
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+        self.rate = float(state["rate"])
 
 
 @dataclass

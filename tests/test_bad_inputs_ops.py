@@ -14,19 +14,11 @@ from segcft.ops import _backend
 from segcft.ops import reference as ref
 from segcft.ops._validate import MAX_REGIONS, OpTypeError, OpValueError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 ISAS = ["scalar", "avx2", "avx512"]
 B, C, H, W, R = 2, 3, 6, 20, 5  # W = 20: full vectors and a tail on every instruction set
 NEEDS_C = pytest.mark.skipif(_backend.cpu_backend().module is None, reason="segcft._C is not built")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(dtype=torch.float32):

@@ -27,12 +27,7 @@ NELBO_INIT_MIN = 5.0
 NELBO_TRAINED_MAX = 4.2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(config: HVAEConfig, shape: tuple[int, ...], parents: int = 3, seed: int = 0) -> HVAE:

@@ -16,13 +16,7 @@ NAMES = ["sex", "age", "brain", "vent", "flag"]
 SEX, AGE, BRAIN, VENT, FLAG = range(5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite runs on shared CPUs: one intra-op thread keeps timings predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make_info() -> DatasetInfo:

@@ -18,20 +18,12 @@ from segcft import ops
 from segcft.errors import UserError
 from segcft.ops import reference as ref
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 ISAS = ["scalar", "avx2", "avx512"]
 # Relative tolerance of areas / gradients per logits dtype (kernel vs reference on the same input).
 AREA_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 GRAD_ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(shape, dtype=torch.float32, seed=0, scale=3.0):

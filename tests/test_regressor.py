@@ -21,13 +21,7 @@ VARIABLES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite runs on shared CPUs: one intra-op thread keeps timings predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def disks(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,13 +14,7 @@ from segcft.models.unet import build, dice, segmentation_loss
 from segcft.protocols import Segmentor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite runs on shared CPUs: one intra-op thread keeps timings predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make_info(spatial_dims: int = 2, shape: tuple[int, ...] = (64, 64)) -> DatasetInfo:

@@ -8,7 +8,8 @@ a split is the same whatever order or batch it is drawn in, in any DataLoader wo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

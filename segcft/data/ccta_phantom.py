@@ -67,12 +67,24 @@ VARIABLES = [
     Variable("plaque_proximal", "continuous", ("age", "sex"), "mm^3", Measure("plaque", "proximal")),
     Variable("plaque_mid", "continuous", ("age", "sex"), "mm^3", Measure("plaque", "mid")),
     Variable("plaque_distal", "continuous", ("age", "sex"), "mm^3", Measure("plaque", "distal")),
-    Variable("lumen_volume", "continuous", ("sex",) + PLAQUES, "mm^3", Measure("lumen")),
+    Variable("lumen_volume", "continuous", ("sex", *PLAQUES), "mm^3", Measure("lumen")),
 ]
 EXOGENOUS = (
-    ("vessel", "wall", "wiggle_y", "wiggle_x", "wiggle_phase_y", "wiggle_phase_x")
-    + tuple(f"{k}_{r}" for r in ("proximal", "mid", "distal") for k in ("centre", "half_length", "angle", "eccentricity", "calcified"))
-    + ("myo_angle", "myo_distance", "texture_seed", "noise_seed")
+    "vessel",
+    "wall",
+    "wiggle_y",
+    "wiggle_x",
+    "wiggle_phase_y",
+    "wiggle_phase_x",
+    *tuple(
+        f"{k}_{r}"
+        for r in ("proximal", "mid", "distal")
+        for k in ("centre", "half_length", "angle", "eccentricity", "calcified")
+    ),
+    "myo_angle",
+    "myo_distance",
+    "texture_seed",
+    "noise_seed",
 )
 V_HEALTHY = 262.0  # mm^3 inside the wall at vessel = 1, sex = 0
 _R_PROXIMAL, _R_DISTAL = 1.55, 1.15  # mm, healthy inner radius profile along the segment

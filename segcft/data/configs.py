@@ -33,5 +33,11 @@ class TiffConfig:
     """User data stored as TIFF images, masks and a CSV of variables (see segcft.data.tiff)."""
 
     path: str = field(default="", metadata={"help": "dataset folder containing dataset.yaml"})
-    size: tuple[int, ...] = field(default=(), metadata={"help": "target shape, slowest axis first (empty: the files' shape, which must then agree)"})
-    fit: str = field(default="resize", metadata={"help": "how to reach size: resize (images linear, masks nearest) or crop (centre crop/pad)"})
+    size: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "target shape, slowest axis first (empty: the files' shape, which must then agree)"},
+    )
+    fit: str = field(
+        default="resize",
+        metadata={"help": "how to reach size: resize (images linear, masks nearest) or crop (centre crop/pad)"},
+    )

@@ -71,8 +71,18 @@ VARIABLES = [
     Variable("heart_area", "continuous", ("sex", "age", "body_size"), "mm^2", Measure("heart")),
 ]
 EXOGENOUS = (
-    "width", "rl_dx", "rl_dy", "ll_dx", "ll_dy", "heart_dx", "heart_dy", "heart_tilt",
-    "shape_seed", "texture_seed", "noise_seed", "rib_seed",
+    "width",
+    "rl_dx",
+    "rl_dy",
+    "ll_dx",
+    "ll_dy",
+    "heart_dx",
+    "heart_dy",
+    "heart_tilt",
+    "shape_seed",
+    "texture_seed",
+    "noise_seed",
+    "rib_seed",
 )
 HEART_ZONE_AREA = 17000.0  # mm^2 at body = 1: the mediastinal zone the lungs keep out of
 _STREAMS = 19
@@ -103,9 +113,14 @@ def sample_subjects(seed: int, split: int, index: np.ndarray) -> tuple[torch.Ten
 
 
 def _star_field(
-    x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
-    axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], power: tuple[float, float],
-    harmonics: torch.Tensor, tilt: torch.Tensor | None = None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    power: tuple[float, float],
+    harmonics: torch.Tensor,
+    tilt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalised radius |d| / R(theta) of a star shape with per-quadrant semi-axes
     (left, right, up, down), superellipse powers (upper, lower half) and Fourier harmonics
@@ -152,8 +167,13 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
 
     # Heart and the mediastinal zone the lungs keep out of.
     heart_f = _star_field(
-        x, y, 28.0 * bx + off[:, 4], 40.0 * body + off[:, 5],
-        (60.0 * bx, 66.0 * bx, 48.0 * body, 52.0 * body), (2.2, 2.0), harm[:, :, :, 2],
+        x,
+        y,
+        28.0 * bx + off[:, 4],
+        40.0 * body + off[:, 5],
+        (60.0 * bx, 66.0 * bx, 48.0 * body, 52.0 * body),
+        (2.2, 2.0),
+        harm[:, :, :, 2],
         tilt=-0.35 + 0.1 * off[:, 6],
     ).reshape(b, n_pix)
     px_area = spacing * spacing
@@ -164,13 +184,23 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     keep_out = zone | spine_band
     inf = torch.tensor(float("inf"))
     rl_f = _star_field(
-        x, y, -72.0 * bx + off[:, 0], -22.0 * body + off[:, 1],
-        (62.0 * bx, 44.0 * bx, 100.0 * body, 72.0 * body), (1.7, 3.2), harm[:, :, :, 0],
+        x,
+        y,
+        -72.0 * bx + off[:, 0],
+        -22.0 * body + off[:, 1],
+        (62.0 * bx, 44.0 * bx, 100.0 * body, 72.0 * body),
+        (1.7, 3.2),
+        harm[:, :, :, 0],
     ).reshape(b, n_pix)
     rl_f = torch.where(keep_out | (x.reshape(b, n_pix) > 0), inf, rl_f)
     ll_f = _star_field(
-        x, y, 70.0 * bx + off[:, 2], -18.0 * body + off[:, 3],
-        (42.0 * bx, 60.0 * bx, 98.0 * body, 74.0 * body), (1.7, 3.2), harm[:, :, :, 1],
+        x,
+        y,
+        70.0 * bx + off[:, 2],
+        -18.0 * body + off[:, 3],
+        (42.0 * bx, 60.0 * bx, 98.0 * body, 74.0 * body),
+        (1.7, 3.2),
+        harm[:, :, :, 1],
     ).reshape(b, n_pix)
     ll_f = torch.where(keep_out | (x.reshape(b, n_pix) < 0), inf, ll_f)
     right = exact_size_mask(rl_f, torch.round(pa[:, 3] / px_area))

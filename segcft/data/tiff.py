@@ -120,7 +120,9 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = False, top: int = 2**31 - 1) -> dict[int, str]:
+def _id_map(
+    raw: Any, key: str, problems: list[Problem], allow_zero: bool = False, top: int = 2**31 - 1
+) -> dict[int, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -136,7 +138,9 @@ def _id_map(raw: Any, key: str, problems: list[Problem], allow_zero: bool = Fals
             problems.append(Problem(f"id {k!r} is not an integer", SPEC_FILE, key=f"{key}.{k}"))
             continue
         if not (0 if allow_zero else 1) <= i <= top or not isinstance(v, str) or not v:
-            problems.append(Problem(f"expected an id in [1, {top}] mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}"))
+            problems.append(
+                Problem(f"expected an id in [1, {top}] mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}")
+            )
             continue
         out[i] = v
     if len(set(out.values())) != len(out):
@@ -161,7 +165,13 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
     raw_sp = data.get("spacing")
     spacing: tuple[float, ...] = (1.0,) * dims
     if not isinstance(raw_sp, (list, tuple)) or len(raw_sp) != dims:
-        problems.append(Problem(f"expected a list of {dims} spacings in mm (slowest axis first), got {raw_sp!r}", SPEC_FILE, key="spacing"))
+        problems.append(
+            Problem(
+                f"expected a list of {dims} spacings in mm (slowest axis first), got {raw_sp!r}",
+                SPEC_FILE,
+                key="spacing",
+            )
+        )
     else:
         vals = [_number(s) for s in raw_sp]
         if any(v is None or v <= 0 for v in vals):
@@ -177,7 +187,11 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
         p = inten["percentiles"]
         vals = [_number(v) for v in p] if isinstance(p, (list, tuple)) and len(p) == 2 else [None]
         if any(v is None for v in vals) or not 0 <= vals[0] < vals[1] <= 100:  # type: ignore[operator]
-            problems.append(Problem(f"expected [lo, hi] with 0 <= lo < hi <= 100, got {p!r}", SPEC_FILE, key="intensity.percentiles"))
+            problems.append(
+                Problem(
+                    f"expected [lo, hi] with 0 <= lo < hi <= 100, got {p!r}", SPEC_FILE, key="intensity.percentiles"
+                )
+            )
         else:
             pct = (float(vals[0]), float(vals[1]))  # type: ignore[arg-type]
     elif isinstance(inten, dict) and {"min", "max"} <= set(inten):
@@ -187,17 +201,27 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
         else:
             window = (lo, hi)
     else:
-        problems.append(Problem(f"expected {{min: a, max: b}}, {{percentiles: [lo, hi]}} or auto, got {inten!r}", SPEC_FILE, key="intensity"))
+        problems.append(
+            Problem(
+                f"expected {{min: a, max: b}}, {{percentiles: [lo, hi]}} or auto, got {inten!r}",
+                SPEC_FILE,
+                key="intensity",
+            )
+        )
 
     structures = _id_map(data.get("structures"), "structures", problems)
     if not structures and "structures" not in data:
-        problems.append(Problem("expected a mapping {label: name} with at least one structure", SPEC_FILE, key="structures"))
+        problems.append(
+            Problem("expected a mapping {label: name} with at least one structure", SPEC_FILE, key="structures")
+        )
     regions = _id_map(data.get("regions"), "regions", problems, top=MAX_REGION_ID)
 
     variables: list[Variable] = []
     raw_vars = data.get("variables")
     if not isinstance(raw_vars, dict) or not raw_vars:
-        problems.append(Problem("expected a mapping {name: {type, parents, unit, measure}}", SPEC_FILE, key="variables"))
+        problems.append(
+            Problem("expected a mapping {name: {type, parents, unit, measure}}", SPEC_FILE, key="variables")
+        )
         raw_vars = {}
     for vname, v in raw_vars.items():
         key = f"variables.{vname}"
@@ -210,15 +234,29 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
             continue
         parents = v.get("parents") or []
         if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-            problems.append(Problem(f"parents must be a list of variable names, got {parents!r}", SPEC_FILE, key=f"{key}.parents"))
+            problems.append(
+                Problem(f"parents must be a list of variable names, got {parents!r}", SPEC_FILE, key=f"{key}.parents")
+            )
             parents = []
         measure = None
         if v.get("measure") is not None:
             m = v["measure"]
             if not isinstance(m, dict) or m.get("structure") not in structures.values():
-                problems.append(Problem(f"measure.structure must be one of {sorted(structures.values())}, got {m!r}", SPEC_FILE, key=f"{key}.measure"))
+                problems.append(
+                    Problem(
+                        f"measure.structure must be one of {sorted(structures.values())}, got {m!r}",
+                        SPEC_FILE,
+                        key=f"{key}.measure",
+                    )
+                )
             elif m.get("region") is not None and m["region"] not in regions.values():
-                problems.append(Problem(f"measure.region must be one of {sorted(regions.values())}, got {m['region']!r}", SPEC_FILE, key=f"{key}.measure"))
+                problems.append(
+                    Problem(
+                        f"measure.region must be one of {sorted(regions.values())}, got {m['region']!r}",
+                        SPEC_FILE,
+                        key=f"{key}.measure",
+                    )
+                )
             else:
                 measure = Measure(m["structure"], m.get("region"))
         variables.append(Variable(str(vname), vtype, tuple(parents), str(v.get("unit", "")), measure))
@@ -226,14 +264,18 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
     for v in variables:
         for p in v.parents:
             if p not in names:
-                problems.append(Problem(f"unknown parent {p!r}; known: {names}", SPEC_FILE, key=f"variables.{v.name}.parents"))
+                problems.append(
+                    Problem(f"unknown parent {p!r}; known: {names}", SPEC_FILE, key=f"variables.{v.name}.parents")
+                )
     if not any(p.key and p.key.endswith(".parents") for p in problems[before:]):
         done: list[str] = []
         remaining = list(variables)
         while remaining:
             ready = [v for v in remaining if all(p in done for p in v.parents)]
             if not ready:
-                problems.append(Problem(f"the variables {[v.name for v in remaining]} form a cycle", SPEC_FILE, key="variables"))
+                problems.append(
+                    Problem(f"the variables {[v.name for v in remaining]} form a cycle", SPEC_FILE, key="variables")
+                )
                 break
             done += [v.name for v in ready]
             remaining = [v for v in remaining if v.name not in done]
@@ -245,11 +287,19 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
         problems.append(Problem("expected {train: f, val: f, test: f, seed: s}", SPEC_FILE, key="splits"))
     else:
         vals = [_number(raw_split.get(s, d)) for s, d in zip(SPLIT_NAMES, fr)]
-        if any(v is None or v < 0 for v in vals) or sum(vals) <= 0:  # type: ignore[operator,arg-type]
-            problems.append(Problem(f"split fractions must be numbers >= 0 with a positive sum, got {raw_split!r}", SPEC_FILE, key="splits"))
+        nums = [v for v in vals if v is not None]
+        if len(nums) < len(vals) or any(v < 0 for v in nums) or sum(nums) <= 0:
+            problems.append(
+                Problem(
+                    f"split fractions must be numbers >= 0 with a positive sum, got {raw_split!r}",
+                    SPEC_FILE,
+                    key="splits",
+                )
+            )
         else:
-            total = sum(vals)  # type: ignore[arg-type]
-            fr = tuple(v / total for v in vals)  # type: ignore[assignment,operator]
+            total = sum(nums)
+            train, val, test = nums
+            fr = (train / total, val / total, test / total)
         s = raw_split.get("seed", 0)
         if isinstance(s, bool) or not isinstance(s, int):
             problems.append(Problem(f"seed must be an integer, got {s!r}", SPEC_FILE, key="splits.seed"))
@@ -291,14 +341,25 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
         return None
     dups = sorted({h for h in header if header.count(h) > 1})
     if dups:
-        problems.append(Problem(f"duplicate columns {dups} in the header (expected one column per name)", CSV_FILE, row=1, key=dups[0]))
+        problems.append(
+            Problem(
+                f"duplicate columns {dups} in the header (expected one column per name)", CSV_FILE, row=1, key=dups[0]
+            )
+        )
         return None
     col = {h: i for i, h in enumerate(header)}
     measured = []
     for j, v in enumerate(spec.variables):
         if v.name not in col:
             if v.measure is None:
-                problems.append(Problem(f"no column for variable {v.name!r} (only structure variables can be measured from masks)", CSV_FILE, row=1, key=v.name))
+                problems.append(
+                    Problem(
+                        f"no column for variable {v.name!r} (only structure variables can be measured from masks)",
+                        CSV_FILE,
+                        row=1,
+                        key=v.name,
+                    )
+                )
             else:
                 measured.append(j)
     ids: list[str] = []
@@ -334,7 +395,9 @@ def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
         if "split" in col:
             s = r[col["split"]].strip()
             if s not in SPLIT_NAMES:
-                problems.append(Problem(f"split must be one of {list(SPLIT_NAMES)}, got {s!r}", CSV_FILE, row=line, key="split"))
+                problems.append(
+                    Problem(f"split must be one of {list(SPLIT_NAMES)}, got {s!r}", CSV_FILE, row=line, key="split")
+                )
         else:
             s = _hash_split(spec.split_seed, sid, spec.split_fractions)
         ids.append(sid)
@@ -440,7 +503,9 @@ def _decode(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
     allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
     bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
     if bad_ids:
-        raise _BadValues(f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions")
+        raise _BadValues(
+            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
+        )
     return arr.astype(np.int64)
 
 
@@ -455,7 +520,9 @@ def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarra
         raise DatasetError(f"dataset {root}: {folder}/{sid}.tif: {what}{exc}".splitlines()[0]) from exc
 
 
-def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], deep: bool) -> dict[str, tuple[int, ...]]:
+def check_files(
+    root: Path, spec: Spec, table: Table, problems: list[Problem], deep: bool
+) -> dict[str, tuple[int, ...]]:
     """Check every image, mask and region file of the table (headers only unless ``deep``:
     then also decode them and check label values); returns the shape of each readable image."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -488,10 +555,14 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
                 problems.append(Problem(str(exc), rel))
                 continue
             except Exception as exc:  # tifffile raises many types on corrupt input
-                problems.append(Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel))
+                problems.append(
+                    Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel)
+                )
                 continue
             if len(shape) != spec.spatial_dims:
-                problems.append(Problem(f"expected a {spec.spatial_dims}D array (spatial_dims), got shape {shape}", rel))
+                problems.append(
+                    Problem(f"expected a {spec.spatial_dims}D array (spatial_dims), got shape {shape}", rel)
+                )
                 continue
             if folder != "images" and not np.issubdtype(dtype, np.integer):
                 problems.append(Problem(f"{folder} must hold integer labels, got dtype {dtype}", rel))
@@ -505,13 +576,19 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
                 except _BadValues as exc:
                     problems.append(Problem(str(exc), rel, key=exc.key))
                 except Exception as exc:  # tifffile raises many types on corrupt input
-                    problems.append(Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel))
+                    problems.append(
+                        Problem(f"unreadable or corrupt TIFF ({type(exc).__name__}: {exc})".splitlines()[0], rel)
+                    )
             got[folder] = shape
         if "images" in got:
             shapes[sid] = got["images"]
             for folder in folders[1:]:
                 if folder in got and got[folder] != got["images"]:
-                    problems.append(Problem(f"shape {got[folder]} differs from the image shape {got['images']}", f"{folder}/{sid}.tif"))
+                    problems.append(
+                        Problem(
+                            f"shape {got[folder]} differs from the image shape {got['images']}", f"{folder}/{sid}.tif"
+                        )
+                    )
     return shapes
 
 
@@ -530,7 +607,7 @@ def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
         sel = classes == labels.index(label)
         if v.measure.region is not None:
             rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
-            sel &= regions == rid  # type: ignore[operator]
+            sel &= regions == rid
         out.append(float(sel.sum()) * voxel)
     return out
 
@@ -546,13 +623,17 @@ def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, t
     if spec is not None and table is not None:
         shapes = check_files(root, spec, table, problems, deep)
         if not any(s == "train" for s in table.splits):
-            problems.append(Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split"))
+            problems.append(
+                Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split")
+            )
     return spec, table, shapes, problems
 
 
 def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
     """(N, P) measured structure variables (NaN for the others) of every sample."""
-    return np.asarray([_measure_one(root, spec, sid) for sid in table.ids], dtype=np.float64).reshape(len(table.ids), len(spec.variables))
+    return np.asarray([_measure_one(root, spec, sid) for sid in table.ids], dtype=np.float64).reshape(
+        len(table.ids), len(spec.variables)
+    )
 
 
 def _raise(problems: list[Problem], root: Path) -> None:
@@ -562,7 +643,9 @@ def _raise(problems: list[Problem], root: Path) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(root_str: str, size: tuple[int, ...], fit: str, stamp: float) -> tuple[Spec, Table, DatasetInfo, tuple[int, ...]]:
+def _load(
+    root_str: str, size: tuple[int, ...], fit: str, stamp: float
+) -> tuple[Spec, Table, DatasetInfo, tuple[int, ...]]:
     root = Path(root_str)
     spec, table, shapes, problems = scan(root, deep=False)
     if problems:
@@ -574,7 +657,10 @@ def _load(root_str: str, size: tuple[int, ...], fit: str, stamp: float) -> tuple
     if not size:
         other = sorted({s for s in shapes.values() if s != native})
         if other:
-            raise DatasetError(f"dataset {root}: images have different shapes {[native] + other[:3]}; set the dataset size to resize or crop them")
+            raise DatasetError(
+                f"dataset {root}: images have different shapes {[native, *other[:3]]}; "
+                "set the dataset size to resize or crop them"
+            )
     target = tuple(size) if size else native
     if table.measured:
         m = measure(root, spec, table)
@@ -609,7 +695,9 @@ class TiffDataset:
         self._fit = fit
         sel = [i for i, s in enumerate(table.splits) if s == split]
         self.ids = [table.ids[i] for i in sel]
-        self._parents = torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
+        self._parents = (
+            torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
+        )
         self._positions = sel
 
     def __len__(self) -> int:
@@ -629,7 +717,7 @@ class TiffDataset:
                 hi = lo + 1.0
         return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
 
-    def _fit_shape(self, t: "Any", linear: bool, fill: float) -> "Any":
+    def _fit_shape(self, t: Any, linear: bool, fill: float) -> Any:
         import torch
         import torch.nn.functional as F
 
@@ -670,7 +758,10 @@ class TiffDataset:
             regions = torch.from_numpy(read_sample_file(self.root, self._spec, "regions", sid))
         for folder, t in (("masks", mask), ("regions", regions)):
             if t is not None and t.shape != img.shape:
-                raise DatasetError(f"dataset {self.root}: {folder}/{sid}.tif: shape {tuple(t.shape)} differs from the image shape {tuple(img.shape)}")
+                raise DatasetError(
+                    f"dataset {self.root}: {folder}/{sid}.tif: shape {tuple(t.shape)} "
+                    f"differs from the image shape {tuple(img.shape)}"
+                )
         item = {
             "image": self._fit_shape(img, True, -1.0).clamp(-1.0, 1.0).unsqueeze(0),
             "mask": self._fit_shape(mask, False, 0),

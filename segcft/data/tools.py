@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from segcft.data.tiff import CSV_FILE, SPEC_FILE, Problem, class_labels, measure, scan
 from segcft.errors import DatasetError, UserError
 
-__all__ = ["Problem", "check_dataset", "measure_dataset", "export_dataset", "show_dataset"]
+__all__ = ["Problem", "check_dataset", "export_dataset", "measure_dataset", "show_dataset"]
 
 _BUILTIN: dict[str, tuple[str, str]] = {
     "cxr-phantom": ("segcft.data.cxr_phantom", "CXRPhantomConfig"),
@@ -41,7 +42,9 @@ def measure_dataset(path: str | Path, out: str | Path) -> Path:
         raise UserError(f"--out {out} lies inside the dataset folder {root}; choose a path outside it")
     spec, table, _, problems = scan(root, deep=False)
     if problems:
-        raise DatasetError(f"dataset {root}: {problems[0]} ({len(problems)} problem(s); run `segcft data check {root}`)")
+        raise DatasetError(
+            f"dataset {root}: {problems[0]} ({len(problems)} problem(s); run `segcft data check {root}`)"
+        )
     assert spec is not None and table is not None
     cols = [j for j, v in enumerate(spec.variables) if v.measure is not None]
     if not cols:
@@ -61,8 +64,8 @@ def _factory(name: str, config: Any) -> tuple[Callable[[Any, str], Any], Any]:
     try:
         from segcft.plugins import get_registry
     except ImportError:
-        get_registry = None
-    if get_registry is not None:
+        pass
+    else:
         entry = get_registry().get("dataset", name)
         return entry.load(), config if config is not None else entry.config()
     if name not in _BUILTIN:
@@ -82,9 +85,12 @@ def _split_counts(name: str, n: int, lengths: dict[str, int]) -> dict[str, int]:
     """Samples to export per split: 80/10/10, a split too short for its share passing the rest
     to the others (train first); UserError when the splits hold fewer than ``n`` in all."""
     if sum(lengths.values()) < n:
-        raise UserError(f"--n {n}: dataset {name!r} has only {sum(lengths.values())} samples ({', '.join(f'{s} {k}' for s, k in lengths.items())})")
-    val = int(round(0.1 * n)) if n >= 3 else 0
-    test = int(round(0.1 * n)) if n >= 3 else 0
+        raise UserError(
+            f"--n {n}: dataset {name!r} has only {sum(lengths.values())} samples "
+            f"({', '.join(f'{s} {k}' for s, k in lengths.items())})"
+        )
+    val = round(0.1 * n) if n >= 3 else 0
+    test = round(0.1 * n) if n >= 3 else 0
     want = {"train": n - val - test, "val": val, "test": test}
     counts = {s: min(want[s], lengths[s]) for s in want}
     for s in counts:
@@ -124,9 +130,10 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
             if info.regions:
                 tifffile.imwrite(out / "regions" / f"{sid}.tif", item["regions"].numpy().astype(label_dtype))
             values = info.denormalise(item["parents"].double()).tolist()
-            rows.append([sid, split] + [
-                str(int(round(v))) if var.type == "binary" else repr(float(v)) for var, v in zip(info.variables, values)
-            ])
+            rows.append(
+                [sid, split]
+                + [str(round(v)) if var.type == "binary" else repr(float(v)) for var, v in zip(info.variables, values)]
+            )
     spec = {
         "name": info.name,
         "spatial_dims": info.spatial_dims,
@@ -138,7 +145,16 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
                 "type": v.type,
                 "parents": list(v.parents),
                 "unit": v.unit,
-                **({"measure": {"structure": v.measure.structure, **({"region": v.measure.region} if v.measure.region else {})}} if v.measure else {}),
+                **(
+                    {
+                        "measure": {
+                            "structure": v.measure.structure,
+                            **({"region": v.measure.region} if v.measure.region else {}),
+                        }
+                    }
+                    if v.measure
+                    else {}
+                ),
             }
             for v in info.variables
         },
@@ -149,7 +165,7 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
     (out / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     with (out / CSV_FILE).open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "split"] + info.variable_names)
+        w.writerow(["id", "split", *info.variable_names])
         w.writerows(rows)
     return out
 
@@ -161,8 +177,8 @@ def _open(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
         from segcft.data.tiff import build
 
         return str(p), {s: build(TiffConfig(path=str(p)), s) for s in ("train", "val", "test")}
-    build, config = _factory(str(name_or_path), None)
-    return str(name_or_path), {s: build(config, s) for s in ("train", "val", "test")}
+    build_split, config = _factory(str(name_or_path), None)
+    return str(name_or_path), {s: build_split(config, s) for s in ("train", "val", "test")}
 
 
 def _physical(ds: Any, limit: int) -> np.ndarray:
@@ -186,11 +202,16 @@ def show_dataset(name_or_path: str | Path, out_png: str | Path, samples: int = 8
     out_png = Path(out_png).expanduser().resolve()
     src = Path(name_or_path).expanduser().resolve()
     if src.is_dir() and (src == out_png or src in out_png.parents):
-        raise UserError(f"the montage {out_png} would be written inside the dataset folder {src}; choose a path outside it")
+        raise UserError(
+            f"the montage {out_png} would be written inside the dataset folder {src}; choose a path outside it"
+        )
     label, splits = _open(name_or_path)
     train = splits["train"]
     info = train.info
-    lines = [f"dataset {label} ({info.name}): {info.spatial_dims}D, shape {list(info.shape)}, spacing {[round(s, 4) for s in info.spacing]} mm"]
+    lines = [
+        f"dataset {label} ({info.name}): {info.spatial_dims}D, shape {list(info.shape)}, "
+        f"spacing {[round(s, 4) for s in info.spacing]} mm"
+    ]
     lines.append("samples: " + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
     pa = _physical(train, 100000)
     lines.append("variables (train):")
@@ -199,14 +220,19 @@ def show_dataset(name_or_path: str | Path, out_png: str | Path, samples: int = 8
         if v.type == "binary":
             lines.append(f"  {v.name:<20} binary       mean {col.mean():.3f}")
         else:
-            lines.append(f"  {v.name:<20} {v.unit or '-':<12} min {col.min():.4g}  mean {col.mean():.4g}  max {col.max():.4g}")
+            lines.append(
+                f"  {v.name:<20} {v.unit or '-':<12} min {col.min():.4g}  mean {col.mean():.4g}  max {col.max():.4g}"
+            )
     k = min(len(train), 64)
     counts = np.zeros(len(info.class_names), dtype=np.int64)
     items = [train[i] for i in range(k)]
     for it in items:
         counts += np.bincount(it["mask"].numpy().ravel(), minlength=len(counts))[: len(counts)]
     total = max(int(counts.sum()), 1)
-    lines.append(f"class frequencies ({k} train samples): " + ", ".join(f"{n} {100 * c / total:.2f}%" for n, c in zip(info.class_names, counts)))
+    lines.append(
+        f"class frequencies ({k} train samples): "
+        + ", ".join(f"{n} {100 * c / total:.2f}%" for n, c in zip(info.class_names, counts))
+    )
 
     m = min(samples, k)
     cols = min(m, 4)

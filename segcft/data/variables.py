@@ -9,9 +9,10 @@ training split (``Normalisation``), binary ones are 0/1 and never normalised.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 VariableType = Literal["binary", "continuous"]
 
@@ -57,7 +58,7 @@ class Normalisation:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Sequence[float]]) -> "Normalisation":
+    def from_dict(cls, d: dict[str, Sequence[float]]) -> Normalisation:
         return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 
 
@@ -131,7 +132,7 @@ class DatasetInfo:
     @property
     def class_names(self) -> tuple[str, ...]:
         """Segmentation class names, index 0 is background, then labels in increasing order."""
-        return ("background",) + tuple(self.structures[k] for k in sorted(self.structures))
+        return ("background", *tuple(self.structures[k] for k in sorted(self.structures)))
 
     @property
     def num_regions(self) -> int:
@@ -190,9 +191,7 @@ class DatasetInfo:
         while remaining:
             ready = [v for v in remaining if all(p in done for p in v.parents)]
             if not ready:
-                raise ValueError(
-                    f"dataset {self.name!r}: the variables {[v.name for v in remaining]} form a cycle"
-                )
+                raise ValueError(f"dataset {self.name!r}: the variables {[v.name for v in remaining]} form a cycle")
             for v in ready:
                 done.append(v.name)
             remaining = [v for v in remaining if v.name not in done]
@@ -256,14 +255,16 @@ class DatasetInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DatasetInfo":
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
         variables = [
             Variable(
                 name=v["name"],
                 type=v["type"],
                 parents=tuple(v.get("parents", ())),
                 unit=v.get("unit", ""),
-                measure=None if not v.get("measure") else Measure(v["measure"]["structure"], v["measure"].get("region")),
+                measure=None
+                if not v.get("measure")
+                else Measure(v["measure"]["structure"], v["measure"].get("region")),
             )
             for v in d["variables"]
         ]

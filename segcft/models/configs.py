@@ -20,18 +20,54 @@ class HVAEConfig:
     blocks, and is average-pooled by ``pool[i]`` (per axis, capped at the axis size) into stage i+1.
     """
 
-    preset: str = field(default="auto", metadata={"help": "architecture preset: auto (from the image shape: 3d for volumes, 64 up to 64 pixels a side, else 192), 64 (2D, CPU-sized), 192 (2D, paper scale) or 3d (64x32x32 volumes)"})
-    widths: tuple[int, ...] = field(default=(), metadata={"help": "channels per stage, full resolution first (empty: preset)", "ge": 1})
-    enc_blocks: tuple[int, ...] = field(default=(), metadata={"help": "encoder residual blocks per stage (empty: preset)", "ge": 0})
-    dec_blocks: tuple[int, ...] = field(default=(), metadata={"help": "decoder blocks per stage, stochastic up to z_max_res (empty: preset)", "ge": 0})
-    pool: tuple[int, ...] = field(default=(), metadata={"help": "average-pool factor from stage i to i+1, one fewer than stages (empty: preset)", "ge": 1})
+    preset: str = field(
+        default="auto",
+        metadata={
+            "help": "architecture preset: auto (from the image shape: 3d for volumes, 64 up to 64 pixels a side, "
+            "else 192), 64 (2D, CPU-sized), 192 (2D, paper scale) or 3d (64x32x32 volumes)"
+        },
+    )
+    widths: tuple[int, ...] = field(
+        default=(), metadata={"help": "channels per stage, full resolution first (empty: preset)", "ge": 1}
+    )
+    enc_blocks: tuple[int, ...] = field(
+        default=(), metadata={"help": "encoder residual blocks per stage (empty: preset)", "ge": 0}
+    )
+    dec_blocks: tuple[int, ...] = field(
+        default=(), metadata={"help": "decoder blocks per stage, stochastic up to z_max_res (empty: preset)", "ge": 0}
+    )
+    pool: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "average-pool factor from stage i to i+1, one fewer than stages (empty: preset)", "ge": 1},
+    )
     z_dim: int = field(default=0, metadata={"help": "latent channels per stochastic block (0: preset)", "ge": 0})
-    z_max_res: int = field(default=0, metadata={"help": "largest stage size (longest axis) with stochastic blocks; above it blocks are deterministic (0: preset)", "ge": 0})
-    bias_max_res: int = field(default=0, metadata={"help": "learned decoder biases at stages whose longest axis is at most this (0: preset)", "ge": 0})
-    bottleneck: int = field(default=0, metadata={"help": "residual-branch width = stage width / bottleneck (0: preset)", "ge": 0})
-    block: str = field(default="", metadata={"help": "block type: bottleneck (GELU, 1-3-3-1 convs) or light (ReLU, 3-3 convs) (empty: preset)"})
+    z_max_res: int = field(
+        default=0,
+        metadata={
+            "help": "largest stage size (longest axis) with stochastic blocks; "
+            "above it blocks are deterministic (0: preset)",
+            "ge": 0,
+        },
+    )
+    bias_max_res: int = field(
+        default=0,
+        metadata={"help": "learned decoder biases at stages whose longest axis is at most this (0: preset)", "ge": 0},
+    )
+    bottleneck: int = field(
+        default=0, metadata={"help": "residual-branch width = stage width / bottleneck (0: preset)", "ge": 0}
+    )
+    block: str = field(
+        default="",
+        metadata={"help": "block type: bottleneck (GELU, 1-3-3-1 convs) or light (ReLU, 3-3 convs) (empty: preset)"},
+    )
     beta: float = field(default=1.0, metadata={"help": "KL weight in the per-pixel nelbo", "ge": 0})
-    std_init: float = field(default=0.0, metadata={"help": "if > 0, the likelihood scale starts at this value everywhere (0: learned from a random init)", "ge": 0})
+    std_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "if > 0, the likelihood scale starts at this value everywhere (0: learned from a random init)",
+            "ge": 0,
+        },
+    )
     x_logscale_min: float = field(default=-9.0, metadata={"help": "floor of the likelihood log-scale"})
 
 
@@ -48,7 +84,9 @@ class UNetConfig:
         default="instance",
         metadata={"help": "normalisation layer: instance (never uses batch statistics) or batch"},
     )
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability inside the conv blocks", "ge": 0, "lt": 1})
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout probability inside the conv blocks", "ge": 0, "lt": 1}
+    )
 
 
 @dataclass
@@ -56,7 +94,9 @@ class CNNRegressorConfig:
     """Small CNN predicting every variable from the image (GroupNorm, no batch statistics)."""
 
     width: int = field(default=16, metadata={"help": "channels of the first conv", "ge": 1})
-    depth: int = field(default=4, metadata={"help": "stride-2 stages; the width doubles at each, up to max_width", "ge": 0})
+    depth: int = field(
+        default=4, metadata={"help": "stride-2 stages; the width doubles at each, up to max_width", "ge": 0}
+    )
     max_width: int = field(default=128, metadata={"help": "channel cap of the deepest stages", "ge": 1})
     groups: int = field(default=8, metadata={"help": "GroupNorm groups (must divide every width)", "ge": 1})
     dropout: float = field(default=0.1, metadata={"help": "dropout before the output layer", "ge": 0, "lt": 1})

@@ -10,9 +10,10 @@ noise u = (x - mu) / sigma, then decode z under the counterfactual parents.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,17 @@ PRESETS: dict[str, dict[str, object]] = {
 """Architecture defaults per preset; any field set in ``HVAEConfig`` overrides them. The preset
 "auto" picks one from the image shape (:func:`auto_preset`)."""
 
-ARCH_FIELDS = ("widths", "enc_blocks", "dec_blocks", "pool", "z_dim", "z_max_res", "bias_max_res", "bottleneck", "block")
+ARCH_FIELDS = (
+    "widths",
+    "enc_blocks",
+    "dec_blocks",
+    "pool",
+    "z_dim",
+    "z_max_res",
+    "bias_max_res",
+    "bottleneck",
+    "block",
+)
 
 
 def auto_preset(shape: tuple[int, ...]) -> str:
@@ -91,7 +102,9 @@ def resolve_config(config: HVAEConfig, shape: tuple[int, ...] | None = None) -> 
             f"generator.preset: unknown HVAE preset {config.preset!r}; expected auto or one of {sorted(PRESETS)}"
         )
     preset = PRESETS[config.preset]
-    updates = {name: preset[name] if not getattr(config, name) else getattr(config, name) for name in ARCH_FIELDS}
+    updates: dict[str, Any] = {
+        name: preset[name] if not getattr(config, name) else getattr(config, name) for name in ARCH_FIELDS
+    }
     for name in ("widths", "enc_blocks", "dec_blocks", "pool"):
         updates[name] = tuple(int(v) for v in updates[name])
     return replace(config, **updates)
@@ -126,7 +139,8 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
     if n == 0 or len(config.enc_blocks) != n or len(config.dec_blocks) != n or len(config.pool) != n - 1:
         raise ConfigError(
             "generator: widths, enc_blocks and dec_blocks need one entry per stage and pool one fewer; got "
-            f"widths={config.widths}, enc_blocks={config.enc_blocks}, dec_blocks={config.dec_blocks}, pool={config.pool}"
+            f"widths={config.widths}, enc_blocks={config.enc_blocks}, dec_blocks={config.dec_blocks}, "
+            f"pool={config.pool}"
         )
     for key in ("widths", "pool"):
         if any(v < 1 for v in getattr(config, key)):
@@ -138,19 +152,25 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
     if config.block not in ("bottleneck", "light"):
         raise ConfigError(f"generator.block: expected 'bottleneck' or 'light', got {config.block!r}")
     if any(w // config.bottleneck < 1 for w in config.widths):
-        raise ConfigError(f"generator.bottleneck: {config.bottleneck} leaves no channels for width {min(config.widths)}")
+        raise ConfigError(
+            f"generator.bottleneck: {config.bottleneck} leaves no channels for width {min(config.widths)}"
+        )
     sizes = [tuple(shape)]
     for k in config.pool:
         factors = tuple(min(k, s) for s in sizes[-1])
         if any(s % f for s, f in zip(sizes[-1], factors)):
-            raise ConfigError(f"generator.pool: factor {k} does not divide the stage size {sizes[-1]} (image shape {tuple(shape)})")
+            raise ConfigError(
+                f"generator.pool: factor {k} does not divide the stage size {sizes[-1]} (image shape {tuple(shape)})"
+            )
         sizes.append(tuple(s // f for s, f in zip(sizes[-1], factors)))
     stages = [
         Stage(size, w, e, d, stochastic=max(size) <= config.z_max_res, bias=max(size) <= config.bias_max_res)
         for size, w, e, d in zip(sizes, config.widths, config.enc_blocks, config.dec_blocks)
     ]
     if not any(s.stochastic for s in stages):
-        raise ConfigError(f"generator.z_max_res: {config.z_max_res} is below every stage size {[s.size for s in stages]}; no latents")
+        raise ConfigError(
+            f"generator.z_max_res: {config.z_max_res} is below every stage size {[s.size for s in stages]}; no latents"
+        )
     return stages
 
 
@@ -169,10 +189,10 @@ class Latents:
     def batch_size(self) -> int:
         return self.z[0].shape[0]
 
-    def detach(self) -> "Latents":
+    def detach(self) -> Latents:
         return Latents(tuple(t.detach() for t in self.z))
 
-    def repeat(self, n: int) -> "Latents":
+    def repeat(self, n: int) -> Latents:
         """The latents of every sample repeated n times along the batch axis (sample-major)."""
         return Latents(tuple(t.repeat(n, *([1] * (t.dim() - 1))) for t in self.z))
 
@@ -202,7 +222,7 @@ class HVAE(nn.Module):
             )
             for s, m in zip(stages, mid)
         )
-        self.enc_transitions = nn.ModuleList(conv(dims, a.width, b.width, 1) for a, b in zip(stages, stages[1:]))
+        self.enc_transitions = nn.ModuleList(conv(dims, a.width, b.width, 1) for a, b in itertools.pairwise(stages))
 
         n_dec = sum(s.dec_blocks for s in stages)
         self.dec_stages = nn.ModuleList(
@@ -212,16 +232,21 @@ class HVAE(nn.Module):
             )
             for s, m in zip(stages, mid)
         )
-        self.dec_transitions = nn.ModuleList(conv(dims, b.width, a.width, 1) for a, b in zip(stages, stages[1:]))
-        self.prior_transitions = nn.ModuleList(conv(dims, b.width, a.width, 1) for a, b in zip(stages, stages[1:]))
+        self.dec_transitions = nn.ModuleList(conv(dims, b.width, a.width, 1) for a, b in itertools.pairwise(stages))
+        self.prior_transitions = nn.ModuleList(conv(dims, b.width, a.width, 1) for a, b in itertools.pairwise(stages))
         self.biases = nn.ParameterDict(
-            {str(i): nn.Parameter(torch.zeros(1, s.width, *s.size)) for i, s in enumerate(stages) if s.bias or i == len(stages) - 1}
+            {
+                str(i): nn.Parameter(torch.zeros(1, s.width, *s.size))
+                for i, s in enumerate(stages)
+                if s.bias or i == len(stages) - 1
+            }
         )
         self.head_loc = conv(dims, stages[0].width, 1, 1)
         self.head_logscale = conv(dims, stages[0].width, 1, 1)
         if cfg.std_init > 0:
             with torch.no_grad():
                 self.head_logscale.weight.zero_()
+                assert self.head_logscale.bias is not None  # conv() always has a bias
                 self.head_logscale.bias.fill_(math.log(cfg.std_init))
         self.num_latents = sum(s.dec_blocks for s in stages if s.stochastic)
         self._last_stochastic_stage = min(i for i, s in enumerate(stages) if s.stochastic)
@@ -233,9 +258,7 @@ class HVAE(nn.Module):
 
     def describe(self) -> str:
         """One line: preset, stages (size x width, blocks), latents and parameter count."""
-        stages = ", ".join(
-            f"{'x'.join(map(str, s.size))}:{s.width}{'z' if s.stochastic else ''}" for s in self.stages
-        )
+        stages = ", ".join(f"{'x'.join(map(str, s.size))}:{s.width}{'z' if s.stochastic else ''}" for s in self.stages)
         return (
             f"hvae preset {self.config.preset}, {self.spatial_dims}D stages [{stages}], "
             f"{self.num_latents} latent blocks of {self.config.z_dim} channels, {self.num_parameters():,} parameters"
@@ -253,13 +276,34 @@ class HVAE(nn.Module):
         h = self.stem(x)
         acts = []
         for i, blocks in enumerate(self.enc_stages):
-            for block in blocks:
+            for block in cast(nn.ModuleList, blocks):
                 h = block(h)
             acts.append(h)
             if i < len(self.stages) - 1:
                 factors = tuple(a // b for a, b in zip(self.stages[i].size, self.stages[i + 1].size))
                 h = self.enc_transitions[i](avg_pool(h, factors))
         return acts
+
+    @overload
+    def _decode(
+        self,
+        pa: torch.Tensor,
+        acts: list[torch.Tensor] | None = ...,
+        latents: Latents | None = ...,
+        temperature: float = ...,
+        latents_only: Literal[False] = ...,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]: ...
+
+    @overload
+    def _decode(
+        self,
+        pa: torch.Tensor,
+        acts: list[torch.Tensor] | None = ...,
+        latents: Latents | None = ...,
+        temperature: float = ...,
+        *,
+        latents_only: Literal[True],
+    ) -> tuple[None, list[torch.Tensor], list[torch.Tensor]]: ...
 
     def _decode(
         self,
@@ -286,7 +330,7 @@ class HVAE(nn.Module):
                 if str(i) in self.biases:
                     h = h + self.biases[str(i)]
                     p = p + self.biases[str(i)]
-            for block in self.dec_stages[i]:
+            for block in cast(nn.ModuleList, self.dec_stages[i]):
                 fixed = latents.z[len(zs)] if (latents is not None and block.stochastic) else None
                 act = acts[i] if acts is not None else None
                 h, p, z, kl = block(h, p, pa, act=act, z=fixed, temperature=temperature)
@@ -389,7 +433,7 @@ class HVAE(nn.Module):
         return loc.clamp(-1.0, 1.0)
 
 
-def build(config: HVAEConfig, info: "DatasetInfo") -> HVAE:
+def build(config: HVAEConfig, info: DatasetInfo) -> HVAE:
     """Factory of the built-in ``hvae`` generator: an HVAE for the dataset's image shape and
     parents (P = number of variables)."""
     if not isinstance(config, HVAEConfig):
@@ -397,4 +441,4 @@ def build(config: HVAEConfig, info: "DatasetInfo") -> HVAE:
     return HVAE(config, tuple(info.shape), len(info.variables))
 
 
-__all__ = ["HVAE", "HVAEConfig", "Latents", "PRESETS", "Stage", "auto_preset", "build", "plan_stages", "resolve_config"]
+__all__ = ["HVAE", "PRESETS", "HVAEConfig", "Latents", "Stage", "auto_preset", "build", "plan_stages", "resolve_config"]

@@ -17,10 +17,11 @@ LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
 
 
-def conv(dims: int, in_ch: int, out_ch: int, kernel: int) -> nn.Module:
+def conv(dims: int, in_ch: int, out_ch: int, kernel: int) -> nn.Conv2d | nn.Conv3d:
     """A same-padded convolution of ``dims`` spatial dimensions with a zero-initialised bias."""
-    cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    layer = cls(in_ch, out_ch, kernel, padding=kernel // 2)
+    classes: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+    layer = classes[dims](in_ch, out_ch, kernel, padding=kernel // 2)
+    assert layer.bias is not None  # bias=True is the default
     nn.init.zeros_(layer.bias)
     return layer
 
@@ -64,17 +65,23 @@ class Block(nn.Module):
         self.dims = dims
         self.residual = residual
         if kind == "bottleneck":
-            shapes = [(in_width, mid_width, 1), (mid_width, mid_width, kernel), (mid_width, mid_width, kernel), (mid_width, out_width, 1)]
+            shapes = [
+                (in_width, mid_width, 1),
+                (mid_width, mid_width, kernel),
+                (mid_width, mid_width, kernel),
+                (mid_width, out_width, 1),
+            ]
             self.act: nn.Module = nn.GELU()
         elif kind == "light":
             shapes = [(in_width, mid_width, kernel), (mid_width, out_width, kernel)]
             self.act = nn.ReLU()
         else:
             raise ValueError(f"unknown block type {kind!r}")
-        self.convs = nn.ModuleList(conv(dims, i, o, k) for i, o, k in shapes)
+        convs = [conv(dims, i, o, k) for i, o, k in shapes]
+        self.convs = nn.ModuleList(convs)
         self.cond = nn.Linear(cond_dim, shapes[0][1]) if cond_dim > 0 else None
         self.skip = conv(dims, in_width, out_width, 1) if residual and in_width != out_width else None
-        last = self.convs[-1]
+        last = convs[-1]
         with torch.no_grad():
             if zero_last:
                 last.weight.zero_()
@@ -92,10 +99,17 @@ class Block(nn.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
-def gaussian_kl(q_loc: torch.Tensor, q_logscale: torch.Tensor, p_loc: torch.Tensor, p_logscale: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(
+    q_loc: torch.Tensor, q_logscale: torch.Tensor, p_loc: torch.Tensor, p_logscale: torch.Tensor
+) -> torch.Tensor:
     """KL(q || p) of diagonal Gaussians, summed over all but the batch axis, in float32 -> (B,)."""
     q_loc, q_logscale, p_loc, p_logscale = (t.float() for t in (q_loc, q_logscale, p_loc, p_logscale))
-    kl = -0.5 + p_logscale - q_logscale + 0.5 * (torch.exp(2 * (q_logscale - p_logscale)) + ((q_loc - p_loc) * torch.exp(-p_logscale)) ** 2)
+    kl = (
+        -0.5
+        + p_logscale
+        - q_logscale
+        + 0.5 * (torch.exp(2 * (q_logscale - p_logscale)) + ((q_loc - p_loc) * torch.exp(-p_logscale)) ** 2)
+    )
     return kl.flatten(1).sum(1)
 
 
@@ -125,7 +139,16 @@ class DecoderBlock(nn.Module):
     Deterministic blocks (above ``z_max_res``) take z as the prior mean and have no posterior."""
 
     def __init__(
-        self, dims: int, width: int, mid_width: int, z_dim: int, num_parents: int, kind: str, kernel: int, stochastic: bool, num_blocks: int
+        self,
+        dims: int,
+        width: int,
+        mid_width: int,
+        z_dim: int,
+        num_parents: int,
+        kind: str,
+        kernel: int,
+        stochastic: bool,
+        num_blocks: int,
     ) -> None:
         super().__init__()
         self.dims = dims
@@ -134,7 +157,9 @@ class DecoderBlock(nn.Module):
         scale = 1.0 / math.sqrt(num_blocks)
         self.prior = Block(dims, width, mid_width, 2 * z_dim + width, kind, kernel, residual=False, zero_last=True)
         self.posterior = (
-            Block(dims, 2 * width, mid_width, 2 * z_dim, kind, kernel, residual=False, cond_dim=num_parents) if stochastic else None
+            Block(dims, 2 * width, mid_width, 2 * z_dim, kind, kernel, residual=False, cond_dim=num_parents)
+            if stochastic
+            else None
         )
         # z_proj + pa_proj is a 1x1 convolution over concat(z, tiled pa), with pa broadcast.
         self.z_proj = conv(dims, z_dim, width, 1)
@@ -142,7 +167,8 @@ class DecoderBlock(nn.Module):
         self.prior_z_proj = conv(dims, z_dim, width, 1)
         self.resnet = Block(dims, width, mid_width, width, kind, kernel, residual=True, last_scale=scale)
         with torch.no_grad():
-            for layer in (self.z_proj, self.pa_proj, self.prior_z_proj):
+            layers: tuple[nn.Conv2d | nn.Conv3d | nn.Linear, ...] = (self.z_proj, self.pa_proj, self.prior_z_proj)
+            for layer in layers:
                 layer.weight.mul_(scale)
             nn.init.zeros_(self.pa_proj.bias)
 
@@ -163,6 +189,7 @@ class DecoderBlock(nn.Module):
         if not self.stochastic:
             z = p_loc
         elif z is None and act is not None:
+            assert self.posterior is not None  # built whenever the block is stochastic
             q_loc, q_logscale = self.posterior(torch.cat([h, act], dim=1), pa).chunk(2, dim=1)
             z = q_loc + temperature * torch.exp(q_logscale) * torch.randn_like(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)

@@ -17,7 +17,7 @@ documented on ``ParentSCM.predict``.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,17 @@ class BernoulliMechanism(nn.Module):
 
     def forward(self, parents: torch.Tensor) -> torch.Tensor:
         if self.net is None:
+            assert self.logit is not None  # a root has the learned constant instead
             return self.logit.expand(parents.shape[0])
         return self.net(parents)[:, 0]
+
+
+def _complete(cols: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Columns that are all computed by now (parents come first in topological order)."""
+    out = [c for c in cols if c is not None]
+    if len(out) != len(cols):
+        raise RuntimeError("a variable was read before its mechanism computed it")
+    return out
 
 
 class ParentSCM(nn.Module):
@@ -223,11 +232,17 @@ class ParentSCM(nn.Module):
                 f"got shape {tuple(pa.shape)}"
             )
 
-    def _inputs(self, values: list[torch.Tensor | None], i: int, batch: int, ref: torch.Tensor) -> torch.Tensor:
+    def _continuous(self, i: int) -> AffineMechanism | RootFlow:
+        """The mechanism of continuous variable ``i`` (these have an ``inverse``)."""
+        mech = self.mechanisms[i]
+        assert isinstance(mech, (AffineMechanism, RootFlow))
+        return mech
+
+    def _inputs(self, values: Sequence[torch.Tensor | None], i: int, batch: int, ref: torch.Tensor) -> torch.Tensor:
         cols = [values[j] for j in self.parent_index[i]]
         if not cols:
             return ref.new_zeros(batch, 0)
-        return torch.stack(cols, dim=1)  # type: ignore[arg-type]
+        return torch.stack(_complete(cols), dim=1)
 
     def _interventions(
         self, interventions: Mapping[str, torch.Tensor | float] | None, batch: int, ref: torch.Tensor
@@ -256,11 +271,11 @@ class ParentSCM(nn.Module):
         cols = list(pa.unbind(1))
         total = pa.new_zeros(pa.shape[0])
         for i, mech in enumerate(self.mechanisms):
-            inputs = self._inputs(cols, i, pa.shape[0], pa)  # type: ignore[arg-type]
+            inputs = self._inputs(cols, i, pa.shape[0], pa)
             if self.binary[i]:
                 total = total - F.binary_cross_entropy_with_logits(mech(inputs), cols[i], reduction="none")
             else:
-                eps, logdet = mech.inverse(cols[i], inputs)
+                eps, logdet = self._continuous(i).inverse(cols[i], inputs)
                 total = total + _std_normal_log_prob(eps) + logdet
         return total
 
@@ -270,11 +285,11 @@ class ParentSCM(nn.Module):
         self._check(pa)
         cols = list(pa.unbind(1))
         eps = []
-        for i, mech in enumerate(self.mechanisms):
+        for i in range(self.num_variables):
             if self.binary[i]:
                 eps.append(cols[i])
             else:
-                eps.append(mech.inverse(cols[i], self._inputs(cols, i, pa.shape[0], pa))[0])  # type: ignore[arg-type]
+                eps.append(self._continuous(i).inverse(cols[i], self._inputs(cols, i, pa.shape[0], pa))[0])
         return torch.stack(eps, dim=1)
 
     def _factual(self, eps: torch.Tensor) -> list[torch.Tensor]:
@@ -285,11 +300,9 @@ class ParentSCM(nn.Module):
                 cols[i] = eps[:, i]
             else:
                 cols[i] = self.mechanisms[i](eps[:, i], self._inputs(cols, i, eps.shape[0], eps))
-        return cols  # type: ignore[return-value]
+        return _complete(cols)
 
-    def _propagate(
-        self, eps: torch.Tensor, factual: list[torch.Tensor], do: dict[int, torch.Tensor]
-    ) -> torch.Tensor:
+    def _propagate(self, eps: torch.Tensor, factual: list[torch.Tensor], do: dict[int, torch.Tensor]) -> torch.Tensor:
         """Counterfactual world: intervened columns set, descendants recomputed in topological
         order, everything else copied from ``factual`` exactly."""
         names = self.info.variable_names
@@ -305,15 +318,17 @@ class ParentSCM(nn.Module):
                 cols[i] = factual[i]
             elif self.binary[i]:
                 mech = self.mechanisms[i]
-                logit_f = mech(self._inputs(factual, i, batch, eps))  # type: ignore[arg-type]
+                logit_f = mech(self._inputs(factual, i, batch, eps))
                 logit_cf = mech(self._inputs(cols, i, batch, eps))
                 crossed = (logit_f > 0) != (logit_cf > 0)
                 cols[i] = torch.where(crossed, (logit_cf > 0).to(eps.dtype), factual[i])
             else:
                 cols[i] = self.mechanisms[i](eps[:, i], self._inputs(cols, i, batch, eps))
-        return torch.stack(cols, dim=1)  # type: ignore[arg-type]
+        return torch.stack(_complete(cols), dim=1)
 
-    def predict(self, eps: torch.Tensor, interventions: Mapping[str, torch.Tensor | float] | None = None) -> torch.Tensor:
+    def predict(
+        self, eps: torch.Tensor, interventions: Mapping[str, torch.Tensor | float] | None = None
+    ) -> torch.Tensor:
         """Parents (B, P) from abducted noise under do(interventions) (values normalised).
 
         Continuous descendants of an intervened variable are f_i(eps_i; new parents). A binary
@@ -356,7 +371,7 @@ class ParentSCM(nn.Module):
             else:
                 eps = torch.randn(n, generator=generator, device=device, dtype=dtype)
                 cols[i] = mech(eps, inputs)
-        return torch.stack(cols, dim=1)  # type: ignore[arg-type]
+        return torch.stack(_complete(cols), dim=1)
 
     def fit(
         self,

@@ -42,10 +42,14 @@ class CNNRegressor(nn.Module):
     """Regressor protocol: ``forward(x) -> {"loc", "scale"}`` (B, P) in the dataset's variable
     order and normalisation; binary columns hold logits in ``loc`` and 1 in ``scale``."""
 
+    binary: torch.Tensor  # (P,) bool buffer: which variables are binary
+
     def __init__(self, config: CNNRegressorConfig, info: DatasetInfo) -> None:
         super().__init__()
         if info.spatial_dims not in (2, 3):
-            raise ConfigError(f"the cnn regressor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D")
+            raise ConfigError(
+                f"the cnn regressor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D"
+            )
         if config.width < 1 or config.depth < 1 or config.max_width < config.width:
             raise ConfigError(
                 "regressor.params needs width >= 1, depth >= 1 and max_width >= width, got "
@@ -56,7 +60,8 @@ class CNNRegressor(nn.Module):
             raise ConfigError(f"regressor.params.groups={config.groups} must divide every width {widths}")
         if not 0.0 <= config.dropout < 1.0 or config.min_scale <= 0:
             raise ConfigError(
-                f"regressor.params needs dropout in [0, 1) and min_scale > 0, got {config.dropout} and {config.min_scale}"
+                "regressor.params needs dropout in [0, 1) and min_scale > 0, "
+                f"got {config.dropout} and {config.min_scale}"
             )
         self.spatial_dims: int = info.spatial_dims
         self.variables: tuple[str, ...] = tuple(info.variable_names)

@@ -47,7 +47,9 @@ class UNetSegmentor(nn.Module):
                 f"got {config.num_res_units} and {config.dropout}"
             )
         if info.spatial_dims not in (2, 3):
-            raise ConfigError(f"the unet segmentor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D")
+            raise ConfigError(
+                f"the unet segmentor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D"
+            )
         self.classes: tuple[str, ...] = tuple(info.class_names)
         self.spatial_dims: int = info.spatial_dims
         self.factor = 2 ** (len(channels) - 1)
@@ -77,7 +79,8 @@ class UNetSegmentor(nn.Module):
             pad += [(t - s) // 2, t - s - (t - s) // 2]
         logits = self.net(F.pad(x, pad, mode="replicate"))
         crop = tuple(slice(p0, p0 + s) for p0, s in zip(reversed(pad[0::2]), size))
-        return logits[(slice(None), slice(None)) + crop]
+        index = (slice(None), slice(None), *crop)
+        return logits[index]
 
 
 def build(config: UNetConfig, info: DatasetInfo) -> UNetSegmentor:

@@ -84,10 +84,21 @@ def area_loss(
     v.check_loss_inputs(logits, targets, weights, index, scale)
     index = index.long()
     if _custom.eager_ok(logits, targets, weights, index, scale, regions):
-        return _custom.eager_area_loss(logits, targets, weights, index, scale, penalty, vol, activation, regions,
-                                       num_regions, float(huber_delta))
+        return _custom.eager_area_loss(
+            logits, targets, weights, index, scale, penalty, vol, activation, regions, num_regions, float(huber_delta)
+        )
     loss, _ = _custom.area_loss_op(
-        logits, targets, weights, index, scale, penalty, vol, activation, regions, num_regions, float(huber_delta),
+        logits,
+        targets,
+        weights,
+        index,
+        scale,
+        penalty,
+        vol,
+        activation,
+        regions,
+        num_regions,
+        float(huber_delta),
     )
     return loss
 

@@ -31,14 +31,28 @@ _ACTIVATION_CODES = {"softmax": 0, "sigmoid": 1}
 _PENALTY_CODES = {"l1": 0, "l2": 1, "huber": 2}
 
 
-def _kernel_args(
-    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str
-) -> tuple:
+def _kernel_args(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str) -> tuple:
     if regions is None:
-        return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.shape, logits.stride(),
-                0, (), 0, _ACTIVATION_CODES[activation])
-    return (logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.shape, logits.stride(),
-            regions.data_ptr(), regions.stride(), num_regions, _ACTIVATION_CODES[activation])
+        return (
+            logits.data_ptr(),
+            _DTYPE_CODES[logits.dtype],
+            logits.shape,
+            logits.stride(),
+            0,
+            (),
+            0,
+            _ACTIVATION_CODES[activation],
+        )
+    return (
+        logits.data_ptr(),
+        _DTYPE_CODES[logits.dtype],
+        logits.shape,
+        logits.stride(),
+        regions.data_ptr(),
+        regions.stride(),
+        num_regions,
+        _ACTIVATION_CODES[activation],
+    )
 
 
 def _kernel_module(logits: torch.Tensor):
@@ -77,8 +91,9 @@ def _raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: i
     if logits.numel() == 0:
         return out.zero_()
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-        module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation), out.data_ptr(),
-                                 _device_tail(logits))
+        module.soft_area_forward(
+            *_kernel_args(logits, regions, num_regions, activation), out.data_ptr(), _device_tail(logits)
+        )
     return out
 
 
@@ -91,15 +106,20 @@ def _soft_area_impl(
     b, c = logits.shape[:2]
     out = torch.empty((b, c, max(num_regions, 1)), dtype=v.accumulate_dtype(logits.dtype))
     # The kernel reports the range of the region ids it read: the check costs no extra pass.
-    id_range = module.soft_area_forward(*_kernel_args(logits, regions, num_regions, activation), out.data_ptr(),
-                                        torch.get_num_threads(), voxel_volume)
+    id_range = module.soft_area_forward(
+        *_kernel_args(logits, regions, num_regions, activation), out.data_ptr(), torch.get_num_threads(), voxel_volume
+    )
     if id_range is not None:
         v.check_region_range(id_range[0], id_range[1], num_regions)
     return out
 
 
 def _soft_area_backward_impl(
-    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, grad: torch.Tensor,
+    logits: torch.Tensor,
+    regions: torch.Tensor | None,
+    num_regions: int,
+    activation: str,
+    grad: torch.Tensor,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """dL/dlogits for dL/d(raw sums) = grad * scale."""
@@ -107,8 +127,13 @@ def _soft_area_backward_impl(
     module = _cpu_module(logits)
     if module is not None:
         out = torch.empty(logits.shape, dtype=logits.dtype)
-        bad = module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
-                                        out.data_ptr(), torch.get_num_threads(), scale)
+        bad = module.soft_area_backward(
+            *_kernel_args(logits, regions, num_regions, activation),
+            grad.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+            scale,
+        )
         if bad is not None:
             _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
@@ -123,8 +148,12 @@ def _soft_area_backward_impl(
     if logits.numel() == 0:
         return out
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-        module.soft_area_backward(*_kernel_args(logits, regions, num_regions, activation), grad.data_ptr(),
-                                  out.data_ptr(), _device_tail(logits))
+        module.soft_area_backward(
+            *_kernel_args(logits, regions, num_regions, activation),
+            grad.data_ptr(),
+            out.data_ptr(),
+            _device_tail(logits),
+        )
     return out
 
 
@@ -201,8 +230,9 @@ class _EagerSoftArea(torch.autograd.Function):
         grad_logits = None
         if ctx.needs_input_grad[0]:
             # grad * voxel_volume in the kernel call: the same float operation as the op's formula.
-            grad_logits = _soft_area_backward_impl(logits, regions, ctx.num_regions, ctx.activation, grad,
-                                                   ctx.voxel_volume)
+            grad_logits = _soft_area_backward_impl(
+                logits, regions, ctx.num_regions, ctx.activation, grad, ctx.voxel_volume
+            )
         return grad_logits, None, None, None, None
 
 
@@ -219,8 +249,12 @@ def _rho_grad(u: torch.Tensor, penalty: str, huber_delta: float) -> torch.Tensor
 
 def _loss_tensors(logits, targets, weights, index, scale):
     acc = v.accumulate_dtype(logits.dtype)
-    return (targets.to(acc).contiguous(), weights.to(acc).contiguous(), index.to(torch.int64).contiguous(),
-            scale.to(acc).contiguous())
+    return (
+        targets.to(acc).contiguous(),
+        weights.to(acc).contiguous(),
+        index.to(torch.int64).contiguous(),
+        scale.to(acc).contiguous(),
+    )
 
 
 def _raise_bad_ids(bad: tuple, num_classes: int, num_regions: int) -> None:
@@ -232,8 +266,9 @@ def _raise_bad_ids(bad: tuple, num_classes: int, num_regions: int) -> None:
     v.check_region_range(bad[1], bad[2], num_regions)
 
 
-def _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
-                          penalty, huber_delta) -> torch.Tensor | None:
+def _check_loss_op_inputs(
+    logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale, penalty, huber_delta
+) -> torch.Tensor | None:
     """The metadata checks of segcft::area_loss and its backward; returns the region map as int64."""
     regions = v.check_op_inputs(logits, regions, num_regions, activation, voxel_volume)
     v.check_penalty(penalty, huber_delta)
@@ -254,8 +289,9 @@ def _sums_shape(logits: torch.Tensor, num_regions: int) -> tuple[int, int, int]:
     return (logits.shape[0], logits.shape[1], max(num_regions, 1))
 
 
-def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
-                    num_regions, huber_delta):
+def _area_loss_impl(
+    logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
+):
     module = _cpu_module(logits)
     acc = v.accumulate_dtype(logits.dtype)
     b, c = logits.shape[:2]
@@ -269,17 +305,40 @@ def _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volum
     areas = torch.empty((b, c, max(num_regions, 1)), dtype=acc)
     loss = torch.empty((), dtype=acc)
     bad = module.area_loss_forward(
-        *_kernel_args(logits, regions, num_regions, activation), areas.data_ptr(), torch.get_num_threads(),
-        voxel_volume, idx.data_ptr(), idx.shape[0], t.data_ptr(), w.data_ptr(), s.data_ptr(),
-        _PENALTY_CODES[penalty], huber_delta, loss.data_ptr(),
+        *_kernel_args(logits, regions, num_regions, activation),
+        areas.data_ptr(),
+        torch.get_num_threads(),
+        voxel_volume,
+        idx.data_ptr(),
+        idx.shape[0],
+        t.data_ptr(),
+        w.data_ptr(),
+        s.data_ptr(),
+        _PENALTY_CODES[penalty],
+        huber_delta,
+        loss.data_ptr(),
     )
     if bad is not None:
         _raise_bad_ids(bad, c, num_regions)
     return loss, areas
 
 
-def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights,
-                             index, scale, penalty, huber_delta, grad_loss, grad_areas):
+def _area_loss_backward_impl(
+    logits,
+    regions,
+    num_regions,
+    activation,
+    voxel_volume,
+    areas,
+    targets,
+    weights,
+    index,
+    scale,
+    penalty,
+    huber_delta,
+    grad_loss,
+    grad_areas,
+):
     """dL/dlogits of the area loss from dL/dloss (0-dim) and dL/dareas (or None)."""
     module = _cpu_module(logits)
     acc = v.accumulate_dtype(logits.dtype)
@@ -289,15 +348,26 @@ def _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_vol
         out = torch.empty(logits.shape, dtype=logits.dtype)
         ga = None if grad_areas is None else grad_areas.to(acc).contiguous()
         bad = module.area_loss_backward(
-            *_kernel_args(logits, regions, num_regions, activation), out.data_ptr(), torch.get_num_threads(),
-            voxel_volume, areas.data_ptr(), idx.data_ptr(), idx.shape[0], t.data_ptr(), w.data_ptr(),
-            s.data_ptr(), _PENALTY_CODES[penalty], huber_delta, float(grad_loss), 0 if ga is None else ga.data_ptr(),
+            *_kernel_args(logits, regions, num_regions, activation),
+            out.data_ptr(),
+            torch.get_num_threads(),
+            voxel_volume,
+            areas.data_ptr(),
+            idx.data_ptr(),
+            idx.shape[0],
+            t.data_ptr(),
+            w.data_ptr(),
+            s.data_ptr(),
+            _PENALTY_CODES[penalty],
+            huber_delta,
+            float(grad_loss),
+            0 if ga is None else ga.data_ptr(),
         )
         if bad is not None:
             _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
     v.check_loss_values(index, scale, logits.shape[1], num_regions)
-    b, c, rb = areas.shape
+    _, c, rb = areas.shape
     grad_a = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss)[0]
     cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
     reg = index[:, 1].long()
@@ -326,8 +396,9 @@ def _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta
 
 def _area_loss_other_grads(needs, targets, weights, scale, areas, index, penalty, huber_delta, grad_loss):
     """Gradients for targets, weights and scale (torch ops; rarely needed)."""
-    grad_a, diff, u, per_batch = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta,
-                                                  grad_loss)
+    grad_a, diff, u, per_batch = _loss_grad_terms(
+        areas, targets, weights, index, scale, penalty, huber_delta, grad_loss
+    )
     s = scale.to(areas.dtype)
     g_t = (-grad_a).to(targets.dtype) if needs[1] else None
     g_w = (per_batch * reference.rho(u, penalty, huber_delta)).to(weights.dtype) if needs[2] else None
@@ -354,18 +425,48 @@ def area_loss_backward(
 ) -> torch.Tensor:
     """dL/dlogits (contiguous, logits dtype) of segcft::area_loss: the loss gradient dL/dA and
     the soft-area backward in one op."""
-    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
-                                    scale, penalty, huber_delta)
+    regions = _check_loss_op_inputs(
+        logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale, penalty, huber_delta
+    )
     _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
-    return _area_loss_backward_impl(logits, regions, num_regions, activation, voxel_volume, areas, targets,
-                                    weights, index, scale, penalty, huber_delta, grad_loss, grad_areas)
+    return _area_loss_backward_impl(
+        logits,
+        regions,
+        num_regions,
+        activation,
+        voxel_volume,
+        areas,
+        targets,
+        weights,
+        index,
+        scale,
+        penalty,
+        huber_delta,
+        grad_loss,
+        grad_areas,
+    )
 
 
 @area_loss_backward.register_fake
-def _(logits, regions, num_regions, activation, voxel_volume, areas, targets, weights, index, scale, penalty,
-      huber_delta, grad_loss, grad_areas):
-    _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
-                          penalty, huber_delta)
+def _(
+    logits,
+    regions,
+    num_regions,
+    activation,
+    voxel_volume,
+    areas,
+    targets,
+    weights,
+    index,
+    scale,
+    penalty,
+    huber_delta,
+    grad_loss,
+    grad_areas,
+):
+    _check_loss_op_inputs(
+        logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale, penalty, huber_delta
+    )
     _check_loss_backward_inputs(logits, num_regions, areas, grad_loss, grad_areas)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -386,22 +487,27 @@ def area_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, areas): the batch mean of sum_k w rho((A - t) / scale), and the areas
     (B, C, max(R, 1)) it was computed from (kept for the backward; tiny)."""
-    regions = _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index,
-                                    scale, penalty, huber_delta)
-    return _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
-                           num_regions, huber_delta)
+    regions = _check_loss_op_inputs(
+        logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale, penalty, huber_delta
+    )
+    return _area_loss_impl(
+        logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
+    )
 
 
 @area_loss_op.register_fake
 def _(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta):
-    _check_loss_op_inputs(logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale,
-                          penalty, huber_delta)
+    _check_loss_op_inputs(
+        logits, regions, num_regions, activation, voxel_volume, targets, weights, index, scale, penalty, huber_delta
+    )
     acc = v.accumulate_dtype(logits.dtype)
     return logits.new_empty((), dtype=acc), logits.new_empty(_sums_shape(logits, num_regions), dtype=acc)
 
 
 def _area_loss_setup(ctx, inputs, output) -> None:
-    logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta = inputs
+    logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta = (
+        inputs
+    )
     ctx.save_for_backward(logits, targets, weights, index, scale, regions, output[1])
     ctx.penalty = penalty
     ctx.voxel_volume = voxel_volume
@@ -414,13 +520,27 @@ def _area_loss_grads(ctx, grad_loss, grad_areas, logits_backward):
     logits, targets, weights, index, scale, regions, areas = ctx.saved_tensors
     grads: list[torch.Tensor | None] = [None] * 11
     if ctx.needs_input_grad[0]:
-        grads[0] = logits_backward(logits, regions, ctx.num_regions, ctx.activation, ctx.voxel_volume, areas,
-                                   targets, weights, index, scale, ctx.penalty, ctx.huber_delta, grad_loss,
-                                   grad_areas)
+        grads[0] = logits_backward(
+            logits,
+            regions,
+            ctx.num_regions,
+            ctx.activation,
+            ctx.voxel_volume,
+            areas,
+            targets,
+            weights,
+            index,
+            scale,
+            ctx.penalty,
+            ctx.huber_delta,
+            grad_loss,
+            grad_areas,
+        )
     needs = ctx.needs_input_grad
     if needs[1] or needs[2] or needs[4]:
         grads[1], grads[2], grads[4] = _area_loss_other_grads(
-            needs, targets, weights, scale, areas, index, ctx.penalty, ctx.huber_delta, grad_loss)
+            needs, targets, weights, scale, areas, index, ctx.penalty, ctx.huber_delta, grad_loss
+        )
     return tuple(grads)
 
 
@@ -436,10 +556,23 @@ class _EagerAreaLoss(torch.autograd.Function):
     dispatcher."""
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
-                num_regions, huber_delta):
-        loss, areas = _area_loss_impl(logits, targets, weights, index, scale, penalty, voxel_volume, activation,
-                                      regions, num_regions, huber_delta)
+    def forward(
+        ctx,
+        logits,
+        targets,
+        weights,
+        index,
+        scale,
+        penalty,
+        voxel_volume,
+        activation,
+        regions,
+        num_regions,
+        huber_delta,
+    ):
+        loss, areas = _area_loss_impl(
+            logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
+        )
         ctx.save_for_backward(logits, targets, weights, index, scale, regions, areas)
         ctx.penalty, ctx.voxel_volume, ctx.activation = penalty, voxel_volume, activation
         ctx.num_regions, ctx.huber_delta = num_regions, huber_delta
@@ -450,20 +583,15 @@ class _EagerAreaLoss(torch.autograd.Function):
         return _area_loss_grads(ctx, grad_loss, None, _area_loss_backward_impl)
 
 
-def eager_ok(*tensors: torch.Tensor | None) -> bool:
+def eager_ok(logits: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """True when the ops may skip the custom-op dispatcher: plain CPU tensors with the compiled
     module loaded, outside torch.compile, tracing and functorch transforms."""
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:
+    for t in (logits, *others):
         if t is not None and type(t) is not torch.Tensor:
             return False
-    logits = tensors[0]
-    return (
-        logits.device.type == "cpu"
-        and _backend.cpu_backend().module is not None
-        and not _functorch_active()
-    )
+    return logits.device.type == "cpu" and _backend.cpu_backend().module is not None and not _functorch_active()
 
 
 def _functorch_active() -> bool:
@@ -475,7 +603,9 @@ def eager_soft_area(logits, regions, num_regions, activation, voxel_volume) -> t
     return _EagerSoftArea.apply(logits, regions, num_regions, activation, voxel_volume)
 
 
-def eager_area_loss(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions,
-                    huber_delta) -> torch.Tensor:
-    return _EagerAreaLoss.apply(logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions,
-                                num_regions, huber_delta)
+def eager_area_loss(
+    logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
+) -> torch.Tensor:
+    return _EagerAreaLoss.apply(
+        logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
+    )

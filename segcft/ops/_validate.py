@@ -43,9 +43,7 @@ def check_logits(logits: torch.Tensor) -> int:
     if not isinstance(logits, torch.Tensor):
         raise OpTypeError(f"logits must be a torch.Tensor (B, C, *S), got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise OpTypeError(
-            f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}"
-        )
+        raise OpTypeError(f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
     if not 3 <= logits.dim() <= 5:
         raise OpValueError(
             f"logits must have shape (B, C, *S) with 1 to 3 spatial axes, got shape {tuple(logits.shape)}"
@@ -83,9 +81,7 @@ def voxel_volume(spacing: float | Sequence[float], nd: int) -> float:
     elif isinstance(spacing, Sequence) and not isinstance(spacing, str):
         values = list(spacing)
         if len(values) != nd or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
-            raise OpValueError(
-                f"spacing must be a number or {nd} numbers (one per spatial axis), got {spacing!r}"
-            )
+            raise OpValueError(f"spacing must be a number or {nd} numbers (one per spatial axis), got {spacing!r}")
     else:
         raise OpTypeError(f"spacing must be a number or a sequence of numbers, got {type(spacing).__name__}")
     if not all(math.isfinite(v) and v > 0 for v in values):
@@ -140,9 +136,7 @@ def check_region_values(regions: torch.Tensor | None, num_regions: int) -> None:
 def check_region_range(lo: int, hi: int, num_regions: int) -> None:
     """Raises unless the smallest and largest region id, lo and hi, lie in [0, num_regions)."""
     if lo < 0 or hi >= num_regions:
-        raise OpValueError(
-            f"regions must hold ids in [0, num_regions={num_regions}), found values in [{lo}, {hi}]"
-        )
+        raise OpValueError(f"regions must hold ids in [0, num_regions={num_regions}), found values in [{lo}, {hi}]")
 
 
 def check_loss_inputs(

@@ -31,9 +31,7 @@ def _region_sums(p: torch.Tensor, regions: torch.Tensor | None, num_regions: int
     return flat.new_zeros(b, c, num_regions).scatter_add(2, ids, flat)
 
 
-def raw_sums(
-    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str
-) -> torch.Tensor:
+def raw_sums(logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str) -> torch.Tensor:
     """Sums of probabilities (B, C, max(R, 1)) in float32 (float64 for float64 logits)."""
     return _region_sums(_probabilities(logits, activation), regions, num_regions)
 
