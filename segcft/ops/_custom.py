@@ -387,6 +387,8 @@ def _area_loss_setup(ctx, inputs, output) -> None:
 
 
 def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor | None):
+    """segcft::area_loss's autograd formula: dL/dlogits through segcft::area_loss_backward, and
+    the gradients for targets, weights and scale with torch ops."""
     logits, targets, weights, index, scale, regions, areas = ctx.saved_tensors
     grads: list[torch.Tensor | None] = [None] * 11
     if ctx.needs_input_grad[0]:
