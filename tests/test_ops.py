@@ -253,9 +253,30 @@ def test_large_gradient_streamed_matches_reference_and_threads(dtype):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_eager_calls_take_the_custom_ops():
+    # One call route: in eager mode too, segcft.ops calls torch.ops.segcft.* (forward and backward).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    shape = (2, 3, 6, 5)
+    x = _logits(shape).requires_grad_()
+    with Record():
+        loss = ops.area_loss(x, torch.rand(2, 1), torch.ones(2, 1), torch.tensor([[1, -1]]), torch.ones(1))
+        loss.backward()
+        ops.soft_area(x.detach(), regions=_regions(shape, 3), num_regions=3)
+    assert [s for s in seen if s.startswith("segcft.")] == [
+        "segcft.area_loss.default", "segcft.area_loss_backward.default", "segcft.soft_area.default"]
+
+
 @pytest.mark.parametrize("num_regions", [0, 3])
-def test_eager_route_equals_custom_op(num_regions):
-    # segcft.ops skips the custom-op dispatcher in eager mode; both routes must agree bitwise.
+def test_public_ops_equal_custom_ops(num_regions):
+    # segcft.ops' wrappers (spacing -> voxel volume, the loss output only) against the ops called directly.
     shape = (3, 4, 10, 12)
     logits = _logits(shape)
     regions = _regions(shape, num_regions) if num_regions else None
@@ -296,12 +317,12 @@ def test_python_route_matches_reference(num_regions, monkeypatch):
     g = torch.Generator().manual_seed(6)
     inputs = [torch.rand(2, k, generator=g) * 20, torch.rand(2, k, generator=g), torch.rand(k, generator=g) + 4]
     expected = None
-    for route in ("reference", "eager", "op"):
+    for route in ("reference", "public", "op"):
         x = logits.clone().requires_grad_()
         t, w, s = (i.clone().requires_grad_() for i in inputs)
         if route == "reference":
             loss = ref.area_loss(x, t, w, index, s, "huber", 0.5, "softmax", regions, num_regions, 0.6)
-        elif route == "eager":
+        elif route == "public":
             loss = ops.area_loss(x, t, w, index, s, "huber", 0.5, "softmax", regions, num_regions, 0.6)
         else:
             loss, _ = torch.ops.segcft.area_loss(x, t, w, index, s, "huber", 0.25, "softmax", regions, num_regions, 0.6)

@@ -48,10 +48,7 @@ def soft_area(
     v.check_activation(activation)
     vol = v.voxel_volume(spacing, nd)
     regions = v.check_regions(logits, regions, num_regions)
-    if _custom.eager_ok(logits, regions):
-        areas = _custom.eager_soft_area(logits, regions, num_regions, activation, vol)
-    else:
-        areas = _custom.soft_area_op(logits, regions, num_regions, activation, vol)
+    areas = _custom.soft_area_op(logits, regions, num_regions, activation, vol)
     return areas if regions is not None else areas[..., 0]
 
 
@@ -83,10 +80,6 @@ def area_loss(
     regions = v.check_regions(logits, regions, num_regions)
     v.check_loss_inputs(logits, targets, weights, index, scale)
     index = index.long()
-    if _custom.eager_ok(logits, targets, weights, index, scale, regions):
-        return _custom.eager_area_loss(
-            logits, targets, weights, index, scale, penalty, vol, activation, regions, num_regions, float(huber_delta)
-        )
     loss, _ = _custom.area_loss_op(
         logits,
         targets,

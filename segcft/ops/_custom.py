@@ -1,19 +1,18 @@
 """torch.library custom ops over the kernels: segcft::soft_area, segcft::area_loss and their
 backwards segcft::soft_area_backward and segcft::area_loss_backward, with fake (meta)
-implementations and autograd formulas.
+implementations and autograd formulas (register_autograd).
 
 On the CPU the op implementations call segcft._C once per op: the soft-area kernel with the
 voxel volume applied, and for the loss the kernel plus the small (B, K) loss and its gradient in
-C++. In eager mode, `soft_area` and `area_loss` in segcft.ops run these same implementations
-through a torch.autograd.Function (`eager_soft_area`, `eager_area_loss`) instead of the custom-op
-dispatcher, which costs tens of microseconds per call; torch.compile, tracing and other devices
-use the custom ops. Both routes compute bitwise the same values.
+C++. `soft_area` and `area_loss` in segcft.ops call these ops on every route (eager,
+torch.compile, tracing, functorch, every device). An eager autograd.Function twin that skipped
+the dispatcher saved 0.22-0.28 ms per area-loss call, 0.05-0.1 % of a fine-tuning step, and
+was removed (benchmarks/RESULTS.md, "Op call route").
 
 The ops are public (`torch.ops.segcft.*`), so each op body checks all its arguments itself
 before any pointer reaches a kernel (`_validate.check_op_inputs` and friends: metadata only),
-and the fakes run the same checks; the eager route skips them, its public callers in
-segcft.ops having run them. Value checks sit in the shared implementations and ride on the
-kernels' own passes: the CPU kernels report the range of the region ids they read and check
+and the fakes run the same checks. Value checks sit in the shared implementations and ride on
+the kernels' own passes: the CPU kernels report the range of the region ids they read and check
 the index rows and scale of the loss in C++; the other routes read them with torch.
 """
 
@@ -115,14 +114,9 @@ def _soft_area_impl(
 
 
 def _soft_area_backward_impl(
-    logits: torch.Tensor,
-    regions: torch.Tensor | None,
-    num_regions: int,
-    activation: str,
-    grad: torch.Tensor,
-    scale: float = 1.0,
+    logits: torch.Tensor, regions: torch.Tensor | None, num_regions: int, activation: str, grad: torch.Tensor
 ) -> torch.Tensor:
-    """dL/dlogits for dL/d(raw sums) = grad * scale."""
+    """dL/dlogits for dL/d(raw sums) = grad."""
     grad = grad.to(v.accumulate_dtype(logits.dtype)).contiguous()
     module = _cpu_module(logits)
     if module is not None:
@@ -132,13 +126,11 @@ def _soft_area_backward_impl(
             grad.data_ptr(),
             out.data_ptr(),
             torch.get_num_threads(),
-            scale,
+            1.0,
         )
         if bad is not None:
             _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
-    if scale != 1.0:
-        grad = grad * scale
     module = _kernel_module(logits)
     if module is None:
         # The CUDA kernels skip ids outside [0, R); torch's gather would fault on them.
@@ -213,27 +205,6 @@ def _soft_area_backward(ctx, grad: torch.Tensor):
 
 
 soft_area_op.register_autograd(_soft_area_backward, setup_context=_soft_area_setup)
-
-
-class _EagerSoftArea(torch.autograd.Function):
-    """segcft::soft_area's implementation and formula without the custom-op dispatcher."""
-
-    @staticmethod
-    def forward(ctx, logits, regions, num_regions, activation, voxel_volume):
-        ctx.save_for_backward(logits, regions)
-        ctx.num_regions, ctx.activation, ctx.voxel_volume = num_regions, activation, voxel_volume
-        return _soft_area_impl(logits, regions, num_regions, activation, voxel_volume)
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, regions = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            # grad * voxel_volume in the kernel call: the same float operation as the op's formula.
-            grad_logits = _soft_area_backward_impl(
-                logits, regions, ctx.num_regions, ctx.activation, grad, ctx.voxel_volume
-            )
-        return grad_logits, None, None, None, None
 
 
 # ---- segcft::area_loss --------------------------------------------------------------------
@@ -367,7 +338,7 @@ def _area_loss_backward_impl(
             _raise_bad_ids(bad, logits.shape[1], num_regions)
         return out
     v.check_loss_values(index, scale, logits.shape[1], num_regions)
-    _, c, rb = areas.shape
+    _b, c, rb = areas.shape
     grad_a = _loss_grad_terms(areas, targets, weights, index, scale, penalty, huber_delta, grad_loss)[0]
     cls = torch.nn.functional.one_hot(index[:, 0].long(), c).to(acc)  # (K, C)
     reg = index[:, 1].long()
@@ -516,11 +487,13 @@ def _area_loss_setup(ctx, inputs, output) -> None:
     ctx.huber_delta = huber_delta
 
 
-def _area_loss_grads(ctx, grad_loss, grad_areas, logits_backward):
+def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor | None):
+    """segcft::area_loss's autograd formula: dL/dlogits through segcft::area_loss_backward, and
+    the gradients for targets, weights and scale with torch ops."""
     logits, targets, weights, index, scale, regions, areas = ctx.saved_tensors
     grads: list[torch.Tensor | None] = [None] * 11
     if ctx.needs_input_grad[0]:
-        grads[0] = logits_backward(
+        grads[0] = area_loss_backward(
             logits,
             regions,
             ctx.num_regions,
@@ -544,68 +517,4 @@ def _area_loss_grads(ctx, grad_loss, grad_areas, logits_backward):
     return tuple(grads)
 
 
-def _area_loss_backward(ctx, grad_loss: torch.Tensor, grad_areas: torch.Tensor | None):
-    return _area_loss_grads(ctx, grad_loss, grad_areas, area_loss_backward)
-
-
 area_loss_op.register_autograd(_area_loss_backward, setup_context=_area_loss_setup)
-
-
-class _EagerAreaLoss(torch.autograd.Function):
-    """segcft::area_loss's implementation and formula (loss output only) without the custom-op
-    dispatcher."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        logits,
-        targets,
-        weights,
-        index,
-        scale,
-        penalty,
-        voxel_volume,
-        activation,
-        regions,
-        num_regions,
-        huber_delta,
-    ):
-        loss, areas = _area_loss_impl(
-            logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
-        )
-        ctx.save_for_backward(logits, targets, weights, index, scale, regions, areas)
-        ctx.penalty, ctx.voxel_volume, ctx.activation = penalty, voxel_volume, activation
-        ctx.num_regions, ctx.huber_delta = num_regions, huber_delta
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _area_loss_grads(ctx, grad_loss, None, _area_loss_backward_impl)
-
-
-def eager_ok(logits: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """True when the ops may skip the custom-op dispatcher: plain CPU tensors with the compiled
-    module loaded, outside torch.compile, tracing and functorch transforms."""
-    if torch.compiler.is_compiling():
-        return False
-    for t in (logits, *others):
-        if t is not None and type(t) is not torch.Tensor:
-            return False
-    return logits.device.type == "cpu" and _backend.cpu_backend().module is not None and not _functorch_active()
-
-
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
-def eager_soft_area(logits, regions, num_regions, activation, voxel_volume) -> torch.Tensor:
-    return _EagerSoftArea.apply(logits, regions, num_regions, activation, voxel_volume)
-
-
-def eager_area_loss(
-    logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
-) -> torch.Tensor:
-    return _EagerAreaLoss.apply(
-        logits, targets, weights, index, scale, penalty, voxel_volume, activation, regions, num_regions, huber_delta
-    )
