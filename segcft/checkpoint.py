@@ -15,7 +15,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -103,7 +103,9 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupted or truncated file, pickled code, foreign format
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint {path} cannot be read as a segcft checkpoint (truncated or corrupt?): {first}") from None
+        raise UserError(
+            f"checkpoint {path} cannot be read as a segcft checkpoint (truncated or corrupt?): {first}"
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -126,15 +128,18 @@ def load_model_state(module: torch.nn.Module, state: dict[str, Any], path: Path 
     ]
     problems = [
         f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-        for kind, names in (("missing weights", missing), ("unexpected weights", unexpected),
-                            ("weights of another shape, checkpoint vs model", resized))
+        for kind, names in (
+            ("missing weights", missing),
+            ("unexpected weights", unexpected),
+            ("weights of another shape, checkpoint vs model", resized),
+        )
         if names
     ]
     if not problems:
         try:
             module.load_state_dict(weights)
             return module
-        except Exception as e:  # noqa: BLE001 - dtype or value problems torch reports on many lines
+        except Exception as e:
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             problems = [lines[-1] if lines else type(e).__name__]
     stage = state.get("stage")
@@ -154,7 +159,7 @@ def _to_cpu(obj: Any) -> Any:
 
 def capture_rng() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA RNG states as tensors and primitives."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))  # legacy: the 5-tuple form
     state: dict[str, Any] = {
         "python": _tuple_to_list(random.getstate()),
         "numpy": {
@@ -175,9 +180,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng`."""
     random.setstate(_list_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -265,28 +265,63 @@ def _interventions(ctx: click.Context, param: click.Parameter, values: Sequence[
 
 
 @cli.command("train")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Run config YAML (e.g. RUN/config.yaml of an earlier run).")
-@click.option("--preset", type=click.Choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
-              help="Named preset applied under --config.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override one config value, e.g. --set generator.beta=2.0 (repeatable).")
-@click.option("--dataset", shell_complete=_complete_names("dataset"), help="Dataset plugin name (see 'segcft list datasets').")
-@click.option("--generator", shell_complete=_complete_names("generator"), help="Generator plugin name; its parameters reset to that plugin's defaults.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Run config YAML (e.g. RUN/config.yaml of an earlier run).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help="Named preset applied under --config.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config value, e.g. --set generator.beta=2.0 (repeatable).",
+)
+@click.option(
+    "--dataset", shell_complete=_complete_names("dataset"), help="Dataset plugin name (see 'segcft list datasets')."
+)
+@click.option(
+    "--generator",
+    shell_complete=_complete_names("generator"),
+    help="Generator plugin name; its parameters reset to that plugin's defaults.",
+)
 @click.option("--segmentor", shell_complete=_complete_names("segmentor"), help="Segmentor plugin name.")
 @click.option("--regressor", shell_complete=_complete_names("regressor"), help="Regressor plugin name.")
-@click.option("--cft", "cft_modes", multiple=True, metavar="MODE", shell_complete=_complete_names("objective"),
-              help="Fine-tuning mode to train (repeatable; see 'segcft list objectives'); replaces cft.modes.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder [default: runs/<dataset>-<generator>-<time>].")
-@click.option("--resume", metavar="auto|PATH",
-              help="Continue the run in --run-dir from its newest checkpoint (auto) or a checkpoint file. With no "
-                   "--preset/--config/--set/component/--seed/--cft option the run's own config.yaml is used; "
-                   "otherwise the resolved config must equal it, except device and evaluate.*.")
+@click.option(
+    "--cft",
+    "cft_modes",
+    multiple=True,
+    metavar="MODE",
+    shell_complete=_complete_names("objective"),
+    help="Fine-tuning mode to train (repeatable; see 'segcft list objectives'); replaces cft.modes.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder [default: runs/<dataset>-<generator>-<time>].",
+)
+@click.option(
+    "--resume",
+    metavar="auto|PATH",
+    help="Continue the run in --run-dir from its newest checkpoint (auto) or a checkpoint file. With no "
+    "--preset/--config/--set/component/--seed/--cft option the run's own config.yaml is used; "
+    "otherwise the resolved config must equal it, except device and evaluate.*.",
+)
 @click.option("--only", multiple=True, metavar="STAGE", help="Run only this stage (repeatable).")
 @click.option("--from-stage", metavar="STAGE", help="Start at this stage, reusing earlier stages' checkpoints.")
-@click.option("--segmentor-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Use this trained segmentor instead of training one.")
+@click.option(
+    "--segmentor-checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Use this trained segmentor instead of training one.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (overrides config 'device').")
 @click.option("--seed", type=int, help="Seed (overrides config 'seed').")
 def train_command(
@@ -320,8 +355,15 @@ def train_command(
     preset_given = click.get_current_context().get_parameter_source("preset") is not click.core.ParameterSource.DEFAULT
     run = RunDir(run_dir) if run_dir is not None else None
     own_config = (
-        resume is not None and run is not None and run.is_run() and not preset_given and config_file is None
-        and not overrides and not cft_modes and seed is None and all(v is None for v in components.values())
+        resume is not None
+        and run is not None
+        and run.is_run()
+        and not preset_given
+        and config_file is None
+        and not overrides
+        and not cft_modes
+        and seed is None
+        and all(v is None for v in components.values())
     )
     if own_config:
         assert run is not None
@@ -373,8 +415,11 @@ _RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @cli.command("evaluate")
 @click.option("--run", "run_dir", type=_RUN_DIR, required=True, help="Run folder written by 'segcft train'.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--n", type=click.IntRange(min=1),
-              help="Number of subjects [default: the run config's evaluate.n; null there: the whole split].")
+@click.option(
+    "--n",
+    type=click.IntRange(min=1),
+    help="Number of subjects [default: the run config's evaluate.n; null there: the whole split].",
+)
 def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
     """Measure effectiveness, leakage, locality, composition and reversibility of every
     fine-tuning mode; writes metrics.json, report.md and figures/ in the run folder."""
@@ -388,20 +433,50 @@ def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
 
 @cli.command("counterfactual")
 @click.option("--run", "run_dir", type=_RUN_DIR, required=True, help="Run folder written by 'segcft train'.")
-@click.option("--input", "input_", required=True, metavar="FILE_OR_ID",
-              help="An image file, or the index of a test sample of the run's dataset.")
-@click.option("--do", "interventions", multiple=True, required=True, metavar="VAR=VALUE", callback=_interventions,
-              help="Intervention (repeatable): absolute (12.5), relative (+20%, -10%) or a factor (x1.2).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output image (TIFF) of the counterfactual.")
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    metavar="FILE_OR_ID",
+    help="An image file, or the index of a test sample of the run's dataset.",
+)
+@click.option(
+    "--do",
+    "interventions",
+    multiple=True,
+    required=True,
+    metavar="VAR=VALUE",
+    callback=_interventions,
+    help="Intervention (repeatable): absolute (12.5), relative (+20%, -10%) or a factor (x1.2).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output image (TIFF) of the counterfactual.",
+)
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG figure.")
-@click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
-              help="z samples averaged (more than 1 also gives an uncertainty map).")
-@click.option("--mode", default=None, metavar="MODE",
-              help="Fine-tuned generator to use (none, reg, seg, pos-seg); default: the first of pos-seg, seg, "
-                   "reg, none that the run has.")
+@click.option(
+    "--particles",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="z samples averaged (more than 1 also gives an uncertainty map).",
+)
+@click.option(
+    "--mode",
+    default=None,
+    metavar="MODE",
+    help="Fine-tuned generator to use (none, reg, seg, pos-seg); default: the first of pos-seg, seg, "
+    "reg, none that the run has.",
+)
 def counterfactual_command(
-    run_dir: Path, input_: str, interventions: list[str], out: Path, png: Path | None, particles: int,
+    run_dir: Path,
+    input_: str,
+    interventions: list[str],
+    out: Path,
+    png: Path | None,
+    particles: int,
     mode: str | None,
 ) -> None:
     """Generate the counterfactual of one image under interventions on its variables."""
@@ -433,8 +508,12 @@ def data_check(dataset: Path) -> None:
 
 @data_group.command("measure")
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="CSV of the measured structure variables.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV of the measured structure variables.",
+)
 def data_measure(dataset: Path, out: Path) -> None:
     """Measure the structure variables (areas/volumes) of a dataset from its masks."""
     measure_dataset = _library("segcft.data.tools", "measure_dataset", "data measure")
@@ -443,12 +522,22 @@ def data_measure(dataset: Path, out: Path) -> None:
 
 
 @data_group.command("export")
-@click.option("--dataset", "name", required=True, shell_complete=_complete_names("dataset"),
-              help="Dataset plugin name (e.g. a phantom).")
+@click.option(
+    "--dataset",
+    "name",
+    required=True,
+    shell_complete=_complete_names("dataset"),
+    help="Dataset plugin name (e.g. a phantom).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option("--n", type=click.IntRange(min=1), required=True, help="Number of samples.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a field of the dataset's config, e.g. --set size=128 (repeatable).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field of the dataset's config, e.g. --set size=128 (repeatable).",
+)
 def data_export(name: str, out: Path, n: int, overrides: tuple[str, ...]) -> None:
     """Write N samples of a dataset as a TIFF dataset folder (loadable with --dataset tiff)."""
     from segcft.config import component_params
@@ -461,8 +550,12 @@ def data_export(name: str, out: Path, n: int, overrides: tuple[str, ...]) -> Non
 
 @data_group.command("show")
 @click.argument("dataset")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG montage to write [default: <dataset name>-montage.png in the current folder].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PNG montage to write [default: <dataset name>-montage.png in the current folder].",
+)
 def data_show(dataset: str, out: Path | None) -> None:
     """Print counts, variable ranges and class frequencies of DATASET (a plugin name or a dataset
     folder) and write a PNG montage of samples with mask overlays."""

@@ -156,7 +156,9 @@ class CFTConfig:
     lambda_init: float = field(default=0.0, metadata={"help": "initial Lagrange multiplier (>= 0)", "ge": 0})
     penalty: Literal["l1", "l2", "huber"] = field(default="l1", metadata={"help": "rho of the area loss"})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold (normalised units)", "gt": 0})
-    soft_labels: bool = field(default=False, metadata={"help": "measure non-intervened variables on x (amplification fix)"})
+    soft_labels: bool = field(
+        default=False, metadata={"help": "measure non-intervened variables on x (amplification fix)"}
+    )
     seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms", "gt": 0})
     reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms", "gt": 0})
 
@@ -196,8 +198,12 @@ class RunConfig:
 
 _NONE_TYPE = type(None)
 _INT64 = (-(2**63), 2**63 - 1)
-_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+_BOUNDS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
 """Range keys a config field may declare in its metadata, e.g. ``metadata={"help": ..., "ge": 1}``;
 they apply to a number, or to every number inside a list, tuple or mapping value."""
 QUOTE_LIMIT = 200
@@ -366,7 +372,9 @@ def _check_ranges(obj: Any, where: str) -> None:
             if value.params is not None:
                 _check_ranges(value.params, sub)
             continue
-        for item in value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]:
+        for item in (
+            value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
+        ):
             if dataclasses.is_dataclass(item) and not isinstance(item, type):
                 _check_ranges(item, sub)
 
@@ -461,8 +469,10 @@ def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
             return str(exc)
         return None
     shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-    return f"{shown} cannot be written to YAML and read back (use bool, int, float, str, list, " \
-           "tuple, dict[str, ...], Literal, X | None or a dataclass)"
+    return (
+        f"{shown} cannot be written to YAML and read back (use bool, int, float, str, list, "
+        "tuple, dict[str, ...], Literal, X | None or a dataclass)"
+    )
 
 
 def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
@@ -473,13 +483,17 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
     try:
         hints = _hints(cls)
     except Exception as exc:  # an unresolvable annotation names no field otherwise
-        raise ConfigError(f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(
+            f"config class {name}: its field types cannot be resolved ({type(exc).__name__}: {exc})"
+        ) from None
     for f in dataclasses.fields(cls):
         where = f"config class {name}, field {f.name!r}"
         why = _supported(hints[f.name], _seen or (cls,))
         if why:
             raise ConfigError(f"{where}: {why}")
-        unknown = [k for k in ("gt", "ge", "lt", "le") if k in f.metadata and not isinstance(f.metadata[k], (int, float))]
+        unknown = [
+            k for k in ("gt", "ge", "lt", "le") if k in f.metadata and not isinstance(f.metadata[k], (int, float))
+        ]
         if unknown:
             raise ConfigError(f"{where}: the range {unknown[0]!r} must be a number")
         if f.default is not dataclasses.MISSING:
@@ -495,8 +509,10 @@ def check_config_class(cls: type, *, _seen: tuple[type, ...] = ()) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if checked != default:
-            raise ConfigError(f"{where}: the default {_quote(default)} reads back as {_quote(checked)} from YAML "
-                              f"(declare the type it is, e.g. tuple rather than list)")
+            raise ConfigError(
+                f"{where}: the default {_quote(default)} reads back as {_quote(checked)} from YAML "
+                f"(declare the type it is, e.g. tuple rather than list)"
+            )
 
 
 # -- merging ---------------------------------------------------------------------------------
@@ -624,7 +640,9 @@ class _BoundedLoader(yaml.SafeLoader):
         try:
             return super().construct_yaml_int(node)
         except ValueError:  # more digits than Python converts
-            raise ConfigError(f"line {node.start_mark.line + 1}: the integer {_short(node.value)} has too many digits") from None
+            raise ConfigError(
+                f"line {node.start_mark.line + 1}: the integer {_short(node.value)} has too many digits"
+            ) from None
 
 
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
@@ -785,8 +803,11 @@ what the training stages compute. Any other change is refused, as it would mix t
 def resume_config(stored: RunConfig, new: RunConfig, source: str | Path) -> RunConfig:
     """``new`` when it differs from the ``stored`` config of the run being resumed only in
     RESUME_SAFE_KEYS; else a ConfigError listing the differing keys."""
-    changed = [k for k in config_differences(stored, new)
-               if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)]
+    changed = [
+        k
+        for k in config_differences(stored, new)
+        if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)
+    ]
     if changed:
         shown = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if len(changed) > 12 else "")
         raise ConfigError(
@@ -809,8 +830,10 @@ def check_round_trip(cfg: RunConfig, where: str = "config") -> str:
     except ConfigError as exc:
         raise ConfigError(f"{where}: does not read back from its YAML form: {exc}") from None
     if back != cfg:
-        raise ConfigError(f"{where}: does not read back from its YAML form; differing keys: "
-                          f"{', '.join(config_differences(cfg, back))}")
+        raise ConfigError(
+            f"{where}: does not read back from its YAML form; differing keys: "
+            f"{', '.join(config_differences(cfg, back))}"
+        )
     return text
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,11 +23,11 @@ if TYPE_CHECKING:
 __all__ = ["counterfactual_grid", "counterfactual_png", "display_slice", "plot_training_curves"]
 
 
-_BARE = {"xticks": [], "yticks": []}
+_BARE: dict[str, list[float]] = {"xticks": [], "yticks": []}
 """Image panels carry no ticks: skipping them makes layout and drawing several times cheaper."""
 
 
-def _figure(figsize: tuple[float, float]) -> "Figure":
+def _figure(figsize: tuple[float, float]) -> Figure:
     """A matplotlib figure outside pyplot (no global state, no display; saved with Agg)."""
     from matplotlib.figure import Figure
 
@@ -67,7 +68,9 @@ def counterfactual_grid(
 
     Images are (*S) or (1, *S) in [-1, 1]; masks are label maps of the same spatial shape."""
     factual = np.asarray(factual, dtype=np.float32)
-    idx = display_slice(np.squeeze(factual, axis=0) if factual.ndim in (3, 4) and factual.shape[0] == 1 else factual, focus)
+    idx = display_slice(
+        np.squeeze(factual, axis=0) if factual.ndim in (3, 4) and factual.shape[0] == 1 else factual, focus
+    )
     x = _section(factual, idx)
     modes = list(counterfactuals)
     diffs = {m: (_section(counterfactuals[m], idx) - x) * 127.5 for m in modes}
@@ -139,7 +142,9 @@ def _float(v: str) -> float:
         return math.nan
 
 
-def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "step", group: str = "stage") -> list[Path]:
+def plot_training_curves(
+    csv_path: Path | str, out_dir: Path | str, x: str = "step", group: str = "stage"
+) -> list[Path]:
     """One PNG per training stage (``curves_<stage>.png``, or ``curves.png`` without a stage
     column) with one panel per numeric column of the metrics CSV against ``x``.
 
@@ -169,7 +174,9 @@ def plot_training_curves(csv_path: Path | str, out_dir: Path | str, x: str = "st
             continue
         out = out_dir / (f"curves_{_slug(name)}.png" if name else "curves.png")
         written.append(out)
-        digest = hashlib.sha256(repr((name, x, {c: v.tolist() for c, v in series.items()}, xs.tolist())).encode()).hexdigest()
+        digest = hashlib.sha256(
+            repr((name, x, {c: v.tolist() for c, v in series.items()}, xs.tolist())).encode()
+        ).hexdigest()
         if _png_text(out, _DIGEST_KEY) == digest:
             continue
         n = len(series)

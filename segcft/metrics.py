@@ -46,7 +46,9 @@ def permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def abs_errors(measured: torch.Tensor, target: torch.Tensor, min_target: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def abs_errors(
+    measured: torch.Tensor, target: torch.Tensor, min_target: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample absolute error ``|A - a|`` and absolute percentage error ``100 |A - a| / |a|``.
 
     The percentage is NaN where ``|a| <= min_target`` (a percentage of an empty structure is
@@ -90,9 +92,7 @@ def masked_mean_abs(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None 
     return torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, math.nan))
 
 
-def locality(
-    x: torch.Tensor, x_cf: torch.Tensor, structure: torch.Tensor, dilation: int
-) -> dict[str, torch.Tensor]:
+def locality(x: torch.Tensor, x_cf: torch.Tensor, structure: torch.Tensor, dilation: int) -> dict[str, torch.Tensor]:
     """Mean ``|x_cf - x|`` outside and inside the dilated structure mask (B, *S), per sample.
 
     ``structure`` is the union of the factual and counterfactual masks of the intervened

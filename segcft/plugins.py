@@ -406,9 +406,7 @@ def _label(info: PluginInfo) -> str:
     return f"plugin {info.name!r} ({' '.join(filter(None, (info.distribution, info.version)))})"
 
 
-def _register_plugin(
-    pm: pluggy.PluginManager, registry: Registry, plugin: Any, info: PluginInfo
-) -> None:
+def _register_plugin(pm: pluggy.PluginManager, registry: Registry, plugin: Any, info: PluginInfo) -> None:
     """Register one plugin object and run its registration hooks; skip it as a unit on failure."""
     label = _label(info)
     declared = getattr(plugin, API_VERSION_ATTRIBUTE, PLUGIN_API_VERSION)
@@ -477,7 +475,9 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return [unique[k] for k in sorted(unique)]
 
 
-def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: bool = True) -> tuple[pluggy.PluginManager, Registry]:
+def load_registry(
+    extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: bool = True
+) -> tuple[pluggy.PluginManager, Registry]:
     """Build a fresh plugin manager and registry: built-ins, then entry points, then ``extra_plugins``
     (``(name, module_or_object)`` pairs, e.g. plugins defined inline in tests or notebooks)."""
     from segcft import builtin
@@ -496,8 +496,11 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), entry_points: b
             try:
                 plugin = ep.load()
             except (Exception, SystemExit) as exc:  # a broken plugin must not break segcft
-                _problem(registry, info, f"plugin {ep.name!r} from distribution {dist} {version} failed to import: "
-                         f"{_failure(exc)}")
+                _problem(
+                    registry,
+                    info,
+                    f"plugin {ep.name!r} from distribution {dist} {version} failed to import: {_failure(exc)}",
+                )
                 continue
             _register_plugin(pm, registry, plugin, info)
     for name, plugin in extra_plugins:
@@ -551,8 +554,9 @@ def add_plugin_commands(cli: Any) -> frozenset[str]:
                 continue
             if not isinstance(command, click.Command):
                 _restore(cli.commands, before, name)
-                _warn_or_raise(f"{label} adds {name!r} as {type(command).__name__}, not a click.Command",
-                               "it is skipped")
+                _warn_or_raise(
+                    f"{label} adds {name!r} as {type(command).__name__}, not a click.Command", "it is skipped"
+                )
                 continue
             if name in before and getattr(command, OVERRIDE_ATTRIBUTE, False) is not True:
                 _restore(cli.commands, before, name)

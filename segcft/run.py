@@ -203,8 +203,9 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
     mechanisms = frozen(ParentSCM(info, cfg.mechanisms), rd.final("mechanisms"), "parent mechanisms")
     gen_what = f"generator {cfg.generator.name!r}"
     gen_state = generator_state(rd.final("generator"))
-    generators = {"none": frozen(build_component("generator", cfg.generator, info), rd.final("generator"), gen_what,
-                                 gen_state)}
+    generators = {
+        "none": frozen(build_component("generator", cfg.generator, info), rd.final("generator"), gen_what, gen_state)
+    }
     for mode in cfg.cft.modes:
         path = rd.final(f"cft-{mode}")
         if mode != "none" and path.is_file():

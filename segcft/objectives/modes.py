@@ -9,7 +9,14 @@ from segcft.errors import ConfigError
 from segcft.plugins import get_registry
 from segcft.protocols import GUIDES
 
-__all__ = ["applicable_modes", "check_mode", "objective_guides", "objective_index", "objective_names", "objective_needs"]
+__all__ = [
+    "applicable_modes",
+    "check_mode",
+    "objective_guides",
+    "objective_index",
+    "objective_names",
+    "objective_needs",
+]
 
 KIND = "objective"
 
