@@ -2,8 +2,9 @@
 
 Plugins implement these; training, the fine-tuning objectives and evaluation only rely on them.
 Batches are dicts (docs/design.md, "Data flow"): ``image`` (B, 1, *S) in [-1, 1], ``mask``
-(B, *S) int64 class indices (0 background, then ``DatasetInfo.class_names``), ``regions`` (B, *S) int64 region ids (optional), ``parents`` (B, P) normalised float32,
-``exogenous`` (B, E) float32 (phantoms only), ``index`` (B,) int64 sample index.
+(B, *S) int64 class indices (0 background, then ``DatasetInfo.class_names``), ``regions``
+(B, *S) int64 region ids (optional), ``parents`` (B, P) normalised float32, ``exogenous`` (B, E)
+float32 (phantoms only), ``index`` (B,) int64 sample index.
 """
 
 from __future__ import annotations

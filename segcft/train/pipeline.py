@@ -38,7 +38,8 @@ def validate(ctx: StageContext, stages: list[str]) -> None:
         if info.spatial_dims not in entry.dims:
             dims = "/".join(f"{x}D" for x in entry.dims)
             raise ConfigError(
-                f"{kind} {section.name!r} supports {dims} data only; dataset {cfg.dataset.name!r} is {info.spatial_dims}D"
+                f"{kind} {section.name!r} supports {dims} data only; "
+                f"dataset {cfg.dataset.name!r} is {info.spatial_dims}D"
             )
         if kind != "segmentor":
             build_component(kind, section, info)  # parameter errors surface now, not mid-run
@@ -178,7 +179,8 @@ def _check_request(
             cfg = resume_config(previous, cfg, run.config)
         elif run_config_to_dict(previous) != run_config_to_dict(cfg):
             raise UserError(
-                f"{run.root} holds a run with a different config; use another output folder, or --resume auto to continue it"
+                f"{run.root} holds a run with a different config; use another output folder, "
+                "or --resume auto to continue it"
             )
     seg_path = None if segmentor_checkpoint is None else Path(segmentor_checkpoint)
     if seg_path is not None:
