@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,26 +147,32 @@ def _star_field(
     return r / (base * mod)
 
 
-def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """Draw subjects: (B, 12) exogenous, (B, 6) physical parents -> image (B, 1, size, size) in
-    [-1, 1], mask (B, size, size) int64, no regions. Deterministic and batched."""
-    exo = exogenous.float()
-    pa = parents.float()
-    b = exo.shape[0]
-    spacing = FOV_MM / size
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * spacing - FOV_MM / 2
-    y = coords.view(1, size, 1).expand(b, size, size)
-    x = coords.view(1, 1, size).expand(b, size, size)
-    width = exo[:, 0]
-    off = exo[:, 1:8]
-    shape_seed, tex_seed, noise_seed, rib_seed = (seed_ints(exo[:, 8 + k]) for k in range(4))
-    sex, age, body = pa[:, 0], pa[:, 1], pa[:, 2]
-    h = hashed_uniform(shape_seed, 18)
-    harm = torch.stack([0.035 * h[:, 0:9] * 2 - 0.035, h[:, 9:18] * 2 * math.pi], 1).view(b, 2, 3, 3)
-    bx = body * width  # lateral scale
-    n_pix = size * size
+class _Anatomy(NamedTuple):
+    """The star fields (B, H*W) of heart and lungs and the voxel sets (B, H*W) bool they select."""
 
-    # Heart and the mediastinal zone the lungs keep out of.
+    heart_f: torch.Tensor
+    zone: torch.Tensor
+    heart: torch.Tensor
+    rl_f: torch.Tensor
+    ll_f: torch.Tensor
+    right: torch.Tensor
+    left: torch.Tensor
+
+
+def _anatomy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    off: torch.Tensor,
+    bx: torch.Tensor,
+    body: torch.Tensor,
+    pa: torch.Tensor,
+    harm: torch.Tensor,
+    px_area: float,
+) -> _Anatomy:
+    """Heart, the mediastinal zone the lungs keep out of, and both lungs, each of the exact
+    area of its parent (in pixels of ``px_area`` mm^2)."""
+    b, size = x.shape[0], x.shape[1]
+    n_pix = size * size
     heart_f = _star_field(
         x,
         y,
@@ -176,7 +183,6 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
         harm[:, :, :, 2],
         tilt=-0.35 + 0.1 * off[:, 6],
     ).reshape(b, n_pix)
-    px_area = spacing * spacing
     zone = exact_size_mask(heart_f, torch.round(HEART_ZONE_AREA * body**2 / px_area))
     heart = exact_size_mask(heart_f, torch.round(pa[:, 5] / px_area))
 
@@ -205,14 +211,27 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     ll_f = torch.where(keep_out | (x.reshape(b, n_pix) < 0), inf, ll_f)
     right = exact_size_mask(rl_f, torch.round(pa[:, 3] / px_area))
     left = exact_size_mask(ll_f, torch.round(pa[:, 4] / px_area))
+    return _Anatomy(heart_f, zone, heart, rl_f, ll_f, right, left)
 
-    mask = torch.zeros(b, n_pix, dtype=torch.int64)
-    mask[right] = 1
-    mask[left] = 2
-    mask[heart] = 3  # in front: occludes the lungs only when it outgrows the mediastinal zone
-    mask = mask.view(b, size, size)
 
-    # Attenuation: body soft tissue, spine, ribs, mediastinum, heart, lungs, textures, noise.
+def _interior(field: torch.Tensor, sel: torch.Tensor, size: int) -> torch.Tensor:
+    """0 at the boundary, towards 1 deep inside (relative depth; zero outside the mask)."""
+    scale = torch.where(sel, field, torch.zeros_like(field)).amax(1, keepdim=True).clamp(min=1e-6)
+    depth = torch.clamp(1.0 - field / scale, 0.0, 1.0)
+    return torch.where(sel, 1.0 - torch.exp(-depth * 5.0), torch.zeros_like(depth)).view(-1, size, size)
+
+
+def _attenuation(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bx: torch.Tensor,
+    body: torch.Tensor,
+    an: _Anatomy,
+    rib_seed: torch.Tensor,
+    tex_seed: torch.Tensor,
+) -> torch.Tensor:
+    """Attenuation (B, H, W): body soft tissue, spine, ribs, mediastinum, heart, lungs, textures."""
+    b, size = x.shape[0], x.shape[1]
     tx = x / (150.0 * bx.view(-1, 1, 1))
     ty = (y - 30.0) / (195.0 * body.view(-1, 1, 1))
     body_r = (tx.abs() ** 2.6 + ty.abs() ** 2.6) ** (1 / 2.6)
@@ -225,18 +244,12 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     curve = y + 95.0 * body.view(-1, 1, 1) * (0.55 * lat - 0.9 * lat**2) - 38.0 * lat
     ribs = torch.relu(torch.cos(2 * math.pi * (curve / (26.0 * body.view(-1, 1, 1)) + rib_phase))) ** 3
     ribs = ribs * (y < 95.0 * body.view(-1, 1, 1)) * (x.abs() > 14.0) * tissue
-    medi = (zone.view(b, size, size) & ~heart.view(b, size, size)).float()
+    medi = (an.zone.view(b, size, size) & ~an.heart.view(b, size, size)).float()
     upper_medi = torch.clamp(1.0 - (x.abs() / (34.0 * bx.view(-1, 1, 1))) ** 6, 0.0, 1.0)
 
-    def interior(field: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        # 0 at the boundary, towards 1 deep inside (relative depth; zero outside the mask).
-        scale = torch.where(sel, field, torch.zeros_like(field)).amax(1, keepdim=True).clamp(min=1e-6)
-        depth = torch.clamp(1.0 - field / scale, 0.0, 1.0)
-        return torch.where(sel, 1.0 - torch.exp(-depth * 5.0), torch.zeros_like(depth)).view(b, size, size)
-
-    lung_sel = right | left
-    lung_depth = interior(rl_f, right) + interior(ll_f, left)
-    heart_depth = interior(heart_f, heart)
+    lung_sel = an.right | an.left
+    lung_depth = _interior(an.rl_f, an.right, size) + _interior(an.ll_f, an.left, size)
+    heart_depth = _interior(an.heart_f, an.heart, size)
     tex = smooth_field(tex_seed, (size, size), (6, 12), salt=1)
     lung_tex = smooth_field(tex_seed, (size, size), (20, 32), salt=2)
 
@@ -249,9 +262,36 @@ def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tu
     )
     lungs = lung_sel.view(b, size, size)
     att = torch.where(lungs, att - 0.20 - 0.10 * lung_depth + 0.04 * lung_tex, att)
-    hearts = heart.view(b, size, size)
-    att = torch.where(hearts, att + 0.20 + 0.05 * heart_depth, att)
+    hearts = an.heart.view(b, size, size)
+    return torch.where(hearts, att + 0.20 + 0.05 * heart_depth, att)
 
+
+def render(exogenous: torch.Tensor, parents: torch.Tensor, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Draw subjects: (B, 12) exogenous, (B, 6) physical parents -> image (B, 1, size, size) in
+    [-1, 1], mask (B, size, size) int64, no regions. Deterministic and batched."""
+    exo = exogenous.float()
+    pa = parents.float()
+    b = exo.shape[0]
+    spacing = FOV_MM / size
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * spacing - FOV_MM / 2
+    y = coords.view(1, size, 1).expand(b, size, size)
+    x = coords.view(1, 1, size).expand(b, size, size)
+    width = exo[:, 0]
+    off = exo[:, 1:8]
+    shape_seed, tex_seed, noise_seed, rib_seed = (seed_ints(exo[:, 8 + k]) for k in range(4))
+    sex, age, body = pa[:, 0], pa[:, 1], pa[:, 2]
+    h = hashed_uniform(shape_seed, 18)
+    harm = torch.stack([0.035 * h[:, 0:9] * 2 - 0.035, h[:, 9:18] * 2 * math.pi], 1).view(b, 2, 3, 3)
+    bx = body * width  # lateral scale
+    an = _anatomy(x, y, off, bx, body, pa, harm, spacing * spacing)
+
+    mask = torch.zeros(b, size * size, dtype=torch.int64)
+    mask[an.right] = 1
+    mask[an.left] = 2
+    mask[an.heart] = 3  # in front: occludes the lungs only when it outgrows the mediastinal zone
+    mask = mask.view(b, size, size)
+
+    att = _attenuation(x, y, bx, body, an, rib_seed, tex_seed)
     bright = 0.35 * (body - 1.0) / 0.06 * 0.12 - 0.005 * (age - 50.0) + 0.03 * sex
     contrast = 1.0 + 0.35 * (body - 1.0) - 0.004 * (age - 50.0)
     img = -1.0 + 2.0 * contrast.view(-1, 1, 1) * att + bright.view(-1, 1, 1)

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from segcft.data.tiff import CSV_FILE, SPEC_FILE, Problem, class_labels, measure, scan
+from segcft.data.folder import CSV_FILE, SPEC_FILE, Problem, class_labels
+from segcft.data.tiff import measure, scan
 from segcft.errors import DatasetError, UserError
 
 __all__ = ["Problem", "check_dataset", "export_dataset", "measure_dataset", "show_dataset"]
