@@ -2,13 +2,12 @@
 
 Library modules are imported inside the commands, so ``segcft --help``, ``segcft plugins`` and
 ``segcft list`` never import torch. Errors a user can cause print one line and exit with status
-2; ``segcft --debug ...`` shows the traceback instead.
+2; ``segcft --debug ...`` shows the traceback instead. The ``data`` subcommands live in
+segcft/cli_data.py, helpers shared by the command modules in segcft/cli_base.py.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
 import time
@@ -21,19 +20,13 @@ from typing import Any
 import click
 
 from segcft import __version__
+from segcft.cli_base import CommandUnavailable, _complete_names, _echo_json, _library, _UserFacing
+from segcft.cli_data import data_group
 from segcft.config import DEFAULT_PRESET, PRESETS
 from segcft.errors import UserError
 from segcft.protocols import KINDS
 
 KIND_CHOICES = {f"{kind}s": kind for kind in KINDS}
-
-
-class CommandUnavailable(UserError):
-    """A command whose library function is not part of this installation."""
-
-
-class _UserFacing(click.ClickException):
-    exit_code = 2
 
 
 class SegcftGroup(click.Group):
@@ -107,41 +100,6 @@ class SegcftGroup(click.Group):
                 raise
             message = f"{component}: {type(exc).__name__}: {exc} (segcft --debug shows the traceback)"
             raise _UserFacing(" ".join(message.split())) from exc
-
-
-def _library(module: str, attr: str, command: str) -> Callable[..., Any]:
-    """``module.attr``, or CommandUnavailable when that module or function does not exist yet.
-
-    Only the absence of the module itself is mapped; an import error inside it propagates."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
-            raise CommandUnavailable(
-                f"'segcft {command}' is not available in this installation: module {module} is missing"
-            ) from None
-        raise
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise CommandUnavailable(
-            f"'segcft {command}' is not available in this installation: {module}.{attr} is missing"
-        )
-    return fn
-
-
-def _complete_names(kind: str) -> Callable[[click.Context, click.Parameter, str], list[str]]:
-    """Shell completion of registered component names of ``kind``."""
-
-    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-        from segcft.plugins import get_registry
-
-        return [n for n in get_registry().names(kind) if n.startswith(incomplete)]
-
-    return complete
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 @click.group(cls=SegcftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -484,85 +442,9 @@ def counterfactual_command(
     counterfactual(run_dir, input_, interventions, out, png=png, particles=particles, mode=mode, echo=click.echo)
 
 
-# -- data ---------------------------------------------------------------------------------------
+# -- data (segcft/cli_data.py) -----------------------------------------------------------------
 
-
-@cli.group("data")
-def data_group() -> None:
-    """Check, measure, export and show datasets."""
-
-
-@data_group.command("check")
-@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-def data_check(dataset: Path) -> None:
-    """Check a dataset folder against the dataset contract; lists every problem and exits 2 when there are any."""
-    check_dataset = _library("segcft.data.tools", "check_dataset", "data check")
-    problems = check_dataset(dataset)
-    for p in problems:
-        click.echo(str(p))
-    if problems:
-        click.echo(f"{len(problems)} problem(s) in {dataset}", err=True)
-        sys.exit(2)
-    click.echo(f"{dataset}: ok")
-
-
-@data_group.command("measure")
-@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="CSV of the measured structure variables.",
-)
-def data_measure(dataset: Path, out: Path) -> None:
-    """Measure the structure variables (areas/volumes) of a dataset from its masks."""
-    measure_dataset = _library("segcft.data.tools", "measure_dataset", "data measure")
-    measure_dataset(dataset, out)
-    click.echo(f"wrote {out}")
-
-
-@data_group.command("export")
-@click.option(
-    "--dataset",
-    "name",
-    required=True,
-    shell_complete=_complete_names("dataset"),
-    help="Dataset plugin name (e.g. a phantom).",
-)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--n", type=click.IntRange(min=1), required=True, help="Number of samples.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a field of the dataset's config, e.g. --set size=128 (repeatable).",
-)
-def data_export(name: str, out: Path, n: int, overrides: tuple[str, ...]) -> None:
-    """Write N samples of a dataset as a TIFF dataset folder (loadable with --dataset tiff)."""
-    from segcft.config import component_params
-
-    config = component_params("dataset", name, overrides)
-    export_dataset = _library("segcft.data.tools", "export_dataset", "data export")
-    export_dataset(name, config, out, n)
-    click.echo(f"wrote {out}")
-
-
-@data_group.command("show")
-@click.argument("dataset")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PNG montage to write [default: <dataset name>-montage.png in the current folder].",
-)
-def data_show(dataset: str, out: Path | None) -> None:
-    """Print counts, variable ranges and class frequencies of DATASET (a plugin name or a dataset
-    folder) and write a PNG montage of samples with mask overlays."""
-    show_dataset = _library("segcft.data.tools", "show_dataset", "data show")
-    if out is None:
-        out = Path.cwd() / f"{Path(dataset).name}-montage.png"
-    click.echo(show_dataset(dataset, out))
+cli.add_command(data_group)
 
 
 # -- doctor -------------------------------------------------------------------------------------

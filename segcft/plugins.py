@@ -1,4 +1,4 @@
-"""Plugin manager, hook specifications and the registry of component factories.
+"""Plugin manager and the registry of component factories (hook specifications: segcft/hookspecs.py).
 
 Components (datasets, generators, segmentors, regressors) and fine-tuning objectives are
 registered by name through pluggy hooks; built-in ones (``segcft.builtin``) use exactly the same hooks as third-party
@@ -33,9 +33,9 @@ import pluggy
 
 from segcft import PLUGIN_API_VERSION, __version__, hookimpl
 from segcft.errors import UserError
+from segcft.hookspecs import HOOKS, PROJECT, SegcftHookSpecs, hookspec
 from segcft.protocols import GUIDES, KINDS, OBJECTIVE_NEEDS
 
-PROJECT = "segcft"
 ENTRY_POINT_GROUP = "segcft"
 BUILTIN_PLUGIN = "segcft.builtin"
 API_VERSION_ATTRIBUTE = "SEGCFT_PLUGIN_API_VERSION"
@@ -46,24 +46,25 @@ FAILED_COMPONENT_ATTRIBUTE = "segcft_failed_component"
 """Set on an exception raised while a third-party factory was imported or called: names the
 plugin and component, so that the CLI can print one line instead of a traceback."""
 
-HOOKS: dict[str, str] = {kind: f"segcft_register_{kind}s" for kind in KINDS}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-
-hookspec = pluggy.HookspecMarker(PROJECT)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "HOOKS",
     "KINDS",
+    "PROJECT",
     "Entry",
     "PluginError",
     "PluginInfo",
     "PluginWarning",
     "Registry",
+    "SegcftHookSpecs",
     "UnknownPluginError",
     "add_plugin_commands",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
+    "hookspec",
     "load_registry",
     "reset",
 ]
@@ -80,35 +81,6 @@ class UnknownPluginError(UserError):
 
 class PluginWarning(UserWarning):
     """A plugin was skipped; the rest of segcft keeps working."""
-
-
-class SegcftHookSpecs:
-    """The hooks a plugin may implement (decorate implementations with ``segcft.hookimpl``)."""
-
-    @hookspec
-    def segcft_register_datasets(self, register: Callable[..., None]) -> None:
-        """Register dataset factories ``build(config, split) -> Dataset``."""
-
-    @hookspec
-    def segcft_register_generators(self, register: Callable[..., None]) -> None:
-        """Register generator factories ``build(config, info) -> nn.Module`` (Generator protocol)."""
-
-    @hookspec
-    def segcft_register_segmentors(self, register: Callable[..., None]) -> None:
-        """Register segmentor factories ``build(config, info) -> nn.Module`` (Segmentor protocol)."""
-
-    @hookspec
-    def segcft_register_regressors(self, register: Callable[..., None]) -> None:
-        """Register regressor factories ``build(config, info) -> nn.Module`` (Regressor protocol)."""
-
-    @hookspec
-    def segcft_register_objectives(self, register: Callable[..., None]) -> None:
-        """Register fine-tuning objectives ``build(config, ctx: ObjectiveContext) -> CFTObjective``
-        (``segcft.objectives.base``) named as ``cft.modes``; ``register`` also takes ``needs``, ``uses``."""
-
-    @hookspec
-    def segcft_register_commands(self, cli: Any) -> None:
-        """Add Click subcommands to the ``segcft`` command group ``cli``."""
 
 
 def _mark(exc: Exception, component: str) -> None:

@@ -183,7 +183,7 @@ def test_config_fields_lists_defaults_and_help():
 
 
 def _quick_overlay() -> dict:
-    path = Path(segcft.config.__file__).parent / "presets" / "quick.yaml"
+    path = segcft.config.preset_path("quick")
     return yaml.safe_load(path.read_text())["when_3d"]
 
 
@@ -229,7 +229,7 @@ def test_3d_dump_reproduces_the_run_alone(tmp_path):
 def test_broken_3d_overlay_fails_in_2d_runs_too(tmp_path, monkeypatch, overlay, match):
     base = yaml.safe_load(segcft.config.preset_path("quick").read_text())
     bad = write(tmp_path / "bad.yaml", {**base, "when_3d": overlay})
-    monkeypatch.setattr(segcft.config, "preset_path", lambda name: bad)
+    monkeypatch.setattr(segcft.config.resolve, "preset_path", lambda name: bad)
     with pytest.raises(ConfigError, match=match):
         load_run_config()
 

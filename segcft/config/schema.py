@@ -1,0 +1,162 @@
+"""The run configuration's dataclasses (``RunConfig`` and its sections) and the constants that
+name presets and bound seeds. Pure data: checking and merging live in segcft/config/types.py and
+segcft/config/resolve.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from segcft.models.configs import MechanismsConfig
+
+PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
+DEFAULT_PRESET = "quick"
+OVERLAY_3D = "when_3d"
+"""Preset key of the overlay applied only when the resolved dataset is 3D (see :func:`read_preset`)."""
+
+
+@dataclass
+class ComponentConfig:
+    """A pluggable component: the registered ``name`` and its config dataclass instance."""
+
+    name: str = ""
+    params: Any = None
+
+
+SEED_MAX = 2**63 - 1
+"""Largest run seed. The stages derive their seeds from it through :func:`derived_seed`, which
+keeps every derived seed a valid torch seed."""
+
+
+def derived_seed(value: int) -> int:
+    """A seed derived from the run seed (``seed * 1000 + rank`` and the like) folded into torch's
+    seed range [0, 2**64); seeds derived from run seeds below 2**54 are unchanged."""
+    return value % 2**64
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings of one training stage (AdamW with linear warm-up)."""
+
+    steps: int = field(default=1000, metadata={"help": "optimiser steps", "ge": 1})
+    batch_size: int = field(default=32, metadata={"help": "samples per step (global, over all ranks)", "ge": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
+    grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
+    grad_skip: float = field(
+        default=0.0,
+        metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)", "ge": 0},
+    )
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)", "ge": 0, "lt": 1})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "steps between checkpoints (0: end of stage only)", "ge": 0}
+    )
+
+
+@dataclass
+class MechanismsStageConfig:
+    """Settings of the mechanisms stage: AdamW on random minibatches of the training parents,
+    with no warm-up, EMA or intermediate checkpoint (the stage takes seconds; its gradient-norm
+    clip is fixed at 10)."""
+
+    steps: int = field(default=2000, metadata={"help": "optimiser steps", "ge": 1})
+    batch_size: int = field(default=256, metadata={"help": "parent vectors per step", "ge": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
+
+
+@dataclass
+class IntensityAugmentConfig:
+    """Random global intensity changes of the segmentors' training images,
+    x -> clamp(a (x + 1) - 1 + b, -1, 1) with |a - 1| <= scale and |b| <= shift per image, so
+    that soft areas follow shape, not brightness: fine-tuning otherwise learns to move a guide's
+    areas by shifting the whole image's intensity."""
+
+    shift: float = field(default=0.1, metadata={"help": "largest |b| (images in [-1, 1]; 0: off)", "ge": 0})
+    scale: float = field(default=0.1, metadata={"help": "largest |a - 1| (0: off)", "ge": 0, "lt": 1})
+
+
+@dataclass
+class TrainConfig:
+    """The settings of each pre-training stage, in pipeline order (the evaluation segmentor uses
+    ``segmentor``'s), and the segmentors' intensity augmentation."""
+
+    mechanisms: MechanismsStageConfig = field(default_factory=MechanismsStageConfig)
+    segmentor: StageConfig = field(default_factory=StageConfig)
+    regressor: StageConfig = field(default_factory=StageConfig)
+    generator: StageConfig = field(default_factory=lambda: StageConfig(grad_skip=500.0, ema=0.999))
+    segmentor_intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
+
+
+@dataclass
+class CFTConfig:
+    """Counterfactual fine-tuning: guidance modes, the Lagrangian and the optimiser of the
+    fine-tuned generator (AdamW with betas (0.9, 0.9), like the generator stage)."""
+
+    modes: tuple[str, ...] = field(
+        default=("none", "reg", "seg"),
+        metadata={"help": "fine-tuning modes to train (see 'segcft list objectives')", "names": "objective"},
+    )
+    objectives: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "settings of objectives that have their own: mode -> mapping", "configs": "objective"},
+    )
+    steps: int = field(default=1000, metadata={"help": "fine-tuning steps per mode", "ge": 1})
+    batch_size: int = field(default=16, metadata={"help": "samples per step", "ge": 1})
+    lr: float = field(default=1e-4, metadata={"help": "generator learning rate", "gt": 0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the generator", "ge": 0})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
+    grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
+    grad_skip: float = field(
+        default=500.0,
+        metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)", "ge": 0},
+    )
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)", "ge": 0, "lt": 1})
+    log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "steps between checkpoints (0: end of stage only)", "ge": 0}
+    )
+    lr_lagrange: float = field(default=1e-2, metadata={"help": "learning rate of the Lagrange multiplier", "gt": 0})
+    damping: float = field(default=100.0, metadata={"help": "damping d of the constraint", "ge": 0})
+    lambda_init: float = field(default=0.0, metadata={"help": "initial Lagrange multiplier (>= 0)", "ge": 0})
+    penalty: Literal["l1", "l2", "huber"] = field(default="l1", metadata={"help": "rho of the area loss"})
+    huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold (normalised units)", "gt": 0})
+    soft_labels: bool = field(
+        default=False, metadata={"help": "measure non-intervened variables on x (amplification fix)"}
+    )
+    seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms", "gt": 0})
+    reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms", "gt": 0})
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation of the fine-tuned generators."""
+
+    split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to evaluate"})
+    n: int | None = field(default=None, metadata={"help": "number of subjects (null: the whole split)", "ge": 1})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of the 95% intervals", "ge": 1})
+    dilation: int = field(
+        default=2, metadata={"help": "pixels the structure masks are dilated by for locality", "ge": 0}
+    )
+    particles: int = field(default=1, metadata={"help": "z samples averaged per counterfactual", "ge": 1})
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; written resolved to ``RUN/config.yaml``."""
+
+    seed: int = field(
+        default=0, metadata={"help": f"seed of every random draw of the run (0 to {SEED_MAX})", "ge": 0, "le": SEED_MAX}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    dataset: ComponentConfig = field(default_factory=ComponentConfig)
+    generator: ComponentConfig = field(default_factory=ComponentConfig)
+    segmentor: ComponentConfig = field(default_factory=ComponentConfig)
+    regressor: ComponentConfig = field(default_factory=ComponentConfig)
+    mechanisms: MechanismsConfig = field(default_factory=MechanismsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cft: CFTConfig = field(default_factory=CFTConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
