@@ -307,8 +307,8 @@ def _validate(kind: str, plugin: str, name: Any, factory: Any, config: Any, dims
     ]
     if missing:
         raise PluginError(f"{where}: every config field needs a default; {missing} have none")
-    # imported at use: segcft.config imports this module at use too
-    from segcft.config import check_config_class
+    # imported at use: listing plugins needs no config schema
+    from segcft.config.types import check_config_class
 
     try:
         check_config_class(config)

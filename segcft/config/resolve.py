@@ -14,16 +14,15 @@ from typing import Any
 import yaml
 
 from segcft import __version__
+from segcft.config.apply import _apply_mapping, _registry
 from segcft.config.schema import DEFAULT_PRESET, OVERLAY_3D, PRESETS, ComponentConfig, RunConfig
 from segcft.config.types import (
-    _apply_mapping,
     _check_bounds,
     _check_ranges,
     _coerce,
     _hints,
     _plain,
     _quote,
-    _registry,
     _short,
     _unknown_key,
 )
@@ -224,10 +223,11 @@ def resume_config(stored: RunConfig, new: RunConfig, source: str | Path) -> RunC
     ]
     if changed:
         shown = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if len(changed) > 12 else "")
+        safe = ", ".join(k.rstrip(".") + (".*" if k.endswith(".") else "") for k in RESUME_SAFE_KEYS)
         raise ConfigError(
             f"--resume: the config differs from {source} in {shown}; resume with the run's own config "
             f"(no --preset/--config/--set/component flags, or the same ones) or start a new --run-dir "
-            f"(only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_SAFE_KEYS)} may change)"
+            f"(only {safe} may change)"
         )
     return new
 

@@ -5,7 +5,6 @@ register (``check_config_class``); plain-data form and field listings of a confi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -102,7 +101,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise _mismatch(value, tp, where)
-        return _apply_mapping(typing.cast(Any, tp)(), value, where)
+        return _apply_fields(typing.cast(Any, tp)(), value, where)
     return _coerce_scalar(value, tp, where)
 
 
@@ -236,64 +235,25 @@ def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {_quote(key)}{hint} (valid keys: {', '.join(valid)})")
 
 
-def _apply_mapping(obj: Any, values: Mapping[str, Any], where: str) -> Any:
-    """Set the fields of dataclass instance ``obj`` from ``values`` (type- and range-checked, in place)."""
+def _apply_fields(obj: Any, values: Mapping[str, Any], where: str) -> Any:
+    """Set the fields of dataclass instance ``obj`` (a value inside a container, e.g. an item of a
+    ``list[SomeConfig]`` field) from ``values``, type- and range-checked. Registered names and
+    per-name plugin configs are section-level fields, applied by ``segcft.config.apply``."""
     hints = _hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in fields:
             raise _unknown_key(str(key), list(fields), where)
-        tp = hints[key]
         sub = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-            _apply_mapping(getattr(obj, key), value, sub)
-        elif "configs" in fields[key].metadata:
-            setattr(obj, key, _apply_configs(getattr(obj, key), value, fields[key].metadata["configs"], sub))
-        else:
-            coerced = _coerce(value, tp, sub)
-            _check_bounds(coerced, fields[key].metadata, sub)
-            if "names" in fields[key].metadata:
-                _check_names(coerced, fields[key].metadata["names"], sub)
-            setattr(obj, key, coerced)
+        if "names" in fields[key].metadata or "configs" in fields[key].metadata:
+            raise ConfigError(f"{sub}: registered names are config section fields, not items of a container")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            _apply_fields(getattr(obj, key), value, sub)
+            continue
+        coerced = _coerce(value, hints[key], sub)
+        _check_bounds(coerced, fields[key].metadata, sub)
+        setattr(obj, key, coerced)
     return obj
-
-
-def _check_names(values: Sequence[str], kind: str, where: str) -> None:
-    """Raise ConfigError when an item of ``values`` is not a registered name of ``kind`` (listed
-    in registration order; aliases are not accepted)."""
-    known = _registry().ordered(kind)
-    for i, value in enumerate(values):
-        if value not in known:
-            close = difflib.get_close_matches(value, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{where}[{i}]: expected one of {', '.join(map(repr, known))}, got {_quote(value)}{hint} "
-                f"(see 'segcft list {kind}s')"
-            )
-
-
-def _apply_configs(current: Mapping[str, Any], values: Any, kind: str, where: str) -> dict[str, Any]:
-    """``current`` (name -> config instance of the registered ``kind`` of that name) updated from
-    ``values`` (name -> mapping of that config's fields)."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of {kind} name to its settings, got {_quote(values)}")
-    known = _registry().ordered(kind)
-    out = dict(current)
-    for name, settings in values.items():
-        sub = f"{where}.{name}"
-        if name not in known:
-            raise ConfigError(f"{sub}: unknown {kind} {_quote(name)} (registered: {', '.join(known)})")
-        if not isinstance(settings, Mapping):
-            raise ConfigError(f"{sub}: expected a mapping of the {kind}'s settings, got {_quote(settings)}")
-        params = copy.deepcopy(out[name]) if name in out else _registry().get(kind, name).config()
-        out[name] = _apply_mapping(params, settings, sub)
-    return out
-
-
-def _registry() -> Any:
-    from segcft.plugins import get_registry
-
-    return get_registry()
 
 
 def _supported(tp: Any, seen: tuple[type, ...] = ()) -> str | None:
