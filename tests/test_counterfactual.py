@@ -145,3 +145,20 @@ def test_shape_mismatch_and_3d_input(tmp_path, toy):
     tifffile.imwrite(tmp_path / "flat.tif", np.zeros((16, 16), dtype=np.uint8))
     with pytest.raises(UserError, match="constant"):
         counterfactual_with(run, tmp_path / "flat.tif", ["age=60"], tmp_path / "cf.tif", echo=lambda s: None)
+
+
+def test_oversized_input_tiff_is_refused_from_its_header(tmp_path):
+    """`segcft counterfactual --input` reads TIFFs through the same header check as datasets: a
+    file declaring more than MAX_VOXELS voxels is refused before anything is decoded."""
+    import numpy as np
+    import tifffile
+
+    from segcft.data.imageio import MAX_VOXELS, read_tiff
+    from segcft.errors import UserError
+
+    path = tmp_path / "huge.tif"
+    with tifffile.TiffWriter(path) as tw:  # header only: the pixel data are never written
+        tw.write(shape=(2**15, 2**14 + 1), dtype=np.uint8)
+    assert (2**15) * (2**14 + 1) > MAX_VOXELS
+    with pytest.raises(UserError, match=r"huge.tif: cannot read the TIFF file: .* more than the limit"):
+        read_tiff(path)

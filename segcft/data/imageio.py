@@ -1,15 +1,38 @@
 """TIFF images with their physical spacing, read and written the same way wherever segcft
-handles image files outside a dataset folder (``segcft counterfactual``'s input and output)."""
+handles image files: the size check on a file's header before anything is decoded (shared with
+the ``tiff`` dataset) and ``segcft counterfactual``'s input and output."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from segcft.errors import UserError
 
-__all__ = ["read_tiff", "write_tiff"]
+__all__ = ["MAX_VOXELS", "ImageTooLarge", "declared_shape", "read_tiff", "write_tiff"]
+
+MAX_VOXELS = 2**28
+"""Largest image, mask or region file decoded (1 GiB as float32)."""
+
+
+class ImageTooLarge(ValueError):
+    """A file whose header declares more than MAX_VOXELS voxels (it is never decoded)."""
+
+
+def declared_shape(tif: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an open ``tifffile.TiffFile``'s first series, from its header alone;
+    ValueError when it holds no image, ImageTooLarge when it declares over MAX_VOXELS voxels."""
+    if not tif.series or 0 in tif.series[0].shape:
+        raise ValueError("no image data")
+    series = tif.series[0]
+    shape = tuple(int(x) for x in series.shape)
+    if math.prod(shape) > MAX_VOXELS:
+        raise ImageTooLarge(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+    return shape, np.dtype(series.dtype)
+
 
 _MM_PER_UNIT = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}
 _IMAGEJ_UNITS = {"mm": 1.0, "millimeter": 1.0, "cm": 10.0, "um": 1e-3, "µm": 1e-3, "micron": 1e-3, "m": 1000.0}
@@ -22,6 +45,7 @@ def read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            declared_shape(tif)
             array = tif.asarray()
             ndim = np.squeeze(array).ndim
             shaped = tif.shaped_metadata

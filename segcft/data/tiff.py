@@ -23,7 +23,6 @@ Masks load as class indices: 0 background, then the declared labels in increasin
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +42,9 @@ from segcft.data.folder import (
     read_spec,
     read_table,
 )
+from segcft.data.imageio import ImageTooLarge, declared_shape
 from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
-
-MAX_VOXELS = 2**28  # largest image, mask or region file decoded (1 GiB as float32)
 
 
 class _BadValues(ValueError):
@@ -59,13 +57,10 @@ class _BadValues(ValueError):
 
 
 def _header(tf: Any) -> tuple[tuple[int, ...], np.dtype]:
-    if not tf.series or 0 in tf.series[0].shape:
-        raise ValueError("no image data")
-    s = tf.series[0]
-    shape = tuple(int(x) for x in s.shape)
-    if math.prod(shape) > MAX_VOXELS:
-        raise _BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
-    return shape, np.dtype(s.dtype)
+    try:
+        return declared_shape(tf)
+    except ImageTooLarge as exc:
+        raise _BadValues(str(exc)) from None
 
 
 def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
