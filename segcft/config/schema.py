@@ -58,8 +58,8 @@ class StageConfig:
 @dataclass
 class MechanismsStageConfig:
     """Settings of the mechanisms stage: AdamW on random minibatches of the training parents,
-    with no warm-up, EMA or intermediate checkpoint (the stage takes seconds; its gradient-norm
-    clip is fixed at 10)."""
+    with no warm-up or EMA (the stage takes seconds; its gradient-norm clip is fixed at 10 and
+    its resume checkpoints come every 500 steps)."""
 
     steps: int = field(default=2000, metadata={"help": "optimiser steps", "ge": 1})
     batch_size: int = field(default=256, metadata={"help": "parent vectors per step", "ge": 1})

@@ -17,7 +17,7 @@ documented on ``ParentSCM.predict``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -373,6 +373,20 @@ class ParentSCM(nn.Module):
                 cols[i] = mech(eps, inputs)
         return torch.stack(_complete(cols), dim=1)
 
+    def nll(self, pa: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood per sample of parents (B, P): the training loss."""
+        return -self.log_prob(pa).mean()
+
+    def check_training_data(self, parents: torch.Tensor) -> None:
+        """UserError unless ``parents`` (N, P) are finite, with binary columns in {0, 1}."""
+        self._check(parents)
+        for i, is_binary in enumerate(self.binary):
+            col = parents[:, i]
+            if is_binary and not bool(((col == 0) | (col == 1)).all()):
+                raise UserError(f"binary variable {self.info.variable_names[i]!r} has values other than 0 and 1")
+        if not bool(torch.isfinite(parents).all()):
+            raise UserError("parents contain NaN or infinite values")
+
     def fit(
         self,
         parents: torch.Tensor,
@@ -383,29 +397,40 @@ class ParentSCM(nn.Module):
         weight_decay: float = 1e-4,
     ) -> list[float]:
         """Maximum likelihood with AdamW on normalised parents (N, P); returns the mean negative
-        log-likelihood per sample of every step's minibatch. Deterministic given ``seed``."""
+        log-likelihood per sample of every step's minibatch. Deterministic given ``seed``. The
+        mechanisms stage runs the same steps through the training loop (segcft/train/loop.py)."""
         self._check(parents)
         if steps < 1 or batch_size < 1:
             raise UserError(f"mechanism training needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
-        for i, is_binary in enumerate(self.binary):
-            col = parents[:, i]
-            if is_binary and not bool(((col == 0) | (col == 1)).all()):
-                raise UserError(f"binary variable {self.info.variable_names[i]!r} has values other than 0 and 1")
-        if not bool(torch.isfinite(parents).all()):
-            raise UserError("parents contain NaN or infinite values")
+        self.check_training_data(parents)
         data = parents.to(device=next(self.parameters()).device, dtype=torch.float32)
         opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
-        gen = torch.Generator().manual_seed(seed)
-        n = data.shape[0]
+        batches = parent_batches(data, batch_size, seed)
         losses: list[float] = []
         self.train()
         for _ in range(steps):
-            idx = torch.randint(n, (min(batch_size, n),), generator=gen).to(data.device)
-            loss = -self.log_prob(data[idx]).mean()
+            loss = self.nll(next(batches))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.parameters(), 10.0)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), GRAD_CLIP)
             opt.step()
             losses.append(float(loss.detach()))
         self.eval()
         return losses
+
+
+GRAD_CLIP = 10.0
+"""Gradient-norm clip of mechanism training."""
+
+
+def parent_batches(parents: torch.Tensor, batch_size: int, seed: int, start: int = 0) -> Iterator[torch.Tensor]:
+    """Endless minibatches of ``min(batch_size, N)`` rows of ``parents`` (N, P) drawn with
+    replacement from a generator seeded with ``seed``, from step ``start`` on: the draws of the
+    earlier steps are replayed, so a resumed run continues the same sequence."""
+    n = parents.shape[0]
+    size = (min(batch_size, n),)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(start):
+        torch.randint(n, size, generator=gen)
+    while True:
+        yield parents[torch.randint(n, size, generator=gen).to(parents.device)]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,7 +18,10 @@ from segcft.train.progress import Progress
 from segcft.train.resume import TrainState, restore_state
 from segcft.train.sampler import ResumableSampler
 
-__all__ = ["fit"]
+__all__ = ["Batches", "fit"]
+
+Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]
+"""A stage's own batch source: this rank's batches from the given step on."""
 
 
 def fit(
@@ -34,6 +37,8 @@ def fit(
     after_step: Callable[[], None] | None = None,
     rng: torch.Generator | None = None,
     channels_last: bool = False,
+    batches: Batches | None = None,
+    replicated: bool = False,
 ) -> nn.Module:
     """Train ``model`` (the parameters that require grad) by minimising ``loss_fn(batch)``
     (an nn.Module returning a dict with ``loss``) for ``sc.steps`` steps; returns the EMA copy
@@ -41,20 +46,23 @@ def fit(
     ``extra_opt`` steps further parameters of ``loss_fn`` (lambda) after every kept update and
     ``rng`` is the loss's own generator (both saved with the resume state). ``channels_last``
     runs a 2D convolutional model and its images in NHWC layout (faster convolutions on CPUs and
-    GPUs; same maths); the returned model is contiguous again."""
+    GPUs; same maths); the returned model is contiguous again. ``batches`` replaces the default
+    data (the training split in :class:`ResumableSampler` order); ``replicated`` has every rank
+    train on whole batches without DDP (a stage too small to share: the same weights on every
+    rank as in one process). Batches go to the model's device."""
+    device = next(model.parameters()).device
     layout = torch.channels_last if channels_last and ctx.info.spatial_dims == 2 else None
     if layout is not None:
         model.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack memory_format
-    _check_batch(stage, sc, ctx.d.world)
+    _check_batch(stage, sc, 1 if replicated else ctx.d.world)
     ts = _start(ctx, stage, model, loss_fn, sc, betas, extra_opt, rng)
-    wrapped = _wrap(ctx, loss_fn)
-    loader = _loader(ctx, sc, seed, ts.step)
+    wrapped = loss_fn if replicated else _wrap(ctx, loss_fn)
+    source = batches(ts.step) if batches is not None else iter(_loader(ctx, sc, seed, ts.step))
     progress = Progress(stage, sc.steps, ts.step, ctx.d.main, sc.log_every)
     model.train()
     t0 = time.perf_counter()
-    batches = iter(loader)
     while ts.step < sc.steps:
-        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(source).items()}
         if layout is not None:
             batch["image"] = batch["image"].contiguous(memory_format=layout)
         logs = _step(ctx, ts, wrapped, batch, after_step)
@@ -152,7 +160,8 @@ def _step(
     after_step: Callable[[], None] | None,
 ) -> dict[str, float]:
     """One optimisation step; returns the loss terms and the gradient norm."""
-    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+    device = next(iter(batch.values())).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.amp and device.type == ctx.device.type):
         out = wrapped(batch)
     out["loss"].backward()
     result = ts.stepper.step(out["loss"])

@@ -13,7 +13,22 @@ from segcft.dscm import DSCM
 from segcft.models.segmentation import segmentation_loss
 from segcft.objectives.base import CFTObjective
 
-__all__ = ["CFTLoss", "GeneratorLoss", "RegressorLoss", "SegmentorLoss"]
+__all__ = ["CFTLoss", "GeneratorLoss", "MechanismsLoss", "RegressorLoss", "SegmentorLoss"]
+
+
+class MechanismsLoss(nn.Module):
+    """Mean negative log-likelihood of the parent SCM on a minibatch of normalised parents;
+    ``last`` keeps the latest value (the final checkpoint's ``nll``)."""
+
+    def __init__(self, scm: nn.Module) -> None:
+        super().__init__()
+        self.scm: Any = scm  # a ParentSCM
+        self.last = float("nan")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        nll = self.scm.nll(batch["parents"])
+        self.last = float(nll.detach())
+        return {"nll": self.last, "loss": nll}
 
 
 class SegmentorLoss(nn.Module):

@@ -4,7 +4,7 @@ order; adding a stage is one entry (and its run function)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,45 +13,65 @@ from torch.utils.data import DataLoader
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component
-from segcft.config import derived_seed
+from segcft.config import MechanismsStageConfig, StageConfig, derived_seed
 from segcft.dscm import DSCM
 from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
 from segcft.run import generator_state
 from segcft.train.context import StageContext
 from segcft.train.loop import fit
-from segcft.train.losses import CFTLoss, GeneratorLoss, RegressorLoss, SegmentorLoss
-from segcft.train.progress import Progress
+from segcft.train.losses import CFTLoss, GeneratorLoss, MechanismsLoss, RegressorLoss, SegmentorLoss
 
 __all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "stage_entry", "stage_names"]
 
 EPS_SAMPLES = 512
 """eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
 
+MECHANISMS_CHECKPOINT_EVERY = 500
+"""Steps between resume checkpoints of the mechanisms stage."""
+
 """Fine-tuning modes guided by the segmentor."""
 
 
 # -- the stages -------------------------------------------------------------------------------
 def stage_mechanisms(ctx: StageContext, stage: str) -> None:
-    """The parent SCM by maximum likelihood on the training parents (``ParentSCM.fit``: its own
-    sampling with replacement and plain AdamW, not :func:`fit`; no resume state, it takes seconds)."""
-    from segcft.models.mechanisms import ParentSCM
+    """The parent SCM by maximum likelihood on the training parents: minibatches drawn with
+    replacement from a generator seeded with the run seed (``parent_batches``), AdamW without
+    warm-up, gradients clipped at 10; on the CPU, every rank training on whole batches."""
+    from segcft.models.mechanisms import ParentSCM, parent_batches
 
     sc = ctx.cfg.train.mechanisms
     parents = _training_parents(ctx)
     torch.manual_seed(ctx.cfg.seed)
     scm = ParentSCM(ctx.info, ctx.cfg.mechanisms)
-    progress = Progress(stage, sc.steps, 0, ctx.d.main, sc.log_every)
-    losses = scm.fit(
-        parents, steps=sc.steps, lr=sc.lr, batch_size=sc.batch_size, seed=ctx.cfg.seed, weight_decay=sc.weight_decay
+    scm.check_training_data(parents)
+    loss = MechanismsLoss(scm)
+
+    def batches(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        return ({"parents": pa} for pa in parent_batches(parents, sc.batch_size, ctx.cfg.seed, start))
+
+    trained = fit(ctx, stage, scm, loss, _mechanisms_schedule(sc), ctx.cfg.seed, batches=batches, replicated=True)
+    ctx.save_final(stage, {"model": trained.state_dict(), "nll": loss.last})
+
+
+def _mechanisms_schedule(sc: MechanismsStageConfig) -> StageConfig:
+    """The loop settings of the mechanisms stage: its config section, no warm-up, EMA or update
+    skipping, gradients clipped at ``GRAD_CLIP``, a resume checkpoint every
+    ``MECHANISMS_CHECKPOINT_EVERY`` steps."""
+    from segcft.models.mechanisms import GRAD_CLIP
+
+    return StageConfig(
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        weight_decay=sc.weight_decay,
+        warmup=0,
+        grad_clip=GRAD_CLIP,
+        grad_skip=0.0,
+        ema=0.0,
+        log_every=sc.log_every,
+        checkpoint_every=MECHANISMS_CHECKPOINT_EVERY,
     )
-    ctx.metrics.drop_stage(stage)
-    for i in range(0, len(losses), max(sc.log_every, 1)):
-        chunk = losses[i : i + sc.log_every]
-        ctx.metrics.log(stage, i + len(chunk), {"nll": sum(chunk) / len(chunk)})
-    progress.update(sc.steps, {"nll": losses[-1]})
-    progress.close()
-    ctx.save_final(stage, {"model": scm.state_dict(), "nll": losses[-1]})
 
 
 def _training_parents(ctx: StageContext) -> torch.Tensor:
