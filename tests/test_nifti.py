@@ -234,3 +234,26 @@ def test_smoke_training_on_nifti(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = run_dir / "report.md"
     assert report.is_file() and proc.stdout.strip().splitlines()[-1] == f"report: {report}"
+
+
+def test_oversized_header_and_outside_file_refused(cohort, tmp_path):
+    """A header declaring more than MAX_VOXELS voxels is refused before any decoding; a file
+    that resolves outside the dataset folder is never read."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2048, 2048, 128))
+    hdr.set_data_dtype(np.uint8)
+    (cohort / "images" / "s0.nii.gz").unlink()
+    (cohort / "images" / "s0.nii").write_bytes(hdr.binaryblock + b"\0" * 4)  # header only, no voxels
+    outside = tmp_path / "elsewhere.nii.gz"
+    (cohort / "masks" / "s5.nii.gz").rename(outside)
+    (cohort / "masks" / "s5.nii.gz").symlink_to(outside)
+    res = CliRunner().invoke(cli, ["data", "check", str(cohort)], prog_name="segcft")
+    assert res.exit_code == 2
+    assert "images/s0.nii: shape (2048, 2048, 128) has 536870912 voxels, more than the limit" in res.output
+    assert "outside the dataset folder" in res.output
+
+
+def test_show_montage(cohort, tmp_path):
+    res = CliRunner().invoke(cli, ["data", "show", str(cohort), "--out", str(tmp_path / "m.png")], prog_name="segcft")
+    assert res.exit_code == 0, res.output
+    assert "3D, shape [18, 27, 27]" in res.output and (tmp_path / "m.png").is_file()

@@ -147,6 +147,9 @@ def _open(path: Path) -> tuple[Any, Geometry]:
         raise ValueError("no image data")
     if math.prod(shape) > MAX_VOXELS:
         raise _BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+    dtype = np.dtype(img.get_data_dtype())
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise _BadValues(f"expected integer or float voxels, got dtype {dtype}")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) == 0:
         raise _BadValues(f"the header's affine is not invertible: {affine[:3].tolist()}")
