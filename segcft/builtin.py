@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from segcft import PLUGIN_API_VERSION, hookimpl
-from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, TiffConfig
+from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, NiftiConfig, TiffConfig
 from segcft.models.configs import CNNRegressorConfig, HVAEConfig, UNetConfig
 from segcft.objectives.configs import NoSettings
 
@@ -18,7 +18,7 @@ SEGCFT_PLUGIN_API_VERSION = PLUGIN_API_VERSION
 
 @hookimpl
 def segcft_register_datasets(register: Callable[..., None]) -> None:
-    """The two phantoms (exact counterfactuals) and user data stored as TIFF files."""
+    """The two phantoms (exact counterfactuals) and user data stored as TIFF or NIfTI files."""
     register(
         "cxr-phantom",
         "segcft.data.cxr_phantom:build",
@@ -39,6 +39,13 @@ def segcft_register_datasets(register: Callable[..., None]) -> None:
         config=TiffConfig,
         dims=(2, 3),
         description="user data: TIFF images and masks with a CSV of variables (dataset.yaml)",
+    )
+    register(
+        "nifti",
+        "segcft.data.nifti:build",
+        config=NiftiConfig,
+        dims=(3,),
+        description="user data: 3D NIfTI images and masks (any orientation/spacing) with a CSV of variables",
     )
 
 

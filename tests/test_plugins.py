@@ -72,7 +72,7 @@ def _inline(*pairs):
 
 def test_builtins_register_through_the_hooks():
     _, reg = _inline()
-    assert {"cxr-phantom", "ccta-phantom", "tiff"} <= set(reg.names("dataset"))
+    assert {"cxr-phantom", "ccta-phantom", "tiff", "nifti"} <= set(reg.names("dataset"))
     hvae = reg.get("generator", "hvae")
     assert hvae.plugin == plugins.BUILTIN_PLUGIN and hvae.factory == "segcft.models.hvae:build"
     assert reg.get("dataset", "ccta-phantom").dims == (3,)
@@ -116,7 +116,7 @@ def test_unknown_name_suggests_close_matches():
     _, reg = _inline()
     with pytest.raises(UnknownPluginError, match=r"unknown generator 'hvea'; did you mean 'hvae'\?"):
         reg.get("generator", "hvea")
-    with pytest.raises(UnknownPluginError, match=r"installed: ccta-phantom, cxr-phantom, tiff"):
+    with pytest.raises(UnknownPluginError, match=r"installed: ccta-phantom, cxr-phantom, nifti, tiff"):
         reg.get("dataset", "zzz")
 
 

@@ -41,3 +41,17 @@ class TiffConfig:
         default="resize",
         metadata={"help": "how to reach size: resize (images linear, masks nearest) or crop (centre crop/pad)"},
     )
+
+
+@dataclass
+class NiftiConfig:
+    """User data stored as 3D NIfTI images, masks and a CSV of variables (see segcft.data.nifti)."""
+
+    path: str = field(default="", metadata={"help": "dataset folder containing dataset.yaml"})
+    size: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "target shape (D, H, W) after resampling, centre crop/pad "
+            "(empty: the median resampled shape of the train split)"
+        },
+    )

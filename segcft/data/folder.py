@@ -1,13 +1,13 @@
-"""folder: the dataset-folder layer shared by file-based datasets (TIFF now; NIfTI next).
+"""folder: the dataset-folder layer shared by file-based datasets (TIFF and NIfTI).
 
 Not tied to an image format: the ``dataset.yaml`` description (``read_spec``), the
 ``attributes.csv`` table of samples (``read_table``), the train/val/test split, the mapping
 from mask labels to segmentation classes (``labels_to_classes``) and the ``Problem`` records
-that ``segcft data check`` and the loaders report. A format module (segcft/data/tiff.py)
-adds reading its image, mask and region files and the Dataset class.
+that ``segcft data check`` and the loaders report. A format module (segcft/data/tiff.py,
+segcft/data/nifti.py) adds reading its image, mask and region files and the Dataset class.
 
 dataset.yaml keys: ``name``; ``spatial_dims`` (2 or 3); ``spacing`` (mm per axis, slowest
-first); ``intensity`` (``{min: a, max: b}`` window, or ``{percentiles: [lo, hi]}`` /
+first; optional for NIfTI); ``intensity`` (``{min: a, max: b}`` window, or ``{percentiles: [lo, hi]}`` /
 ``auto`` = per-image percentiles 1 and 99); ``structures`` ``{label: name}``; ``regions``
 ``{id: name}`` (optional); ``variables`` ``{name: {type: binary|continuous, parents: [..],
 unit: .., measure: {structure: NAME, region: NAME}}}``; ``splits`` ``{train: f, val: f,
@@ -296,8 +296,10 @@ def _read_splits(raw_split: Any, problems: list[Problem]) -> tuple[tuple[float, 
     return fr, seed
 
 
-def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
-    """Parse and validate dataset.yaml, appending every problem found; None when unusable."""
+def read_spec(root: Path, problems: list[Problem], spacing_optional: bool = False) -> Spec | None:
+    """Parse and validate dataset.yaml, appending every problem found; None when unusable.
+    ``spacing_optional``: a missing ``spacing`` gives an empty tuple (formats whose files carry
+    their own geometry, such as NIfTI, then pick a common spacing themselves)."""
     data = _read_yaml(root, problems)
     if data is None:
         return None
@@ -310,7 +312,10 @@ def read_spec(root: Path, problems: list[Problem]) -> Spec | None:
     if dims not in (2, 3):
         problems.append(Problem(f"expected 2 or 3, got {dims!r}", SPEC_FILE, key="spatial_dims"))
         dims = 2
-    spacing = _read_spacing(data.get("spacing"), dims, problems)
+    if spacing_optional and data.get("spacing") is None:
+        spacing: tuple[float, ...] = ()
+    else:
+        spacing = _read_spacing(data.get("spacing"), dims, problems)
     window, pct = _read_intensity(data.get("intensity", "auto"), problems)
 
     structures = _id_map(data.get("structures"), "structures", problems)

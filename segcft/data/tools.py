@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from segcft.data import nifti, tiff
 from segcft.data.folder import CSV_FILE, SPEC_FILE, Problem, class_labels
-from segcft.data.tiff import measure, scan
 from segcft.errors import DatasetError, UserError
 
 __all__ = ["Problem", "check_dataset", "export_dataset", "measure_dataset", "show_dataset"]
@@ -24,24 +24,32 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "cxr-phantom": ("segcft.data.cxr_phantom", "CXRPhantomConfig"),
     "ccta-phantom": ("segcft.data.ccta_phantom", "CCTAPhantomConfig"),
     "tiff": ("segcft.data.tiff", "TiffConfig"),
+    "nifti": ("segcft.data.nifti", "NiftiConfig"),
 }
 
 
+def _format(root: Path) -> Any:
+    """The format module of a dataset folder: ``nifti`` when its images are .nii/.nii.gz, else ``tiff``."""
+    return nifti if nifti.is_nifti_folder(root) else tiff
+
+
 def check_dataset(path: str | Path) -> list[Problem]:
-    """Every problem of a TIFF dataset folder (layout, dataset.yaml, CSV, each file decoded),
-    each naming its file, CSV row or YAML key; an empty list means the folder is usable."""
-    _, _, _, problems = scan(Path(path).expanduser().resolve(), deep=True)
+    """Every problem of a TIFF or NIfTI dataset folder (layout, dataset.yaml, CSV, each file
+    decoded), each naming its file, CSV row or YAML key; an empty list means the folder is usable."""
+    root = Path(path).expanduser().resolve()
+    _, _, _, problems = _format(root).scan(root, deep=True)
     return problems
 
 
 def measure_dataset(path: str | Path, out: str | Path) -> Path:
     """Write a new CSV (id plus every structure variable) measured from the masks of the TIFF
-    dataset at ``path`` to ``out``, which must lie outside the dataset folder."""
+    or NIfTI dataset at ``path`` to ``out``, which must lie outside the dataset folder."""
     root = Path(path).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     if out == root or root in out.parents:
         raise UserError(f"--out {out} lies inside the dataset folder {root}; choose a path outside it")
-    spec, table, _, problems = scan(root, deep=False)
+    fmt = _format(root)
+    spec, table, _, problems = fmt.scan(root, deep=False)
     if problems:
         raise DatasetError(
             f"dataset {root}: {problems[0]} ({len(problems)} problem(s); run `segcft data check {root}`)"
@@ -50,7 +58,7 @@ def measure_dataset(path: str | Path, out: str | Path) -> Path:
     cols = [j for j, v in enumerate(spec.variables) if v.measure is not None]
     if not cols:
         raise DatasetError(f"dataset {root}: no variable in {SPEC_FILE} has a measure (nothing to measure)")
-    values = measure(root, spec, table)
+    values = fmt.measure(root, spec, table)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
@@ -174,10 +182,11 @@ def export_dataset(name: str, config: Any, out: str | Path, n: int) -> Path:
 def _open(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     p = Path(name_or_path).expanduser()
     if p.is_dir():
-        from segcft.data.configs import TiffConfig
-        from segcft.data.tiff import build
+        from segcft.data.configs import NiftiConfig, TiffConfig
 
-        return str(p), {s: build(TiffConfig(path=str(p)), s) for s in ("train", "val", "test")}
+        if nifti.is_nifti_folder(p):
+            return str(p), {s: nifti.build(NiftiConfig(path=str(p)), s) for s in ("train", "val", "test")}
+        return str(p), {s: tiff.build(TiffConfig(path=str(p)), s) for s in ("train", "val", "test")}
     build_split, config = _factory(str(name_or_path), None)
     return str(name_or_path), {s: build_split(config, s) for s in ("train", "val", "test")}
 

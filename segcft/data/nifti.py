@@ -1,0 +1,470 @@
+"""nifti: user datasets of 3D NIfTI images (CT in HU, say), label masks and a CSV of variables.
+
+Layout (nothing is ever written into this folder)::
+
+    DATASET/dataset.yaml
+    DATASET/images/<id>.nii.gz   3D, any orientation and voxel size (``.nii`` too)
+    DATASET/masks/<id>.nii.gz    same grid, integer labels (0 background)
+    DATASET/regions/<id>.nii.gz  optional, same grid, integer region ids (0 outside)
+    DATASET/attributes.csv       column ``id``, one column per variable, optional ``split``
+
+dataset.yaml, attributes.csv, the splits and the labels are the format-independent folder
+layer (segcft/data/folder.py); ``spacing`` is optional here. Geometry comes from each file's
+affine: the array is reoriented to the closest canonical orientation, RAS+ (as
+``nibabel.as_closest_canonical``), and its axes are put slowest first, so segcft's (D, H, W)
+run along (S, A, R): inferior to superior, posterior to anterior, left to right. Each sample
+is then resampled to one spacing (dataset.yaml ``spacing`` in mm, slowest first, or else the
+per-axis median of the training split's voxel sizes, read from headers only): images
+trilinearly, masks and regions by nearest neighbour; then centre-cropped or padded (image -1,
+masks 0) to the dataset size (config ``size``, or else the per-axis median resampled shape of
+the training split). Structure variables are measured on the ORIGINAL voxels (label count
+times that file's voxel volume), so resampling does not bias them. ``geometry(sid)`` gives a
+sample's original affine, shape and voxel sizes, to write outputs back on its grid.
+
+Every file is checked as it is read, as in the ``tiff`` format: at most MAX_VOXELS voxels and
+3 axes (from the header, before decoding), inside the dataset folder, finite image values,
+declared mask and region labels (integer dtype, or floats holding whole numbers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcft.data.configs import NiftiConfig
+from segcft.data.folder import (
+    CSV_FILE,
+    SPEC_FILE,
+    SPLIT_NAMES,
+    Problem,
+    Spec,
+    Table,
+    class_labels,
+    labels_to_classes,
+    raise_problems,
+    read_spec,
+    read_table,
+)
+from segcft.data.imageio import MAX_VOXELS
+from segcft.data.variables import DatasetInfo, fit_normalisation
+from segcft.errors import DatasetError
+
+SUFFIXES = (".nii.gz", ".nii")
+
+
+class _BadValues(ValueError):
+    """A file whose header or values break the contract (as opposed to an unreadable file);
+    ``key`` is the dataset.yaml key the values are checked against, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a sample's voxels lie: the file's affine (voxel indices to RAS+ mm), its array
+    shape and voxel sizes (mm) in the file's own axis order, as stored."""
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+
+    @property
+    def voxel_volume(self) -> float:
+        """Volume of one voxel in mm^3."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    def canonical_spacing(self) -> tuple[float, ...]:
+        """Voxel sizes along segcft's (D, H, W) = (S, A, R) axes after reorientation."""
+        nib = _nibabel()
+        ornt = nib.orientations.io_orientation(self.affine)
+        ras = [0.0, 0.0, 0.0]
+        for axis, out in enumerate(ornt[:, 0].astype(int)):
+            ras[out] = self.spacing[axis]
+        return tuple(reversed(ras))
+
+    def canonical_shape(self) -> tuple[int, ...]:
+        """Array shape along (D, H, W) = (S, A, R) after reorientation (before resampling)."""
+        nib = _nibabel()
+        ornt = nib.orientations.io_orientation(self.affine)
+        ras = [0, 0, 0]
+        for axis, out in enumerate(ornt[:, 0].astype(int)):
+            ras[out] = self.shape[axis]
+        return tuple(reversed(ras))
+
+
+def _nibabel() -> Any:
+    """The nibabel module; DatasetError naming the extra to install when it is missing."""
+    try:
+        import nibabel
+    except ImportError:
+        raise DatasetError('nifti dataset: nibabel is not installed; pip install "segcft[nifti]"') from None
+    return nibabel
+
+
+def is_nifti_folder(root: Path) -> bool:
+    """Whether a dataset folder's images are NIfTI files (how `segcft data` picks the format)."""
+    images = root / "images"
+    return images.is_dir() and any(p.name.endswith(SUFFIXES) for p in images.iterdir())
+
+
+def _stem(name: str) -> str | None:
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _inside(root: Path, folder: str, sid: str) -> Path:
+    """The resolved path of ``folder/<sid>.nii.gz`` (or ``.nii`` when only that exists);
+    _BadValues when it resolves (through a symlink or ``..``) outside the dataset folder."""
+    path = root / folder / f"{sid}.nii.gz"
+    if not path.exists() and (root / folder / f"{sid}.nii").exists():
+        path = root / folder / f"{sid}.nii"
+    path = path.resolve()
+    if root.resolve() not in path.parents:
+        raise _BadValues(f"resolves to {path}, outside the dataset folder {root}")
+    return path
+
+
+def _open(path: Path) -> tuple[Any, Geometry]:
+    """The nibabel image (data not decoded) and its geometry, checked from the header alone:
+    3 axes (a trailing axis of length 1 is dropped) and at most MAX_VOXELS voxels."""
+    nib = _nibabel()
+    img = nib.load(str(path))
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise _BadValues(f"expected a 3D image (spatial_dims), got shape {shape}")
+    if 0 in shape:
+        raise ValueError("no image data")
+    if math.prod(shape) > MAX_VOXELS:
+        raise _BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+    dtype = np.dtype(img.get_data_dtype())
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise _BadValues(f"expected integer or float voxels, got dtype {dtype}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise _BadValues(f"the header's affine is not invertible: {affine[:3].tolist()}")
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
+    return img, Geometry(affine, shape, spacing)
+
+
+def _array(img: Any, geom: Geometry) -> np.ndarray:
+    return np.asanyarray(img.dataobj).reshape(geom.shape)
+
+
+def _values(folder: str, arr: np.ndarray, spec: Spec) -> np.ndarray:
+    """Image values as finite float32 (HU as stored, scaling applied), masks as class indices,
+    regions as declared ids (int64); _BadValues otherwise."""
+    if folder == "images":
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise _BadValues(f"images must be integer or float, got dtype {arr.dtype}")
+        with np.errstate(over="ignore"):
+            out = arr.astype(np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise _BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
+        return out
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise _BadValues(f"{folder} must hold integer labels, got non-integer values of dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise _BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
+    if folder == "masks":
+        try:
+            return labels_to_classes(arr, spec.structures)
+        except ValueError as exc:
+            raise _BadValues(str(exc), key="structures") from None
+    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
+    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
+    if bad_ids:
+        raise _BadValues(
+            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
+        )
+    return arr.astype(np.int64)
+
+
+def _decode(root: Path, spec: Spec, folder: str, sid: str) -> tuple[np.ndarray, Geometry]:
+    img, geom = _open(_inside(root, folder, sid))
+    return _values(folder, _array(img, geom), spec), geom
+
+
+def _unreadable(exc: Exception) -> str:
+    return f"unreadable or corrupt NIfTI ({type(exc).__name__}: {exc})".splitlines()[0]
+
+
+def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> tuple[np.ndarray, Geometry]:
+    """File ``folder/<sid>.nii.gz`` in its stored orientation and grid, checked as it is read
+    (see ``_values``), with its geometry; DatasetError naming the file and the offending value."""
+    try:
+        return _decode(root, spec, folder, sid)
+    except DatasetError:
+        raise
+    except Exception as exc:  # nibabel raises many types on corrupt input
+        what = f"{exc}" if isinstance(exc, _BadValues) else _unreadable(exc)
+        raise DatasetError(f"dataset {root}: {folder}/{sid}.nii.gz: {what}".splitlines()[0]) from exc
+
+
+def _check_file(root: Path, spec: Spec, folder: str, sid: str, deep: bool, problems: list[Problem]) -> Geometry | None:
+    """The geometry of one file, or None with a problem when it is missing or breaks the contract."""
+    rel = f"{folder}/{sid}.nii.gz"
+    try:
+        p = _inside(root, folder, sid)
+    except _BadValues as exc:
+        problems.append(Problem(str(exc), rel))
+        return None
+    if not p.is_file():
+        what = f"id {sid!r} in {CSV_FILE} has no image file" if folder == "images" else f"missing {folder[:-1]} file"
+        problems.append(Problem(f"{what} (.nii.gz or .nii)", rel))
+        return None
+    rel = f"{folder}/{p.name}"
+    try:
+        img, geom = _open(p)
+        if deep:
+            _values(folder, _array(img, geom), spec)
+    except DatasetError:
+        raise
+    except _BadValues as exc:
+        problems.append(Problem(str(exc), rel, key=exc.key))
+        return None
+    except Exception as exc:  # nibabel raises many types on corrupt input
+        problems.append(Problem(_unreadable(exc), rel))
+        return None
+    return geom
+
+
+def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], deep: bool) -> dict[str, Geometry]:
+    """Check every image, mask and region file of the table (headers only unless ``deep``:
+    then also decode them and check values); returns the geometry of each readable image."""
+    _nibabel()
+    if spec.spatial_dims != 3:
+        problems.append(Problem(f"NIfTI datasets are 3D, got {spec.spatial_dims}", SPEC_FILE, key="spatial_dims"))
+        return {}
+    geoms: dict[str, Geometry] = {}
+    folders = ["images", "masks"] + (["regions"] if spec.regions else [])
+    listed = set(table.ids)
+    if (root / "images").is_dir():
+        for p in sorted((root / "images").iterdir()):
+            stem = _stem(p.name)
+            if stem is not None and stem not in listed:
+                problems.append(Problem(f"image {stem!r} has no row in {CSV_FILE}", f"images/{p.name}"))
+    else:
+        problems.append(Problem("missing folder of images", "images"))
+    for sid in table.ids:
+        got = {f: _check_file(root, spec, f, sid, deep, problems) for f in folders}
+        image = got["images"]
+        if image is None:
+            continue
+        geoms[sid] = image
+        for folder in folders[1:]:
+            g = got[folder]
+            if g is not None and (g.shape != image.shape or not np.allclose(g.affine, image.affine, atol=1e-3)):
+                problems.append(
+                    Problem(
+                        f"grid (shape {g.shape}, affine) differs from the image's (shape {image.shape})",
+                        f"{folder}/{sid}.nii.gz",
+                    )
+                )
+    return geoms
+
+
+def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
+    """Volume (mm^3) of every structure variable: label count on the original voxels times
+    that file's voxel volume."""
+    classes, geom = read_sample_file(root, spec, "masks", sid)
+    regions = read_sample_file(root, spec, "regions", sid)[0] if spec.regions else None
+    labels = class_labels(spec.structures).tolist()
+    out = []
+    for v in spec.variables:
+        if v.measure is None:
+            out.append(float("nan"))
+            continue
+        label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
+        sel = classes == labels.index(label)
+        if v.measure.region is not None:
+            rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
+            sel &= regions == rid
+        out.append(float(sel.sum()) * geom.voxel_volume)
+    return out
+
+
+def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, Geometry], list[Problem]]:
+    """Validate a NIfTI dataset folder: spec, table and files. Reads only; writes nothing."""
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return None, None, {}, [Problem(f"not a dataset folder (expected a directory with {SPEC_FILE})", str(root))]
+    spec = read_spec(root, problems, spacing_optional=True)
+    table = read_table(root, spec, problems) if spec is not None else None
+    geoms: dict[str, Geometry] = {}
+    if spec is not None and table is not None:
+        geoms = check_files(root, spec, table, problems, deep)
+        if not any(s == "train" for s in table.splits):
+            problems.append(
+                Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split")
+            )
+    return spec, table, geoms, problems
+
+
+def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
+    """(N, P) measured structure variables (NaN for the others) of every sample."""
+    return np.asarray([_measure_one(root, spec, sid) for sid in table.ids], dtype=np.float64).reshape(
+        len(table.ids), len(spec.variables)
+    )
+
+
+def _resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(geom.canonical_shape(), geom.canonical_spacing(), spacing))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Table, DatasetInfo, dict[str, Geometry]]:
+    root = Path(root_str)
+    spec, table, geoms, problems = scan(root, deep=False)
+    if problems:
+        raise_problems(problems, root)
+    assert spec is not None and table is not None
+    if size and len(size) != 3:
+        raise DatasetError(f"dataset {root}: size {list(size)} must have 3 entries (D, H, W)")
+    train_ids = [sid for sid, s in zip(table.ids, table.splits) if s == "train"]
+    spacing = spec.spacing
+    if not spacing:
+        spacing = tuple(float(x) for x in np.median([geoms[s].canonical_spacing() for s in train_ids], axis=0))
+    if size:
+        target = tuple(size)
+    else:
+        shapes = [_resampled_shape(geoms[s], spacing) for s in train_ids]
+        target = tuple(int(x) for x in np.median(shapes, axis=0).round())
+    if table.measured:
+        m = measure(root, spec, table)
+        table.values[:, table.measured] = m[:, table.measured]
+    train = table.values[[s == "train" for s in table.splits]]
+    info = DatasetInfo(
+        name=spec.name,
+        spatial_dims=3,
+        shape=target,
+        spacing=spacing,
+        structures=dict(spec.structures),
+        variables=list(spec.variables),
+        normalisation=fit_normalisation(spec.variables, train.tolist()),
+        regions=dict(spec.regions),
+    )
+    return spec, table, info, geoms
+
+
+def _crop_pad(t: Any, target: tuple[int, ...], fill: float) -> Any:
+    """Centre crop or pad ``t`` to ``target`` (the ``tiff`` format's crop rule)."""
+    import torch
+
+    if tuple(t.shape) == target:
+        return t
+    out = torch.full(target, fill, dtype=t.dtype)
+    src, dst = [], []
+    for n, m in zip(t.shape, target):
+        a = abs(n - m) // 2
+        src.append(slice(a, a + m) if n >= m else slice(0, n))
+        dst.append(slice(0, m) if n >= m else slice(a, a + n))
+    out[tuple(dst)] = t[tuple(src)]
+    return out
+
+
+class NiftiDataset:
+    """One split of a NIfTI dataset folder; items are read, reoriented and resampled on access."""
+
+    def __init__(
+        self, root: Path, spec: Spec, table: Table, info: DatasetInfo, geoms: dict[str, Geometry], split: str
+    ) -> None:
+        import torch
+
+        self.root = root
+        self.info = info
+        self.split = split
+        self._spec = spec
+        self._geoms = geoms
+        sel = [i for i, s in enumerate(table.splits) if s == split]
+        self.ids = [table.ids[i] for i in sel]
+        self._parents = (
+            torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
+        )
+        self._positions = sel
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def geometry(self, sid: str) -> Geometry:
+        """The original affine, shape and voxel sizes of sample ``sid`` (to write outputs back)."""
+        return self._geoms[sid]
+
+    def physical_parents(self) -> np.ndarray:
+        """(N, P) physical variable values of the split (float64)."""
+        return self.info.denormalise(self._parents.double().numpy())
+
+    def _window(self, arr: np.ndarray) -> np.ndarray:
+        a = arr.astype(np.float32)
+        if self._spec.window is not None:
+            lo, hi = self._spec.window
+        else:
+            lo, hi = (float(v) for v in np.percentile(a, self._spec.percentiles))  # type: ignore[arg-type]
+            if hi <= lo:
+                hi = lo + 1.0
+        return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+
+    def canonical(self, folder: str, sid: str) -> Any:
+        """File ``folder/<sid>`` reoriented to RAS+, axes (D, H, W) = (S, A, R), resampled to the
+        dataset spacing (images trilinear in HU, labels nearest) and cropped/padded to its shape."""
+        import torch
+        import torch.nn.functional as F
+
+        arr, geom = read_sample_file(self.root, self._spec, folder, sid)
+        nib = _nibabel()
+        arr = nib.orientations.apply_orientation(arr, nib.orientations.io_orientation(geom.affine))
+        t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+        size = _resampled_shape(geom, self.info.spacing)
+        if folder == "images":
+            t = torch.from_numpy(self._window(t.numpy()))
+            if tuple(t.shape) != size:
+                t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+            return _crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)
+        if tuple(t.shape) != size:
+            t = F.interpolate(t[None, None].double(), size=size, mode="nearest-exact")[0, 0].round().long()
+        return _crop_pad(t, self.info.shape, 0)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i = i % len(self)
+        sid = self.ids[i]
+        item = {
+            "image": self.canonical("images", sid).unsqueeze(0),
+            "mask": self.canonical("masks", sid),
+            "parents": self._parents[i],
+            "index": torch.tensor(self._positions[i], dtype=torch.int64),
+        }
+        if self._spec.regions:
+            item["regions"] = self.canonical("regions", sid)
+        return item
+
+
+def build(config: NiftiConfig, split: str) -> NiftiDataset:
+    """The ``split`` (train, val, test) of the NIfTI dataset at ``config.path``; raises
+    DatasetError listing the first problems when the folder does not meet the layout."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
+    if not config.path:
+        raise DatasetError("nifti dataset: set path to the dataset folder (the one containing dataset.yaml)")
+    _nibabel()
+    root = Path(config.path).expanduser().resolve()
+    stamp = max((p.stat().st_mtime for p in (root / SPEC_FILE, root / CSV_FILE) if p.exists()), default=0.0)
+    spec, table, info, geoms = _load(str(root), tuple(int(s) for s in config.size), stamp)
+    return NiftiDataset(root, spec, table, info, geoms, split)
