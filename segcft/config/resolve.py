@@ -152,17 +152,24 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
     return cfg
 
 
-def _dataset_info(cfg: RunConfig) -> Any:
-    """The dataset's metadata (``DatasetInfo``) when its plugin module offers it cheaply through
-    ``dataset_info(config)`` next to the factory (as the phantoms do), else None."""
+def _dataset_function(dataset: str, name: str) -> Any:
+    """The module-level function ``name`` next to the dataset plugin's factory (the convention
+    for cheap, data-free descriptions such as ``dataset_info``), else None."""
     import importlib
 
-    factory = _registry().get("dataset", cfg.dataset.name).factory
+    factory = _registry().get("dataset", dataset).factory
     module_name = factory.partition(":")[0] if isinstance(factory, str) else getattr(factory, "__module__", None)
     if not module_name:
         return None
-    describe = getattr(importlib.import_module(module_name), "dataset_info", None)
-    return describe(cfg.dataset.params) if callable(describe) else None
+    found = getattr(importlib.import_module(module_name), name, None)
+    return found if callable(found) else None
+
+
+def _dataset_info(cfg: RunConfig) -> Any:
+    """The dataset's metadata (``DatasetInfo``) when its plugin module offers it cheaply through
+    ``dataset_info(config)`` next to the factory (as the phantoms do), else None."""
+    describe = _dataset_function(cfg.dataset.name, "dataset_info")
+    return describe(cfg.dataset.params) if describe is not None else None
 
 
 def check_modes(cfg: RunConfig, where: str = "config") -> None:
@@ -254,8 +261,9 @@ def check_round_trip(cfg: RunConfig, where: str = "config") -> str:
 def read_preset(name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The named preset's layers: its base mapping and its ``when_3d`` overlay (None if absent).
 
-    The overlay is applied on top of the base only when the resolved dataset is registered for
-    3D alone (its registry entry's ``dims`` is ``(3,)``); it may not choose the dataset itself.
+    The overlay is applied on top of the base only when the resolved dataset is 3D (see
+    :func:`dataset_dims`: its registered dims, or its plugin's ``dataset_dims(config)``); it may
+    not choose the dataset itself.
     """
     path = preset_path(name)
     where = f"preset {name!r} ({path.name})"
@@ -270,9 +278,22 @@ def read_preset(name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return data, overlay
 
 
-def is_3d_dataset(name: str) -> bool:
-    """True when the registered dataset ``name`` produces volumes only (registry ``dims == (3,)``)."""
-    return tuple(_registry().get("dataset", name).dims) == (3,)
+def dataset_dims(name: str, params: Any) -> int | None:
+    """The spatial dimensionality of dataset ``name`` with config ``params``, without building
+    data: the registered ``dims`` when they are a single value, else what the plugin module's
+    ``dataset_dims(config)`` says (e.g. ``spatial_dims`` of a tiff folder's dataset.yaml), else
+    None (not known before the data is read)."""
+    registered = tuple(_registry().get("dataset", name).dims)
+    if len(registered) == 1:
+        return int(registered[0])
+    describe = _dataset_function(name, "dataset_dims")
+    return describe(params) if describe is not None else None
+
+
+def is_3d_dataset(name: str, params: Any = None) -> bool:
+    """True when dataset ``name`` with config ``params`` (None: its defaults) produces volumes
+    (see :func:`dataset_dims`); decides whether a preset's ``when_3d`` overlay applies."""
+    return dataset_dims(name, params if params is not None else _registry().get("dataset", name).config()) == 3
 
 
 def load_run_config(
@@ -318,7 +339,7 @@ def load_run_config(
         return cfg
 
     cfg = resolve(with_overlay=False)
-    if overlay is not None and cfg.dataset.name and is_3d_dataset(cfg.dataset.name):
+    if overlay is not None and cfg.dataset.name and is_3d_dataset(cfg.dataset.name, cfg.dataset.params):
         cfg = resolve(with_overlay=True)
     _check_complete(cfg, "config")
     check_modes(cfg)

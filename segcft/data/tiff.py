@@ -36,6 +36,7 @@ from segcft.data.folder import (
     Problem,
     Spec,
     Table,
+    _read_yaml,
     class_labels,
     labels_to_classes,
     raise_problems,
@@ -378,6 +379,17 @@ class TiffDataset:
         if regions is not None:
             item["regions"] = self._fit_shape(regions, False, 0)
         return item
+
+
+def dataset_dims(config: TiffConfig) -> int | None:
+    """``spatial_dims`` of the folder's dataset.yaml, read without any image (config resolution
+    uses it to apply a preset's 3D overlay); None when there is no such key yet (building the
+    dataset then reports what is wrong)."""
+    if not config.path:
+        return None
+    data = _read_yaml(Path(config.path).expanduser(), [])
+    dims = data.get("spatial_dims") if data is not None else None
+    return dims if dims in (2, 3) and not isinstance(dims, bool) else None
 
 
 def build(config: TiffConfig, split: str) -> TiffDataset:
