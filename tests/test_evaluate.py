@@ -280,6 +280,10 @@ def test_report_regions_get_their_own_sections():
     text = write_report(res)
     assert "## Region: proximal" in text and "### do(p_prox) [mm^3]" in text
     assert "outside region" in text and "1.00 [0.50, 1.50]" in text
+    # Volumes in 3D: from the structure variables' units, or the dataset's dimensionality when given.
+    res["structures"] = ["p_prox"]
+    assert "soft volumes in physical units (mm^3)" in write_report(res)
+    assert "soft areas in physical units (mm^2)" in write_report(res, spatial_dims=2)
 
 
 # -- figures -------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def test_smoke_2d_end_to_end(tmp_path, capsys):
     report = run_training(cfg, tmp_path)
     out = capsys.readouterr().out
     assert report == tmp_path / "report.md" and report.is_file()
+    assert "soft areas in physical units (mm^2)" in report.read_text()
     assert out.strip().splitlines()[-1] == f"report: {report}"
     assert "do(" in out  # headline numbers precede the report line
     for stage in ("mechanisms", "segmentor", "eval_segmentor", "regressor", "generator", "cft-reg", "cft-seg"):
@@ -66,6 +67,8 @@ def test_smoke_3d_pos_seg(tmp_path):
     )
     report = run_training(cfg, tmp_path)
     assert report.is_file()
+    text = report.read_text()
+    assert "soft volumes in physical units (mm^3)" in text and "soft areas" not in text
     run = load_run(tmp_path)
     assert run.info.spatial_dims == 3 and set(run.generators) == {"none", "pos-seg"}
 

@@ -90,7 +90,7 @@ def evaluate(
         cycles=COMPOSITION_CYCLES,
     )
     result = summarise(ev.scores, ctx)
-    return write_outputs(out_dir, result, fig_store or {}, split)
+    return write_outputs(out_dir, result, fig_store or {}, split, run.info)
 
 
 @dataclass

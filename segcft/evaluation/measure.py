@@ -9,7 +9,13 @@ import torch
 
 from segcft.data.variables import DatasetInfo, Measure, Variable
 
-__all__ = ["Measurer"]
+__all__ = ["Measurer", "measure_words"]
+
+
+def measure_words(spatial_dims: int) -> tuple[str, str]:
+    """What a structure variable's measure is called in human-facing text, and its unit:
+    ``("areas", "mm^2")`` for 2D images, ``("volumes", "mm^3")`` for 3D volumes."""
+    return ("volumes", "mm^3") if spatial_dims == 3 else ("areas", "mm^2")
 
 
 class Measurer:

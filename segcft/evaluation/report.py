@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from segcft.checkpoint import atomic_write_text, write_json
+from segcft.data.variables import DatasetInfo
+from segcft.evaluation.measure import measure_words
 from segcft.evaluation.records import (
     AreaError,
     Bootstrap,
@@ -209,10 +211,15 @@ def print_headline(run_dir: Path | str, result: Mapping[str, Any]) -> None:
 
 
 def write_outputs(
-    out_dir: Path | str, result: dict[str, Any], fig_store: Mapping[str, Mapping[str, Any]], split: str
+    out_dir: Path | str,
+    result: dict[str, Any],
+    fig_store: Mapping[str, Mapping[str, Any]],
+    split: str,
+    info: DatasetInfo | None = None,
 ) -> dict[str, Any]:
     """Write figures/ (from ``fig_store``), metrics.json and report.md into ``out_dir``;
-    returns ``result`` (with the figure names when there are figures)."""
+    returns ``result`` (with the figure names when there are figures). ``info`` gives the
+    figures' pixel aspect and the report's areas/volumes wording."""
     rd = RunDir(out_dir)
     rd.root.mkdir(parents=True, exist_ok=True)
     if fig_store:
@@ -228,7 +235,7 @@ def write_outputs(
             )  # fmt: skip
         result["figures"] = sorted(paths)
     write_json(rd.metrics_json, _json_safe(result))
-    atomic_write_text(rd.report, write_report(result))
+    atomic_write_text(rd.report, write_report(result, None if info is None else info.spatial_dims))
     return result
 
 
@@ -258,15 +265,24 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def write_report(result: Mapping[str, Any]) -> str:
+def _spatial_dims(result: Mapping[str, Any]) -> int:
+    """3 when a structure variable of ``result`` is measured in mm^3 (metrics.json does not
+    store the dataset's dimensionality), else 2."""
+    units = result.get("units") or {}
+    return 3 if any(units.get(s) == "mm^3" for s in result.get("structures") or ()) else 2
+
+
+def write_report(result: Mapping[str, Any], spatial_dims: int | None = None) -> str:
     """Markdown report of ``evaluate``'s result: headline summary, then one table per
-    intervened variable (rows are modes), grouped per region for regional variables."""
+    intervened variable (rows are modes), grouped per region for regional variables.
+    ``spatial_dims`` (None: from the structure variables' units) names areas or volumes."""
     modes, units, inter = result["modes"], result["units"], result["interventions"]
+    word, unit = measure_words(spatial_dims if spatial_dims is not None else _spatial_dims(result))
     L: list[str] = [f"# Evaluation: {result['dataset']} ({result['split']} split, {result['n']} subjects)", ""]
     L.append(
         f"Modes: {', '.join(modes)}. Means with 95% bootstrap intervals over subjects ({result['bootstrap']} "
         f"resamples, seed {result['seed']}). Effectiveness and leakage are measured by the evaluation segmentor "
-        f"({result['eval_segmentor']}) as soft areas in physical units; image differences are on the 0-255 "
+        f"({result['eval_segmentor']}) as soft {word} in physical units ({unit}); image differences are on the 0-255 "
         f"scale; locality masks are dilated by {result['dilation']} voxels."
     )
     L.append("")

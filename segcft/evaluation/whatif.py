@@ -18,7 +18,7 @@ from segcft.data.imageio import read_tiff, write_tiff
 from segcft.data.variables import DatasetInfo
 from segcft.dscm import DSCM
 from segcft.errors import UserError
-from segcft.evaluation.measure import Measurer
+from segcft.evaluation.measure import Measurer, measure_words
 
 __all__ = ["MODE_PREFERENCE", "ParsedIntervention", "counterfactual", "counterfactual_with", "parse_intervention"]
 
@@ -195,8 +195,8 @@ def _parents(
     if src.parents is None:
         pa = _abduct_parents(run, x, regions, src.spacing, meas)
         notes.append(
-            "parents abducted: structure variables measured by the guide segmentor (soft areas), "
-            "subject variables predicted by the regressor"
+            f"parents abducted: structure variables measured by the guide segmentor "
+            f"(soft {measure_words(info.spatial_dims)[0]}), subject variables predicted by the regressor"
         )
     else:
         pa = src.parents.to(x.device).float().reshape(1, -1)
@@ -268,7 +268,8 @@ def _what_if_lines(result: Mapping[str, Any], notes: list[str], src: _Input) -> 
     spacing = " x ".join(f"{s:g}" for s in result["spacing"])
     lines = [f"input {result['input']}: shape {tuple(src.image.shape[2:])}, {result['dtype']}, spacing {spacing} mm"]
     lines += notes
-    lines.append(f"generator: {result['mode']}; measured by the evaluation segmentor (soft areas)")
+    word = measure_words(len(result["spacing"]))[0]
+    lines.append(f"generator: {result['mode']}; measured by the evaluation segmentor (soft {word})")
     header = (
         f"{'variable':<24} {'unit':<6} {'before':>12} {'intended':>12} {'measured before':>16} {'measured after':>15}"
     )
@@ -375,7 +376,7 @@ def _read_input(run: Any, input: str | Path) -> _Input:
     elif any(abs(a - b) > 1e-3 * max(abs(b), 1e-12) for a, b in zip(spacing, info.spacing)):
         notes.append(
             f"warning: the input's spacing {tuple(spacing)} differs from the run's {tuple(info.spacing)}; "
-            "areas use the input's spacing"
+            f"{measure_words(info.spatial_dims)[0]} use the input's spacing"
         )
     regional = [v.name for v in info.structure_variables if v.measure is not None and v.measure.region]
     if regional:
