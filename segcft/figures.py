@@ -3,7 +3,8 @@ training curves (matplotlib, Agg backend: no display needed).
 
 3D volumes (D, H, W) are shown as one (D, W) section at the H index with most voxels of the
 structure of interest (the middle one without a mask): a longitudinal view of a vessel that
-runs along D, a coronal one of an axial stack.
+runs along D, a coronal one of an axial stack. Given the spacing, pixels are drawn with their
+true aspect (height over width in mm), so anisotropic voxels are not stretched.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["counterfactual_grid", "counterfactual_png", "display_slice", "plot_training_curves"]
+__all__ = ["counterfactual_grid", "counterfactual_png", "display_aspect", "display_slice", "plot_training_curves"]
 
 
 _BARE: dict[str, list[float]] = {"xticks": [], "yticks": []}
@@ -46,6 +47,17 @@ def display_slice(volume: np.ndarray, focus: np.ndarray | None = None) -> int | 
     return volume.shape[1] // 2
 
 
+def display_aspect(spacing: Sequence[float] | None) -> float | str:
+    """imshow ``aspect`` of the displayed image for a dataset of ``spacing`` (mm per axis, slowest
+    first): the row axis' spacing over the column axis' (D over W for the (D, W) section of a
+    volume, H over W in 2D); ``"equal"`` (square pixels) when the spacing is not known."""
+    if not spacing:
+        return "equal"
+    if len(spacing) not in (2, 3):
+        raise ValueError(f"display_aspect expects 2 or 3 spacings, got {list(spacing)}")
+    return float(spacing[0]) / float(spacing[-1])
+
+
 def _section(a: np.ndarray, index: int | None) -> np.ndarray:
     a = np.asarray(a)
     while a.ndim > 3 or (a.ndim == 3 and index is None):
@@ -61,12 +73,14 @@ def counterfactual_grid(
     title: str = "",
     factual_mask: np.ndarray | None = None,
     focus: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """One row per mode: factual, counterfactual, difference map (x_cf - x, symmetric colour
     scale shared by all rows, 0-255 units), and the counterfactual with the segmentation of it
     overlaid (outlines of the factual segmentation in white when given).
 
-    Images are (*S) or (1, *S) in [-1, 1]; masks are label maps of the same spatial shape."""
+    Images are (*S) or (1, *S) in [-1, 1]; masks are label maps of the same spatial shape;
+    ``spacing`` (mm per axis) draws pixels with their true aspect (see :func:`display_aspect`)."""
     factual = np.asarray(factual, dtype=np.float32)
     idx = display_slice(
         np.squeeze(factual, axis=0) if factual.ndim in (3, 4) and factual.shape[0] == 1 else factual, focus
@@ -79,6 +93,7 @@ def counterfactual_grid(
     fig = _figure((10, 2.6 * n))
     axes = fig.subplots(n, 4, squeeze=False, subplot_kw=_BARE)
     fm = None if factual_mask is None else _section(factual_mask, idx)
+    aspect = display_aspect(spacing)
     for r, mode in enumerate(modes):
         xc = _section(counterfactuals[mode], idx)
         seg = _section(masks[mode], idx) if mode in masks else None
@@ -90,14 +105,14 @@ def counterfactual_grid(
         ]
         for c, (img, label, kw) in enumerate(panels):
             ax = axes[r, c]
-            im = ax.imshow(img, interpolation="nearest", **kw)
+            im = ax.imshow(img, interpolation="nearest", aspect=aspect, **kw)
             ax.set_title(label, fontsize=8)
             ax.axis("off")
             if c == 2:
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         if seg is not None:
             overlay = np.ma.masked_where(seg == 0, seg)
-            axes[r, 3].imshow(overlay, cmap="tab10", alpha=0.45, interpolation="nearest", vmin=0, vmax=9)
+            axes[r, 3].imshow(overlay, cmap="tab10", alpha=0.45, interpolation="nearest", vmin=0, vmax=9, aspect=aspect)
         if fm is not None and fm.any():
             axes[r, 3].contour(fm > 0, levels=[0.5], colors="white", linewidths=0.6)
     return _save(fig, out_png, title, fontsize=10)
@@ -110,9 +125,11 @@ def counterfactual_png(
     std: np.ndarray | None = None,
     title: str = "",
     focus: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Factual, counterfactual, difference and (with several particles) the per-pixel standard
-    deviation of one what-if, from arrays in [-1, 1] of shape (*S)."""
+    deviation of one what-if, from arrays in [-1, 1] of shape (*S); ``spacing`` (mm per axis)
+    draws pixels with their true aspect."""
     idx = display_slice(np.asarray(factual), focus)
     x, xc = _section(factual, idx), _section(counterfactual, idx)
     diff = (xc - x) * 127.5
@@ -127,7 +144,7 @@ def counterfactual_png(
     fig = _figure((3.0 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False, subplot_kw=_BARE)
     for c, (img, label, kw) in enumerate(panels):
-        im = axes[0, c].imshow(img, interpolation="nearest", **kw)
+        im = axes[0, c].imshow(img, interpolation="nearest", aspect=display_aspect(spacing), **kw)
         axes[0, c].set_title(label, fontsize=8)
         axes[0, c].axis("off")
         if c >= 2:

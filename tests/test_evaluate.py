@@ -331,3 +331,25 @@ def test_counterfactual_grid_3d_and_training_curves(tmp_path):
     assert plot_training_curves(csv_path, tmp_path / "figs") == paths
     assert paths[0].stat().st_mtime_ns == 1  # unchanged rows: kept
     assert paths[1].stat().st_mtime_ns != 1 and stamps[1] != 1  # new row: drawn again
+
+
+def test_figures_draw_anisotropic_voxels_with_their_true_aspect(tmp_path, monkeypatch):
+    import segcft.figures as figures
+
+    figs = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, *a, **k: (figs.append(fig), save(fig, *a, **k))[1])
+    x = np.zeros((1, 6, 8, 5), dtype=np.float32)
+    cf = x.copy()
+    cf[0, 2:4, 6, 1:3] = 0.5
+    mask = np.zeros((6, 8, 5), dtype=np.int64)
+    mask[2:4, 6, 1:3] = 2
+    spacing = (2.0, 0.5, 0.25)  # mm along D, H, W: the shown (D, W) section has pixels 8 times taller than wide
+    figures.counterfactual_grid(x, {"seg": cf}, {"seg": mask}, tmp_path / "g.png", focus=mask > 0, spacing=spacing)
+    figures.counterfactual_png(x[0], cf[0], tmp_path / "p.png", focus=mask > 0, spacing=spacing)
+    figures.counterfactual_png(x[0, 0], cf[0, 0], tmp_path / "q.png", spacing=(0.6, 0.2))
+    image_axes = [[ax for ax in fig.axes if ax.images] for fig in figs]
+    assert all(len(axes) >= 3 for axes in image_axes)
+    assert all(ax.get_aspect() == pytest.approx(8.0) for axes in image_axes[:2] for ax in axes)
+    assert all(ax.get_aspect() == pytest.approx(3.0) for ax in image_axes[2])
+    assert figures.display_aspect((0.6, 0.2)) == pytest.approx(3.0) and figures.display_aspect(None) == "equal"

@@ -250,12 +250,16 @@ def show_dataset(name_or_path: str | Path, out_png: str | Path, samples: int = 8
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for a in axes.flat:
         a.axis("off")
+    # Pixels with their true aspect: the middle (H, W) slice of a volume, rows over columns in mm.
+    aspect = info.spacing[-2] / info.spacing[-1]
     for a, it in zip(axes.flat, items[:m]):
         img, mask = it["image"][0].numpy(), it["mask"].numpy()
         if info.spatial_dims == 3:
             img, mask = img[img.shape[0] // 2], mask[mask.shape[0] // 2]
-        a.imshow(img, cmap="gray", vmin=-1, vmax=1)
-        a.imshow(np.ma.masked_equal(mask, 0), cmap="tab10", vmin=0, vmax=9, alpha=0.4, interpolation="nearest")
+        a.imshow(img, cmap="gray", vmin=-1, vmax=1, aspect=aspect)
+        a.imshow(
+            np.ma.masked_equal(mask, 0), cmap="tab10", vmin=0, vmax=9, alpha=0.4, interpolation="nearest", aspect=aspect
+        )
         a.set_title(f"#{int(it['index'])}", fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -231,6 +231,7 @@ def write_outputs(
                 counterfactual_grid(
                     st["x"], st["cf"], st["seg"], rd.figures / f"cf_{_slug(name)}.png",
                     title=f"do({name}), {split} sample 0", factual_mask=st["mask"], focus=st["mask"],
+                    spacing=None if info is None else info.spacing,
                 ).name
             )  # fmt: skip
         result["figures"] = sorted(paths)

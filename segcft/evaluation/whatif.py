@@ -160,7 +160,9 @@ def counterfactual_with(
         if after is not None and changed:
             focus = meas.structure_mask(changed[0], eval_seg(x_cf).argmax(1), regions)[0].cpu().numpy()
         title = ", ".join(interventions) + f" ({mode})"
-        counterfactual_png(x[0, 0].cpu().numpy(), x_cf[0, 0].cpu().numpy(), png, std=std, title=title, focus=focus)
+        counterfactual_png(
+            x[0, 0].cpu().numpy(), x_cf[0, 0].cpu().numpy(), png, std=std, title=title, focus=focus, spacing=src.spacing
+        )
 
     result = {
         "input": str(input),
