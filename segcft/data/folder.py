@@ -22,9 +22,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from segcft.errors import DatasetError
 SPEC_FILE = "dataset.yaml"
 CSV_FILE = "attributes.csv"
 SPLIT_NAMES = ("train", "val", "test")
+G = TypeVar("G")  # what a format's check_files records per sample (shape, geometry)
 
 
 @dataclass(frozen=True)
@@ -491,3 +493,108 @@ def raise_problems(problems: list[Problem], root: Path) -> None:
     shown = "; ".join(str(p) for p in problems[:3])
     more = f" (and {len(problems) - 3} more; run `segcft data check {root}`)" if len(problems) > 3 else ""
     raise DatasetError(f"dataset {root}: {shown}{more}")
+
+
+class BadValues(ValueError):
+    """A file whose header or values break the contract (``key``: the dataset.yaml key checked, if any)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def inside(root: Path, folder: str, name: str) -> Path:
+    """Resolved ``folder/name``; BadValues when it resolves (symlink, ``..``) outside the dataset folder."""
+    path = (root / folder / name).resolve()
+    if root.resolve() not in path.parents:
+        raise BadValues(f"resolves to {path}, outside the dataset folder {root}")
+    return path
+
+
+def check_values(folder: str, arr: np.ndarray, spec: Spec, float_labels: bool = False) -> np.ndarray:
+    """Images as finite float32, masks as class indices, regions as declared ids (int64); BadValues otherwise."""
+    if folder == "images":
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise BadValues(f"images must be integer or float, got dtype {arr.dtype}")
+        with np.errstate(over="ignore"):
+            out = arr.astype(np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
+        return out
+    if float_labels and np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise BadValues(f"{folder} must hold integer labels, got non-integer values of dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
+    if folder == "masks":
+        try:
+            return labels_to_classes(arr, spec.structures)
+        except ValueError as exc:
+            raise BadValues(str(exc), key="structures") from None
+    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
+    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
+    if bad_ids:
+        raise BadValues(
+            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
+        )
+    return arr.astype(np.int64)
+
+
+def measure_sample(classes: np.ndarray, regions: np.ndarray | None, spec: Spec, voxel_volume: float) -> list[float]:
+    """Physical area/volume of every structure variable (NaN for the others) of one sample's class mask."""
+    labels = class_labels(spec.structures).tolist()
+    out = []
+    for v in spec.variables:
+        if v.measure is None:
+            out.append(float("nan"))
+            continue
+        label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
+        sel = classes == labels.index(label)
+        if v.measure.region is not None:
+            rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
+            sel &= regions == rid
+        out.append(float(sel.sum()) * voxel_volume)
+    return out
+
+
+def scan(
+    root: Path,
+    deep: bool,
+    check_files: Callable[[Path, Spec, Table, list[Problem], bool], dict[str, G]],
+    spacing_optional: bool = False,
+) -> tuple[Spec | None, Table | None, dict[str, G], list[Problem]]:
+    """Validate a dataset folder (spec, table, then files with the format's ``check_files``); writes nothing."""
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return None, None, {}, [Problem(f"not a dataset folder (expected a directory with {SPEC_FILE})", str(root))]
+    spec = read_spec(root, problems, spacing_optional=spacing_optional)
+    table = read_table(root, spec, problems) if spec is not None else None
+    found: dict[str, G] = {}
+    if spec is not None and table is not None:
+        found = check_files(root, spec, table, problems, deep)
+        if not any(s == "train" for s in table.splits):
+            problems.append(
+                Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split")
+            )
+    return spec, table, found, problems
+
+
+def measure(table: Table, spec: Spec, measure_one: Callable[[str], list[float]]) -> np.ndarray:
+    """(N, P) measured structure variables (NaN for the others) of every sample, via the format's ``measure_one``."""
+    rows = [measure_one(sid) for sid in table.ids]
+    return np.asarray(rows, dtype=np.float64).reshape(len(table.ids), len(spec.variables))
+
+
+def window(arr: np.ndarray, spec: Spec) -> np.ndarray:
+    """Image intensities mapped to [-1, 1] by the dataset's fixed window or per-image percentiles."""
+    a = arr.astype(np.float32)
+    if spec.window is not None:
+        lo, hi = spec.window
+    else:
+        lo, hi = (float(v) for v in np.percentile(a, spec.percentiles))  # type: ignore[arg-type]
+        if hi <= lo:
+            hi = lo + 1.0
+    return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)

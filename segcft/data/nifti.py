@@ -41,29 +41,23 @@ from segcft.data.folder import (
     CSV_FILE,
     SPEC_FILE,
     SPLIT_NAMES,
+    BadValues,
     Problem,
     Spec,
     Table,
-    class_labels,
-    labels_to_classes,
+    check_values,
+    inside,
+    measure_sample,
     raise_problems,
-    read_spec,
-    read_table,
+    window,
 )
+from segcft.data.folder import measure as folder_measure
+from segcft.data.folder import scan as folder_scan
 from segcft.data.imageio import MAX_VOXELS
 from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
 
 SUFFIXES = (".nii.gz", ".nii")
-
-
-class _BadValues(ValueError):
-    """A file whose header or values break the contract (as opposed to an unreadable file);
-    ``key`` is the dataset.yaml key the values are checked against, if any."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -122,15 +116,11 @@ def _stem(name: str) -> str | None:
 
 
 def _inside(root: Path, folder: str, sid: str) -> Path:
-    """The resolved path of ``folder/<sid>.nii.gz`` (or ``.nii`` when only that exists);
-    _BadValues when it resolves (through a symlink or ``..``) outside the dataset folder."""
-    path = root / folder / f"{sid}.nii.gz"
-    if not path.exists() and (root / folder / f"{sid}.nii").exists():
-        path = root / folder / f"{sid}.nii"
-    path = path.resolve()
-    if root.resolve() not in path.parents:
-        raise _BadValues(f"resolves to {path}, outside the dataset folder {root}")
-    return path
+    """The resolved path of ``folder/<sid>.nii.gz`` (or ``.nii`` when only that exists), inside the dataset folder."""
+    name = f"{sid}.nii.gz"
+    if not (root / folder / name).exists() and (root / folder / f"{sid}.nii").exists():
+        name = f"{sid}.nii"
+    return inside(root, folder, name)
 
 
 def _open(path: Path) -> tuple[Any, Geometry]:
@@ -142,17 +132,17 @@ def _open(path: Path) -> tuple[Any, Geometry]:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise _BadValues(f"expected a 3D image (spatial_dims), got shape {shape}")
+        raise BadValues(f"expected a 3D image (spatial_dims), got shape {shape}")
     if 0 in shape:
         raise ValueError("no image data")
     if math.prod(shape) > MAX_VOXELS:
-        raise _BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+        raise BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
     dtype = np.dtype(img.get_data_dtype())
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise _BadValues(f"expected integer or float voxels, got dtype {dtype}")
+        raise BadValues(f"expected integer or float voxels, got dtype {dtype}")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) == 0:
-        raise _BadValues(f"the header's affine is not invertible: {affine[:3].tolist()}")
+        raise BadValues(f"the header's affine is not invertible: {affine[:3].tolist()}")
     spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
     return img, Geometry(affine, shape, spacing)
 
@@ -162,36 +152,8 @@ def _array(img: Any, geom: Geometry) -> np.ndarray:
 
 
 def _values(folder: str, arr: np.ndarray, spec: Spec) -> np.ndarray:
-    """Image values as finite float32 (HU as stored, scaling applied), masks as class indices,
-    regions as declared ids (int64); _BadValues otherwise."""
-    if folder == "images":
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise _BadValues(f"images must be integer or float, got dtype {arr.dtype}")
-        with np.errstate(over="ignore"):
-            out = arr.astype(np.float32)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise _BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
-        return out
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-            raise _BadValues(f"{folder} must hold integer labels, got non-integer values of dtype {arr.dtype}")
-        arr = arr.astype(np.int64)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise _BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
-    if folder == "masks":
-        try:
-            return labels_to_classes(arr, spec.structures)
-        except ValueError as exc:
-            raise _BadValues(str(exc), key="structures") from None
-    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
-    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
-    if bad_ids:
-        raise _BadValues(
-            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
-        )
-    return arr.astype(np.int64)
+    """``check_values``, with labels also accepted as floats holding whole numbers."""
+    return check_values(folder, arr, spec, float_labels=True)
 
 
 def _decode(root: Path, spec: Spec, folder: str, sid: str) -> tuple[np.ndarray, Geometry]:
@@ -211,7 +173,7 @@ def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> tuple[np.
     except DatasetError:
         raise
     except Exception as exc:  # nibabel raises many types on corrupt input
-        what = f"{exc}" if isinstance(exc, _BadValues) else _unreadable(exc)
+        what = f"{exc}" if isinstance(exc, BadValues) else _unreadable(exc)
         raise DatasetError(f"dataset {root}: {folder}/{sid}.nii.gz: {what}".splitlines()[0]) from exc
 
 
@@ -220,7 +182,7 @@ def _check_file(root: Path, spec: Spec, folder: str, sid: str, deep: bool, probl
     rel = f"{folder}/{sid}.nii.gz"
     try:
         p = _inside(root, folder, sid)
-    except _BadValues as exc:
+    except BadValues as exc:
         problems.append(Problem(str(exc), rel))
         return None
     if not p.is_file():
@@ -234,7 +196,7 @@ def _check_file(root: Path, spec: Spec, folder: str, sid: str, deep: bool, probl
             _values(folder, _array(img, geom), spec)
     except DatasetError:
         raise
-    except _BadValues as exc:
+    except BadValues as exc:
         problems.append(Problem(str(exc), rel, key=exc.key))
         return None
     except Exception as exc:  # nibabel raises many types on corrupt input
@@ -283,43 +245,17 @@ def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
     that file's voxel volume."""
     classes, geom = read_sample_file(root, spec, "masks", sid)
     regions = read_sample_file(root, spec, "regions", sid)[0] if spec.regions else None
-    labels = class_labels(spec.structures).tolist()
-    out = []
-    for v in spec.variables:
-        if v.measure is None:
-            out.append(float("nan"))
-            continue
-        label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
-        sel = classes == labels.index(label)
-        if v.measure.region is not None:
-            rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
-            sel &= regions == rid
-        out.append(float(sel.sum()) * geom.voxel_volume)
-    return out
+    return measure_sample(classes, regions, spec, geom.voxel_volume)
 
 
 def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, Geometry], list[Problem]]:
     """Validate a NIfTI dataset folder: spec, table and files. Reads only; writes nothing."""
-    problems: list[Problem] = []
-    if not root.is_dir():
-        return None, None, {}, [Problem(f"not a dataset folder (expected a directory with {SPEC_FILE})", str(root))]
-    spec = read_spec(root, problems, spacing_optional=True)
-    table = read_table(root, spec, problems) if spec is not None else None
-    geoms: dict[str, Geometry] = {}
-    if spec is not None and table is not None:
-        geoms = check_files(root, spec, table, problems, deep)
-        if not any(s == "train" for s in table.splits):
-            problems.append(
-                Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split")
-            )
-    return spec, table, geoms, problems
+    return folder_scan(root, deep, check_files, spacing_optional=True)
 
 
 def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
     """(N, P) measured structure variables (NaN for the others) of every sample."""
-    return np.asarray([_measure_one(root, spec, sid) for sid in table.ids], dtype=np.float64).reshape(
-        len(table.ids), len(spec.variables)
-    )
+    return folder_measure(table, spec, functools.partial(_measure_one, root, spec))
 
 
 def _resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
@@ -408,16 +344,6 @@ class NiftiDataset:
         """(N, P) physical variable values of the split (float64)."""
         return self.info.denormalise(self._parents.double().numpy())
 
-    def _window(self, arr: np.ndarray) -> np.ndarray:
-        a = arr.astype(np.float32)
-        if self._spec.window is not None:
-            lo, hi = self._spec.window
-        else:
-            lo, hi = (float(v) for v in np.percentile(a, self._spec.percentiles))  # type: ignore[arg-type]
-            if hi <= lo:
-                hi = lo + 1.0
-        return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
-
     def canonical(self, folder: str, sid: str) -> Any:
         """File ``folder/<sid>`` reoriented to RAS+, axes (D, H, W) = (S, A, R), resampled to the
         dataset spacing (images trilinear in HU, labels nearest) and cropped/padded to its shape."""
@@ -430,7 +356,7 @@ class NiftiDataset:
         t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))
         size = _resampled_shape(geom, self.info.spacing)
         if folder == "images":
-            t = torch.from_numpy(self._window(t.numpy()))
+            t = torch.from_numpy(window(t.numpy(), self._spec))
             if tuple(t.shape) != size:
                 t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
             return _crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)

@@ -33,35 +33,30 @@ from segcft.data.folder import (
     CSV_FILE,
     SPEC_FILE,
     SPLIT_NAMES,
+    BadValues,
     Problem,
     Spec,
     Table,
     _read_yaml,
-    class_labels,
-    labels_to_classes,
+    check_values,
+    inside,
+    measure_sample,
     raise_problems,
-    read_spec,
-    read_table,
+    window,
 )
+from segcft.data.folder import labels_to_classes as labels_to_classes  # re-exported: public name of this module
+from segcft.data.folder import measure as folder_measure
+from segcft.data.folder import scan as folder_scan
 from segcft.data.imageio import ImageTooLarge, declared_shape
 from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
-
-
-class _BadValues(ValueError):
-    """A file whose header or values break the contract (as opposed to an unreadable file);
-    ``key`` is the dataset.yaml key the values are checked against, if any."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 def _header(tf: Any) -> tuple[tuple[int, ...], np.dtype]:
     try:
         return declared_shape(tf)
     except ImageTooLarge as exc:
-        raise _BadValues(str(exc)) from None
+        raise BadValues(str(exc)) from None
 
 
 def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -79,48 +74,15 @@ def _read_tiff(path: Path, dims: int) -> np.ndarray:
     with tifffile.TiffFile(path) as tf:
         shape, _ = _header(tf)
         if len(shape) != dims:
-            raise _BadValues(f"expected a {dims}D array (spatial_dims), got shape {shape}")
+            raise BadValues(f"expected a {dims}D array (spatial_dims), got shape {shape}")
         arr = tf.series[0].asarray()
     if arr.size == 0:  # tifffile reads some corrupt headers as an empty array
         raise ValueError("no image data")
     return arr
 
 
-def _inside(root: Path, folder: str, sid: str) -> Path:
-    """The resolved path of ``folder/<sid>.tif``; _BadValues when it resolves (through a
-    symlink or ``..``) outside the dataset folder, so a dataset only makes segcft read its own files."""
-    path = (root / folder / f"{sid}.tif").resolve()
-    if root.resolve() not in path.parents:
-        raise _BadValues(f"resolves to {path}, outside the dataset folder {root}")
-    return path
-
-
 def _decode(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
-    arr = _read_tiff(_inside(root, folder, sid), spec.spatial_dims)
-    if folder == "images":
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise _BadValues(f"images must be integer or float, got dtype {arr.dtype}")
-        with np.errstate(over="ignore"):
-            out = arr.astype(np.float32)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise _BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
-        return out
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise _BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
-    if folder == "masks":
-        try:
-            return labels_to_classes(arr, spec.structures)
-        except ValueError as exc:
-            raise _BadValues(str(exc), key="structures") from None
-    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
-    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
-    if bad_ids:
-        raise _BadValues(
-            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
-        )
-    return arr.astype(np.int64)
+    return check_values(folder, _read_tiff(inside(root, folder, f"{sid}.tif"), spec.spatial_dims), spec)
 
 
 def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
@@ -130,7 +92,7 @@ def read_sample_file(root: Path, spec: Spec, folder: str, sid: str) -> np.ndarra
     try:
         return _decode(root, spec, folder, sid)
     except Exception as exc:  # tifffile raises many types on corrupt input
-        what = "" if isinstance(exc, _BadValues) else f"unreadable or corrupt TIFF ({type(exc).__name__}): "
+        what = "" if isinstance(exc, BadValues) else f"unreadable or corrupt TIFF ({type(exc).__name__}): "
         raise DatasetError(f"dataset {root}: {folder}/{sid}.tif: {what}{exc}".splitlines()[0]) from exc
 
 
@@ -153,8 +115,8 @@ def check_files(
         for folder in folders:
             rel = f"{folder}/{sid}.tif"
             try:
-                p = _inside(root, folder, sid)
-            except _BadValues as exc:
+                p = inside(root, folder, f"{sid}.tif")
+            except BadValues as exc:
                 problems.append(Problem(str(exc), rel))
                 continue
             if not p.is_file():
@@ -165,7 +127,7 @@ def check_files(
                 continue
             try:
                 shape, dtype = _tiff_header(p)
-            except _BadValues as exc:
+            except BadValues as exc:
                 problems.append(Problem(str(exc), rel))
                 continue
             except Exception as exc:  # tifffile raises many types on corrupt input
@@ -187,7 +149,7 @@ def check_files(
             if deep:
                 try:
                     _decode(root, spec, folder, sid)
-                except _BadValues as exc:
+                except BadValues as exc:
                     problems.append(Problem(str(exc), rel, key=exc.key))
                 except Exception as exc:  # tifffile raises many types on corrupt input
                     problems.append(
@@ -208,46 +170,19 @@ def check_files(
 
 def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
     """Physical area/volume of every structure variable, measured on the native mask."""
-    voxel = float(np.prod(spec.spacing))
     classes = read_sample_file(root, spec, "masks", sid)
     regions = read_sample_file(root, spec, "regions", sid) if spec.regions else None
-    labels = class_labels(spec.structures).tolist()
-    out = []
-    for v in spec.variables:
-        if v.measure is None:
-            out.append(float("nan"))
-            continue
-        label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
-        sel = classes == labels.index(label)
-        if v.measure.region is not None:
-            rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
-            sel &= regions == rid
-        out.append(float(sel.sum()) * voxel)
-    return out
+    return measure_sample(classes, regions, spec, float(np.prod(spec.spacing)))
 
 
 def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, tuple[int, ...]], list[Problem]]:
     """Validate a dataset folder: spec, table and files. Reads only; writes nothing."""
-    problems: list[Problem] = []
-    if not root.is_dir():
-        return None, None, {}, [Problem(f"not a dataset folder (expected a directory with {SPEC_FILE})", str(root))]
-    spec = read_spec(root, problems)
-    table = read_table(root, spec, problems) if spec is not None else None
-    shapes: dict[str, tuple[int, ...]] = {}
-    if spec is not None and table is not None:
-        shapes = check_files(root, spec, table, problems, deep)
-        if not any(s == "train" for s in table.splits):
-            problems.append(
-                Problem("no sample in the train split (normalisation is fitted on it)", CSV_FILE, key="split")
-            )
-    return spec, table, shapes, problems
+    return folder_scan(root, deep, check_files)
 
 
 def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
     """(N, P) measured structure variables (NaN for the others) of every sample."""
-    return np.asarray([_measure_one(root, spec, sid) for sid in table.ids], dtype=np.float64).reshape(
-        len(table.ids), len(spec.variables)
-    )
+    return folder_measure(table, spec, functools.partial(_measure_one, root, spec))
 
 
 @functools.lru_cache(maxsize=4)
@@ -315,16 +250,6 @@ class TiffDataset:
         """(N, P) physical variable values of the split (float64)."""
         return self.info.denormalise(self._parents.double().numpy())
 
-    def _window(self, arr: np.ndarray) -> np.ndarray:
-        a = arr.astype(np.float32)
-        if self._spec.window is not None:
-            lo, hi = self._spec.window
-        else:
-            lo, hi = (float(v) for v in np.percentile(a, self._spec.percentiles))  # type: ignore[arg-type]
-            if hi <= lo:
-                hi = lo + 1.0
-        return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
-
     def _fit_shape(self, t: Any, linear: bool, fill: float) -> Any:
         import torch
         import torch.nn.functional as F
@@ -359,7 +284,7 @@ class TiffDataset:
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         i = i % len(self)
         sid = self.ids[i]
-        img = torch.from_numpy(self._window(read_sample_file(self.root, self._spec, "images", sid)))
+        img = torch.from_numpy(window(read_sample_file(self.root, self._spec, "images", sid), self._spec))
         mask = torch.from_numpy(read_sample_file(self.root, self._spec, "masks", sid))
         regions = None
         if self._spec.regions:
