@@ -126,11 +126,12 @@ def _wrap(ctx: StageContext, loss_fn: nn.Module) -> nn.Module:
     if not ctx.d.enabled:
         return loss_fn
     # a plugin may hold parameters that a loss leaves unused (the HVAE's last prior projection):
-    # they keep no gradient, as in one process
+    # they keep no gradient, as in one process. The set is the same every step, so a static graph
+    # finds it once, not with a traversal of the autograd graph per step (find_unused_parameters)
     return nn.parallel.DistributedDataParallel(
         loss_fn,
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-        find_unused_parameters=True,
+        static_graph=True,
     )
 
 
