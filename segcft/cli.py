@@ -396,7 +396,9 @@ def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
     "input_",
     required=True,
     metavar="FILE_OR_ID",
-    help="An image file, or the index of a test sample of the run's dataset.",
+    help="An image file (.tif/.tiff, or .nii.gz/.nii for 3D runs: reoriented and resampled to the run's grid), "
+    "a subject id of the run's folder dataset (an id of its attributes.csv, e.g. case_007), or a sample "
+    "SPLIT:INDEX (e.g. test:0; a bare INDEX is a test sample unless it is a subject id).",
 )
 @click.option(
     "--do",
@@ -411,9 +413,20 @@ def evaluate_command(run_dir: Path, split: str, n: int | None) -> None:
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="Output image (TIFF) of the counterfactual.",
+    help="Output image, in the input's format (its suffix must say so: .tif/.tiff or .nii.gz/.nii), grid, "
+    "units and dtype family; a subject id is written like its source file, a phantom sample as a float32 TIFF.",
 )
-@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG figure.")
+@click.option(
+    "--diff",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the difference map (counterfactual minus factual) in the output's format, units and grid.",
+)
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a PNG: factual, counterfactual and their difference through the intervened structure "
+    "(in 3D the section where it is largest).",
+)
 @click.option(
     "--particles",
     type=click.IntRange(min=1),
@@ -433,13 +446,18 @@ def counterfactual_command(
     input_: str,
     interventions: list[str],
     out: Path,
+    diff: Path | None,
     png: Path | None,
     particles: int,
     mode: str | None,
 ) -> None:
-    """Generate the counterfactual of one image under interventions on its variables."""
+    """Generate the counterfactual of one image under interventions on its variables, written
+    in the input's format and geometry (NIfTI: same affine, shape and orientation, intensities
+    through the inverse of the dataset's window)."""
     counterfactual = _library("segcft.evaluate", "counterfactual", "counterfactual")
-    counterfactual(run_dir, input_, interventions, out, png=png, particles=particles, mode=mode, echo=click.echo)
+    counterfactual(
+        run_dir, input_, interventions, out, png=png, particles=particles, mode=mode, echo=click.echo, diff=diff
+    )
 
 
 # -- data (segcft/cli_data.py) -----------------------------------------------------------------

@@ -21,7 +21,14 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["counterfactual_grid", "counterfactual_png", "display_aspect", "display_slice", "plot_training_curves"]
+__all__ = [
+    "counterfactual_grid",
+    "counterfactual_png",
+    "display_aspect",
+    "display_slice",
+    "focus_section",
+    "plot_training_curves",
+]
 
 
 _BARE: dict[str, list[float]] = {"xticks": [], "yticks": []}
@@ -118,6 +125,18 @@ def counterfactual_grid(
     return _save(fig, out_png, title, fontsize=10)
 
 
+def focus_section(volume: np.ndarray, masks: Sequence[np.ndarray] = ()) -> int | None:
+    """Index along axis 1 (H) of the section shown for a 3D ``volume`` (None in 2D): the one
+    where the largest of ``masks`` (say, a structure in the factual and the counterfactual)
+    covers most voxels; the middle one when they are all empty."""
+    if volume.ndim == 2:
+        return None
+    areas = [np.asarray(m).reshape(volume.shape).sum(axis=(0, 2)) for m in masks if np.asarray(m).any()]
+    if not areas:
+        return display_slice(volume)
+    return int(np.argmax(np.max(np.stack(areas), axis=0)))
+
+
 def counterfactual_png(
     factual: np.ndarray,
     counterfactual: np.ndarray,
@@ -126,30 +145,47 @@ def counterfactual_png(
     title: str = "",
     focus: np.ndarray | None = None,
     spacing: Sequence[float] | None = None,
+    masks: Sequence[np.ndarray] = (),
+    structure: str | None = None,
+    scale: float = 127.5,
+    unit: str = "0-255",
 ) -> Path:
-    """Factual, counterfactual, difference and (with several particles) the per-pixel standard
-    deviation of one what-if, from arrays in [-1, 1] of shape (*S); ``spacing`` (mm per axis)
-    draws pixels with their true aspect."""
-    idx = display_slice(np.asarray(factual), focus)
+    """Factual, counterfactual, their difference (diverging colours centred on 0, in ``unit``:
+    [-1, 1] differences times ``scale``) and, with several particles, the per-pixel standard
+    deviation of one what-if, from arrays in [-1, 1] of shape (*S). In 3D the (D, W) section
+    through the ``structure`` (the H index where the largest of ``masks``, or else ``focus``,
+    is largest); ``spacing`` (mm per axis) draws pixels with their true aspect."""
+    volume = np.asarray(factual)
+    idx = focus_section(volume, masks) if masks else display_slice(volume, focus)
     x, xc = _section(factual, idx), _section(counterfactual, idx)
-    diff = (xc - x) * 127.5
-    vmax = max(float(np.abs(diff).max()), 1.0)
+    diff = (xc - x) * scale
+    vmax = max(float(np.abs(diff).max()), 1e-6 * scale)
     panels = [
         (x, "factual", dict(cmap="gray", vmin=-1, vmax=1)),
         (xc, "counterfactual", dict(cmap="gray", vmin=-1, vmax=1)),
-        (diff, "difference (0-255)", dict(cmap="RdBu_r", vmin=-vmax, vmax=vmax)),
+        (diff, f"counterfactual - factual ({unit})", dict(cmap="RdBu_r", vmin=-vmax, vmax=vmax)),
     ]
     if std is not None:
-        panels.append((_section(std, idx) * 127.5, "uncertainty (std, 0-255)", dict(cmap="magma")))
-    fig = _figure((3.0 * len(panels), 3.2))
-    axes = fig.subplots(1, len(panels), squeeze=False, subplot_kw=_BARE)
+        panels.append((_section(std, idx) * scale, f"uncertainty (std, {unit})", dict(cmap="magma")))
+    fig = _figure((3.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    rows, cols = ("D", "W") if idx is not None else ("H", "W")
     for c, (img, label, kw) in enumerate(panels):
-        im = axes[0, c].imshow(img, interpolation="nearest", aspect=display_aspect(spacing), **kw)
-        axes[0, c].set_title(label, fontsize=8)
-        axes[0, c].axis("off")
+        ax = axes[0, c]
+        im = ax.imshow(img, interpolation="nearest", aspect=display_aspect(spacing), **kw)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel(f"{cols} (voxel)", fontsize=7)
+        ax.set_ylabel(f"{rows} (voxel)", fontsize=7)
+        ax.tick_params(labelsize=6)
         if c >= 2:
-            fig.colorbar(im, ax=axes[0, c], fraction=0.046, pad=0.02)
-    return _save(fig, out_png, title, fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    where = []
+    if structure:
+        where.append(structure)
+    if idx is not None:
+        where.append(f"section H = {idx} of {volume.shape[1]}")
+    full = "\n".join(t for t in (title, ", ".join(where)) if t)
+    return _save(fig, out_png, full, fontsize=9)
 
 
 def _float(v: str) -> float:

@@ -53,7 +53,7 @@ from segcft.data.folder import (
 )
 from segcft.data.folder import measure as folder_measure
 from segcft.data.folder import scan as folder_scan
-from segcft.data.imageio import MAX_VOXELS
+from segcft.data.imageio import MAX_VOXELS, uncrop_pad
 from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
 
@@ -149,6 +149,76 @@ def _open(path: Path) -> tuple[Any, Geometry]:
 
 def _array(img: Any, geom: Geometry) -> np.ndarray:
     return np.asanyarray(img.dataobj).reshape(geom.shape)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, Geometry, Any]:
+    """A NIfTI file outside any dataset (``segcft counterfactual --input``): its values with the
+    header's scaling applied, its geometry and the nibabel image (for its header and on-disk
+    dtype). Checked as dataset files are (3D, MAX_VOXELS, numeric, invertible affine, finite);
+    raises DatasetError when nibabel is missing, BadValues or nibabel's errors otherwise."""
+    img, geom = _open(path)
+    arr = _array(img, geom)
+    if not np.isfinite(arr).all():
+        raise BadValues("the image contains NaN or infinite values")
+    return arr, geom, img
+
+
+def write_image(path: Path, array: np.ndarray, like: Any) -> None:
+    """Write ``array`` (the file grid of ``like``, a nibabel image) as NIfTI with ``like``'s
+    header: same affine, orientation, voxel sizes and units; the array's dtype on disk."""
+    nib = _nibabel()
+    header = like.header.copy()
+    header.set_data_dtype(array.dtype)
+    out = type(like)(array.reshape(like.shape), like.affine, header=header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(path))
+
+
+def to_canonical(arr: np.ndarray, geom: Geometry) -> np.ndarray:
+    """An array in the file's axes reoriented to RAS+ with axes (D, H, W) = (S, A, R)."""
+    nib = _nibabel()
+    ras = nib.orientations.apply_orientation(arr, nib.orientations.io_orientation(geom.affine))
+    return np.ascontiguousarray(ras.transpose(2, 1, 0))
+
+
+def from_canonical(arr: np.ndarray, geom: Geometry) -> np.ndarray:
+    """The inverse of ``to_canonical``: (D, H, W) = (S, A, R) back to the file's axes and directions."""
+    nib = _nibabel()
+    o = nib.orientations
+    back = o.ornt_transform(o.axcodes2ornt("RAS"), o.io_orientation(geom.affine))
+    return np.ascontiguousarray(o.apply_orientation(arr.transpose(2, 1, 0), back))
+
+
+def resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
+    """(D, H, W) shape of a file once reoriented and resampled to ``spacing`` (before crop/pad)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(geom.canonical_shape(), geom.canonical_spacing(), spacing))
+
+
+def image_to_grid(unit: np.ndarray, geom: Geometry, spacing: tuple[float, ...], shape: tuple[int, ...]) -> Any:
+    """An image already mapped to [-1, 1], in the file's axes, onto a run's grid: reoriented,
+    resampled trilinearly to ``spacing`` and centre-cropped or padded (-1) to ``shape``."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(to_canonical(unit, geom))
+    size = resampled_shape(geom, spacing)
+    if tuple(t.shape) != size:
+        t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    return _crop_pad(t.clamp(-1.0, 1.0), shape, -1.0)
+
+
+def grid_to_file(values: np.ndarray, geom: Geometry, spacing: tuple[float, ...]) -> np.ndarray:
+    """The inverse of ``image_to_grid``'s geometry for a map on the run's grid (a difference,
+    say): un-cropped (0 where the crop cut the file), resampled trilinearly back to the file's
+    voxel sizes and put back in the file's axes, shape ``geom.shape``."""
+    import torch
+    import torch.nn.functional as F
+
+    t = uncrop_pad(torch.from_numpy(np.asarray(values, dtype=np.float64)), resampled_shape(geom, spacing))
+    canonical = geom.canonical_shape()
+    if tuple(t.shape) != canonical:
+        t = F.interpolate(t[None, None], size=canonical, mode="trilinear", align_corners=False)[0, 0]
+    return from_canonical(t.numpy(), geom)
 
 
 def _values(folder: str, arr: np.ndarray, spec: Spec) -> np.ndarray:
@@ -258,10 +328,6 @@ def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
     return folder_measure(table, spec, functools.partial(_measure_one, root, spec))
 
 
-def _resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(geom.canonical_shape(), geom.canonical_spacing(), spacing))
-
-
 @functools.lru_cache(maxsize=4)
 def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Table, DatasetInfo, dict[str, Geometry]]:
     root = Path(root_str)
@@ -278,7 +344,7 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if size:
         target = tuple(size)
     else:
-        shapes = [_resampled_shape(geoms[s], spacing) for s in train_ids]
+        shapes = [resampled_shape(geoms[s], spacing) for s in train_ids]
         target = tuple(int(x) for x in np.median(shapes, axis=0).round())
     if table.measured:
         m = measure(root, spec, table)
@@ -336,6 +402,15 @@ class NiftiDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def spec(self) -> Spec:
+        """The dataset's ``dataset.yaml`` as read (intensity window, structures, variables)."""
+        return self._spec
+
+    def image_path(self, sid: str) -> Path:
+        """The image file of subject ``sid`` (``images/<sid>.nii.gz`` or ``.nii``)."""
+        return _inside(self.root, "images", sid)
+
     def geometry(self, sid: str) -> Geometry:
         """The original affine, shape and voxel sizes of sample ``sid`` (to write outputs back)."""
         return self._geoms[sid]
@@ -351,15 +426,10 @@ class NiftiDataset:
         import torch.nn.functional as F
 
         arr, geom = read_sample_file(self.root, self._spec, folder, sid)
-        nib = _nibabel()
-        arr = nib.orientations.apply_orientation(arr, nib.orientations.io_orientation(geom.affine))
-        t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))
-        size = _resampled_shape(geom, self.info.spacing)
         if folder == "images":
-            t = torch.from_numpy(window(t.numpy(), self._spec))
-            if tuple(t.shape) != size:
-                t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-            return _crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)
+            return image_to_grid(window(arr, self._spec), geom, self.info.spacing, self.info.shape)
+        t = torch.from_numpy(to_canonical(arr, geom))
+        size = resampled_shape(geom, self.info.spacing)
         if tuple(t.shape) != size:
             t = F.interpolate(t[None, None].double(), size=size, mode="nearest-exact")[0, 0].round().long()
         return _crop_pad(t, self.info.shape, 0)

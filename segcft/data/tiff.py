@@ -47,7 +47,7 @@ from segcft.data.folder import (
 from segcft.data.folder import labels_to_classes as labels_to_classes  # re-exported: public name of this module
 from segcft.data.folder import measure as folder_measure
 from segcft.data.folder import scan as folder_scan
-from segcft.data.imageio import ImageTooLarge, declared_shape
+from segcft.data.imageio import ImageTooLarge, declared_shape, uncrop_pad
 from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
 
@@ -245,6 +245,29 @@ class TiffDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def spec(self) -> Spec:
+        """The dataset's ``dataset.yaml`` as read (intensity window, spacing, structures, variables)."""
+        return self._spec
+
+    def image_path(self, sid: str) -> Path:
+        """The image file of subject ``sid`` (``images/<sid>.tif``)."""
+        return inside(self.root, "images", f"{sid}.tif")
+
+    def grid_to_file(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The inverse of the items' fit (resize or crop) for a map on the dataset grid (a
+        difference, say) and a file of ``shape``: resized back, or un-cropped (0 where the crop cut it)."""
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        if tuple(t.shape) == tuple(shape):
+            return t.numpy()
+        if self._fit == "resize":
+            mode = "bilinear" if len(shape) == 2 else "trilinear"
+            return F.interpolate(t[None, None], size=shape, mode=mode, align_corners=False)[0, 0].numpy()
+        return uncrop_pad(t, tuple(shape)).numpy()
 
     def physical_parents(self) -> np.ndarray:
         """(N, P) physical variable values of the split (float64)."""

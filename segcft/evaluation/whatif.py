@@ -1,6 +1,7 @@
-"""Single-image what-ifs (``segcft counterfactual``): abduct one image (a TIFF file or a dataset
-sample), intervene on its variables, let descendants follow through the mechanisms and write
-the run's ``DSCM`` counterfactual in the input's dtype, intensity range and spacing."""
+"""Single-image what-ifs (``segcft counterfactual``): abduct one image (a TIFF or NIfTI file, a
+subject of the run's dataset or a sample), intervene on its variables, let descendants follow
+through the mechanisms and write the run's ``DSCM`` counterfactual in the input's format,
+geometry, units and dtype family (reading and writing: ``cf_io``)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcft.data.imageio import read_tiff, write_tiff
 from segcft.data.variables import DatasetInfo
 from segcft.dscm import DSCM
 from segcft.errors import UserError
+from segcft.evaluation.cf_io import FORMATS, Source, read_source, suffix_format
 from segcft.evaluation.measure import Measurer, measure_words
 
 __all__ = ["MODE_PREFERENCE", "ParsedIntervention", "counterfactual", "counterfactual_with", "parse_intervention"]
@@ -82,24 +83,68 @@ def counterfactual(
     particles: int = 1,
     mode: str | None = None,
     echo: Callable[[str], None] = print,
+    diff: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Answer one what-if: abduct the input (a TIFF file, or a sample id such as ``test:12``),
-    apply the interventions, let descendants follow through the mechanisms, and write the
-    counterfactual to ``out`` in the input's dtype, intensity range and spacing.
+    """Answer one what-if: abduct the input (a TIFF or NIfTI file, a subject id of the run's
+    dataset, or a sample such as ``test:12``), apply the interventions, let descendants follow
+    through the mechanisms, and write the counterfactual to ``out`` in the input's format,
+    geometry, units and dtype family (``diff``: also counterfactual minus factual).
 
     ``mode`` picks the generator (default: the first of pos-seg, seg, reg, none the run has).
-    Prints the intended and measured values before and after through ``echo``."""
-    from segcft.run import load_run
+    Every argument is checked, and the input read, before any model is loaded. Prints the
+    intended and measured values before and after through ``echo``."""
+    from segcft.run import RunDir, load_run
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.is_dir() or not RunDir(run_dir).is_run():
         raise UserError(f"--run: {run_dir} is not a run folder")
     if not interventions:
         raise UserError("--do: give at least one intervention, e.g. --do left_lung_area=+20%")
     if int(particles) < 1:
         raise UserError(f"--particles: expected a positive integer, got {particles}")
+    meta = _RunMeta(RunDir(run_dir))
+    _parse_all(interventions, meta.info)
+    src = read_source(meta, input)
+    _check_outputs(src, out, diff)
     run = load_run(run_dir)
-    return counterfactual_with(run, input, interventions, out, png=png, particles=particles, mode=mode, echo=echo)
+    return _answer(run, src, input, interventions, out, png, particles, mode, echo, diff)
+
+
+class _RunMeta:
+    """What reading an input needs of a run folder (config, dataset info, its dataset), without its models."""
+
+    def __init__(self, rd: Any) -> None:
+        from segcft.data.variables import read_dataset_info
+
+        self.config = rd.read_config()
+        self.info = read_dataset_info(rd.dataset_json)
+        self._datasets: dict[str, Any] = {}
+
+    def dataset(self, split: str) -> Any:
+        from segcft.components import build_dataset
+
+        if split not in self._datasets:
+            self._datasets[split] = build_dataset(self.config, split)
+        return self._datasets[split]
+
+
+def _parse_all(interventions: list[str], info: DatasetInfo) -> list[ParsedIntervention]:
+    """Every ``--do``, each variable at most once."""
+    parsed = [parse_intervention(t, info) for t in interventions]
+    seen: set[str] = set()
+    for p in parsed:
+        if p.variable in seen:
+            raise UserError(f"--do: {p.variable!r} is given twice")
+        seen.add(p.variable)
+    return parsed
+
+
+def _check_outputs(src: Source, out: Path | str, diff: Path | str | None) -> None:
+    src.check_out(out, "--out")
+    if diff is not None:
+        src.check_out(diff, "--diff")
+        if Path(diff).resolve() == Path(out).resolve():
+            raise UserError(f"--diff {diff}: the same file as --out")
 
 
 def counterfactual_with(
@@ -111,23 +156,38 @@ def counterfactual_with(
     particles: int = 1,
     mode: str | None = None,
     echo: Callable[[str], None] = print,
+    diff: Path | str | None = None,
 ) -> dict[str, Any]:
     """``counterfactual`` on a loaded run (see there)."""
+    _parse_all(interventions, run.info)
+    _pick_mode(run, mode)
+    src = read_source(run, input)
+    _check_outputs(src, out, diff)
+    return _answer(run, src, input, interventions, out, png, particles, mode, echo, diff)
+
+
+def _answer(
+    run: Any,
+    src: Source,
+    input: str | Path,
+    interventions: list[str],
+    out: Path | str,
+    png: Path | str | None,
+    particles: int,
+    mode: str | None,
+    echo: Callable[[str], None],
+    diff: Path | str | None,
+) -> dict[str, Any]:
+    """The what-if of a read input on a loaded run: measure, intervene, generate, write."""
     info: DatasetInfo = run.info
     device = torch.device(run.device)
-    parsed = [parse_intervention(t, info) for t in interventions]
-    seen: set[str] = set()
-    for p in parsed:
-        if p.variable in seen:
-            raise UserError(f"--do: {p.variable!r} is given twice")
-        seen.add(p.variable)
+    parsed = _parse_all(interventions, info)
     mode = _pick_mode(run, mode)
     dscm = DSCM(info, run.mechanisms, run.generators[mode])
     eval_seg = run.eval_segmentor if run.eval_segmentor is not None else run.segmentor
     for module in (dscm.generator, run.segmentor, eval_seg, run.mechanisms, run.regressor):
         if module is not None:
             module.to(device).eval()
-    src = _read_input(run, input)
     x = src.image.to(device)
     regions = None if src.regions is None else src.regions.to(device)
     meas = Measurer(info)
@@ -142,36 +202,39 @@ def counterfactual_with(
             raise UserError(
                 f"{what}: the {mode!r} generator's counterfactual image has NaN or infinite pixels (nothing written)"
             )
-        before = meas(eval_seg(x), regions, src.spacing)[0] if eval_seg is not None else None
-        after = meas(eval_seg(x_cf), regions, src.spacing)[0] if eval_seg is not None else None
+        seg_before = eval_seg(x) if eval_seg is not None else None
+        seg_after = eval_seg(x_cf) if eval_seg is not None else None
+        before = meas(seg_before, regions, src.spacing)[0] if seg_before is not None else None
+        after = meas(seg_after, regions, src.spacing)[0] if seg_after is not None else None
 
     out = Path(out)
-    write_tiff(out, src.from_unit(x_cf[0, 0].cpu().numpy()), src.spacing)
+    x_np, cf_np = x[0, 0].cpu().numpy(), x_cf[0, 0].cpu().numpy()
+    written = src.written(x_np, cf_np)
+    src.save(out, written)
+    if diff is not None:
+        src.save(Path(diff), (written.astype(np.float64) - src.factual).astype(np.float32))
     std_path = std = None
     if var_map is not None and int(particles) > 1:
         std = var_map[0, 0].clamp_min(0).sqrt().cpu().numpy()
-        std_path = out.with_name(out.stem + "_std" + (out.suffix or ".tif"))
-        write_tiff(std_path, (std * src.half_range).astype(np.float32), src.spacing)
+        std_path = _sibling(out, "_std")
+        src.save(std_path, src.back(std.astype(np.float64) * src.half_range).astype(np.float32))
+    section = None
     if png is not None:
-        from segcft.figures import counterfactual_png
-
-        focus = None
-        changed = [v for v in info.structure_variables if v.name in targets]
-        if after is not None and changed:
-            focus = meas.structure_mask(changed[0], eval_seg(x_cf).argmax(1), regions)[0].cpu().numpy()
-        title = ", ".join(interventions) + f" ({mode})"
-        counterfactual_png(
-            x[0, 0].cpu().numpy(), x_cf[0, 0].cpu().numpy(), png, std=std, title=title, focus=focus, spacing=src.spacing
-        )
+        focus = _focus(info, targets, intended, phys, meas, seg_before, seg_after, regions)
+        section = _png(png, src, x_np, cf_np, std, ", ".join(interventions) + f" ({mode})", focus)
 
     result = {
         "input": str(input),
         "output": str(out),
+        "diff": None if diff is None else str(diff),
         "png": None if png is None else str(png),
+        "section": section,
         "uncertainty": None if std_path is None else str(std_path),
         "mode": mode,
         "abducted": src.parents is None,
+        "format": src.format,
         "spacing": list(src.spacing),
+        "output_spacing": list(src.out_spacing),
         "dtype": str(src.dtype),
         "variables": _rows(info, targets, phys, intended, before, after),
     }
@@ -180,10 +243,73 @@ def counterfactual_with(
     return result
 
 
+def _sibling(path: Path, tag: str) -> Path:
+    """``cf.nii.gz`` -> ``cf<tag>.nii.gz``: a file beside ``path`` with the same format suffix."""
+    name = path.name
+    fmt = suffix_format(path)
+    sfx = next((s for s in FORMATS.get(fmt or "", ()) if name.lower().endswith(s)), path.suffix)
+    return path.with_name(name[: len(name) - len(sfx)] + tag + (sfx or ".tif"))
+
+
+def _focus(
+    info: DatasetInfo,
+    targets: Mapping[str, torch.Tensor],
+    intended: torch.Tensor,
+    phys: torch.Tensor,
+    meas: Measurer,
+    seg_before: torch.Tensor | None,
+    seg_after: torch.Tensor | None,
+    regions: torch.Tensor | None,
+) -> tuple[str, list[np.ndarray]] | None:
+    """The structure the figure follows (the first intervened structure variable, else the
+    first one the intervention moves) and its masks in the factual and the counterfactual."""
+    if seg_before is None or seg_after is None:
+        return None
+    moved = [v for v in info.structure_variables if v.name in targets]
+    moved += [
+        v for v in info.structure_variables if abs(float(intended[info.index(v.name)] - phys[info.index(v.name)])) > 0
+    ]
+    if not moved:
+        return None
+    var = moved[0]
+    masks = [meas.structure_mask(var, s.argmax(1), regions)[0].cpu().numpy() for s in (seg_before, seg_after)]
+    assert var.measure is not None
+    return var.measure.structure, masks
+
+
+def _png(
+    png: Path | str,
+    src: Source,
+    x: np.ndarray,
+    x_cf: np.ndarray,
+    std: np.ndarray | None,
+    title: str,
+    focus: tuple[str, list[np.ndarray]] | None,
+) -> int | None:
+    """Factual, counterfactual and difference (in the input's units) through the structure;
+    returns the index of the section shown in 3D."""
+    from segcft.figures import counterfactual_png, focus_section
+
+    structure, masks = focus if focus is not None else (None, [])
+    counterfactual_png(
+        x,
+        x_cf,
+        png,
+        std=std,
+        title=title,
+        spacing=src.spacing,
+        masks=masks,
+        structure=structure,
+        scale=src.half_range,
+        unit="input units",
+    )
+    return focus_section(x, masks)
+
+
 def _parents(
     run: Any,
     dscm: DSCM,
-    src: _Input,
+    src: Source,
     x: torch.Tensor,
     regions: torch.Tensor | None,
     meas: Measurer,
@@ -266,9 +392,12 @@ def _rows(
     return rows
 
 
-def _what_if_lines(result: Mapping[str, Any], notes: list[str], src: _Input) -> list[str]:
+def _what_if_lines(result: Mapping[str, Any], notes: list[str], src: Source) -> list[str]:
     spacing = " x ".join(f"{s:g}" for s in result["spacing"])
-    lines = [f"input {result['input']}: shape {tuple(src.image.shape[2:])}, {result['dtype']}, spacing {spacing} mm"]
+    lines = [
+        f"input {result['input']} ({src.label}): {result['format']}, {result['dtype']}, {tuple(src.factual.shape)}; "
+        f"on the run's grid {tuple(src.image.shape[2:])} at {spacing} mm"
+    ]
     lines += notes
     word = measure_words(len(result["spacing"]))[0]
     lines.append(f"generator: {result['mode']}; measured by the evaluation segmentor (soft {word})")
@@ -288,114 +417,12 @@ def _what_if_lines(result: Mapping[str, Any], notes: list[str], src: _Input) -> 
         )
     lines.append(
         f"wrote {result['output']}"
+        + (f", {result['diff']} (counterfactual - factual)" if result["diff"] else "")
         + (f", {result['uncertainty']}" if result["uncertainty"] else "")
         + (f", {result['png']}" if result["png"] else "")
+        + (f" (section {result['section']})" if result["section"] is not None else "")
     )
     return lines
-
-
-@dataclass
-class _Input:
-    """An input image in the generator's [-1, 1] window, with what is needed to undo it."""
-
-    image: torch.Tensor  # (1, 1, *S)
-    parents: torch.Tensor | None  # (P,) normalised, None for files
-    regions: torch.Tensor | None  # (1, *S)
-    spacing: tuple[float, ...]
-    dtype: np.dtype
-    lo: float
-    hi: float
-    notes: list[str]
-
-    @property
-    def half_range(self) -> float:
-        return (self.hi - self.lo) / 2.0
-
-    def from_unit(self, a: np.ndarray) -> np.ndarray:
-        """[-1, 1] -> the input's intensity range and dtype (rounded and clipped for integers)."""
-        v = (np.clip(a.astype(np.float64), -1.0, 1.0) + 1.0) * self.half_range + self.lo
-        if np.issubdtype(self.dtype, np.integer):
-            lim = np.iinfo(self.dtype)
-            v = np.clip(np.rint(v), max(lim.min, self.lo), min(lim.max, self.hi))
-        elif self.dtype == np.bool_:
-            return (v >= 0.5 * (self.lo + self.hi)).astype(self.dtype)
-        return v.astype(self.dtype)
-
-
-_SAMPLE_ID = re.compile(r"^(?:(train|val|test):)?(\d+)$")
-
-
-def _read_input(run: Any, input: str | Path) -> _Input:
-    info: DatasetInfo = run.info
-    text = str(input)
-    m = _SAMPLE_ID.fullmatch(text.strip())
-    if m and not Path(text).exists():
-        split, idx = m.group(1) or "test", int(m.group(2))
-        ds = run.dataset(split)
-        if idx >= len(ds):
-            raise UserError(f"--input {text!r}: the {split} split has {len(ds)} samples (0..{len(ds) - 1})")
-        item = ds[idx]
-        image = torch.as_tensor(item["image"]).float().unsqueeze(0)
-        regions = item.get("regions")
-        return _Input(
-            image=image,
-            parents=torch.as_tensor(item["parents"]).float(),
-            regions=None if regions is None else torch.as_tensor(regions).long().unsqueeze(0),
-            spacing=tuple(info.spacing),
-            dtype=np.dtype(np.float32),
-            lo=-1.0,
-            hi=1.0,
-            notes=[f"parents: recorded values of {split} sample {idx}"],
-        )
-    path = Path(text)
-    if not path.is_file():
-        raise UserError(f"--input {text!r}: no such TIFF file, and not a sample id such as test:12")
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        raise UserError(f"--input {path}: expected a .tif/.tiff file")
-    try:
-        array, spacing = read_tiff(path)
-    except UserError as e:
-        raise UserError(f"--input {e}") from None
-    squeezed = np.squeeze(array)
-    if squeezed.ndim != info.spatial_dims or tuple(squeezed.shape) != tuple(info.shape):
-        raise UserError(
-            f"--input {path}: image of shape {tuple(array.shape)} does not fit the run's "
-            f"{info.spatial_dims}D images of shape {tuple(info.shape)}"
-        )
-    if squeezed.dtype.kind not in "biuf":
-        raise UserError(f"--input {path}: unsupported pixel type {squeezed.dtype}")
-    values = squeezed.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise UserError(f"--input {path}: the image contains NaN or infinite values")
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        raise UserError(f"--input {path}: the image is constant ({lo:g}); nothing to edit")
-    unit = torch.from_numpy(((values - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32))
-    notes = [f"intensity window of the input: [{lo:g}, {hi:g}] -> [-1, 1]"]
-    if spacing is None:
-        spacing = tuple(info.spacing)
-        notes.append("no spacing in the TIFF tags: using the run's spacing")
-    elif any(abs(a - b) > 1e-3 * max(abs(b), 1e-12) for a, b in zip(spacing, info.spacing)):
-        notes.append(
-            f"warning: the input's spacing {tuple(spacing)} differs from the run's {tuple(info.spacing)}; "
-            f"{measure_words(info.spatial_dims)[0]} use the input's spacing"
-        )
-    regional = [v.name for v in info.structure_variables if v.measure is not None and v.measure.region]
-    if regional:
-        raise UserError(
-            f"--input {path}: the run has region-level variables ({', '.join(regional)}) and a TIFF file carries no "
-            "region map; use a sample id such as test:12"
-        )
-    return _Input(
-        image=unit.reshape(1, 1, *info.shape),
-        parents=None,
-        regions=None,
-        spacing=tuple(float(s) for s in spacing),
-        dtype=squeezed.dtype,
-        lo=lo,
-        hi=hi,
-        notes=notes,
-    )
 
 
 def _abduct_parents(
