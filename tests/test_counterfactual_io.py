@@ -21,7 +21,7 @@ from torch import nn
 
 from segcft.cli import cli
 from segcft.config import RunConfig
-from segcft.data.configs import NiftiConfig
+from segcft.data.configs import NiftiConfig, TiffConfig
 from segcft.errors import UserError
 from segcft.evaluate import counterfactual_with
 
@@ -133,7 +133,7 @@ def _quiet(s: str) -> None:
 def _store_sra(cohort: Path, folder: str, to: Path) -> Path:
     """Subject s0 (stored RAS at 1 x 1 x 2 mm) stored again with axes (S, R, A): a cyclic
     permutation, which unlike flips and swaps is not its own inverse."""
-    arr, img = _load(cohort / folder / "s0.nii.gz")
+    arr, _ = _load(cohort / folder / "s0.nii.gz")
     aff = np.zeros((4, 4))
     aff[2, 0], aff[0, 1], aff[1, 2], aff[3, 3] = 2.0, 1.0, 1.0, 1.0
     to.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,9 @@ def test_identity_returns_the_input_within_the_window(tmp_path, stub, cohort):
 
 def test_subject_id_equals_its_file_and_uses_recorded_parents(tmp_path, stub, cohort):
     lines: list[str] = []
-    res = counterfactual_with(stub, "s6", ["lesion_volume=x1.2"], tmp_path / "a.nii.gz", mode="corner", echo=lines.append)
+    res = counterfactual_with(
+        stub, "s6", ["lesion_volume=x1.2"], tmp_path / "a.nii.gz", mode="corner", echo=lines.append
+    )
     assert res["abducted"] is False and res["variables"]["age"]["before"] == pytest.approx(70.0)
     assert any("subject s6" in line for line in lines)
     # test:0 is the same subject (s6 is the first of the test split)
@@ -277,8 +279,82 @@ def test_bad_inputs_one_line(tmp_path, stub, make, out, message):
 
 def test_missing_nibabel_names_the_extra(tmp_path, stub, cohort, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    with pytest.raises(UserError, match=r'--input .*s1.nii.gz: reading NIfTI needs nibabel; pip install "segcft\[nifti\]"'):
+    with pytest.raises(
+        UserError, match=r'--input .*s1.nii.gz: reading NIfTI needs nibabel; pip install "segcft\[nifti\]"'
+    ):
         counterfactual_with(stub, cohort / "images" / "s1.nii.gz", ["age=60"], tmp_path / "cf.nii.gz", echo=_quiet)
+
+
+class ShiftGenerator(nn.Module):
+    """Adds ``shift`` to the last two indices of every spatial axis, in 2D or 3D."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def counterfactual(
+        self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int = 1
+    ) -> tuple[torch.Tensor, None]:
+        out = x.clone()
+        corner = (slice(None), slice(None)) + (slice(-2, None),) * (x.dim() - 2)
+        out[corner] = (out[corner] + self.shift).clamp(-1.0, 1.0)
+        return out, None
+
+
+@dataclass
+class TiffStub:
+    """A what-if run on a TIFF folder dataset fitted by ``fit`` to ``size``; recorded parents only."""
+
+    root: Path
+    size: tuple[int, ...]
+    fit: str
+    config: RunConfig = field(default_factory=RunConfig)
+    device: str = "cpu"
+    mechanisms: nn.Module = field(default_factory=SetSCM)
+    segmentor: None = None
+    eval_segmentor: None = None
+    regressor: None = None
+    generators: dict[str, nn.Module] = field(default_factory=lambda: {"shift": ShiftGenerator(0.3)})
+
+    def __post_init__(self) -> None:
+        self.config.dataset.name = "tiff"
+        self.info = self.dataset("train").info
+
+    def dataset(self, split: str) -> Any:
+        from segcft.data import tiff
+
+        return tiff.build(TiffConfig(path=str(self.root), size=self.size, fit=self.fit), split)
+
+
+@pytest.fixture(scope="module")
+def cxr_folder(tmp_path_factory) -> Path:
+    from segcft.data import tools
+    from segcft.data.configs import CXRPhantomConfig
+
+    return tools.export_dataset("cxr-phantom", CXRPhantomConfig(), tmp_path_factory.mktemp("cxr") / "ds", 5)
+
+
+@pytest.mark.parametrize("fit, size", [("crop", (40, 40)), ("resize", (32, 32))])
+def test_tiff_subject_written_back_through_the_fit(cxr_folder, tmp_path, fit, size):
+    import tifffile
+
+    root = cxr_folder
+    run = TiffStub(root, size, fit)
+    res = counterfactual_with(run, "train_00001", ["age=60"], tmp_path / "cf.tiff", mode="shift", echo=_quiet)
+    assert res["format"] == "tiff" and res["abducted"] is False
+    x = tifffile.imread(root / "images" / "train_00001.tif")
+    with tifffile.TiffFile(tmp_path / "cf.tiff") as tif:
+        y = tif.asarray()
+        assert tif.shaped_metadata[0]["spacing"] == pytest.approx(run.dataset("train").spec.spacing)
+    assert y.shape == x.shape == (64, 64) and y.dtype == x.dtype
+    change = y.astype(np.float64) - x
+    if fit == "crop":  # the grid's corner [38:40] is the file's [50:52]; the rest is the input, exactly
+        inside = np.zeros_like(change, dtype=bool)
+        inside[50:52, 50:52] = True
+        assert np.array_equal(y[~inside], x[~inside]) and (np.abs(change[inside]) > 0.1).any()
+    else:  # resized back: only the file's bottom-right corner moves
+        assert np.array_equal(y[:56], x[:56]) and np.array_equal(y[:, :56], x[:, :56])
+        assert (np.abs(change[60:, 60:]) > 0.1).any()
 
 
 # -- end to end on one smoke run ------------------------------------------------------------------
@@ -330,7 +406,8 @@ def test_cli_errors_exit_2_before_the_model_loads(tmp_path, smoke_run, monkeypat
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(segcft.run, "load_run", never)
-    args = ["counterfactual", "--run", str(smoke_run), "--do", "age=60", "--input", input_, "--out", str(tmp_path / out)]
+    out_path = str(tmp_path / out)
+    args = ["counterfactual", "--run", str(smoke_run), "--do", "age=60", "--input", input_, "--out", out_path]
     res = CliRunner().invoke(cli, args, prog_name="segcft")
     assert res.exit_code == 2, res.output
     assert message in res.output and len(res.output.strip().splitlines()) == 1
