@@ -72,10 +72,10 @@ class CornerGenerator(nn.Module):
 
     def counterfactual(
         self, x: torch.Tensor, pa: torch.Tensor, pa_cf: torch.Tensor, particles: int = 1
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = x.clone()
         out[..., -2:, -2:, -2:] = (out[..., -2:, -2:, -2:] + self.shift).clamp(-1.0, 1.0)
-        return out, None
+        return out, (torch.full_like(x, 0.01) if particles > 1 else None)
 
 
 class ZeroRegressor(nn.Module):
@@ -182,13 +182,26 @@ def test_identity_returns_the_input_within_the_window(tmp_path, stub, cohort):
     y, got = _load(tmp_path / "cf.nii")
     assert got.get_data_dtype() == np.int16
     assert np.array_equal(y, np.clip(x.astype(np.int16), -1000, 1000))
+    # a header that scales its stored integers: float32 out, the scaled values within the window
+    scaled = nib.Nifti1Image(np.clip(x + 1024, 0, 4000).astype(np.int16), img.affine)
+    scaled.header.set_slope_inter(1.0, -1024.0)
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    x2, _ = _load(tmp_path / "scaled.nii.gz")
+    counterfactual_with(stub, tmp_path / "scaled.nii.gz", ["age=60"], tmp_path / "s.nii", mode="identity", echo=_quiet)
+    y2, got2 = _load(tmp_path / "s.nii")
+    assert got2.get_data_dtype() == np.float32 and np.array_equal(y2, np.clip(x2, -1000, 1000).astype(np.float32))
 
 
 def test_subject_id_equals_its_file_and_uses_recorded_parents(tmp_path, stub, cohort):
     lines: list[str] = []
     res = counterfactual_with(
-        stub, "s6", ["lesion_volume=x1.2"], tmp_path / "a.nii.gz", mode="corner", echo=lines.append
+        stub, "s6", ["lesion_volume=x1.2"], tmp_path / "a.nii.gz", mode="corner", echo=lines.append, particles=2
     )
+    assert res["uncertainty"] == str(tmp_path / "a_std.nii.gz")
+    std, std_img = _load(tmp_path / "a_std.nii.gz")
+    source = nib.load(str(cohort / "images" / "s6.nii.gz"))
+    assert std.shape == source.shape and np.allclose(std_img.affine, source.affine)
+    assert np.allclose(std, 100.0, atol=1e-2)  # variance 0.01 on [-1, 1]: std 0.1 = 100 HU
     assert res["abducted"] is False and res["variables"]["age"]["before"] == pytest.approx(70.0)
     assert any("subject s6" in line for line in lines)
     # test:0 is the same subject (s6 is the first of the test split)

@@ -214,8 +214,8 @@ def _subject(run: Any, ds: Any, split: str, idx: int) -> Source:
 
 def _nifti_dtype(img: Any) -> np.dtype:
     """On-disk dtype of a NIfTI image; float32 when its header scales the stored values."""
-    slope, inter = img.header.get_slope_inter()
-    scaled = (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
+    slope, inter = (float(getattr(img.dataobj, k, d)) for k, d in (("slope", 1.0), ("inter", 0.0)))
+    scaled = slope != 1.0 or inter != 0.0
     return np.dtype(np.float32) if scaled else np.dtype(img.get_data_dtype())
 
 
