@@ -7,6 +7,7 @@ by the module, checks the command end to end."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -276,17 +277,28 @@ def _other_fov(path: Path) -> Path:
 @pytest.mark.parametrize(
     "make, out, message",
     [
-        (lambda d: d / "missing.nii.gz", "cf.nii.gz", "--input '.*missing.nii.gz': no such NIfTI file"),
-        (lambda d: "case_999", "cf.nii.gz", "--input 'case_999': no such file, subject id .*ids such as s6, s7"),
-        (lambda d: _bad_header(d / "bad.nii.gz"), "cf.nii.gz", r"--input .*bad.nii.gz: cannot read the NIfTI file"),
-        (lambda d: _other_fov(d / "fov.nii"), "cf.nii.gz", r"resampled to the run's spacing .* has shape \(5, 3, 3\)"),
-        (lambda d: "s6", "cf.tif", "--out .*cf.tif: the input is NIfTI .*name the file with .nii.gz or .nii"),
-        (lambda d: "test:9", "cf.nii.gz", "the test split has 2 samples"),
+        (lambda d, c: d / "missing.nii.gz", "cf.nii.gz", "--input '.*missing.nii.gz': no such NIfTI file"),
+        (lambda d, c: "case_999", "cf.nii.gz", "--input 'case_999': no such file, subject id .*ids such as s6, s7"),
+        (lambda d, c: _bad_header(d / "bad.nii.gz"), "cf.nii.gz", r"--input .*bad.nii.gz: cannot read the NIfTI file"),
+        (
+            lambda d, c: _other_fov(d / "fov.nii"),
+            "cf.nii.gz",
+            r"resampled to the run's spacing .* has shape \(5, 3, 3\)",
+        ),
+        (lambda d, c: "s6", "cf.tif", "--out .*cf.tif: the input is NIfTI .*name the file with .nii.gz or .nii"),
+        (lambda d, c: "test:9", "cf.nii.gz", "the test split has 2 samples"),
+        (
+            lambda d, c: shutil.copy(c / "images" / "s1.nii.gz", d / "in.nii.gz"),
+            "in.nii.gz",
+            "--out .*in.nii.gz: is the input file",
+        ),
+        (lambda d, c: "s6", "COHORT/cf.nii.gz", "--out .*cf.nii.gz: inside the dataset folder"),
     ],
 )
-def test_bad_inputs_one_line(tmp_path, stub, make, out, message):
+def test_bad_inputs_one_line(tmp_path, stub, cohort, make, out, message):
+    out_path = cohort / out[7:] if out.startswith("COHORT/") else tmp_path / out
     with pytest.raises(UserError, match=message) as e:
-        counterfactual_with(stub, str(make(tmp_path)), ["age=60"], tmp_path / out, echo=_quiet)
+        counterfactual_with(stub, str(make(tmp_path, cohort)), ["age=60"], out_path, echo=_quiet)
     assert "\n" not in str(e.value)
 
 

@@ -61,6 +61,8 @@ class Source:
     back: Callable[[np.ndarray], np.ndarray] = _identity  # a map on the run's grid -> the input's grid
     notes: list[str] = field(default_factory=list)
     out_spacing: tuple[float, ...] = ()  # mm per axis of the written files
+    origin: Path | None = None  # the file read, never written over
+    folder: Path | None = None  # the dataset folder it lies in, never written into
 
     @property
     def half_range(self) -> float:
@@ -94,6 +96,11 @@ class Source:
                 f"{option} {path}: the input is {name} ({self.label}), so results are written as {name}; "
                 f"name the file with {' or '.join(FORMATS[self.format])}"
             )
+        target = Path(path).expanduser().resolve()
+        if self.origin is not None and target == self.origin.resolve():
+            raise UserError(f"{option} {path}: is the input file; write the counterfactual to another file")
+        if self.folder is not None and target.is_relative_to(self.folder.resolve()):
+            raise UserError(f"{option} {path}: inside the dataset folder {self.folder}; segcft never writes into it")
 
 
 def read_source(run: Any, input: str | Path) -> Source:
@@ -178,6 +185,8 @@ def _subject(run: Any, ds: Any, split: str, idx: int) -> Source:
         regions=_item_regions(item),
         spacing=tuple(run.info.spacing),
         label=f"subject {sid}, {split} sample {idx}",
+        origin=path,
+        folder=Path(ds.root),
         notes=[f"subject {sid} ({path.name}, {split} sample {idx}); parents: its recorded values"],
     )
     if hasattr(ds, "geometry"):
@@ -278,6 +287,7 @@ def _nifti_file(run: Any, path: Path) -> Source:
         back=lambda d: nifti.grid_to_file(d, geom, tuple(info.spacing)),
         notes=notes,
         out_spacing=geom.spacing,
+        origin=path,
     )
 
 
@@ -333,4 +343,5 @@ def _tiff_file(run: Any, path: Path) -> Source:
         save=lambda p, a: write_tiff(p, a, sp),
         notes=notes,
         out_spacing=sp,
+        origin=path,
     )
