@@ -198,15 +198,18 @@ def test_evaluate_and_counterfactual_call_the_library(monkeypatch, tmp_path):
         monkeypatch,
         "segcft.evaluate",
         evaluate_run=lambda run_dir, split="test", n=None: seen.update(evaluate=(run_dir, split, n)) or {},
-        counterfactual=lambda run_dir, input, interventions, out, png=None, particles=1, mode=None, echo=print:
-            seen.update(cf=(run_dir, input, interventions, out, png, particles, mode)) or {"out": str(out)},
+        counterfactual=lambda run_dir, input, interventions, out, png=None, particles=1, mode=None, echo=print,
+            diff=None: seen.update(cf=(run_dir, input, interventions, out, png, particles, mode, diff)) or {},
     )
     assert run("evaluate", "--run", str(tmp_path), "--split", "val", "--n", "5").exit_code == 0
     assert seen["evaluate"] == (tmp_path, "val", 5)
     res = run("counterfactual", "--run", str(tmp_path), "--input", "12", "--do", "heart_area=+20%",
-              "--do", "age=x1.2", "--out", str(tmp_path / "cf.tiff"), "--particles", "4", "--mode", "seg")
+              "--do", "age=x1.2", "--out", str(tmp_path / "cf.tiff"), "--particles", "4", "--mode", "seg",
+              "--diff", str(tmp_path / "d.tiff"))
     assert res.exit_code == 0, res.output
-    assert seen["cf"] == (tmp_path, "12", ["heart_area=+20%", "age=x1.2"], tmp_path / "cf.tiff", None, 4, "seg")
+    assert seen["cf"] == (
+        tmp_path, "12", ["heart_area=+20%", "age=x1.2"], tmp_path / "cf.tiff", None, 4, "seg", tmp_path / "d.tiff"
+    )
     bad = run("counterfactual", "--run", str(tmp_path), "--input", "1", "--do", "age", "--out", "x.tiff")
     assert bad.exit_code == 2 and "expected VAR=VALUE" in bad.output
 
