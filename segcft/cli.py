@@ -453,7 +453,7 @@ def counterfactual_command(
 ) -> None:
     """Generate the counterfactual of one image under interventions on its variables, written
     in the input's format and geometry (NIfTI: same affine, shape and orientation, intensities
-    through the inverse of the dataset's window)."""
+    through the inverse of the dataset's window; values the window clipped stay clipped)."""
     counterfactual = _library("segcft.evaluate", "counterfactual", "counterfactual")
     counterfactual(
         run_dir, input_, interventions, out, png=png, particles=particles, mode=mode, echo=click.echo, diff=diff
