@@ -42,10 +42,13 @@ from segcft.data.folder import (
     SPEC_FILE,
     SPLIT_NAMES,
     BadValues,
+    FolderDataset,
     Problem,
     Spec,
     Table,
     check_values,
+    crop_pad,
+    dataset_info,
     inside,
     measure_sample,
     raise_problems,
@@ -54,7 +57,7 @@ from segcft.data.folder import (
 from segcft.data.folder import measure as folder_measure
 from segcft.data.folder import scan as folder_scan
 from segcft.data.imageio import MAX_VOXELS
-from segcft.data.variables import DatasetInfo, fit_normalisation
+from segcft.data.variables import DatasetInfo
 from segcft.errors import DatasetError
 
 SUFFIXES = (".nii.gz", ".nii")
@@ -283,66 +286,22 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if table.measured:
         m = measure(root, spec, table)
         table.values[:, table.measured] = m[:, table.measured]
-    train = table.values[[s == "train" for s in table.splits]]
-    info = DatasetInfo(
-        name=spec.name,
-        spatial_dims=3,
-        shape=target,
-        spacing=spacing,
-        structures=dict(spec.structures),
-        variables=list(spec.variables),
-        normalisation=fit_normalisation(spec.variables, train.tolist()),
-        regions=dict(spec.regions),
-    )
+    info = dataset_info(spec, table, target, spacing)
     return spec, table, info, geoms
 
 
-def _crop_pad(t: Any, target: tuple[int, ...], fill: float) -> Any:
-    """Centre crop or pad ``t`` to ``target`` (the ``tiff`` format's crop rule)."""
-    import torch
-
-    if tuple(t.shape) == target:
-        return t
-    out = torch.full(target, fill, dtype=t.dtype)
-    src, dst = [], []
-    for n, m in zip(t.shape, target):
-        a = abs(n - m) // 2
-        src.append(slice(a, a + m) if n >= m else slice(0, n))
-        dst.append(slice(0, m) if n >= m else slice(a, a + n))
-    out[tuple(dst)] = t[tuple(src)]
-    return out
-
-
-class NiftiDataset:
+class NiftiDataset(FolderDataset):
     """One split of a NIfTI dataset folder; items are read, reoriented and resampled on access."""
 
     def __init__(
         self, root: Path, spec: Spec, table: Table, info: DatasetInfo, geoms: dict[str, Geometry], split: str
     ) -> None:
-        import torch
-
-        self.root = root
-        self.info = info
-        self.split = split
-        self._spec = spec
+        super().__init__(root, spec, table, info, split, suffix=".nii.gz")
         self._geoms = geoms
-        sel = [i for i, s in enumerate(table.splits) if s == split]
-        self.ids = [table.ids[i] for i in sel]
-        self._parents = (
-            torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
-        )
-        self._positions = sel
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def geometry(self, sid: str) -> Geometry:
         """The original affine, shape and voxel sizes of sample ``sid`` (to write outputs back)."""
         return self._geoms[sid]
-
-    def physical_parents(self) -> np.ndarray:
-        """(N, P) physical variable values of the split (float64)."""
-        return self.info.denormalise(self._parents.double().numpy())
 
     def canonical(self, folder: str, sid: str) -> Any:
         """File ``folder/<sid>`` reoriented to RAS+, axes (D, H, W) = (S, A, R), resampled to the
@@ -359,27 +318,23 @@ class NiftiDataset:
             t = torch.from_numpy(window(t.numpy(), self._spec))
             if tuple(t.shape) != size:
                 t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-            return _crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)
+            return crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)
         if tuple(t.shape) != size:
             t = F.interpolate(t[None, None].double(), size=size, mode="nearest-exact")[0, 0].round().long()
-        return _crop_pad(t, self.info.shape, 0)
+        return crop_pad(t, self.info.shape, 0)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
+    def read(self, folder: str, sid: str) -> Any:
+        """Items are ``canonical`` (at the dataset shape already; ``fit`` leaves them as they are)."""
+        return self.canonical(folder, sid)
 
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        i = i % len(self)
-        sid = self.ids[i]
-        item = {
-            "image": self.canonical("images", sid).unsqueeze(0),
-            "mask": self.canonical("masks", sid),
-            "parents": self._parents[i],
-            "index": torch.tensor(self._positions[i], dtype=torch.int64),
-        }
-        if self._spec.regions:
-            item["regions"] = self.canonical("regions", sid)
-        return item
+    def fit(self, t: Any, folder: str) -> Any:
+        """``t`` unchanged: ``canonical`` already resampled and cropped it."""
+        return t
+
+
+def check(config: NiftiConfig) -> list[Problem]:
+    """Every problem of the folder at ``config.path`` (layout, dataset.yaml, CSV, each file decoded)."""
+    return scan(Path(config.path).expanduser().resolve(), deep=True)[3]
 
 
 def build(config: NiftiConfig, split: str) -> NiftiDataset:
