@@ -1,9 +1,9 @@
-"""nifti: user datasets of 3D NIfTI images (CT in HU, say), label masks and a CSV of variables.
+"""nifti: user datasets of NIfTI images (3D CT in HU, say), label masks and a CSV of variables.
 
 Layout (nothing is ever written into this folder)::
 
     DATASET/dataset.yaml
-    DATASET/images/<id>.nii.gz   3D, any orientation and voxel size (``.nii`` too)
+    DATASET/images/<id>.nii.gz   3D, any orientation and voxel size (``.nii`` too); 2D: one slice
     DATASET/masks/<id>.nii.gz    same grid, integer labels (0 background)
     DATASET/regions/<id>.nii.gz  optional, same grid, integer region ids (0 outside)
     DATASET/attributes.csv       column ``id``, one column per variable, optional ``split``
@@ -24,6 +24,8 @@ sample's original affine, shape and voxel sizes, to write outputs back on its gr
 Every file is checked as it is read, as in the ``tiff`` format: at most MAX_VOXELS voxels and
 3 axes (from the header, before decoding), inside the dataset folder, finite image values,
 declared mask and region labels (integer dtype, or floats holding whole numbers).
+A 2D dataset (``spatial_dims: 2``) stores each image as one axial slice; its (H, W) are (A, R)
+and its structure variables are areas (label count times pixel area).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from segcft.data.folder import (
     inside,
     measure_sample,
     raise_problems,
+    resize,
     window,
 )
 from segcft.data.folder import measure as folder_measure
@@ -128,12 +131,14 @@ def _inside(root: Path, folder: str, sid: str) -> Path:
 
 def _open(path: Path) -> tuple[Any, Geometry]:
     """The nibabel image (data not decoded) and its geometry, checked from the header alone:
-    3 axes (a trailing axis of length 1 is dropped) and at most MAX_VOXELS voxels."""
+    3 axes (a trailing axis of length 1 is dropped; a 2D array is one slice) and at most MAX_VOXELS voxels."""
     nib = _nibabel()
     img = nib.load(str(path))
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
+    if len(shape) == 2:
+        shape = (*shape, 1)
     if len(shape) != 3:
         raise BadValues(f"expected a 3D image (spatial_dims), got shape {shape}")
     if 0 in shape:
@@ -212,9 +217,6 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
     """Check every image, mask and region file of the table (headers only unless ``deep``:
     then also decode them and check values); returns the geometry of each readable image."""
     _nibabel()
-    if spec.spatial_dims != 3:
-        problems.append(Problem(f"NIfTI datasets are 3D, got {spec.spatial_dims}", SPEC_FILE, key="spatial_dims"))
-        return {}
     geoms: dict[str, Geometry] = {}
     folders = ["images", "masks"] + (["regions"] if spec.regions else [])
     listed = set(table.ids)
@@ -230,6 +232,11 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
         image = got["images"]
         if image is None:
             continue
+        if spec.spatial_dims == 2 and image.canonical_shape()[0] != 1:
+            problems.append(
+                Problem(f"expected one axial slice (spatial_dims 2), got shape {image.shape}", f"images/{sid}.nii.gz")
+            )
+            continue
         geoms[sid] = image
         for folder in folders[1:]:
             g = got[folder]
@@ -244,11 +251,12 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
 
 
 def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
-    """Volume (mm^3) of every structure variable: label count on the original voxels times
-    that file's voxel volume."""
+    """Volume (mm^3; area in mm^2 in 2D) of every structure variable: label count on the original
+    voxels times that file's voxel volume (pixel area)."""
     classes, geom = read_sample_file(root, spec, "masks", sid)
     regions = read_sample_file(root, spec, "regions", sid)[0] if spec.regions else None
-    return measure_sample(classes, regions, spec, geom.voxel_volume)
+    voxel = geom.voxel_volume if spec.spatial_dims == 3 else geom.voxel_volume / geom.canonical_spacing()[0]
+    return measure_sample(classes, regions, spec, voxel)
 
 
 def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, Geometry], list[Problem]]:
@@ -262,7 +270,10 @@ def measure(root: Path, spec: Spec, table: Table) -> np.ndarray:
 
 
 def _resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(geom.canonical_shape(), geom.canonical_spacing(), spacing))
+    """Canonical shape at ``spacing`` (in 2D, two entries: the slice's (H, W))."""
+    k = 3 - len(spacing)
+    pairs = zip(geom.canonical_shape()[k:], geom.canonical_spacing()[k:], spacing)
+    return tuple(max(1, round(n * s / t)) for n, s, t in pairs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -272,12 +283,15 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if problems:
         raise_problems(problems, root)
     assert spec is not None and table is not None
-    if size and len(size) != 3:
-        raise DatasetError(f"dataset {root}: size {list(size)} must have 3 entries (D, H, W)")
+    if size and len(size) != spec.spatial_dims:
+        raise DatasetError(f"dataset {root}: size {list(size)} must have {spec.spatial_dims} entries (spatial_dims)")
     train_ids = [sid for sid, s in zip(table.ids, table.splits) if s == "train"]
     spacing = spec.spacing
     if not spacing:
-        spacing = tuple(float(x) for x in np.median([geoms[s].canonical_spacing() for s in train_ids], axis=0))
+        spacing = tuple(
+            float(x)
+            for x in np.median([geoms[s].canonical_spacing()[3 - spec.spatial_dims :] for s in train_ids], axis=0)
+        )
     if size:
         target = tuple(size)
     else:
@@ -305,23 +319,21 @@ class NiftiDataset(FolderDataset):
 
     def canonical(self, folder: str, sid: str) -> Any:
         """File ``folder/<sid>`` reoriented to RAS+, axes (D, H, W) = (S, A, R), resampled to the
-        dataset spacing (images trilinear in HU, labels nearest) and cropped/padded to its shape."""
+        dataset spacing (images trilinear in HU, labels nearest) and cropped/padded to its shape;
+        in 2D, (H, W) = (A, R) of the one slice."""
         import torch
-        import torch.nn.functional as F
 
         arr, geom = read_sample_file(self.root, self._spec, folder, sid)
         nib = _nibabel()
         arr = nib.orientations.apply_orientation(arr, nib.orientations.io_orientation(geom.affine))
         t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+        if self.info.spatial_dims == 2:
+            t = t[0]
         size = _resampled_shape(geom, self.info.spacing)
         if folder == "images":
-            t = torch.from_numpy(window(t.numpy(), self._spec))
-            if tuple(t.shape) != size:
-                t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+            t = resize(torch.from_numpy(window(t.numpy(), self._spec)), size, True)
             return crop_pad(t.clamp(-1.0, 1.0), self.info.shape, -1.0)
-        if tuple(t.shape) != size:
-            t = F.interpolate(t[None, None].double(), size=size, mode="nearest-exact")[0, 0].round().long()
-        return crop_pad(t, self.info.shape, 0)
+        return crop_pad(resize(t, size, False), self.info.shape, 0)
 
     def read(self, folder: str, sid: str) -> Any:
         """Items are ``canonical`` (at the dataset shape already; ``fit`` leaves them as they are)."""
