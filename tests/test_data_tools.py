@@ -127,7 +127,8 @@ def test_export_writes_exactly_n_or_exits_2(tmp_path):
 
 def test_export_nifti_without_nibabel_says_which_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "a"), "--n", "3", "--format", "nifti")
+    out = str(tmp_path / "a")
+    res = run("data", "export", "--dataset", "cxr-phantom", "--out", out, "--n", "3", "--format", "nifti")
     assert res.exit_code == 2 and 'pip install "segcft[nifti]"' in res.output
     assert not (tmp_path / "a").exists()
 
