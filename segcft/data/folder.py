@@ -71,7 +71,9 @@ __all__ = [
     "Problem",
     "Spec",
     "Table",
+    "build_split",
     "check_files",
+    "check_folder",
     "check_values",
     "class_labels",
     "crop_pad",
@@ -228,6 +230,12 @@ def scan(
     return spec, table, found, problems
 
 
+def check_folder(fmt: FileFormat, path: str | Path) -> list[Problem]:
+    """Every problem of the folder at ``path`` in format ``fmt``: layout, dataset.yaml,
+    attributes.csv and each file decoded (what ``segcft data check`` reports); reads only."""
+    return scan(Path(path).expanduser().resolve(), True, functools.partial(check_files, fmt))[3]
+
+
 def measure(table: Table, spec: Spec, measure_one: Callable[[str], list[float]]) -> np.ndarray:
     """(N, P) measured structure variables (NaN for the others) of every sample, via the format's ``measure_one``."""
     rows = [measure_one(sid) for sid in table.ids]
@@ -367,3 +375,22 @@ class FolderDataset:
         if self._spec.regions:
             item["regions"] = self.fit(native["regions"], "regions")
         return item
+
+
+def build_split(
+    fmt: FileFormat,
+    path: str | Path,
+    split: str,
+    size: tuple[int, ...] = (),
+    fit: str = "resize",
+    dataset_class: type[FolderDataset] = FolderDataset,
+) -> FolderDataset:
+    """The ``split`` (train, val, test) of the folder at ``path`` in format ``fmt`` (see ``load``
+    for ``size`` and ``fit``); DatasetError listing the first problems of a folder that does not
+    meet the layout."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
+    if not str(path):
+        raise DatasetError("set path to the dataset folder (the one containing dataset.yaml)")
+    spec, table, info = load(fmt, path, size, fit)
+    return dataset_class(Path(path).expanduser().resolve(), spec, table, info, split, fmt=fmt, fit=fit)

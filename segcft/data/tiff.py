@@ -37,7 +37,8 @@ from segcft.data.folder import (
     Spec,
     Table,
     _read_yaml,
-    load,
+    build_split,
+    check_folder,
     measure_file,
     read_file,
 )
@@ -102,7 +103,7 @@ class TiffDataset(FolderDataset):
 
 def check(config: TiffConfig) -> list[Problem]:
     """Every problem of the folder at ``config.path`` (layout, dataset.yaml, CSV, each file decoded)."""
-    return scan(Path(config.path).expanduser().resolve(), deep=True)[3]
+    return check_folder(TIFF, config.path)
 
 
 def dataset_dims(config: TiffConfig) -> int | None:
@@ -125,6 +126,6 @@ def build(config: TiffConfig, split: str) -> TiffDataset:
         raise DatasetError("tiff dataset: set path to the dataset folder (the one containing dataset.yaml)")
     if config.fit not in ("resize", "crop"):
         raise DatasetError(f"tiff dataset: fit must be resize or crop, got {config.fit!r}")
-    root = Path(config.path).expanduser().resolve()
-    spec, table, info = load(TIFF, root, tuple(int(s) for s in config.size), config.fit)
-    return TiffDataset(root, spec, table, info, split, fmt=TIFF, fit=config.fit)
+    dataset = build_split(TIFF, config.path, split, tuple(int(s) for s in config.size), config.fit, TiffDataset)
+    assert isinstance(dataset, TiffDataset)
+    return dataset
