@@ -391,6 +391,6 @@ def build_split(
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
     if not str(path):
-        raise DatasetError("set path to the dataset folder (the one containing dataset.yaml)")
+        raise DatasetError(f"{fmt.name} dataset: set path to the dataset folder (the one containing {SPEC_FILE})")
     spec, table, info = load(fmt, path, size, fit)
     return dataset_class(Path(path).expanduser().resolve(), spec, table, info, split, fmt=fmt, fit=fit)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from segcft.data.configs import TiffConfig
 from segcft.data.folder import (
-    SPLIT_NAMES,
     BadValues,
     FileFormat,
     FolderDataset,
@@ -120,12 +120,7 @@ def dataset_dims(config: TiffConfig) -> int | None:
 def build(config: TiffConfig, split: str) -> TiffDataset:
     """The ``split`` (train, val, test) of the TIFF dataset at ``config.path``; raises
     DatasetError listing the first problems when the folder does not meet the layout."""
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
-    if not config.path:
-        raise DatasetError("tiff dataset: set path to the dataset folder (the one containing dataset.yaml)")
     if config.fit not in ("resize", "crop"):
         raise DatasetError(f"tiff dataset: fit must be resize or crop, got {config.fit!r}")
-    dataset = build_split(TIFF, config.path, split, tuple(int(s) for s in config.size), config.fit, TiffDataset)
-    assert isinstance(dataset, TiffDataset)
-    return dataset
+    size = tuple(int(s) for s in config.size)
+    return cast(TiffDataset, build_split(TIFF, config.path, split, size, config.fit, TiffDataset))
