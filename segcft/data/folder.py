@@ -77,8 +77,8 @@ __all__ = [
     "check_values",
     "class_labels",
     "crop_pad",
-    "dataset_info",
     "fit_shape",
+    "folder_info",
     "inside",
     "labels_to_classes",
     "load",
@@ -242,7 +242,7 @@ def measure(table: Table, spec: Spec, measure_one: Callable[[str], list[float]])
     return np.asarray(rows, dtype=np.float64).reshape(len(table.ids), len(spec.variables))
 
 
-def dataset_info(spec: Spec, table: Table, shape: tuple[int, ...], spacing: tuple[float, ...]) -> DatasetInfo:
+def folder_info(spec: Spec, table: Table, shape: tuple[int, ...], spacing: tuple[float, ...]) -> DatasetInfo:
     """The ``DatasetInfo`` of a folder at ``shape`` and ``spacing``, normalisation fitted on its train rows."""
     train = table.values[[s == "train" for s in table.splits]]
     return DatasetInfo(
@@ -283,7 +283,7 @@ def _load(
     spacing = spec.spacing
     if fit == "resize":
         spacing = tuple(sp * n / t for sp, n, t in zip(spec.spacing, native, target))
-    return spec, table, dataset_info(spec, table, target, spacing)
+    return spec, table, folder_info(spec, table, target, spacing)
 
 
 def measure_file(fmt: FileFormat, root: Path, spec: Spec, sid: str) -> list[float]:

@@ -50,7 +50,7 @@ from segcft.data.folder import (
     Table,
     check_values,
     crop_pad,
-    dataset_info,
+    folder_info,
     inside,
     measure_sample,
     raise_problems,
@@ -300,7 +300,7 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if table.measured:
         m = measure(root, spec, table)
         table.values[:, table.measured] = m[:, table.measured]
-    info = dataset_info(spec, table, target, spacing)
+    info = folder_info(spec, table, target, spacing)
     return spec, table, info, geoms
 
 
