@@ -106,7 +106,8 @@ def data_export(name: str | None, overrides: tuple[str, ...], out: Path, n: int,
     dataset, config = _resolve(None, name, overrides)
     export_dataset = _library("segcft.data.tools", "export_dataset", "data export")
     export_dataset(dataset, config, out, n, fmt)
-    click.echo(f"wrote {out}")
+    counts = _library("segcft.data.tools", "exported_counts", "data export")(out)
+    click.echo(f"wrote {out}: {n} samples ({', '.join(f'{s} {k}' for s, k in counts.items())})")
 
 
 @data_group.command("show")

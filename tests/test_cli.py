@@ -223,6 +223,7 @@ def test_data_commands_call_the_library(monkeypatch, tmp_path):
         check_dataset=lambda name, config, samples: ["mask 3: label 7 is not declared"],
         measure_dataset=lambda name, out, config: seen.update(measure=(name, config.path, out)),
         export_dataset=lambda name, config, out, n, fmt: seen.update(export=(name, config, out, n, fmt)),
+        exported_counts=lambda out: {"train": 1, "val": 1, "test": 1},
         show_dataset=lambda name, out, config, label: seen.update(show=(name, out, label)),
     )
     (tmp_path / "images").mkdir()
@@ -233,6 +234,7 @@ def test_data_commands_call_the_library(monkeypatch, tmp_path):
     assert seen["measure"] == ("tiff", str(tmp_path.resolve()), tmp_path / "m.csv")
     res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "e"), "--n", "3", "--set", "size=48")
     assert res.exit_code == 0, res.output
+    assert f"wrote {tmp_path / 'e'}: 3 samples (train 1, val 1, test 1)" in res.output
     name, config, out, n, fmt = seen["export"]
     assert (name, config.size, out, n, fmt) == ("cxr-phantom", 48, tmp_path / "e", 3, "tiff")
     bad = run("data", "export", "--dataset", "cxr-phantm", "--out", str(tmp_path / "e"), "--n", "3")

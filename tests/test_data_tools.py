@@ -116,6 +116,7 @@ def test_export_writes_exactly_n_or_exits_2(tmp_path):
     sets = ["--set", "size=16", "--set", "train_size=20", "--set", "val_size=2", "--set", "test_size=2"]
     res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "a"), "--n", "24", *sets)
     assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith(": 24 samples (train 20, val 2, test 2)")
     assert len(_csv(tmp_path / "a" / "attributes.csv")) == 24
     assert len(list((tmp_path / "a" / "images").glob("*.tif"))) == 24
     res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "b"), "--n", "25", *sets)

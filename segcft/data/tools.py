@@ -19,7 +19,7 @@ import numpy as np
 
 from segcft.data import nifti, tiff
 from segcft.data.export import FORMATS, split_counts, write_folder
-from segcft.data.folder import SPEC_FILE, SPLIT_NAMES, Problem
+from segcft.data.folder import CSV_FILE, SPEC_FILE, SPLIT_NAMES, Problem
 from segcft.errors import DatasetError, UserError
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_dataset",
     "detect_format",
     "export_dataset",
+    "exported_counts",
     "measure_dataset",
     "resolve_dataset",
     "show_dataset",
@@ -248,6 +249,13 @@ def measure_dataset(source: str | Path, out: str | Path, config: Any = None) -> 
     if name in _FOLDER_MODULES and root is not None:
         return _measure_folder(_FOLDER_MODULES[name], root, out)
     return _measure_items(name, config, out)
+
+
+def exported_counts(path: str | Path) -> dict[str, int]:
+    """Samples per split of an exported folder (its attributes.csv ``split`` column)."""
+    with (Path(path) / CSV_FILE).open(newline="") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    return {s: splits.count(s) for s in SPLIT_NAMES}
 
 
 def export_dataset(name: str, config: Any, out: str | Path, n: int, fmt: str = "tiff") -> Path:
