@@ -141,6 +141,8 @@ def test_folder_recognition_and_dataset_settings(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "found dataset.yaml missing, images/ with 0 .tif, 0 .nii/.nii.gz and 1 other files" in res.output
     assert "expected dataset.yaml and images/*.tif (tiff) or images/*.nii[.gz] (nifti)" in res.output
+    res = run("data", "check", "--dataset", "tiff")
+    assert res.exit_code == 2 and res.output.startswith("TIFF dataset: no path set (give the folder containing")
     res = run("data", "check", "--dataset", "cxr-phantom", "--set", "sizee=3")
     assert res.exit_code == 2 and "unknown key 'sizee'; did you mean 'size'?" in res.output
     res = run("data", "measure", "--dataset", "cxr-phantom", "--set", "size=abc", "--out", str(tmp_path / "m.csv"))

@@ -233,6 +233,8 @@ def scan(
 def check_folder(fmt: FileFormat, path: str | Path) -> list[Problem]:
     """Every problem of the folder at ``path`` in format ``fmt``: layout, dataset.yaml,
     attributes.csv and each file decoded (what ``segcft data check`` reports); reads only."""
+    if not str(path):
+        return [Problem(f"{fmt.name} dataset: no path set (give the folder containing {SPEC_FILE}, or --set path=DIR)")]
     return scan(Path(path).expanduser().resolve(), True, functools.partial(check_files, fmt))[3]
 
 

@@ -346,6 +346,8 @@ class NiftiDataset(FolderDataset):
 
 def check(config: NiftiConfig) -> list[Problem]:
     """Every problem of the folder at ``config.path`` (layout, dataset.yaml, CSV, each file decoded)."""
+    if not config.path:
+        return [Problem(f"nifti dataset: no path set (give the folder containing {SPEC_FILE}, or --set path=DIR)")]
     return scan(Path(config.path).expanduser().resolve(), deep=True)[3]
 
 
