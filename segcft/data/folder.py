@@ -11,9 +11,10 @@ all importable from here:
 - the array helpers (segcft/data/folder_io.py): ``inside``, ``check_values``, ``window``,
   ``measure_sample``, ``crop_pad``, ``resize``, ``fit_shape``;
 - here: a format as a ``FileFormat`` (suffix, header reader, array reader), the checks of its
-  files (``check_files``, ``scan``), measuring (``measure``), loading (``load``) and the one
+  files (``check_files``, ``scan``, ``check_folder``), reading (``read_file``), measuring
+  (``measure``, ``measure_file``), loading (``load``, ``folder_info``, ``build_split``) and the one
   Dataset class of the folder formats, ``FolderDataset``, so that a new format needs only its
-  ``FileFormat`` and a ``build`` (docs/plugins.md, "A folder dataset").
+  ``FileFormat``, a ``build`` and a ``check`` (docs/plugins.md, "A folder dataset").
 """
 
 from __future__ import annotations
