@@ -164,7 +164,7 @@ def test_folder_recognition_and_dataset_settings(tmp_path):
 
 @dataclass
 class ToyConfig:
-    broken: str = field(default="", metadata={"help": "what to break: '', 'labels', 'nan', 'own'"})
+    broken: str = field(default="", metadata={"help": "what to break: '', 'labels', 'nan', 'own', 'crash'"})
 
 
 class ToyDataset:
@@ -191,6 +191,8 @@ def build(config: ToyConfig, split: str) -> ToyDataset:
 
 def check(config: ToyConfig) -> list[str]:
     """The toy plugin's own check (found next to its factory, like dataset_info)."""
+    if config.broken == "crash":
+        raise RuntimeError("no scanner table")
     return ["toy: the scanner file is missing"] if config.broken == "own" else []
 
 
@@ -218,5 +220,7 @@ def test_plugin_dataset_own_and_generic_checks(toy):
     assert res.exit_code == 2 and "train[1]: image: values must be finite and in [-1, 1]" in res.output
     res = run("data", "check", "--dataset", "toy-data", "--set", "broken=own")
     assert res.exit_code == 2 and res.output.splitlines()[0] == "toy: the scanner file is missing"
+    res = run("data", "check", "--dataset", "toy-data", "--set", "broken=crash")
+    assert res.exit_code == 2 and "the dataset's own check failed: RuntimeError: no scanner table" in res.output
     res = run("data", "check", "--dataset", "toy-data", "--set", "broken=labels", "--samples", "2")
     assert res.exit_code == 0, res.output  # the broken item is the third: not among the first 2

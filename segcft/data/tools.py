@@ -115,7 +115,11 @@ def _own_check(name: str, config: Any) -> list[Problem]:
     check = _dataset_function(name, "check")
     if check is None:
         return []
-    return [p if isinstance(p, Problem) else Problem(str(p)) for p in check(config)]
+    try:
+        found = list(check(config))
+    except Exception as exc:  # a failing check is reported like any problem, not as a crash
+        return [Problem(f"the dataset's own check failed: {type(exc).__name__}: {exc}".splitlines()[0])]
+    return [p if isinstance(p, Problem) else Problem(str(p)) for p in found]
 
 
 def _item_problems(item: Any, info: Any) -> list[str]:
