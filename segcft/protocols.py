@@ -78,7 +78,12 @@ class Regressor(Protocol):
 
 @runtime_checkable
 class Dataset(Protocol):
-    """A map-style torch Dataset of sample dicts (the batch format without the B axis)."""
+    """A map-style torch Dataset of sample dicts (the batch format without the B axis).
+
+    Optional module-level functions next to the dataset's factory (docs/plugins.md): ``dataset_info(config)
+    -> DatasetInfo`` and ``dataset_dims(config) -> int | None`` (cheap metadata while a config is
+    resolved), and ``check(config) -> list`` of problems (``segcft.data.folder.Problem`` or str),
+    which ``segcft data check`` reports before its generic checks of every split's samples."""
 
     info: DatasetInfo
 

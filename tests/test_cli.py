@@ -215,27 +215,35 @@ def test_evaluate_and_counterfactual_call_the_library(monkeypatch, tmp_path):
 
 
 def test_data_commands_call_the_library(monkeypatch, tmp_path):
+    # the data commands resolve (name, config) with the real resolve_dataset, then call the library
+    from segcft.data.tools import resolve_dataset
+
     seen = {}
     fake_module(
         monkeypatch,
         "segcft.data.tools",
-        check_dataset=lambda path: ["mask 3: label 7 is not declared"],
-        measure_dataset=lambda path, out: seen.update(measure=(path, out)),
-        export_dataset=lambda name, config, out, n: seen.update(export=(name, config, out, n)),
-        show_dataset=lambda name, out: seen.update(show=(name, out)),
+        resolve_dataset=resolve_dataset,
+        check_dataset=lambda name, config, samples: ["mask 3: label 7 is not declared"],
+        measure_dataset=lambda name, out, config: seen.update(measure=(name, config.path, out)),
+        export_dataset=lambda name, config, out, n, fmt: seen.update(export=(name, config, out, n, fmt)),
+        exported_counts=lambda out: {"train": 1, "val": 1, "test": 1},
+        show_dataset=lambda name, out, config, label: seen.update(show=(name, out, label)),
     )
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.tif").write_bytes(b"")
     res = run("data", "check", str(tmp_path))
     assert res.exit_code == 2 and "label 7 is not declared" in res.output
     assert run("data", "measure", str(tmp_path), "--out", str(tmp_path / "m.csv")).exit_code == 0
-    assert seen["measure"] == (tmp_path, tmp_path / "m.csv")
+    assert seen["measure"] == ("tiff", str(tmp_path.resolve()), tmp_path / "m.csv")
     res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "e"), "--n", "3", "--set", "size=48")
     assert res.exit_code == 0, res.output
-    name, config, out, n = seen["export"]
-    assert (name, config.size, out, n) == ("cxr-phantom", 48, tmp_path / "e", 3)
+    assert f"wrote {tmp_path / 'e'}: 3 samples (train 1, val 1, test 1)" in res.output
+    name, config, out, n, fmt = seen["export"]
+    assert (name, config.size, out, n, fmt) == ("cxr-phantom", 48, tmp_path / "e", 3, "tiff")
     bad = run("data", "export", "--dataset", "cxr-phantm", "--out", str(tmp_path / "e"), "--n", "3")
     assert bad.exit_code == 2 and "Error: --dataset: unknown dataset 'cxr-phantm'; did you mean 'cxr-phantom'" in bad.output
     assert run("data", "show", "tiff", "--out", str(tmp_path / "s.png")).exit_code == 0
-    assert seen["show"] == ("tiff", tmp_path / "s.png")
+    assert seen["show"] == ("tiff", tmp_path / "s.png", "tiff")
 
 
 def test_doctor_reports_the_kernel_backend(monkeypatch):

@@ -1,563 +1,216 @@
-"""folder: the dataset-folder layer shared by file-based datasets (TIFF and NIfTI).
+"""folder: the public dataset-folder layer, for the built-in ``tiff`` and ``nifti`` formats and for
+dataset plugins that read their own files.
 
-Not tied to an image format: the ``dataset.yaml`` description (``read_spec``), the
-``attributes.csv`` table of samples (``read_table``), the train/val/test split, the mapping
-from mask labels to segmentation classes (``labels_to_classes``) and the ``Problem`` records
-that ``segcft data check`` and the loaders report. A format module (segcft/data/tiff.py,
-segcft/data/nifti.py) adds reading its image, mask and region files and the Dataset class.
+A dataset folder holds ``dataset.yaml``, ``attributes.csv`` and one file per sample in
+``images/``, ``masks/`` and optionally ``regions/`` (docs/data.md). The layer has three parts,
+all importable from here:
 
-dataset.yaml keys: ``name``; ``spatial_dims`` (2 or 3); ``spacing`` (mm per axis, slowest
-first; optional for NIfTI); ``intensity`` (``{min: a, max: b}`` window, or ``{percentiles: [lo, hi]}`` /
-``auto`` = per-image percentiles 1 and 99); ``structures`` ``{label: name}``; ``regions``
-``{id: name}`` (optional); ``variables`` ``{name: {type: binary|continuous, parents: [..],
-unit: .., measure: {structure: NAME, region: NAME}}}``; ``splits`` ``{train: f, val: f,
-test: f, seed: s}`` (used when the CSV has no ``split`` column). A structure variable without
-a CSV column is measured from the masks (label count times voxel size).
-
-attributes.csv: column ``id``, one column per variable, optional ``split``.
+- the schema (segcft/data/folder_spec.py): ``read_spec`` (dataset.yaml, documents the keys),
+  ``read_table`` (attributes.csv), the splits, ``class_labels`` / ``labels_to_classes`` and the
+  ``Problem`` records that ``segcft data check`` prints;
+- the array helpers (segcft/data/folder_io.py): ``inside``, ``check_values``, ``window``,
+  ``window_bounds``, ``measure_sample``, ``crop_pad``, ``resize``, ``fit_shape``, ``uncrop_pad``;
+- here: a format as a ``FileFormat`` (suffix, header reader, array reader), the checks of its
+  files (``check_files``, ``scan``, ``check_folder``), reading (``read_file``), measuring
+  (``measure``, ``measure_file``), loading (``load``, ``folder_info``, ``build_split``) and the one
+  Dataset class of the folder formats, ``FolderDataset``, so that a new format needs only its
+  ``FileFormat``, a ``build`` and a ``check`` (docs/plugins.md, "A folder dataset").
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from segcft.data.variables import MAX_REGION_ID, Measure, Variable
+from segcft.data.folder_io import (
+    BadValues,
+    check_values,
+    crop_pad,
+    fit_shape,
+    inside,
+    measure_sample,
+    resize,
+    uncrop_pad,
+    window,
+    window_bounds,
+)
+from segcft.data.folder_spec import (
+    CSV_FILE,
+    SPEC_FILE,
+    SPLIT_NAMES,
+    Problem,
+    Spec,
+    Table,
+    class_labels,
+    labels_to_classes,
+    raise_problems,
+    read_spec,
+    read_table,
+)
+
+# the schema's readers, for tests comparing docs/data.md's key table with the code
+from segcft.data.folder_spec import _read_intensity as _read_intensity
+from segcft.data.folder_spec import _read_measure as _read_measure
+from segcft.data.folder_spec import _read_splits as _read_splits
+from segcft.data.folder_spec import _read_variable as _read_variable
+from segcft.data.folder_spec import _read_yaml as _read_yaml
+from segcft.data.imageio import MAX_VOXELS
+from segcft.data.variables import DatasetInfo, fit_normalisation
 from segcft.errors import DatasetError
 
-SPEC_FILE = "dataset.yaml"
-CSV_FILE = "attributes.csv"
-SPLIT_NAMES = ("train", "val", "test")
+__all__ = [
+    "CSV_FILE",
+    "SPEC_FILE",
+    "SPLIT_NAMES",
+    "BadValues",
+    "FileFormat",
+    "FolderDataset",
+    "Problem",
+    "Spec",
+    "Table",
+    "build_split",
+    "check_files",
+    "check_folder",
+    "check_values",
+    "class_labels",
+    "crop_pad",
+    "fit_shape",
+    "folder_info",
+    "inside",
+    "labels_to_classes",
+    "load",
+    "measure",
+    "measure_file",
+    "measure_sample",
+    "raise_problems",
+    "read_file",
+    "read_spec",
+    "read_table",
+    "resize",
+    "scan",
+    "uncrop_pad",
+    "window",
+    "window_bounds",
+]
+
 G = TypeVar("G")  # what a format's check_files records per sample (shape, geometry)
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset folder: the file (relative to the folder), the CSV row
-    (line number, header = 1) or the YAML key it concerns, and what was expected."""
-
-    message: str
-    file: str | None = None
-    row: int | None = None
-    key: str | None = None
-
-    def __str__(self) -> str:
-        where = self.file or ""
-        if self.row is not None:
-            where += f":{self.row}"
-        if self.key:
-            where += f" [{self.key}]"
-        return f"{where}: {self.message}" if where else self.message
-
-
-@dataclass
-class Spec:
-    """dataset.yaml, validated."""
+class FileFormat:
+    """How one kind of sample file is read: ``name`` (in messages, e.g. ``TIFF``), ``suffix``
+    (``.tif``), ``header(path) -> (shape, dtype)`` read without decoding the voxels, and
+    ``read(path) -> array`` (the decoded file). Both may raise anything on a corrupt file."""
 
     name: str
-    spatial_dims: int
-    spacing: tuple[float, ...]
-    window: tuple[float, float] | None
-    percentiles: tuple[float, float] | None
-    structures: dict[int, str]
-    regions: dict[int, str]
-    variables: list[Variable]
-    split_fractions: tuple[float, float, float]
-    split_seed: int
+    suffix: str
+    header: Callable[[Path], tuple[tuple[int, ...], np.dtype]]
+    read: Callable[[Path], np.ndarray]
 
 
-@dataclass
-class Table:
-    """The samples of a dataset folder: ids, their split and their physical variable values
-    (NaN where a structure variable is to be measured from the masks)."""
-
-    ids: list[str]
-    splits: list[str]
-    values: np.ndarray  # (N, P) float64
-    measured: list[int] = field(default_factory=list)  # variable indices measured from masks
+def _unreadable(fmt: FileFormat, exc: Exception) -> str:
+    return f"unreadable or corrupt {fmt.name} ({type(exc).__name__}: {exc})".splitlines()[0]
 
 
-def _read_yaml(root: Path, problems: list[Problem]) -> dict[str, Any] | None:
-    import yaml
+def _checked_header(fmt: FileFormat, path: Path, spec: Spec) -> tuple[tuple[int, ...], np.dtype]:
+    """The header's shape and dtype; BadValues when it is not ``spatial_dims``-D or too large."""
+    shape, dtype = fmt.header(path)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != spec.spatial_dims:
+        raise BadValues(f"expected a {spec.spatial_dims}D array (spatial_dims), got shape {shape}")
+    if math.prod(shape) > MAX_VOXELS:
+        raise BadValues(f"shape {shape} has {math.prod(shape)} voxels, more than the limit of {MAX_VOXELS} (2**28)")
+    return shape, np.dtype(dtype)
 
-    path = root / SPEC_FILE
-    if not path.is_file():
-        problems.append(Problem(f"missing (expected the dataset description in {root})", SPEC_FILE))
+
+def _decode(fmt: FileFormat, root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
+    path = inside(root, folder, f"{sid}{fmt.suffix}")
+    shape, _ = _checked_header(fmt, path, spec)
+    arr = np.asarray(fmt.read(path))
+    if arr.size == 0:  # some readers return an empty array for a corrupt file
+        raise ValueError("no image data")
+    if tuple(arr.shape) != shape:
+        raise BadValues(f"the header declares shape {shape}, the data has shape {tuple(arr.shape)}")
+    return check_values(folder, arr, spec)
+
+
+def read_file(fmt: FileFormat, root: Path, spec: Spec, folder: str, sid: str) -> np.ndarray:
+    """File ``folder/<sid><suffix>`` checked as it is read (header first, then ``check_values``):
+    images as finite float32, masks as class indices, regions as declared ids (int64).
+    DatasetError naming the file and the offending value for anything else."""
+    try:
+        return _decode(fmt, root, spec, folder, sid)
+    except Exception as exc:  # readers raise many types on corrupt input
+        what = str(exc) if isinstance(exc, BadValues) else _unreadable(fmt, exc)
+        raise DatasetError(f"dataset {root}: {folder}/{sid}{fmt.suffix}: {what}".splitlines()[0]) from exc
+
+
+def _check_one(
+    fmt: FileFormat, root: Path, spec: Spec, folder: str, sid: str, deep: bool, problems: list[Problem]
+) -> tuple[int, ...] | None:
+    """The shape of one file, or None with a problem when it is missing or breaks the contract."""
+    rel = f"{folder}/{sid}{fmt.suffix}"
+    try:
+        p = inside(root, folder, f"{sid}{fmt.suffix}")
+    except BadValues as exc:
+        problems.append(Problem(str(exc), rel))
+        return None
+    if not p.is_file():
+        what = f"id {sid!r} in {CSV_FILE} has no image file" if folder == "images" else f"missing {folder[:-1]} file"
+        problems.append(Problem(what if folder == "images" else f"{what} for id {sid!r}", rel))
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "unreadable YAML"
-        problems.append(Problem(f"{what}: {exc}".splitlines()[0], SPEC_FILE))
+        shape, dtype = _checked_header(fmt, p, spec)
+        if folder != "images" and not np.issubdtype(dtype, np.integer):
+            raise BadValues(f"{folder} must hold integer labels, got dtype {dtype}")
+        if folder == "images" and not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise BadValues(f"images must be integer or float, got dtype {dtype}")
+        if deep:
+            _decode(fmt, root, spec, folder, sid)
+    except BadValues as exc:
+        problems.append(Problem(str(exc), rel, key=exc.key))
         return None
-    if not isinstance(data, dict):
-        problems.append(Problem("expected a mapping of keys at the top level", SPEC_FILE))
+    except Exception as exc:  # readers raise many types on corrupt input
+        problems.append(Problem(_unreadable(fmt, exc), rel))
         return None
-    return data
+    return shape
 
 
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _id_map(
-    raw: Any, key: str, problems: list[Problem], allow_zero: bool = False, top: int = 2**31 - 1
-) -> dict[int, str]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        problems.append(Problem("expected a mapping {id: name}", SPEC_FILE, key=key))
-        return {}
-    out: dict[int, str] = {}
-    for k, v in raw.items():
-        try:
-            if isinstance(k, (bool, float)):
-                raise TypeError(k)
-            i = int(k)
-        except (TypeError, ValueError):
-            problems.append(Problem(f"id {k!r} is not an integer", SPEC_FILE, key=f"{key}.{k}"))
-            continue
-        if not (0 if allow_zero else 1) <= i <= top or not isinstance(v, str) or not v:
-            problems.append(
-                Problem(f"expected an id in [1, {top}] mapped to a name, got {k!r}: {v!r}", SPEC_FILE, key=f"{key}.{k}")
-            )
-            continue
-        out[i] = v
-    if len(set(out.values())) != len(out):
-        problems.append(Problem(f"duplicate names in {sorted(out.values())}", SPEC_FILE, key=key))
-    return out
-
-
-def _read_spacing(raw_sp: Any, dims: int, problems: list[Problem]) -> tuple[float, ...]:
-    """``spacing``: one positive number per axis (1 mm each when invalid, with a problem)."""
-    spacing: tuple[float, ...] = (1.0,) * dims
-    if not isinstance(raw_sp, (list, tuple)) or len(raw_sp) != dims:
-        problems.append(
-            Problem(
-                f"expected a list of {dims} spacings in mm (slowest axis first), got {raw_sp!r}",
-                SPEC_FILE,
-                key="spacing",
-            )
-        )
-    else:
-        vals = [_number(s) for s in raw_sp]
-        if any(v is None or v <= 0 for v in vals):
-            problems.append(Problem(f"every spacing must be a number > 0, got {raw_sp!r}", SPEC_FILE, key="spacing"))
-        else:
-            spacing = tuple(float(v) for v in vals)  # type: ignore[arg-type]
-    return spacing
-
-
-def _read_intensity(
-    inten: Any, problems: list[Problem]
-) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
-    """``intensity``: a fixed (min, max) window or per-image (lo, hi) percentiles."""
-    window, pct = None, None
-    if inten == "auto":
-        pct = (1.0, 99.0)
-    elif isinstance(inten, dict) and "percentiles" in inten:
-        p = inten["percentiles"]
-        vals = [_number(v) for v in p] if isinstance(p, (list, tuple)) and len(p) == 2 else [None]
-        if any(v is None for v in vals) or not 0 <= vals[0] < vals[1] <= 100:  # type: ignore[operator]
-            problems.append(
-                Problem(
-                    f"expected [lo, hi] with 0 <= lo < hi <= 100, got {p!r}", SPEC_FILE, key="intensity.percentiles"
-                )
-            )
-        else:
-            pct = (float(vals[0]), float(vals[1]))  # type: ignore[arg-type]
-    elif isinstance(inten, dict) and {"min", "max"} <= set(inten):
-        lo, hi = _number(inten["min"]), _number(inten["max"])
-        if lo is None or hi is None or hi <= lo:
-            problems.append(Problem(f"expected numbers with min < max, got {inten!r}", SPEC_FILE, key="intensity"))
-        else:
-            window = (lo, hi)
-    else:
-        problems.append(
-            Problem(
-                f"expected {{min: a, max: b}}, {{percentiles: [lo, hi]}} or auto, got {inten!r}",
-                SPEC_FILE,
-                key="intensity",
-            )
-        )
-    return window, pct
-
-
-def _read_measure(
-    m: Any, key: str, structures: dict[int, str], regions: dict[int, str], problems: list[Problem]
-) -> Measure | None:
-    """``variables.<name>.measure``: a declared structure, optionally within a declared region."""
-    if not isinstance(m, dict) or m.get("structure") not in structures.values():
-        problems.append(
-            Problem(
-                f"measure.structure must be one of {sorted(structures.values())}, got {m!r}",
-                SPEC_FILE,
-                key=f"{key}.measure",
-            )
-        )
-    elif m.get("region") is not None and m["region"] not in regions.values():
-        problems.append(
-            Problem(
-                f"measure.region must be one of {sorted(regions.values())}, got {m['region']!r}",
-                SPEC_FILE,
-                key=f"{key}.measure",
-            )
-        )
-    else:
-        return Measure(m["structure"], m.get("region"))
-    return None
-
-
-def _read_variable(
-    vname: Any, v: Any, structures: dict[int, str], regions: dict[int, str], problems: list[Problem]
-) -> Variable | None:
-    """One entry of ``variables``; None (with a problem) when its type or shape is wrong."""
-    key = f"variables.{vname}"
-    if not isinstance(v, dict):
-        problems.append(Problem("expected a mapping with type, parents, unit, measure", SPEC_FILE, key=key))
-        return None
-    vtype = v.get("type")
-    if vtype not in ("binary", "continuous"):
-        problems.append(Problem(f"type must be binary or continuous, got {vtype!r}", SPEC_FILE, key=f"{key}.type"))
-        return None
-    parents = v.get("parents") or []
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        problems.append(
-            Problem(f"parents must be a list of variable names, got {parents!r}", SPEC_FILE, key=f"{key}.parents")
-        )
-        parents = []
-    measure = None
-    if v.get("measure") is not None:
-        measure = _read_measure(v["measure"], key, structures, regions, problems)
-    return Variable(str(vname), vtype, tuple(parents), str(v.get("unit", "")), measure)
-
-
-def _check_graph(variables: list[Variable], problems: list[Problem], before: int) -> None:
-    """Every parent is a declared variable and the variables form no cycle (checked only when
-    no parent problem was found since ``problems[before]``)."""
-    names = [v.name for v in variables]
-    for v in variables:
-        for p in v.parents:
-            if p not in names:
+def check_files(
+    fmt: FileFormat, root: Path, spec: Spec, table: Table, problems: list[Problem], deep: bool
+) -> dict[str, tuple[int, ...]]:
+    """Check every image, mask and region file of the table (headers only unless ``deep``: then
+    also decode them and check their values); returns the shape of each readable image."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    folders = ["images", "masks"] + (["regions"] if spec.regions else [])
+    listed = set(table.ids)
+    if (root / "images").is_dir():
+        for p in sorted((root / "images").glob(f"*{fmt.suffix}")):
+            if p.name[: -len(fmt.suffix)] not in listed:
                 problems.append(
-                    Problem(f"unknown parent {p!r}; known: {names}", SPEC_FILE, key=f"variables.{v.name}.parents")
+                    Problem(f"image {p.name[: -len(fmt.suffix)]!r} has no row in {CSV_FILE}", f"images/{p.name}")
                 )
-    if not any(p.key and p.key.endswith(".parents") for p in problems[before:]):
-        done: list[str] = []
-        remaining = list(variables)
-        while remaining:
-            ready = [v for v in remaining if all(p in done for p in v.parents)]
-            if not ready:
-                problems.append(
-                    Problem(f"the variables {[v.name for v in remaining]} form a cycle", SPEC_FILE, key="variables")
-                )
-                break
-            done += [v.name for v in ready]
-            remaining = [v for v in remaining if v.name not in done]
-
-
-def _read_splits(raw_split: Any, problems: list[Problem]) -> tuple[tuple[float, float, float], int]:
-    """``splits``: train/val/test fractions (normalised to sum 1) and the hash seed."""
-    fr = (0.8, 0.1, 0.1)
-    seed = 0
-    if not isinstance(raw_split, dict):
-        problems.append(Problem("expected {train: f, val: f, test: f, seed: s}", SPEC_FILE, key="splits"))
     else:
-        vals = [_number(raw_split.get(s, d)) for s, d in zip(SPLIT_NAMES, fr)]
-        nums = [v for v in vals if v is not None]
-        if len(nums) < len(vals) or any(v < 0 for v in nums) or sum(nums) <= 0:
-            problems.append(
-                Problem(
-                    f"split fractions must be numbers >= 0 with a positive sum, got {raw_split!r}",
-                    SPEC_FILE,
-                    key="splits",
-                )
-            )
-        else:
-            total = sum(nums)
-            train, val, test = nums
-            fr = (train / total, val / total, test / total)
-        s = raw_split.get("seed", 0)
-        if isinstance(s, bool) or not isinstance(s, int):
-            problems.append(Problem(f"seed must be an integer, got {s!r}", SPEC_FILE, key="splits.seed"))
-        else:
-            seed = s
-    return fr, seed
-
-
-def read_spec(root: Path, problems: list[Problem], spacing_optional: bool = False) -> Spec | None:
-    """Parse and validate dataset.yaml, appending every problem found; None when unusable.
-    ``spacing_optional``: a missing ``spacing`` gives an empty tuple (formats whose files carry
-    their own geometry, such as NIfTI, then pick a common spacing themselves)."""
-    data = _read_yaml(root, problems)
-    if data is None:
-        return None
-    before = len(problems)
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        problems.append(Problem("expected a non-empty string", SPEC_FILE, key="name"))
-        name = root.name
-    dims = data.get("spatial_dims")
-    if dims not in (2, 3):
-        problems.append(Problem(f"expected 2 or 3, got {dims!r}", SPEC_FILE, key="spatial_dims"))
-        dims = 2
-    if spacing_optional and data.get("spacing") is None:
-        spacing: tuple[float, ...] = ()
-    else:
-        spacing = _read_spacing(data.get("spacing"), dims, problems)
-    window, pct = _read_intensity(data.get("intensity", "auto"), problems)
-
-    structures = _id_map(data.get("structures"), "structures", problems)
-    if not structures and "structures" not in data:
-        problems.append(
-            Problem("expected a mapping {label: name} with at least one structure", SPEC_FILE, key="structures")
-        )
-    regions = _id_map(data.get("regions"), "regions", problems, top=MAX_REGION_ID)
-
-    variables: list[Variable] = []
-    raw_vars = data.get("variables")
-    if not isinstance(raw_vars, dict) or not raw_vars:
-        problems.append(
-            Problem("expected a mapping {name: {type, parents, unit, measure}}", SPEC_FILE, key="variables")
-        )
-        raw_vars = {}
-    for vname, v in raw_vars.items():
-        var = _read_variable(vname, v, structures, regions, problems)
-        if var is not None:
-            variables.append(var)
-    _check_graph(variables, problems, before)
-
-    fr, seed = _read_splits(data.get("splits") or {}, problems)
-    if len(problems) > before:
-        return None
-    return Spec(name, dims, spacing, window, pct, structures, regions, variables, fr, seed)
-
-
-def _hash_split(seed: int, sample_id: str, fractions: tuple[float, float, float]) -> str:
-    h = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    u = int.from_bytes(h[:8], "little") / 2.0**64
-    if u < fractions[0]:
-        return "train"
-    return "val" if u < fractions[0] + fractions[1] else "test"
-
-
-def _read_rows(root: Path, problems: list[Problem]) -> list[list[str]] | None:
-    """The rows of attributes.csv (header first); None (with a problem) when missing, unreadable or empty."""
-    path = root / CSV_FILE
-    if not path.is_file():
-        problems.append(Problem("missing (expected a CSV with an id column and one column per variable)", CSV_FILE))
-        return None
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "unreadable CSV"
-        problems.append(Problem(f"{what}: {exc}", CSV_FILE))
-        return None
-    if not rows:
-        problems.append(Problem("empty file (expected a header row)", CSV_FILE))
-        return None
-    return rows
-
-
-def _read_header(header: list[str], spec: Spec, problems: list[Problem]) -> tuple[dict[str, int], list[int]] | None:
-    """The column of each name and the indices of the variables to measure from the masks;
-    None when the header has no id column or repeats a column."""
-    if "id" not in header:
-        problems.append(Problem(f"no 'id' column in the header {header}", CSV_FILE, row=1, key="id"))
-        return None
-    dups = sorted({h for h in header if header.count(h) > 1})
-    if dups:
-        problems.append(
-            Problem(
-                f"duplicate columns {dups} in the header (expected one column per name)", CSV_FILE, row=1, key=dups[0]
-            )
-        )
-        return None
-    col = {h: i for i, h in enumerate(header)}
-    measured = []
-    for j, v in enumerate(spec.variables):
-        if v.name not in col:
-            if v.measure is None:
+        problems.append(Problem("missing folder of images", "images"))
+    for sid in table.ids:
+        got = {f: _check_one(fmt, root, spec, f, sid, deep, problems) for f in folders}
+        image = got["images"]
+        if image is None:
+            continue
+        shapes[sid] = image
+        for folder in folders[1:]:
+            shape = got[folder]
+            if shape is not None and shape != image:
                 problems.append(
-                    Problem(
-                        f"no column for variable {v.name!r} (only structure variables can be measured from masks)",
-                        CSV_FILE,
-                        row=1,
-                        key=v.name,
-                    )
+                    Problem(f"shape {shape} differs from the image shape {image}", f"{folder}/{sid}{fmt.suffix}")
                 )
-            else:
-                measured.append(j)
-    return col, measured
-
-
-def _read_values(r: list[str], line: int, col: dict[str, int], spec: Spec, problems: list[Problem]) -> list[float]:
-    """The variable values of one row (NaN where missing or invalid, with a problem when invalid)."""
-    vals = []
-    for v in spec.variables:
-        if v.name not in col:
-            vals.append(float("nan"))
-            continue
-        raw = r[col[v.name]].strip()
-        x = _number(raw)
-        if x is None:
-            problems.append(Problem(f"expected a finite number, got {raw!r}", CSV_FILE, row=line, key=v.name))
-        elif v.type == "binary" and x not in (0.0, 1.0):
-            problems.append(Problem(f"binary variable must be 0 or 1, got {raw!r}", CSV_FILE, row=line, key=v.name))
-        vals.append(float("nan") if x is None else x)
-    return vals
-
-
-def read_table(root: Path, spec: Spec, problems: list[Problem]) -> Table | None:
-    """Parse attributes.csv against the spec, appending every problem; the table holds every
-    row with a valid id (so files can still be checked), None when there is none."""
-    rows = _read_rows(root, problems)
-    if rows is None:
-        return None
-    header = [h.strip() for h in rows[0]]
-    got = _read_header(header, spec, problems)
-    if got is None:
-        return None
-    col, measured = got
-    ids: list[str] = []
-    splits: list[str] = []
-    values = []
-    seen: dict[str, int] = {}
-    for line, r in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in r):
-            continue
-        if len(r) != len(header):
-            problems.append(Problem(f"expected {len(header)} fields, got {len(r)}", CSV_FILE, row=line))
-            continue
-        sid = r[col["id"]].strip()
-        if not sid or sid in (".", "..") or any(c in sid for c in "/\\\0"):
-            problems.append(Problem(f"invalid id {sid!r}", CSV_FILE, row=line, key="id"))
-            continue
-        if sid in seen:
-            problems.append(Problem(f"duplicate id {sid!r} (first on line {seen[sid]})", CSV_FILE, row=line, key="id"))
-            continue
-        seen[sid] = line
-        vals = _read_values(r, line, col, spec, problems)
-        if "split" in col:
-            s = r[col["split"]].strip()
-            if s not in SPLIT_NAMES:
-                problems.append(
-                    Problem(f"split must be one of {list(SPLIT_NAMES)}, got {s!r}", CSV_FILE, row=line, key="split")
-                )
-        else:
-            s = _hash_split(spec.split_seed, sid, spec.split_fractions)
-        ids.append(sid)
-        splits.append(s)
-        values.append(vals)
-    if not ids:
-        problems.append(Problem("no samples (expected one row per image)", CSV_FILE))
-        return None
-    return Table(ids, splits, np.asarray(values, dtype=np.float64).reshape(len(ids), len(spec.variables)), measured)
-
-
-def class_labels(structures: dict[int, str]) -> np.ndarray:
-    """The mask label of each segmentation class: 0 (background), then the labels declared in
-    ``structures`` in increasing order, the order of ``DatasetInfo.class_names``."""
-    return np.asarray([0, *sorted(structures)], dtype=np.int64)
-
-
-def labels_to_classes(mask: np.ndarray, structures: dict[int, str]) -> np.ndarray:
-    """Class index (0 background, 1..K) of every voxel of a label mask, int64: the one place
-    where mask labels become classes (loading, check, measure, show and training use it).
-    ValueError naming the values that are not declared in ``structures`` (negative ones too)."""
-    labels = class_labels(structures)
-    idx = np.searchsorted(labels, mask)
-    ok = labels[np.minimum(idx, len(labels) - 1)] == mask
-    if not ok.all():
-        bad = np.unique(mask[~ok])[:10].tolist()
-        raise ValueError(f"labels {bad} are not declared in structures of {SPEC_FILE} (declared: {labels.tolist()})")
-    return idx.astype(np.int64)
-
-
-def raise_problems(problems: list[Problem], root: Path) -> None:
-    """DatasetError listing the first problems of the dataset at ``root`` (all: `segcft data check`)."""
-    shown = "; ".join(str(p) for p in problems[:3])
-    more = f" (and {len(problems) - 3} more; run `segcft data check {root}`)" if len(problems) > 3 else ""
-    raise DatasetError(f"dataset {root}: {shown}{more}")
-
-
-class BadValues(ValueError):
-    """A file whose header or values break the contract (``key``: the dataset.yaml key checked, if any)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-def inside(root: Path, folder: str, name: str) -> Path:
-    """Resolved ``folder/name``; BadValues when it resolves (symlink, ``..``) outside the dataset folder."""
-    path = (root / folder / name).resolve()
-    if root.resolve() not in path.parents:
-        raise BadValues(f"resolves to {path}, outside the dataset folder {root}")
-    return path
-
-
-def check_values(folder: str, arr: np.ndarray, spec: Spec, float_labels: bool = False) -> np.ndarray:
-    """Images as finite float32, masks as class indices, regions as declared ids (int64); BadValues otherwise."""
-    if folder == "images":
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise BadValues(f"images must be integer or float, got dtype {arr.dtype}")
-        with np.errstate(over="ignore"):
-            out = arr.astype(np.float32)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise BadValues(f"image contains NaN or infinite values (as float32), e.g. {arr[at]} at voxel {at}")
-        return out
-    if float_labels and np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-            raise BadValues(f"{folder} must hold integer labels, got non-integer values of dtype {arr.dtype}")
-        arr = arr.astype(np.int64)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise BadValues(f"{folder} must hold integer labels, got dtype {arr.dtype}")
-    if folder == "masks":
-        try:
-            return labels_to_classes(arr, spec.structures)
-        except ValueError as exc:
-            raise BadValues(str(exc), key="structures") from None
-    allowed = np.asarray([0, *sorted(spec.regions)], dtype=np.int64)
-    bad_ids = np.unique(arr[~np.isin(arr, allowed)])[:10].tolist()
-    if bad_ids:
-        raise BadValues(
-            f"labels {bad_ids} are not declared in regions of {SPEC_FILE} (declared: {allowed.tolist()})", key="regions"
-        )
-    return arr.astype(np.int64)
-
-
-def measure_sample(classes: np.ndarray, regions: np.ndarray | None, spec: Spec, voxel_volume: float) -> list[float]:
-    """Physical area/volume of every structure variable (NaN for the others) of one sample's class mask."""
-    labels = class_labels(spec.structures).tolist()
-    out = []
-    for v in spec.variables:
-        if v.measure is None:
-            out.append(float("nan"))
-            continue
-        label = {n: k for k, n in spec.structures.items()}[v.measure.structure]
-        sel = classes == labels.index(label)
-        if v.measure.region is not None:
-            rid = {n: k for k, n in spec.regions.items()}[v.measure.region]
-            sel &= regions == rid
-        out.append(float(sel.sum()) * voxel_volume)
-    return out
+    return shapes
 
 
 def scan(
@@ -582,19 +235,178 @@ def scan(
     return spec, table, found, problems
 
 
+def check_folder(fmt: FileFormat, path: str | Path) -> list[Problem]:
+    """Every problem of the folder at ``path`` in format ``fmt``: layout, dataset.yaml,
+    attributes.csv and each file decoded (what ``segcft data check`` reports); reads only."""
+    if not str(path):
+        return [Problem(f"{fmt.name} dataset: no path set (give the folder containing {SPEC_FILE}, or --set path=DIR)")]
+    return scan(Path(path).expanduser().resolve(), True, functools.partial(check_files, fmt))[3]
+
+
 def measure(table: Table, spec: Spec, measure_one: Callable[[str], list[float]]) -> np.ndarray:
     """(N, P) measured structure variables (NaN for the others) of every sample, via the format's ``measure_one``."""
     rows = [measure_one(sid) for sid in table.ids]
     return np.asarray(rows, dtype=np.float64).reshape(len(table.ids), len(spec.variables))
 
 
-def window(arr: np.ndarray, spec: Spec) -> np.ndarray:
-    """Image intensities mapped to [-1, 1] by the dataset's fixed window or per-image percentiles."""
-    a = arr.astype(np.float32)
-    if spec.window is not None:
-        lo, hi = spec.window
-    else:
-        lo, hi = (float(v) for v in np.percentile(a, spec.percentiles))  # type: ignore[arg-type]
-        if hi <= lo:
-            hi = lo + 1.0
-    return np.clip((a - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+def folder_info(spec: Spec, table: Table, shape: tuple[int, ...], spacing: tuple[float, ...]) -> DatasetInfo:
+    """The ``DatasetInfo`` of a folder at ``shape`` and ``spacing``, normalisation fitted on its train rows."""
+    train = table.values[[s == "train" for s in table.splits]]
+    return DatasetInfo(
+        name=spec.name,
+        spatial_dims=spec.spatial_dims,
+        shape=tuple(shape),
+        spacing=tuple(spacing),
+        structures=dict(spec.structures),
+        variables=list(spec.variables),
+        normalisation=fit_normalisation(spec.variables, train.tolist()),
+        regions=dict(spec.regions),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load(
+    fmt: FileFormat, root_str: str, size: tuple[int, ...], fit: str, stamp: float
+) -> tuple[Spec, Table, DatasetInfo]:
+    root = Path(root_str)
+    spec, table, shapes, problems = scan(root, False, functools.partial(check_files, fmt))
+    if problems:
+        raise_problems(problems, root)
+    assert spec is not None and table is not None
+    if size and len(size) != spec.spatial_dims:
+        raise DatasetError(f"dataset {root}: size {list(size)} must have {spec.spatial_dims} entries (spatial_dims)")
+    native = shapes[table.ids[table.splits.index("train")]]
+    if not size:
+        other = sorted({s for s in shapes.values() if s != native})
+        if other:
+            raise DatasetError(
+                f"dataset {root}: images have different shapes {[native, *other[:3]]}; "
+                "set the dataset size to resize or crop them"
+            )
+    target = tuple(size) if size else native
+    if table.measured:
+        m = measure(table, spec, functools.partial(measure_file, fmt, root, spec))
+        table.values[:, table.measured] = m[:, table.measured]
+    spacing = spec.spacing
+    if fit == "resize":
+        spacing = tuple(sp * n / t for sp, n, t in zip(spec.spacing, native, target))
+    return spec, table, folder_info(spec, table, target, spacing)
+
+
+def measure_file(fmt: FileFormat, root: Path, spec: Spec, sid: str) -> list[float]:
+    """Physical area/volume of every structure variable of sample ``sid`` (NaN for the others),
+    measured on its native mask: label count times the voxel size of ``spec.spacing``."""
+    classes = read_file(fmt, root, spec, "masks", sid)
+    regions = read_file(fmt, root, spec, "regions", sid) if spec.regions else None
+    return measure_sample(classes, regions, spec, float(np.prod(spec.spacing)))
+
+
+def load(
+    fmt: FileFormat, path: str | Path, size: tuple[int, ...] = (), fit: str = "resize"
+) -> tuple[Spec, Table, DatasetInfo]:
+    """Spec, table and ``DatasetInfo`` of the folder at ``path`` in format ``fmt`` (cached until
+    dataset.yaml or attributes.csv changes). Every image shares one shape unless ``size`` is set
+    (then ``fit``: resize or crop); structure variables without a column are measured from the
+    native masks (label count times ``spacing``). DatasetError listing the first problems."""
+    if fit not in ("resize", "crop"):
+        raise DatasetError(f"{path}: fit must be resize or crop, got {fit!r}")
+    root = Path(path).expanduser().resolve()
+    stamp = max((p.stat().st_mtime for p in (root / SPEC_FILE, root / CSV_FILE) if p.exists()), default=0.0)
+    return _load(fmt, str(root), tuple(int(s) for s in size), fit, stamp)
+
+
+class FolderDataset:
+    """One split of a dataset folder; items are read from disk on access (so DataLoader workers
+    share nothing but paths). Subclasses override ``sample`` to read a file differently."""
+
+    def __init__(self, root: Path, spec: Spec, table: Table, info: DatasetInfo, split: str, **options: Any) -> None:
+        import torch
+
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
+        self.root = Path(root)
+        self.info = info
+        self.split = split
+        self._spec = spec
+        self._options = options
+        sel = [i for i, s in enumerate(table.splits) if s == split]
+        self.ids = [table.ids[i] for i in sel]
+        self._parents = (
+            torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
+        )
+        self._positions = sel
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def spec(self) -> Spec:
+        """The dataset's ``dataset.yaml`` as read (intensity window, spacing, structures, variables)."""
+        return self._spec
+
+    def image_path(self, sid: str) -> Path:
+        """The image file of subject ``sid`` (``images/<sid><suffix>``), inside the dataset folder."""
+        return inside(self.root, "images", f"{sid}{self._options['fmt'].suffix}")
+
+    def physical_parents(self) -> np.ndarray:
+        """(N, P) physical variable values of the split (float64)."""
+        return self.info.denormalise(self._parents.double().numpy())
+
+    def read(self, folder: str, sid: str) -> Any:
+        """File ``folder/<sid>`` as a tensor in its stored shape: images windowed to [-1, 1],
+        labels as int64 (``read_file`` with the ``fmt`` option, a FileFormat)."""
+        import torch
+
+        arr = read_file(self._options["fmt"], self.root, self._spec, folder, sid)
+        return torch.from_numpy(window(arr, self._spec) if folder == "images" else arr)
+
+    def fit(self, t: Any, folder: str) -> Any:
+        """Tensor ``t`` of ``folder`` brought to the dataset shape by the ``fit`` option."""
+        if folder == "images":
+            return fit_shape(t, self.info.shape, self._options["fit"], True, -1.0).clamp(-1.0, 1.0)
+        return fit_shape(t, self.info.shape, self._options["fit"], False, 0)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i = i % len(self)
+        sid = self.ids[i]
+        folders = ("images", "masks") + (("regions",) if self._spec.regions else ())
+        native = {f: self.read(f, sid) for f in folders}
+        suffix = getattr(self._options.get("fmt"), "suffix", self._options.get("suffix", ""))
+        for folder in folders[1:]:
+            if native[folder].shape != native["images"].shape:
+                raise DatasetError(
+                    f"dataset {self.root}: {folder}/{sid}{suffix}: shape "
+                    f"{tuple(native[folder].shape)} differs from the image shape {tuple(native['images'].shape)}"
+                )
+        item = {
+            "image": self.fit(native["images"], "images").unsqueeze(0),
+            "mask": self.fit(native["masks"], "masks"),
+            "parents": self._parents[i],
+            "index": torch.tensor(self._positions[i], dtype=torch.int64),
+        }
+        if self._spec.regions:
+            item["regions"] = self.fit(native["regions"], "regions")
+        return item
+
+
+def build_split(
+    fmt: FileFormat,
+    path: str | Path,
+    split: str,
+    size: tuple[int, ...] = (),
+    fit: str = "resize",
+    dataset_class: type[FolderDataset] = FolderDataset,
+) -> FolderDataset:
+    """The ``split`` (train, val, test) of the folder at ``path`` in format ``fmt`` (see ``load``
+    for ``size`` and ``fit``); DatasetError listing the first problems of a folder that does not
+    meet the layout."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
+    if not str(path):
+        raise DatasetError(f"{fmt.name} dataset: set path to the dataset folder (the one containing {SPEC_FILE})")
+    spec, table, info = load(fmt, path, size, fit)
+    return dataset_class(Path(path).expanduser().resolve(), spec, table, info, split, fmt=fmt, fit=fit)

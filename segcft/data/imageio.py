@@ -1,7 +1,6 @@
 """TIFF images with their physical spacing, read and written the same way wherever segcft
 handles image files: the size check on a file's header before anything is decoded (shared with
-the ``tiff`` dataset) and ``segcft counterfactual``'s input and output; and the format-free
-pieces of writing an image back on its own grid (``window_bounds``, ``uncrop_pad``)."""
+the ``tiff`` dataset) and ``segcft counterfactual``'s input and output."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from segcft.errors import UserError
 
-__all__ = ["MAX_VOXELS", "ImageTooLarge", "declared_shape", "read_tiff", "uncrop_pad", "window_bounds", "write_tiff"]
+__all__ = ["MAX_VOXELS", "ImageTooLarge", "declared_shape", "read_tiff", "write_tiff"]
 
 MAX_VOXELS = 2**28
 """Largest image, mask or region file decoded (1 GiB as float32)."""
@@ -92,29 +91,3 @@ def write_tiff(path: Path, array: np.ndarray, spacing: tuple[float, ...]) -> Non
         photometric="minisblack",
         metadata={"spacing": [float(s) for s in spacing], "unit": "mm"},
     )
-
-
-def window_bounds(
-    arr: np.ndarray, fixed: tuple[float, float] | None, percentiles: tuple[float, float] | None
-) -> tuple[float, float]:
-    """The (lo, hi) intensities a dataset's window maps to -1 and 1 for image ``arr``: the fixed
-    window, or the image's percentiles (hi > lo), as the folder datasets' ``window`` uses them."""
-    if fixed is not None:
-        return float(fixed[0]), float(fixed[1])
-    lo, hi = (float(v) for v in np.percentile(arr.astype(np.float32), percentiles or (0.0, 100.0)))
-    return (lo, lo + 1.0) if hi <= lo else (lo, hi)
-
-
-def uncrop_pad(t: Any, size: tuple[int, ...]) -> Any:
-    """The inverse of a centre crop or pad to ``t.shape`` for an array of shape ``size``: the kept part
-    back in place, 0 where the crop cut it (the padding is dropped)."""
-    import torch
-
-    out = torch.zeros(size, dtype=t.dtype)
-    src, dst = [], []
-    for n, m in zip(size, t.shape):
-        a = abs(n - m) // 2
-        dst.append(slice(a, a + m) if n >= m else slice(0, n))
-        src.append(slice(0, m) if n >= m else slice(a, a + n))
-    out[tuple(dst)] = t[tuple(src)]
-    return out

@@ -1,9 +1,9 @@
-"""nifti: user datasets of 3D NIfTI images (CT in HU, say), label masks and a CSV of variables.
+"""nifti: user datasets of NIfTI images (3D CT in HU, say), label masks and a CSV of variables.
 
 Layout (nothing is ever written into this folder)::
 
     DATASET/dataset.yaml
-    DATASET/images/<id>.nii.gz   3D, any orientation and voxel size (``.nii`` too)
+    DATASET/images/<id>.nii.gz   3D, any orientation and voxel size (``.nii`` too); 2D: one slice
     DATASET/masks/<id>.nii.gz    same grid, integer labels (0 background)
     DATASET/regions/<id>.nii.gz  optional, same grid, integer region ids (0 outside)
     DATASET/attributes.csv       column ``id``, one column per variable, optional ``split``
@@ -24,6 +24,8 @@ sample's original affine, shape and voxel sizes, to write outputs back on its gr
 Every file is checked as it is read, as in the ``tiff`` format: at most MAX_VOXELS voxels and
 3 axes (from the header, before decoding), inside the dataset folder, finite image values,
 declared mask and region labels (integer dtype, or floats holding whole numbers).
+A 2D dataset (``spatial_dims: 2``) stores each image as one axial slice; its (H, W) are (A, R)
+and its structure variables are areas (label count times pixel area).
 """
 
 from __future__ import annotations
@@ -42,19 +44,24 @@ from segcft.data.folder import (
     SPEC_FILE,
     SPLIT_NAMES,
     BadValues,
+    FolderDataset,
     Problem,
     Spec,
     Table,
     check_values,
+    crop_pad,
+    folder_info,
     inside,
     measure_sample,
     raise_problems,
+    resize,
+    uncrop_pad,
     window,
 )
 from segcft.data.folder import measure as folder_measure
 from segcft.data.folder import scan as folder_scan
-from segcft.data.imageio import MAX_VOXELS, uncrop_pad
-from segcft.data.variables import DatasetInfo, fit_normalisation
+from segcft.data.imageio import MAX_VOXELS
+from segcft.data.variables import DatasetInfo
 from segcft.errors import DatasetError
 
 SUFFIXES = (".nii.gz", ".nii")
@@ -125,12 +132,14 @@ def _inside(root: Path, folder: str, sid: str) -> Path:
 
 def _open(path: Path) -> tuple[Any, Geometry]:
     """The nibabel image (data not decoded) and its geometry, checked from the header alone:
-    3 axes (a trailing axis of length 1 is dropped) and at most MAX_VOXELS voxels."""
+    3 axes (a trailing axis of length 1 is dropped; a 2D array is one slice) and at most MAX_VOXELS voxels."""
     nib = _nibabel()
     img = nib.load(str(path))
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
+    if len(shape) == 2:
+        shape = (*shape, 1)
     if len(shape) != 3:
         raise BadValues(f"expected a 3D image (spatial_dims), got shape {shape}")
     if 0 in shape:
@@ -154,8 +163,8 @@ def _array(img: Any, geom: Geometry) -> np.ndarray:
 def read_image(path: Path) -> tuple[np.ndarray, Geometry, Any]:
     """A NIfTI file outside any dataset (``segcft counterfactual --input``): its values with the
     header's scaling applied, its geometry and the nibabel image (for its header and on-disk
-    dtype). Checked as dataset files are (3D, MAX_VOXELS, numeric, invertible affine, finite);
-    raises DatasetError when nibabel is missing, BadValues or nibabel's errors otherwise."""
+    dtype). Checked as dataset files are (3D or one 2D slice, MAX_VOXELS, numeric, invertible
+    affine, finite); raises DatasetError when nibabel is missing, BadValues or nibabel's errors otherwise."""
     img, geom = _open(path)
     arr = _array(img, geom)
     if not np.isfinite(arr).all():
@@ -190,34 +199,36 @@ def from_canonical(arr: np.ndarray, geom: Geometry) -> np.ndarray:
 
 
 def resampled_shape(geom: Geometry, spacing: tuple[float, ...]) -> tuple[int, ...]:
-    """(D, H, W) shape of a file once reoriented and resampled to ``spacing`` (before crop/pad)."""
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(geom.canonical_shape(), geom.canonical_spacing(), spacing))
+    """(D, H, W) shape of a file once reoriented and resampled to ``spacing`` (before crop/pad);
+    in 2D (two spacings), the one slice's (H, W)."""
+    k = 3 - len(spacing)
+    pairs = zip(geom.canonical_shape()[k:], geom.canonical_spacing()[k:], spacing)
+    return tuple(max(1, round(n * s / t)) for n, s, t in pairs)
 
 
 def image_to_grid(unit: np.ndarray, geom: Geometry, spacing: tuple[float, ...], shape: tuple[int, ...]) -> Any:
     """An image already mapped to [-1, 1], in the file's axes, onto a run's grid: reoriented,
-    resampled trilinearly to ``spacing`` and centre-cropped or padded (-1) to ``shape``."""
+    resampled (bi/tri)linearly to ``spacing`` and centre-cropped or padded (-1) to ``shape``;
+    in 2D (two spacings), the one axial slice."""
     import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(to_canonical(unit, geom))
-    size = resampled_shape(geom, spacing)
-    if tuple(t.shape) != size:
-        t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    return _crop_pad(t.clamp(-1.0, 1.0), shape, -1.0)
+    if len(spacing) == 2:
+        t = t[0]
+    t = resize(t, resampled_shape(geom, spacing), True)
+    return crop_pad(t.clamp(-1.0, 1.0), tuple(shape), -1.0)
 
 
 def grid_to_file(values: np.ndarray, geom: Geometry, spacing: tuple[float, ...]) -> np.ndarray:
     """The inverse of ``image_to_grid``'s geometry for a map on the run's grid (a difference,
-    say): un-cropped (0 where the crop cut the file), resampled trilinearly back to the file's
+    say): un-cropped (0 where the crop cut the file), resampled linearly back to the file's
     voxel sizes and put back in the file's axes, shape ``geom.shape``."""
     import torch
-    import torch.nn.functional as F
 
     t = uncrop_pad(torch.from_numpy(np.asarray(values, dtype=np.float64)), resampled_shape(geom, spacing))
-    canonical = geom.canonical_shape()
-    if tuple(t.shape) != canonical:
-        t = F.interpolate(t[None, None], size=canonical, mode="trilinear", align_corners=False)[0, 0]
+    t = resize(t, geom.canonical_shape()[3 - len(spacing) :], True)
+    if len(spacing) == 2:
+        t = t[None]
     return from_canonical(t.numpy(), geom)
 
 
@@ -279,9 +290,6 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
     """Check every image, mask and region file of the table (headers only unless ``deep``:
     then also decode them and check values); returns the geometry of each readable image."""
     _nibabel()
-    if spec.spatial_dims != 3:
-        problems.append(Problem(f"NIfTI datasets are 3D, got {spec.spatial_dims}", SPEC_FILE, key="spatial_dims"))
-        return {}
     geoms: dict[str, Geometry] = {}
     folders = ["images", "masks"] + (["regions"] if spec.regions else [])
     listed = set(table.ids)
@@ -297,6 +305,11 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
         image = got["images"]
         if image is None:
             continue
+        if spec.spatial_dims == 2 and image.canonical_shape()[0] != 1:
+            problems.append(
+                Problem(f"expected one axial slice (spatial_dims 2), got shape {image.shape}", f"images/{sid}.nii.gz")
+            )
+            continue
         geoms[sid] = image
         for folder in folders[1:]:
             g = got[folder]
@@ -311,11 +324,12 @@ def check_files(root: Path, spec: Spec, table: Table, problems: list[Problem], d
 
 
 def _measure_one(root: Path, spec: Spec, sid: str) -> list[float]:
-    """Volume (mm^3) of every structure variable: label count on the original voxels times
-    that file's voxel volume."""
+    """Volume (mm^3; area in mm^2 in 2D) of every structure variable: label count on the original
+    voxels times that file's voxel volume (pixel area)."""
     classes, geom = read_sample_file(root, spec, "masks", sid)
     regions = read_sample_file(root, spec, "regions", sid)[0] if spec.regions else None
-    return measure_sample(classes, regions, spec, geom.voxel_volume)
+    voxel = geom.voxel_volume if spec.spatial_dims == 3 else geom.voxel_volume / geom.canonical_spacing()[0]
+    return measure_sample(classes, regions, spec, voxel)
 
 
 def scan(root: Path, deep: bool) -> tuple[Spec | None, Table | None, dict[str, Geometry], list[Problem]]:
@@ -335,12 +349,15 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if problems:
         raise_problems(problems, root)
     assert spec is not None and table is not None
-    if size and len(size) != 3:
-        raise DatasetError(f"dataset {root}: size {list(size)} must have 3 entries (D, H, W)")
+    if size and len(size) != spec.spatial_dims:
+        raise DatasetError(f"dataset {root}: size {list(size)} must have {spec.spatial_dims} entries (spatial_dims)")
     train_ids = [sid for sid, s in zip(table.ids, table.splits) if s == "train"]
     spacing = spec.spacing
     if not spacing:
-        spacing = tuple(float(x) for x in np.median([geoms[s].canonical_spacing() for s in train_ids], axis=0))
+        spacing = tuple(
+            float(x)
+            for x in np.median([geoms[s].canonical_spacing()[3 - spec.spatial_dims :] for s in train_ids], axis=0)
+        )
     if size:
         target = tuple(size)
     else:
@@ -349,107 +366,55 @@ def _load(root_str: str, size: tuple[int, ...], stamp: float) -> tuple[Spec, Tab
     if table.measured:
         m = measure(root, spec, table)
         table.values[:, table.measured] = m[:, table.measured]
-    train = table.values[[s == "train" for s in table.splits]]
-    info = DatasetInfo(
-        name=spec.name,
-        spatial_dims=3,
-        shape=target,
-        spacing=spacing,
-        structures=dict(spec.structures),
-        variables=list(spec.variables),
-        normalisation=fit_normalisation(spec.variables, train.tolist()),
-        regions=dict(spec.regions),
-    )
+    info = folder_info(spec, table, target, spacing)
     return spec, table, info, geoms
 
 
-def _crop_pad(t: Any, target: tuple[int, ...], fill: float) -> Any:
-    """Centre crop or pad ``t`` to ``target`` (the ``tiff`` format's crop rule)."""
-    import torch
-
-    if tuple(t.shape) == target:
-        return t
-    out = torch.full(target, fill, dtype=t.dtype)
-    src, dst = [], []
-    for n, m in zip(t.shape, target):
-        a = abs(n - m) // 2
-        src.append(slice(a, a + m) if n >= m else slice(0, n))
-        dst.append(slice(0, m) if n >= m else slice(a, a + n))
-    out[tuple(dst)] = t[tuple(src)]
-    return out
-
-
-class NiftiDataset:
+class NiftiDataset(FolderDataset):
     """One split of a NIfTI dataset folder; items are read, reoriented and resampled on access."""
 
     def __init__(
         self, root: Path, spec: Spec, table: Table, info: DatasetInfo, geoms: dict[str, Geometry], split: str
     ) -> None:
-        import torch
-
-        self.root = root
-        self.info = info
-        self.split = split
-        self._spec = spec
+        super().__init__(root, spec, table, info, split, suffix=".nii.gz")
         self._geoms = geoms
-        sel = [i for i, s in enumerate(table.splits) if s == split]
-        self.ids = [table.ids[i] for i in sel]
-        self._parents = (
-            torch.from_numpy(info.normalise(table.values[sel])).float().reshape(len(sel), len(spec.variables))
-        )
-        self._positions = sel
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def spec(self) -> Spec:
-        """The dataset's ``dataset.yaml`` as read (intensity window, structures, variables)."""
-        return self._spec
-
-    def image_path(self, sid: str) -> Path:
-        """The image file of subject ``sid`` (``images/<sid>.nii.gz`` or ``.nii``)."""
-        return _inside(self.root, "images", sid)
 
     def geometry(self, sid: str) -> Geometry:
         """The original affine, shape and voxel sizes of sample ``sid`` (to write outputs back)."""
         return self._geoms[sid]
 
-    def physical_parents(self) -> np.ndarray:
-        """(N, P) physical variable values of the split (float64)."""
-        return self.info.denormalise(self._parents.double().numpy())
+    def image_path(self, sid: str) -> Path:
+        """The image file of subject ``sid`` (``images/<sid>.nii.gz`` or ``.nii``)."""
+        return _inside(self.root, "images", sid)
 
     def canonical(self, folder: str, sid: str) -> Any:
         """File ``folder/<sid>`` reoriented to RAS+, axes (D, H, W) = (S, A, R), resampled to the
-        dataset spacing (images trilinear in HU, labels nearest) and cropped/padded to its shape."""
+        dataset spacing (images linearly in [-1, 1] by ``image_to_grid``, labels nearest) and
+        cropped/padded to its shape; in 2D, (H, W) = (A, R) of the one slice."""
         import torch
-        import torch.nn.functional as F
 
         arr, geom = read_sample_file(self.root, self._spec, folder, sid)
         if folder == "images":
             return image_to_grid(window(arr, self._spec), geom, self.info.spacing, self.info.shape)
         t = torch.from_numpy(to_canonical(arr, geom))
-        size = resampled_shape(geom, self.info.spacing)
-        if tuple(t.shape) != size:
-            t = F.interpolate(t[None, None].double(), size=size, mode="nearest-exact")[0, 0].round().long()
-        return _crop_pad(t, self.info.shape, 0)
+        if self.info.spatial_dims == 2:
+            t = t[0]
+        return crop_pad(resize(t, resampled_shape(geom, self.info.spacing), False), self.info.shape, 0)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
+    def read(self, folder: str, sid: str) -> Any:
+        """Items are ``canonical`` (at the dataset shape already; ``fit`` leaves them as they are)."""
+        return self.canonical(folder, sid)
 
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        i = i % len(self)
-        sid = self.ids[i]
-        item = {
-            "image": self.canonical("images", sid).unsqueeze(0),
-            "mask": self.canonical("masks", sid),
-            "parents": self._parents[i],
-            "index": torch.tensor(self._positions[i], dtype=torch.int64),
-        }
-        if self._spec.regions:
-            item["regions"] = self.canonical("regions", sid)
-        return item
+    def fit(self, t: Any, folder: str) -> Any:
+        """``t`` unchanged: ``canonical`` already resampled and cropped it."""
+        return t
+
+
+def check(config: NiftiConfig) -> list[Problem]:
+    """Every problem of the folder at ``config.path`` (layout, dataset.yaml, CSV, each file decoded)."""
+    if not config.path:
+        return [Problem(f"nifti dataset: no path set (give the folder containing {SPEC_FILE}, or --set path=DIR)")]
+    return scan(Path(config.path).expanduser().resolve(), deep=True)[3]
 
 
 def build(config: NiftiConfig, split: str) -> NiftiDataset:

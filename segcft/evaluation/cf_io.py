@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcft.data.imageio import read_tiff, window_bounds, write_tiff
+from segcft.data.folder_io import window_bounds
+from segcft.data.imageio import read_tiff, write_tiff
 from segcft.data.variables import DatasetInfo
 from segcft.errors import DatasetError, UserError
 from segcft.evaluation.measure import measure_words
@@ -250,7 +251,7 @@ def _nifti_file(run: Any, path: Path) -> Source:
         raise UserError(f'--input {path}: reading NIfTI needs nibabel; pip install "segcft[nifti]" ({e})') from None
     except Exception as e:  # nibabel raises many types on corrupt input
         raise UserError(f"--input {path}: cannot read the NIfTI file: {e}".splitlines()[0]) from None
-    if info.spatial_dims != 3:
+    if info.spatial_dims == 2 and geom.canonical_shape()[0] != 1:
         raise UserError(f"--input {path}: a NIfTI volume does not fit the run's 2D images of shape {info.shape}")
     _no_regions(run, path)
     size = nifti.resampled_shape(geom, info.spacing)
