@@ -90,6 +90,28 @@ def test_file_roundtrip_dtype_range_spacing_and_areas(tmp_path, toy):
     assert res2["variables"]["blob_area"]["before"] == pytest.approx(360.0)
 
 
+def test_one_slice_nifti_file_on_a_2d_run(tmp_path, toy):
+    """A one-slice NIfTI file (stored L-P flipped, 2 mm pixels) goes onto a 2D run's grid as the
+    TIFF does and comes back with its own header, shape and orientation."""
+    nib = pytest.importorskip("nibabel")
+    run, info, render = toy
+    arr = _write_input(tmp_path / "in.tif", render, info)  # (H, W) = (A, R)
+    stored = arr.T[::-1, ::-1].copy()  # (R, A), both axes flipped: LPS
+    affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    affine[:2, 3] = [2.0 * (stored.shape[0] - 1), 2.0 * (stored.shape[1] - 1)]
+    nib.save(nib.Nifti1Image(stored, affine), str(tmp_path / "in.nii.gz"))
+    res = counterfactual_with(run, tmp_path / "in.nii.gz", ["blob_area=+20%"], tmp_path / "cf.nii.gz", mode="oracle", echo=lambda s: None)
+    v = res["variables"]["blob_area"]
+    assert v["before"] == pytest.approx(300.0) and v["measured_after"] == pytest.approx(360.0, abs=2.0)
+    out = nib.load(str(tmp_path / "cf.nii.gz"))
+    cf = np.asanyarray(out.dataobj)
+    assert cf.shape == stored.shape and cf.dtype == np.uint16 and np.allclose(out.affine, affine)
+    changed = cf[::-1, ::-1].T != arr  # back in (A, R): only the blob's rim moved
+    assert changed.sum() == pytest.approx(60.0 / 4.0, abs=1)
+    counterfactual_with(run, tmp_path / "in.tif", ["blob_area=+20%"], tmp_path / "cf.tif", mode="oracle", echo=lambda s: None)
+    assert np.array_equal(cf[::-1, ::-1].T, tifffile.imread(tmp_path / "cf.tif"))  # the same pixels as the TIFF's
+
+
 def test_descendants_follow_and_identity_generator_misses(tmp_path, toy):
     run, info, render = toy
     src = tmp_path / "in.tif"

@@ -257,3 +257,46 @@ def test_show_montage(cohort, tmp_path):
     res = CliRunner().invoke(cli, ["data", "show", str(cohort), "--out", str(tmp_path / "m.png")], prog_name="segcft")
     assert res.exit_code == 0, res.output
     assert "3D, shape [18, 27, 27]" in res.output and (tmp_path / "m.png").is_file()
+
+
+def test_one_slice_items_and_write_back_grid(tmp_path):
+    """A 2D folder of one-slice files (RAS and LPS, 1 mm) loaded at size 20 x 20 (a centre crop):
+    items are the file's slice in (A, R) order; ``grid_to_file`` puts a grid map back on each
+    file's own 2D grid, equal to the windowed file where the crop kept it and 0 where it cut."""
+    from segcft.data import nifti
+    from segcft.data.folder import window
+
+    root = tmp_path / "slices"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for k, orient in enumerate(["RAS", "LPS", "RAS", "LPS"]):
+        img, mask = _canonical((1.0, 1.0, 2.0), k % 3)
+        img[-4:, -4:, 8], mask[-4:, -4:, 8] = 400.0, 2  # the marker, brought down to the lesion's slice
+        a, aff = _store(img[:, :, 8:9], (1.0, 1.0, 2.0), orient)
+        m, _ = _store(mask[:, :, 8:9], (1.0, 1.0, 2.0), orient)
+        nib.save(nib.Nifti1Image(a[:, :, 0], aff), str(root / "images" / f"s{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(m[:, :, 0], aff), str(root / "masks" / f"s{k}.nii.gz"))
+        rows.append([f"s{k}", "train" if k < 2 else "test", 40 + k])
+    spec = _spec() | {"spatial_dims": 2}
+    spec["variables"]["lesion_volume"]["unit"] = "mm^2"
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with (root / "attributes.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["id", "split", "age"], *rows])
+    ds = _build(root, size=(20, 20))
+    assert ds.info.spatial_dims == 2 and ds.info.shape == (20, 20) and ds.info.spacing == pytest.approx((1.0, 1.0))
+    for i, sid in enumerate(ds.ids):
+        item, geom = ds[i], ds.geometry(sid)
+        assert ds.image_path(sid) == root / "images" / f"{sid}.nii.gz"
+        arr, _, _ = nifti.read_image(ds.image_path(sid))
+        unit = window(arr, ds.spec)
+        grid = nifti.image_to_grid(unit, geom, ds.info.spacing, ds.info.shape)
+        assert grid.shape == (20, 20) and np.array_equal(grid.numpy(), item["image"][0].numpy())
+        back = nifti.grid_to_file(item["image"][0].numpy(), geom, ds.info.spacing)
+        assert back.shape == geom.shape
+        # in (R, A) order the crop kept indices 2..21 of the 24 x 24 slice, whatever the file's orientation
+        ras = back[::-1, ::-1, 0] if geom.affine[0, 0] < 0 else back[:, :, 0]
+        want = (unit[::-1, ::-1, 0] if geom.affine[0, 0] < 0 else unit[:, :, 0])[2:22, 2:22]
+        np.testing.assert_allclose(ras[2:22, 2:22], want, atol=1e-6)
+        assert not ras[:2].any() and not ras[22:].any() and not ras[:, :2].any() and not ras[:, 22:].any()
+        assert item["image"][0, -1, -1] == pytest.approx(0.4, abs=0.02)  # the marker, anterior-right

@@ -241,7 +241,8 @@ def _no_regions(run: Any, path: Path) -> None:
 
 def _nifti_file(run: Any, path: Path) -> Source:
     """A NIfTI file: reoriented to RAS+, windowed as the run's NIfTI dataset does (else by the
-    file's own range) and resampled to the run's spacing, which must give the run's shape."""
+    file's own range) and resampled to the run's spacing (its one slice for a 2D run), which must give
+    the run's shape."""
     from segcft.data import nifti
 
     info: DatasetInfo = run.info
