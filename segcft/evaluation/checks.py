@@ -1,5 +1,5 @@
 """Checks that the numbers of an evaluation rest on models that have learned (docs/method.md
-section 6.5): the generator's responsiveness to its structure parents, the regressor's held-out
+section 6.6): the generator's responsiveness to its structure parents, the regressor's held-out
 correlation and its slope on exact counterfactuals, and the marks on every number measured by a
 segmentor whose error on factual images is large for that structure. Each check returns a plain
 summary for metrics.json; ``sections`` writes them into report.md."""
@@ -68,17 +68,17 @@ def responsiveness(
         for var in info.structure_variables:
             j = info.index(var.name)
             values = torch.quantile(split_parents[:, j].double().cpu(), q).float().to(device)
-            target, abducted, prior = [], [], []
-            for v in values:
-                pa_cf = dscm.parents_counterfactual(pa, {var.name: torch.full_like(pa[:, j], float(v))})
-                target.append(info.denormalise(pa_cf.double())[:, j])
-                abducted.append(meas(seg(abduction.under(pa_cf)), regions)[:, j])
-                if callable(sample):
-                    prior.append(meas(seg(sample(pa_cf, temperature=0.0)), regions)[:, j])
-            t = torch.stack(target, 1)
+            pa_cf = [dscm.parents_counterfactual(pa, {var.name: torch.full_like(pa[:, j], float(v))}) for v in values]
+            t = torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1)
+            abducted = torch.stack([meas(seg(abduction.under(p)), regions)[:, j] for p in pa_cf], 1)
+            prior = None
+            if callable(sample):  # one batch of every value, (value, subject) order
+                x_prior = sample(torch.cat(pa_cf), temperature=0.0)
+                tiled = None if regions is None else regions.repeat(len(pa_cf), *([1] * (regions.dim() - 1)))
+                prior = meas(seg(x_prior), tiled)[:, j].reshape(len(pa_cf), -1).T
             entry[var.name] = {
-                "abducted": _slope(t, torch.stack(abducted, 1)),
-                "prior_mean": _slope(t, torch.stack(prior, 1)) if prior else None,
+                "abducted": _slope(t, abducted),
+                "prior_mean": _slope(t, prior) if prior is not None else None,
                 "images": int(x.shape[0]),
                 "values": [float(a) for a in t.mean(0)],
             }

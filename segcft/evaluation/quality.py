@@ -1,5 +1,5 @@
 """How well a segmentor has learned each structure variable: Dice of its argmax and soft-area
-absolute percentage error against the masks of a split (docs/method.md, section 6.5). The
+absolute percentage error against the masks of a split (docs/method.md, section 6.6). The
 segmentor quality gate of ``segcft train`` and the report's floor marks read these numbers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The segmentor quality gate (docs/method.md section 6.5): a trained segmentor is measured per
+"""The segmentor quality gate (docs/method.md section 6.6): a trained segmentor is measured per
 structure variable on the validation split; one that has not learned a structure is trained once
 more with another seed and twice the steps, and a run whose segmentor still has not learned it
 stops (or, with ``train.segmentor.gate: warn``, goes on with the structure's numbers marked)."""
@@ -70,12 +70,12 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
         message = (
             f"segmentor {stage!r} has not learned {_words(quality, bad)} on the validation split, also after a "
             f"retry with seed {seed} and {2 * sc.steps} steps (thresholds: Dice >= {sc.gate_dice:.2f}, soft-area "
-            f"MAPE <= {sc.gate_mape:.1f} %); train longer or fix the data, or --set train.segmentor.gate=warn"
+            f"MAPE <= {sc.gate_mape:.1f} %)"
         )
         if sc.gate == "stop":
-            raise SegmentorNotLearned(message)
+            raise SegmentorNotLearned(f"{message}; train longer or fix the data, or --set train.segmentor.gate=warn")
         if ctx.d.main:
-            print(f"warning: {message} (going on: its numbers are marked in the report)", flush=True)
+            print(f"warning: {message}; going on (train.segmentor.gate=warn), its numbers marked", flush=True)
     return model, seed
 
 
