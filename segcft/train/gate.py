@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from segcft.components import build_dataset
@@ -40,7 +41,7 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
     if len(val) == 0 or val[0].get("mask") is None:
         _record(ctx, stage, {"status": "unchecked", "reason": "the validation split has no masks"})
         return model, seed
-    quality = segmentor_quality(model, val, ctx.info, ctx.device)
+    quality = _measure(ctx, model, val)
     attempts = [{"seed": seed, "steps": sc.steps, "quality": _clean(quality)}]
     bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
     if bad:
@@ -52,7 +53,7 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
                 flush=True,
             )
         model, seed = train(ctx.run.retry(stage), retry_seed, replace(sc, steps=2 * sc.steps)), retry_seed
-        quality = segmentor_quality(model, val, ctx.info, ctx.device)
+        quality = _measure(ctx, model, val)
         attempts.append({"seed": seed, "steps": 2 * sc.steps, "quality": _clean(quality)})
         bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
     active = sc.gate_dice > 0 or sc.gate_mape > 0
@@ -77,6 +78,17 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
         if ctx.d.main:
             print(f"warning: {message}; going on (train.segmentor.gate=warn), its numbers marked", flush=True)
     return model, seed
+
+
+def _measure(ctx: StageContext, model: nn.Module, val: Any) -> dict[str, dict[str, float]]:
+    """The segmentor's quality on the validation split, measured by rank 0 and shared with every
+    rank, so that all ranks take the same decision."""
+    quality = segmentor_quality(model, val, ctx.info, ctx.device) if ctx.d.main else {}
+    if ctx.d.enabled:
+        box = [quality]
+        dist.broadcast_object_list(box, src=0)
+        quality = box[0]
+    return quality
 
 
 def _record(ctx: StageContext, stage: str, record: dict[str, Any]) -> None:
