@@ -116,10 +116,11 @@ class RunDir:
     # ---- atomic writes ----
     def save_final(self, stage: str, state: dict[str, Any]) -> None:
         """Mark ``stage`` complete: write its final checkpoint (``stage`` recorded in it), then
-        drop its resume state."""
+        drop its resume states (its own and its gate retry's)."""
         save_checkpoint(self.final(stage), {"stage": stage, **state})
-        if self.last(stage).is_file():
-            self.last(stage).unlink()
+        for last in (self.last(stage), self.last(self.retry(stage))):
+            if last.is_file():
+                last.unlink()
 
     def save_last(self, stage: str, state: dict[str, Any]) -> None:
         """Write the resume state of a running stage."""

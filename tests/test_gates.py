@@ -218,3 +218,37 @@ def test_regressor_section_correlation_and_exact_slope(tmp_path, toy_run):
     for e in res["regressor"]["variables"].values():
         assert e["correlation"] is None and e["exact_slope"] == 0.0
     assert "## Regressor" in (tmp_path / "zero" / "report.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_stopped_gate_resumed_with_warn_equals_a_straight_run(tmp_path, capsys):
+    """The resume states of both attempts survive the stop; resumed with gate=warn the stage
+    continues from them and keeps the same weights as a run that warned straight away, and no
+    resume state is left behind."""
+    from segcft.checkpoint import load_checkpoint
+    from segcft.config import load_run_config
+    from segcft.train import run_training
+    from segcft.train.gate import SegmentorNotLearned
+
+    base = ["train.segmentor.gate_dice=0.7", "train.segmentor.gate_mape=20", "train.segmentor.steps=2",
+            "train.segmentor.checkpoint_every=1"]  # fmt: skip
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SegmentorNotLearned, match="segmentor 'segmentor' has not learned"):
+        run_training(load_run_config(None, "smoke", base), stopped, only=["segmentor"])
+    ckpt = stopped / "checkpoints"
+    assert (ckpt / "segmentor.last.pt").is_file() and (ckpt / "segmentor-retry.last.pt").is_file()
+    warn = load_run_config(None, "smoke", [*base, "train.segmentor.gate=warn"])
+    capsys.readouterr()
+    run_training(warn, stopped, only=["segmentor"], resume="auto")
+    out = capsys.readouterr().out
+    assert "[segmentor-retry] resuming from" in out and "[segmentor] resuming from" in out
+    straight = tmp_path / "straight"
+    run_training(warn, straight, only=["segmentor"])
+    a = load_checkpoint(ckpt / "segmentor.pt")
+    b = load_checkpoint(straight / "checkpoints" / "segmentor.pt")
+    assert a["seed"] == b["seed"] == 1000
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert not list(ckpt.glob("*.last.pt"))
+    gates = [json.loads((d / "gates.json").read_text())["segmentor"] for d in (stopped, straight)]
+    assert gates[0] == gates[1] and gates[0]["status"] == "not learned"
