@@ -16,7 +16,7 @@ from torch import nn
 from segcft.components import build_dataset
 from segcft.config import SegmentorStageConfig, derived_seed
 from segcft.errors import UserError
-from segcft.evaluation.quality import not_learned, segmentor_quality
+from segcft.evaluation.quality import QUALITY_SAMPLES, not_learned, segmentor_quality
 from segcft.train.context import StageContext
 
 __all__ = ["RETRY_SEED_OFFSET", "SegmentorNotLearned", "gated_segmentor"]
@@ -62,7 +62,7 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
         "not_learned": bad,
         "thresholds": {"dice": sc.gate_dice, "mape": sc.gate_mape},
         "split": "val",
-        "samples": min(len(val), 256),
+        "samples": min(len(val), QUALITY_SAMPLES),
         "attempts": attempts,
         "floors": {name: _finite(q["mape"]) for name, q in quality.items()},
     }
