@@ -39,7 +39,7 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
     model = train(stage, seed, sc)
     val = build_dataset(ctx.cfg, "val")
     if len(val) == 0 or val[0].get("mask") is None:
-        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split has no masks"})
+        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split is empty or has no masks"})
         return model, seed
     quality = _measure(ctx, model, val)
     attempts = [{"seed": seed, "steps": sc.steps, "quality": _clean(quality)}]
