@@ -21,6 +21,7 @@ __all__ = [
     "abs_errors",
     "bootstrap_mean",
     "bootstrap_ratio",
+    "dice_scores",
     "dilate",
     "locality",
     "masked_mean_abs",
@@ -59,6 +60,15 @@ def abs_errors(
     denom = target.abs()
     pct = torch.where(denom > min_target, 100.0 * err / denom.clamp_min(1e-300), torch.full_like(err, math.nan))
     return err, pct
+
+
+def dice_scores(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per-sample Dice ``2 |P & T| / (|P| + |T|)`` of two (B, *S) boolean masks; NaN where both
+    are empty (nothing to find, nothing to score)."""
+    p, t = pred.reshape(pred.shape[0], -1).bool(), true.reshape(true.shape[0], -1).bool()
+    inter = (p & t).sum(1).double()
+    total = (p.sum(1) + t.sum(1)).double()
+    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.full_like(total, math.nan))
 
 
 def dilate(mask: torch.Tensor, iterations: int) -> torch.Tensor:

@@ -30,8 +30,9 @@ class RunDir:
 
     ``config.yaml`` (the resolved config), ``dataset.json`` (dataset metadata and
     normalisation), ``checkpoints/<stage>.pt`` (a finished stage) and
-    ``checkpoints/<stage>.last.pt`` (its resume state while it runs), ``metrics.csv`` (+
-    ``tensorboard/``), ``metrics.json``, ``report.md`` and ``figures/``. It also decides when a
+    ``checkpoints/<stage>.last.pt`` (its resume state while it runs), ``gates.json`` (the
+    segmentors' quality per structure), ``metrics.csv`` (+ ``tensorboard/``), ``metrics.json``,
+    ``report.md`` and ``figures/``. It also decides when a
     stage is complete, forgets a stage to redo it, and writes the run's files atomically (one
     process: under DDP the caller lets rank 0 write)."""
 
@@ -60,6 +61,14 @@ class RunDir:
     def last(self, stage: str) -> Path:
         """The resume state of a stage that is running or was interrupted."""
         return self.checkpoints / f"{stage}.last.pt"
+
+    def retry(self, stage: str) -> str:
+        """The name under which a segmentor stage trains its gate retry (checkpoints, metrics)."""
+        return f"{stage}-retry"
+
+    @property
+    def gates(self) -> Path:
+        return self.root / "gates.json"
 
     @property
     def metrics_csv(self) -> Path:
@@ -97,7 +106,7 @@ class RunDir:
         """Forget a stage's results so that it runs again: its final checkpoint, its resume
         state unless ``keep_last`` (a resumed redo continues where it stopped), and for
         ``evaluate`` the report and metrics.json."""
-        doomed = [self.final(stage)] + ([] if keep_last else [self.last(stage)])
+        doomed = [self.final(stage)] + ([] if keep_last else [self.last(stage), self.last(self.retry(stage))])
         if stage == "evaluate":
             doomed += [self.report, self.metrics_json]
         for path in doomed:
@@ -107,10 +116,11 @@ class RunDir:
     # ---- atomic writes ----
     def save_final(self, stage: str, state: dict[str, Any]) -> None:
         """Mark ``stage`` complete: write its final checkpoint (``stage`` recorded in it), then
-        drop its resume state."""
+        drop its resume states (its own and its gate retry's)."""
         save_checkpoint(self.final(stage), {"stage": stage, **state})
-        if self.last(stage).is_file():
-            self.last(stage).unlink()
+        for last in (self.last(stage), self.last(self.retry(stage))):
+            if last.is_file():
+                last.unlink()
 
     def save_last(self, stage: str, state: dict[str, Any]) -> None:
         """Write the resume state of a running stage."""
@@ -136,6 +146,23 @@ class RunDir:
         """The evaluation's metrics.json, then report.md (their pair marks ``evaluate`` complete)."""
         write_json(self.metrics_json, metrics)
         atomic_write_text(self.report, report)
+
+    def write_gate(self, stage: str, record: dict[str, Any]) -> None:
+        """Store one segmentor stage's quality gate record in ``gates.json`` (the other stages'
+        records kept)."""
+        gates = self.read_gates()
+        gates[stage] = record
+        write_json(self.gates, gates)
+
+    def read_gates(self) -> dict[str, Any]:
+        """``gates.json``: quality gate records per segmentor stage; empty when there is none."""
+        if not self.gates.is_file():
+            return {}
+        try:
+            gates: dict[str, Any] = json.loads(self.gates.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.gates}: cannot be read as JSON ({e})") from None
+        return gates if isinstance(gates, dict) else {}
 
     def figure(self, name: str) -> Path:
         """A figure of the run, ``figures/<name>.png``."""

@@ -215,7 +215,7 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
     return [k for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k, ...) != fb.get(k, ...)]
 
 
-RESUME_SAFE_KEYS: tuple[str, ...] = ("device", "evaluate.")
+RESUME_SAFE_KEYS: tuple[str, ...] = ("device", "evaluate.", "train.segmentor.gate")
 """Keys (a trailing dot: a whole section) that ``--resume auto`` may change: they do not alter
 what the training stages compute. Any other change is refused, as it would mix two runs."""
 

@@ -56,6 +56,28 @@ class StageConfig:
 
 
 @dataclass
+class SegmentorStageConfig(StageConfig):
+    """Optimisation settings of both segmentor stages plus their quality gate: after training,
+    each segmentor is measured per structure variable on the validation split (Dice of the argmax
+    and soft-area MAPE against the masks); a structure under ``gate_dice`` or over ``gate_mape``
+    is not learned, and the segmentor is trained once more with another seed and twice the steps.
+    Still not learned: the run stops (``gate: stop``) or goes on with a warning (``warn``)."""
+
+    gate_dice: float = field(
+        default=0.7,
+        metadata={"help": "lowest Dice per structure on the validation split (0: no Dice check)", "ge": 0, "le": 1},
+    )
+    gate_mape: float = field(
+        default=20.0,
+        metadata={"help": "highest soft-area MAPE % per structure on the validation split (0: no MAPE check)", "ge": 0},
+    )
+    gate: Literal["stop", "warn"] = field(
+        default="stop",
+        metadata={"help": "a segmentor still not learned after its retry: stop the run, or warn and go on"},
+    )
+
+
+@dataclass
 class MechanismsStageConfig:
     """Settings of the mechanisms stage: AdamW on random minibatches of the training parents,
     with no warm-up or EMA (the stage takes seconds; its gradient-norm clip is fixed at 10 and
@@ -85,7 +107,7 @@ class TrainConfig:
     ``segmentor``'s), and the segmentors' intensity augmentation."""
 
     mechanisms: MechanismsStageConfig = field(default_factory=MechanismsStageConfig)
-    segmentor: StageConfig = field(default_factory=StageConfig)
+    segmentor: SegmentorStageConfig = field(default_factory=SegmentorStageConfig)
     regressor: StageConfig = field(default_factory=StageConfig)
     generator: StageConfig = field(default_factory=lambda: StageConfig(grad_skip=500.0, ema=0.999))
     segmentor_intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
@@ -142,6 +164,18 @@ class EvaluateConfig:
         default=2, metadata={"help": "pixels the structure masks are dilated by for locality", "ge": 0}
     )
     particles: int = field(default=1, metadata={"help": "z samples averaged per counterfactual", "ge": 1})
+    floor_mark: float = field(
+        default=20.0,
+        metadata={
+            "help": "mark numbers measured by a segmentor whose soft-area MAPE % on factual images exceeds this for "
+            "the structure (0: no marks)",
+            "ge": 0,
+        },
+    )
+    responsiveness_n: int = field(
+        default=4,
+        metadata={"help": "test images abducted per structure for the responsiveness check (0: no check)", "ge": 0},
+    )
 
 
 @dataclass

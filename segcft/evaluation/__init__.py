@@ -4,14 +4,18 @@
 effectiveness and leakage (soft areas of an evaluation segmentor trained apart from the guide,
 the guide's own figure beside it), locality, the error against the exact counterfactual on
 phantoms, composition and reversibility, each with a 95% bootstrap interval over subjects, and
-writes ``metrics.json``, ``report.md`` and ``figures/``.
+writes ``metrics.json``, ``report.md`` and ``figures/``, with the checks that its numbers rest on
+models that have learned: the generator's responsiveness, the regressor's correlation and
+exact-counterfactual slope, and marks on numbers measured by a segmentor with a large floor.
 
 ``counterfactual`` answers one what-if for a TIFF file or a dataset sample and writes the
 counterfactual in the input's dtype, intensity range and spacing.
 
 Modules: ``loop`` (the evaluation loop), ``records`` (typed score records), ``report`` (the one
 writer of metrics.json, report.md and the console headline), ``whatif`` (single what-ifs),
-``measure`` (soft areas and structure masks).
+``measure`` (soft areas and structure masks), ``checks`` (responsiveness, regressor, floor marks,
+warnings), ``quality`` (a segmentor's Dice and soft-area MAPE per structure: the training gate's
+measure).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch
 from segcft.data.variables import DatasetInfo, Variable
 from segcft.dscm import DSCM
 from segcft.errors import UserError
+from segcft.evaluation.checks import RegressorCheck, floor_marks, responsiveness, warnings
 from segcft.evaluation.measure import Measurer
 from segcft.evaluation.records import (
     AreaError,
@@ -31,7 +32,7 @@ from segcft.evaluation.records import (
     Reversibility,
     Scores,
 )
-from segcft.evaluation.report import Context, summarise, write_outputs
+from segcft.evaluation.report import Context, headline, summarise, write_outputs
 from segcft.metrics import abs_errors, dilate, locality, masked_mean_abs, permutation, to_255
 
 __all__ = ["COMPOSITION_CYCLES", "evaluate", "evaluate_run"]
@@ -90,7 +91,23 @@ def evaluate(
         cycles=COMPOSITION_CYCLES,
     )
     result = summarise(ev.scores, ctx)
+    _add_checks(result, ev, run, split)
     return write_outputs(out_dir, result, fig_store or {}, split, run.info)
+
+
+def _add_checks(result: dict[str, Any], ev: _Evaluation, run: Any, split: str) -> None:
+    """The responsiveness and regressor sections, the floor marks (from the run folder's
+    gates.json when there is one) and the warnings; the headline again, with its marks."""
+    from segcft.run import RunDir
+
+    result["responsiveness"] = ev.responsiveness
+    if ev.regressor_check is not None:
+        result["regressor"] = ev.regressor_check.summary(split)
+    run_dir = getattr(run, "run_dir", None)
+    gates = RunDir(run_dir).read_gates() if run_dir is not None else {}
+    result["floor_marks"] = floor_marks(result, gates, float(getattr(run.config.evaluate, "floor_mark", 0.0)))
+    result["warnings"] = warnings(result)
+    result["headline"] = headline(result)
 
 
 @dataclass
@@ -128,6 +145,13 @@ class _Evaluation:
         self.dscms = {mode: DSCM(self.info, run.mechanisms, gen) for mode, gen in run.generators.items()}
         self.meas = Measurer(self.info)
         self.scores = Scores()
+        self.regressor = getattr(run, "regressor", None)
+        if self.regressor is not None:
+            self.regressor.to(self.device).eval()
+        self.regressor_check = RegressorCheck(self.info) if self.regressor is not None else None
+        self.guide = run.segmentor if run.segmentor is not None else eval_seg
+        self.responsiveness_n = min(count, int(getattr(ecfg, "responsiveness_n", 0)))
+        self.responsiveness: dict[str, Any] = {}
 
     def run(self, fig_store: dict[str, dict[str, Any]] | None) -> None:
         """Score every batch: measurement floor, reference images, then every mode."""
@@ -141,9 +165,28 @@ class _Evaluation:
             for iv in shared:
                 if iv.var.is_structure:
                     self._references(iv, factual_areas, b.get("regions"))
+            self._regressor(b, shared)
             for mode, dscm in self.dscms.items():
                 store = fig_store if fig_store is not None and sl.start == 0 else None
                 _ModeScorer(self, mode, dscm, b, sl.start).run(shared, store)
+        if self.guide is not None and self.responsiveness_n > 0:
+            first = _to_device(self.data, slice(0, self.responsiveness_n), self.device)
+            self.responsiveness = responsiveness(
+                self.info, self.dscms, self.guide, first, self.data["parents"], self.seed
+            )
+
+    def _regressor(self, b: Mapping[str, torch.Tensor], shared: list[_Intervention]) -> None:
+        """The regressor on the factual images and, on phantoms, on every exact counterfactual."""
+        if self.regressor is None or self.regressor_check is None:
+            return
+        pa = b["parents"].float()
+        pred = self.regressor(b["image"])["loc"].float()
+        self.regressor_check.factual(pred, pa)
+        for iv in shared:
+            if iv.true_image is not None:
+                j = iv.index
+                d_pred = self.regressor(iv.true_image)["loc"].float()[:, j] - pred[:, j]
+                self.regressor_check.counterfactual(iv.var.name, d_pred, iv.pa_cf[:, j] - pa[:, j])
 
     def _parents_counterfactuals(self) -> dict[str, torch.Tensor]:
         """Counterfactual parents of every intervention on the whole split, shared by all modes."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from segcft.checkpoint import atomic_write_text, write_json
 from segcft.data.variables import DatasetInfo
+from segcft.evaluation.checks import floor_footnotes, mark, sections
 from segcft.evaluation.measure import measure_words
 from segcft.evaluation.records import (
     AreaError,
@@ -162,14 +163,15 @@ def _references(boot: Bootstrap, scores: Scores, name: str, whos: list[str]) -> 
 def headline(result: Mapping[str, Any]) -> list[str]:
     """One line per mode: the headline measures averaged over the structure interventions."""
     lines = []
-    structural = [e for e in result["interventions"].values() if e["structure"]]
+    structural = [name for name, e in result["interventions"].items() if e["structure"]]
     for m in result["modes"]:
         parts = []
-        for label, path, unit in _HEADLINE:
-            means = [(get(e["modes"][m], *path) or {}).get("mean") for e in structural]
+        for k, (label, path, unit) in enumerate(_HEADLINE):
+            means = [(get(result["interventions"][n]["modes"][m], *path) or {}).get("mean") for n in structural]
             vals = [v for v in means if finite(v)]
             if vals:
-                parts.append(f"{label} {float(np.mean(vals)):.2f}{unit}")
+                dagger = mark(result, "eval", *structural) if k < 2 else ""
+                parts.append(f"{label} {float(np.mean(vals)):.2f}{unit}{dagger}")
         comp = get(result, "composition", m, "m1", "mean")
         if finite(comp):
             parts.append(f"composition {comp:.2f}")
@@ -186,12 +188,18 @@ def console_headline(result: Mapping[str, Any]) -> list[str]:
         if not entry.get("structure"):
             continue
         parts = []
+        own, others = mark(result, "eval", name), mark(result, "eval", *_others(result, name))
         for mode in result.get("modes", []):
             e = entry["modes"].get(mode, {})
             mape, leak, outside = (_mean(e, *path) for _, path, _ in _HEADLINE[:3])
-            parts.append(f"{mode}: MAPE {mape}%, leakage {leak}%, outside {outside}")
+            parts.append(f"{mode}: MAPE {mape}%{own}, leakage {leak}%{others}, outside {outside}")
         lines.append(f"do({name}) | " + " | ".join(parts))
     return lines
+
+
+def _others(result: Mapping[str, Any], name: str) -> list[str]:
+    """The structure variables other than ``name`` (whose errors make up its leakage)."""
+    return [s for s in result.get("structures") or () if s != name]
 
 
 def _mean(d: Any, *path: str) -> str:
@@ -202,8 +210,10 @@ def _mean(d: Any, *path: str) -> str:
 
 def print_headline(run_dir: Path | str, result: Mapping[str, Any]) -> None:
     """The last lines of a run: the numbers that matter and where the report is."""
-    for line in console_headline(result):
+    for line in [*console_headline(result), *floor_footnotes(result)]:
         print(line, flush=True)
+    for line in result.get("warnings") or []:
+        print(f"warning: {line}", flush=True)
     print(f"report: {RunDir(run_dir).report}", flush=True)
 
 
@@ -277,7 +287,7 @@ def write_report(result: Mapping[str, Any], spatial_dims: int | None = None) -> 
     """Markdown report of ``evaluate``'s result: headline summary, then one table per
     intervened variable (rows are modes), grouped per region for regional variables.
     ``spatial_dims`` (None: from the structure variables' units) names areas or volumes."""
-    modes, units, inter = result["modes"], result["units"], result["interventions"]
+    modes, inter = result["modes"], result["interventions"]
     word, unit = measure_words(spatial_dims if spatial_dims is not None else _spatial_dims(result))
     L: list[str] = [f"# Evaluation: {result['dataset']} ({result['split']} split, {result['n']} subjects)", ""]
     L.append(
@@ -290,6 +300,7 @@ def write_report(result: Mapping[str, Any], spatial_dims: int | None = None) -> 
     L += _headline_section(result)
     L += _composition_section(result)
     L += _floor_section(result)
+    L += sections(result)
     groups: dict[str | None, list[str]] = {}
     for name, entry in inter.items():
         groups.setdefault(entry["region"], []).append(name)
@@ -298,7 +309,10 @@ def write_report(result: Mapping[str, Any], spatial_dims: int | None = None) -> 
             L.append(f"## Region: {region}")
             L.append("")
         for name in names:
-            L += _variable_section(name, inter[name], modes, units, result["phantom"], level="###" if region else "##")
+            L += _variable_section(name, result, level="###" if region else "##")
+    notes = floor_footnotes(result)
+    if notes:
+        L += ["## Marks", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -311,11 +325,12 @@ def _headline_section(result: Mapping[str, Any]) -> list[str]:
     for name, entry in result["interventions"].items():
         if not entry["structure"]:
             continue
+        daggers = [mark(result, "eval", name), mark(result, "eval", *_others(result, name)), ""]
         for m in result["modes"]:
             e = entry["modes"][m]
             rows.append(
                 [name, m]
-                + [fmt(get(e, *path)) for _, path, _ in _HEADLINE[:3]]
+                + [_marked(fmt(get(e, *path)), d) for (_, path, _), d in zip(_HEADLINE[:3], daggers)]
                 + [
                     fmt(get(e, "locality", "outside_region")) if entry["region"] else "–",
                     fmt(get(e, *_HEADLINE[3][1])) if result["phantom"] else "–",
@@ -351,7 +366,11 @@ def _floor_section(result: Mapping[str, Any]) -> list[str]:
     L = ["## Measurement floor", "", "Segmentors on the factual images against the recorded values.", ""]
     rows = []
     for s, d in result["factual"].items():
-        cells = [fmt(get(d, who, stat)) for who in ("eval", "guide") for stat in ("mae", "mape")]
+        cells = [
+            _marked(fmt(get(d, who, stat)), mark(result, who, s))
+            for who in ("eval", "guide")
+            for stat in ("mae", "mape")
+        ]
         rows.append([s, result["units"].get(s, ""), *cells])
     if rows:
         L += _table(["variable", "unit", "MAE (eval)", "MAPE % (eval)", "MAE (guide)", "MAPE % (guide)"], rows)
@@ -359,9 +378,9 @@ def _floor_section(result: Mapping[str, Any]) -> list[str]:
     return L
 
 
-def _variable_section(
-    name: str, entry: Mapping[str, Any], modes: list[str], units: Mapping[str, str], phantom: bool, level: str
-) -> list[str]:
+def _variable_section(name: str, result: Mapping[str, Any], level: str) -> list[str]:
+    """The tables of do(name): one row per mode and reference, then per-variable leakage."""
+    entry, modes, phantom = result["interventions"][name], result["modes"], result["phantom"]
     unit = entry["unit"]
     L = [f"{level} do({name})" + (f" [{unit}]" if unit else ""), ""]
     if entry["descendants"]:
@@ -391,7 +410,7 @@ def _variable_section(
         e = entry["modes"][m]
         r = [m]
         if entry["structure"]:
-            r += _area_cells(e)
+            r += _area_cells(e, result, name)
             r += [
                 fmt(get(e, "locality", "outside")),
                 fmt(get(e, "locality", "inside")),
@@ -411,7 +430,7 @@ def _variable_section(
     for ref, e in refs.items():
         r = [f"({ref})"]
         if entry["structure"]:
-            r += _area_cells(e)
+            r += _area_cells(e, result, name)
         rows.append(r + ["–"] * (len(header) - len(r)))
     L += _table(header, rows)
     L.append("")
@@ -424,7 +443,13 @@ def _variable_section(
         L.append(f"{label}: MAPE % (eval) of each other structure variable against its counterfactual value.")
         L.append("")
         rows = [
-            [m] + [fmt(get(entry["modes"][m], "leakage", "per_variable", s, "eval", "mape")) for s in others]
+            [m]
+            + [
+                _marked(
+                    fmt(get(entry["modes"][m], "leakage", "per_variable", s, "eval", "mape")), mark(result, "eval", s)
+                )
+                for s in others
+            ]
             for m in modes
         ]
         L += _table(["mode", *others], rows)
@@ -432,12 +457,19 @@ def _variable_section(
     return L
 
 
-def _area_cells(e: Mapping[str, Any]) -> list[str]:
-    """Effectiveness (MAE, MAPE by both segmentors) and leakage cells of a mode or reference row."""
+def _area_cells(e: Mapping[str, Any], result: Mapping[str, Any], name: str) -> list[str]:
+    """Effectiveness (MAE, MAPE by both segmentors) and leakage cells of a mode or reference row
+    for do(name), marked where the measuring segmentor's floor is over the threshold."""
+    ev, guide = mark(result, "eval", name), mark(result, "guide", name)
     return [
-        fmt(get(e, "effectiveness", "eval", "mae"), 1),
-        fmt(get(e, "effectiveness", "eval", "mape")),
-        fmt(get(e, "effectiveness", "guide", "mae"), 1),
-        fmt(get(e, "effectiveness", "guide", "mape")),
-        fmt(get(e, "leakage", "mape_mean", "eval")),
+        _marked(fmt(get(e, "effectiveness", "eval", "mae"), 1), ev),
+        _marked(fmt(get(e, "effectiveness", "eval", "mape")), ev),
+        _marked(fmt(get(e, "effectiveness", "guide", "mae"), 1), guide),
+        _marked(fmt(get(e, "effectiveness", "guide", "mape")), guide),
+        _marked(fmt(get(e, "leakage", "mape_mean", "eval")), mark(result, "eval", *_others(result, name))),
     ]
+
+
+def _marked(text: str, dagger: str) -> str:
+    """``text`` with the floor mark, when it shows a number."""
+    return text + dagger if text != "–" else text

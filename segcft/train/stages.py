@@ -19,6 +19,7 @@ from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
 from segcft.run import generator_state
 from segcft.train.context import StageContext
+from segcft.train.gate import gated_segmentor
 from segcft.train.loop import fit
 from segcft.train.losses import CFTLoss, GeneratorLoss, MechanismsLoss, RegressorLoss, SegmentorLoss
 
@@ -87,16 +88,20 @@ def _training_parents(ctx: StageContext) -> torch.Tensor:
 
 def stage_segmentor(ctx: StageContext, stage: str) -> None:
     """The guide (``segmentor``, seed s, or the imported ``--segmentor-checkpoint``) and the
-    evaluation segmentor (``eval_segmentor``, seed s+1)."""
+    evaluation segmentor (``eval_segmentor``, seed s+1), each through the quality gate (a retry
+    with seed + RETRY_SEED_OFFSET and twice the steps when a structure is not learned)."""
     if stage == "segmentor" and ctx.segmentor_import is not None:
         ctx.save_final(stage, {"model": ctx.segmentor_import, "source": str(ctx.segmentor_checkpoint)})
         return
-    seed = ctx.cfg.seed + (1 if stage == "eval_segmentor" else 0)
-    torch.manual_seed(seed)
-    seg = build_component("segmentor", ctx.cfg.segmentor, ctx.info).to(ctx.device)
-    rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
-    loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
-    trained = fit(ctx, stage, seg, loss, ctx.cfg.train.segmentor, seed, rng=rng)
+
+    def train(name: str, seed: int, sc: StageConfig) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        seg = build_component("segmentor", ctx.cfg.segmentor, ctx.info).to(ctx.device)
+        rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
+        loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
+        return fit(ctx, name, seg, loss, sc, seed, rng=rng)
+
+    trained, seed = gated_segmentor(ctx, stage, ctx.cfg.seed + (1 if stage == "eval_segmentor" else 0), train)
     ctx.save_final(stage, {"model": trained.state_dict(), "seed": seed})
 
 

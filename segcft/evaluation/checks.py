@@ -1,0 +1,236 @@
+"""Checks that the numbers of an evaluation rest on models that have learned (docs/method.md
+section 6.6): the generator's responsiveness to its structure parents, the regressor's held-out
+correlation and its slope on exact counterfactuals, and the marks on every number measured by a
+segmentor whose error on factual images is large for that structure. Each check returns a plain
+summary for metrics.json; ``sections`` writes them into report.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from segcft.data.variables import DatasetInfo
+from segcft.evaluation.measure import Measurer
+
+__all__ = [
+    "DAGGER",
+    "QUANTILES",
+    "SLOPE_WARN",
+    "RegressorCheck",
+    "floor_footnotes",
+    "floor_marks",
+    "mark",
+    "responsiveness",
+    "sections",
+    "warnings",
+]
+
+QUANTILES: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Intervened values of the responsiveness check: these quantiles of the evaluated split's values."""
+
+SLOPE_WARN = 0.5
+"""A generator whose abducted counterfactuals follow an intervened area with a slope under this
+(measured by the guide) barely responds to that parent: a warning."""
+
+DAGGER = "†"
+
+_STAGE_OF = {"eval": "eval_segmentor", "guide": "segmentor"}
+
+
+# -- generator responsiveness ---------------------------------------------------------------------
+def responsiveness(
+    info: DatasetInfo,
+    dscms: Mapping[str, Any],
+    seg: Any,
+    data: Mapping[str, torch.Tensor],
+    split_parents: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
+    """Per mode and structure variable, the within-subject slope of the area measured by ``seg``
+    (the guide) against the intervened area, over the ``QUANTILES`` of the split's values, for
+    (i) ``prior_mean`` decodes (``generator.sample(pa, temperature=0)``: z at its prior mean, the
+    parents of each subject of the batch ``data`` with the structure set) and (ii) ``abducted``
+    counterfactuals of those subjects; ``split_parents`` (N, P) gives the quantiles. 1 follows
+    the parent exactly, 0 ignores it; None where a slope is undefined (no ``sample``)."""
+    meas, out = Measurer(info), {}
+    device = next(iter(data.values())).device if data else torch.device("cpu")
+    x, pa = data["image"].float(), data["parents"].float()
+    regions = data["regions"].long() if "regions" in data else None
+    q = torch.tensor(QUANTILES, dtype=torch.float64)
+    for mode, dscm in dscms.items():
+        sample = getattr(dscm.generator, "sample", None)
+        torch.manual_seed(int(seed) * 7 + 3)
+        abduction = dscm.abduct(x, pa)
+        entry = {}
+        for var in info.structure_variables:
+            j = info.index(var.name)
+            values = torch.quantile(split_parents[:, j].double().cpu(), q).float().to(device)
+            pa_cf = [dscm.parents_counterfactual(pa, {var.name: torch.full_like(pa[:, j], float(v))}) for v in values]
+            t = torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1)
+            abducted = torch.stack([meas(seg(abduction.under(p)), regions)[:, j] for p in pa_cf], 1)
+            prior = None
+            if callable(sample):  # one batch of every value, (value, subject) order
+                x_prior = sample(torch.cat(pa_cf), temperature=0.0)
+                tiled = None if regions is None else regions.repeat(len(pa_cf), *([1] * (regions.dim() - 1)))
+                prior = meas(seg(x_prior), tiled)[:, j].reshape(len(pa_cf), -1).T
+            entry[var.name] = {
+                "abducted": _slope(t, abducted),
+                "prior_mean": _slope(t, prior) if prior is not None else None,
+                "images": int(x.shape[0]),
+                "values": [float(a) for a in t.mean(0)],
+            }
+        out[mode] = entry
+    return out
+
+
+def _slope(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Within-subject least-squares slope of (n, V) ``y`` on ``x`` (rows demeaned)."""
+    dx = x.double() - x.double().mean(1, keepdim=True)
+    dy = y.double() - y.double().mean(1, keepdim=True)
+    keep = torch.isfinite(dy).all(1)
+    den = float((dx[keep] ** 2).sum())
+    return float((dx[keep] * dy[keep]).sum()) / den if den > 0 else None
+
+
+# -- regressor ------------------------------------------------------------------------------------
+class RegressorCheck:
+    """The regressor's predictions (``loc``, normalised units) on factual images against the
+    recorded parents, and on exact counterfactuals against the intervened values."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.info = info
+        self.pred: list[torch.Tensor] = []
+        self.true: list[torch.Tensor] = []
+        self.exact: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def factual(self, pred: torch.Tensor, pa: torch.Tensor) -> None:
+        self.pred.append(pred.double().cpu())
+        self.true.append(pa.double().cpu())
+
+    def counterfactual(self, name: str, d_pred: torch.Tensor, d_value: torch.Tensor) -> None:
+        """Changes of the prediction for ``name`` between the factual image and its exact
+        counterfactual, against the changes of the intervened value."""
+        dx, dy = self.exact.setdefault(name, ([], []))
+        dx.append(d_value.double().cpu())
+        dy.append(d_pred.double().cpu())
+
+    def summary(self, split: str) -> dict[str, Any]:
+        pred, true = torch.cat(self.pred), torch.cat(self.true)
+        out: dict[str, Any] = {"split": split, "n": int(pred.shape[0]), "variables": {}}
+        for j, var in enumerate(self.info.variables):
+            entry: dict[str, Any] = {"correlation": _corr(pred[:, j], true[:, j])}
+            if var.name in self.exact:
+                dx, dy = (torch.cat(t) for t in self.exact[var.name])
+                den = float((dx**2).sum())
+                entry["exact_slope"] = float((dx * dy).sum()) / den if den > 0 else None
+            out["variables"][var.name] = entry
+        return out
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a**2).sum()) * float((b**2).sum()))
+    return float((a * b).sum()) / den if den > 0 else None
+
+
+# -- floor marks ----------------------------------------------------------------------------------
+def floor_marks(result: Mapping[str, Any], gates: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    """The structures whose measuring segmentor (``eval``, ``guide``) has a floor above
+    ``threshold`` %: the soft-area MAPE on factual validation images that the quality gate recorded
+    (gates.json), else the MAPE on the evaluated split's factual images (``factual``)."""
+    marks: dict[str, Any] = {"threshold": threshold, "segmentors": {}}
+    if threshold <= 0:
+        return marks
+    evaluated_by_guide = str(result.get("eval_segmentor", "")).startswith("guide")
+    for s, by_who in (result.get("factual") or {}).items():
+        for who, errors in by_who.items():
+            stage = "segmentor" if who == "guide" or evaluated_by_guide else _STAGE_OF[who]
+            floor = ((gates.get(stage) or {}).get("floors") or {}).get(s)
+            source = "val"
+            if not isinstance(floor, (int, float)):
+                floor, source = ((errors or {}).get("mape") or {}).get("mean"), str(result.get("split"))
+            if isinstance(floor, (int, float)) and math.isfinite(floor) and floor > threshold:
+                marks["segmentors"].setdefault(who, {})[s] = {"floor": float(floor), "split": source}
+    return marks
+
+
+def mark(result: Mapping[str, Any], who: str, *structures: str) -> str:
+    """A dagger when ``who`` has a floor over the threshold for any of ``structures``."""
+    marked = ((result.get("floor_marks") or {}).get("segmentors") or {}).get(who) or {}
+    return DAGGER if any(s in marked for s in structures) else ""
+
+
+def floor_footnotes(result: Mapping[str, Any]) -> list[str]:
+    """One line per marked (segmentor, structure)."""
+    fm = result.get("floor_marks") or {}
+    names = {"eval": "evaluation segmentor", "guide": "guide"}
+    return [
+        f"{DAGGER} {s} ({names.get(who, who)}): measured by a segmentor whose soft-area error on factual "
+        f"{m['split']} images is {m['floor']:.1f} % for this structure (over {fm['threshold']:.1f} %)"
+        for who, by_s in (fm.get("segmentors") or {}).items()
+        for s, m in by_s.items()
+    ]
+
+
+# -- warnings and report sections -----------------------------------------------------------------
+def warnings(result: Mapping[str, Any]) -> list[str]:
+    """A line per (mode, structure) whose abducted counterfactuals barely follow the parent."""
+    lines = []
+    for mode, entry in (result.get("responsiveness") or {}).items():
+        for name, e in entry.items():
+            slope = e.get("abducted")
+            if slope is not None and slope < SLOPE_WARN:
+                lines.append(
+                    f"generator {mode!r} barely responds to {name}: the guide measures a slope of {slope:.2f} "
+                    f"(under {SLOPE_WARN}) of its area against the intervened one on abducted counterfactuals"
+                )
+    return lines
+
+
+def sections(result: Mapping[str, Any]) -> list[str]:
+    """report.md's responsiveness and regressor sections."""
+    L: list[str] = []
+    resp = result.get("responsiveness") or {}
+    if resp:
+        L += ["## Responsiveness", ""]
+        L.append(
+            "Within-subject slope of the area measured by the guide against the intervened area "
+            f"(quantiles {', '.join(f'{q:g}' for q in QUANTILES)} of the split's values): prior-mean decodes "
+            "(z at its prior mean) and abducted counterfactuals. 1: follows the parent; 0: ignores it."
+        )
+        L.append("")
+        rows = [
+            [mode, name, _num(e.get("prior_mean")), _num(e.get("abducted")), str(e.get("images", ""))]
+            for mode, entry in resp.items()
+            for name, e in entry.items()
+        ]
+        L += _table(["mode", "structure", "slope (prior mean)", "slope (abducted)", "images"], rows)
+        L.append("")
+    reg = result.get("regressor")
+    if reg:
+        L += ["## Regressor", ""]
+        L.append(
+            f"Correlation of the regressor's prediction with the recorded value on the {reg['split']} split "
+            f"({reg['n']} images), and the slope of its prediction's change against the intervened change on exact "
+            "counterfactuals (phantoms; 1: follows the variable)."
+        )
+        L.append("")
+        rows = [[name, _num(e.get("correlation")), _num(e.get("exact_slope"))] for name, e in reg["variables"].items()]
+        L += _table(["variable", "correlation", "slope on exact counterfactuals"], rows)
+        L.append("")
+    warn = result.get("warnings") or []
+    if warn:
+        L += ["## Warnings", ""] + [f"- {w}" for w in warn] + [""]
+    return L
+
+
+def _num(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
