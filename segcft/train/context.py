@@ -3,6 +3,8 @@ metrics log, and the rank-aware writes of stage results."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,44 @@ from segcft.data.variables import DatasetInfo
 from segcft.distributed import Dist
 from segcft.run import RunDir
 from segcft.train.metrics_log import MetricsLog
+from segcft.train.progress import RunClock
 from segcft.train.resume import TrainState, capture_state
 
-__all__ = ["StageContext"]
+__all__ = ["StageContext", "available_cpus", "set_cpu_threads"]
+
+CGROUP_QUOTAS = (
+    (Path("/sys/fs/cgroup/cpu.max"), None),  # cgroup v2: "<quota> <period>" or "max <period>"
+    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),  # v1
+)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host reports 64 cores to torch)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota_file, period_file in CGROUP_QUOTAS:
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()[:2]
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+            if quota not in ("max", "-1") and int(period) > 0:
+                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError):
+            continue
+    return max(n, 1)
+
+
+def set_cpu_threads(world: int = 1) -> int:
+    """Torch's intra-op threads for a CPU run: at most the CPUs this process may use (shared by
+    ``world`` ranks on the machine), unless OMP_NUM_THREADS chose; returns the count. More
+    threads than CPUs spin in OpenMP barriers and run many times slower."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    threads = max(1, available_cpus() // max(world, 1))
+    if torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 class StageContext:
@@ -32,6 +69,7 @@ class StageContext:
         self.info: DatasetInfo = self.train_set.info
         self.segmentor_checkpoint: Path | None = None
         self.segmentor_import: dict[str, torch.Tensor] | None = None  # its weights, read by validation
+        self.clock: RunClock | None = None  # the run's time estimate, fed by every stage's steps
 
     def save_final(self, stage: str, state: dict[str, Any]) -> None:
         """Complete ``stage`` with its final checkpoint."""
