@@ -34,13 +34,8 @@ def build_optimizer(
     warmup: int = 0,
     betas: tuple[float, float] = (0.9, 0.9),
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its linear warm-up schedule (step the schedule once per applied update). The
-    fused AdamW kernel when every parameter is a float tensor on the CPU or a GPU: one kernel per
-    parameter instead of about ten (a generator step's update 16 -> 4 ms on one CPU thread), the
-    same update within float rounding."""
-    params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+    """AdamW and its linear warm-up schedule (step the schedule once per applied update)."""
+    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
     return optimizer, scheduler
 
