@@ -7,8 +7,8 @@ HVAE (causal-gen ``src/vae.py``, pure PyTorch) at the same configuration.
 
 A step is: forward (posterior + prior + likelihood -> per-pixel nelbo), backward, AdamW step,
 ``zero_grad``. Both models get the same batch of phantom images and parents, AdamW(lr 1e-3,
-betas (0.9, 0.9), weight decay 0.1) as each builds it (segcft: ``segcft.optim.build_optimizer``,
-the fused kernel; causal-gen: torch's default) and the same thread count. segcft runs as its
+betas (0.9, 0.9), weight decay 0.1) as each builds it (segcft: ``segcft.optim.build_optimizer``;
+causal-gen: its train_setup's) and the same thread count. segcft runs as its
 generator stage trains it (2D: channels_last model and images). The reference is configured from
 segcft's preset: the causal-gen architecture strings ``enc_arch``/``dec_arch`` with the same
 per-resolution block counts (causal-gen's ``rXbNdK`` stage adds one down-sampling block, where

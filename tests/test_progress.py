@@ -96,3 +96,46 @@ def test_set_cpu_threads_caps_torch_threads_unless_omp_chose(monkeypatch):
         assert context.set_cpu_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Deterministic items; counts how often each index is read."""
+
+    deterministic = True
+
+    def __init__(self, n: int = 10) -> None:
+        self.n, self.reads, self.info = n, [0] * n, "info"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        for i in indices:
+            self.reads[i] += 1
+        return [{"image": torch.full((4,), float(i)), "index": torch.tensor(i)} for i in indices]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+
+def test_cached_samples_read_each_index_once_within_the_budget():
+    ds = CountingDataset()
+    cached = context.CachedSamples(ds, budget=5 * (16 + 8))  # room for five items
+    loader = torch.utils.data.DataLoader(cached, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for batch in loader:
+            assert torch.equal(batch["image"][:, 0], batch["index"].float())
+    assert len(cached.cache) == 5 and cached.used <= cached.budget
+    assert sorted(ds.reads[i] for i in cached.cache) == [1] * 5  # cached once read
+    assert all(ds.reads[i] == 3 for i in range(10) if i not in cached.cache)  # the rest read every epoch
+    assert torch.equal(cached[-1]["image"], ds[9]["image"]) and len(cached) == 10
+    assert cached.info == "info"  # everything else is the dataset's
+
+
+def test_cacheable_datasets():
+    from segcft.config import load_run_config
+    from segcft.components import build_dataset
+
+    assert context.cacheable(build_dataset(load_run_config(None, "smoke", []), "train"))
+    assert context.cacheable(CountingDataset())
+    assert not context.cacheable(torch.utils.data.TensorDataset(torch.zeros(3)))  # may draw at random
