@@ -9,9 +9,10 @@ from typing import Any
 
 __all__ = ["Progress", "RunClock", "stage_units"]
 
-SAMPLE_COST = {"segmentor": 0.2, "eval_segmentor": 0.2, "regressor": 0.2, "generator": 1.0, "cft": 1.7}
-"""Cost of one training sample of each stage relative to one generator sample (quick preset,
-2D and 3D alike within about 25 %: benchmarks/RESULTS.md, Training)."""
+SAMPLE_COST = {"segmentor": 0.2, "eval_segmentor": 0.2, "regressor": 0.2, "generator": 1.0, "cft": 1.6}
+"""Cost of one training sample of each stage relative to one generator sample, data reading
+included (the quick preset's stage times in 2D, benchmarks/RESULTS.md, Training; fine-tuning
+is up to 40 % dearer in 3D)."""
 
 EPS_COST = 0.3
 """Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
