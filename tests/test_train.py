@@ -4,6 +4,7 @@ the one-line validation errors."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,10 @@ def test_smoke_2d_end_to_end(tmp_path, capsys):
     assert "soft areas in physical units (mm^2)" in report.read_text()
     assert out.strip().splitlines()[-1] == f"report: {report}"
     assert "do(" in out  # headline numbers precede the report line
+    # the time estimate: one line, once the first image stage (the guide segmentor) timed its steps
+    estimates = [line for line in out.splitlines() if line.startswith("estimated total time: ~")]
+    assert len(estimates) == 1 and re.match(r"estimated total time: ~\d+ min \(from segmentor ", estimates[0])
+    assert out.index(estimates[0]) < out.index("[segmentor] finished")
     for stage in ("mechanisms", "segmentor", "eval_segmentor", "regressor", "generator", "cft-reg", "cft-seg"):
         assert (tmp_path / "checkpoints" / f"{stage}.pt").is_file(), stage
     assert not list((tmp_path / "checkpoints").glob("*.last.pt"))

@@ -3,6 +3,7 @@ table (segcft/train/stages.py) in one resumable run folder (docs/design.md, "Run
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
 from segcft.protocols import GUIDES
 from segcft.run import RunDir
-from segcft.train.context import StageContext
-from segcft.train.stages import stage_entry, stage_names
+from segcft.train.context import StageContext, set_cpu_threads
+from segcft.train.progress import RunClock
+from segcft.train.stages import EPS_SAMPLES, stage_entry, stage_names
 
 __all__ = ["run_training"]
 
@@ -221,6 +223,7 @@ def _run_stages(ctx: StageContext, stages: list[str]) -> dict[str, Any]:
     """Run every stage that is not complete, in table order; returns the evaluation's metrics
     (empty when evaluation did not run now)."""
     result: dict[str, Any] = {}
+    ctx.clock = RunClock(ctx.cfg, [s for s in stages if not ctx.run.done(s)], ctx.d.main, EPS_SAMPLES)
     for stage in stages:
         if ctx.run.done(stage):
             if ctx.d.main:
@@ -262,6 +265,8 @@ def run_training(
         device = resolve_device(cfg.device, d)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         ctx = StageContext(cfg, run, d, device, resuming)
         ctx.segmentor_checkpoint = seg_path
         result = _run_stages(ctx, _prepare(ctx, only, from_stage))

@@ -1,4 +1,5 @@
-"""Progress of a running stage: a tqdm bar on a terminal, plain log lines otherwise."""
+"""Progress of a running stage: a tqdm bar on a terminal, plain log lines otherwise; and the
+run's time estimate, printed once the first image stage has timed a few steps."""
 
 from __future__ import annotations
 
@@ -6,14 +7,107 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "RunClock", "stage_units"]
+
+SAMPLE_COST = {"segmentor": 0.2, "eval_segmentor": 0.2, "regressor": 0.2, "generator": 1.0, "cft": 1.6}
+"""Cost of one training sample of each stage relative to one generator sample, data reading
+included (the quick preset's stage times in 2D, benchmarks/RESULTS.md, Training; fine-tuning
+is up to 40 % dearer in 3D)."""
+
+EPS_COST = 0.3
+"""Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
+
+EVAL_COST = 9.0
+"""Cost of evaluating one test sample in one mode in generator samples."""
+
+MECHANISMS_STEP_S = 0.005
+"""Seconds per step of the parent mechanisms (a small MLP; independent of the image size)."""
+
+ESTIMATE_WARMUP, ESTIMATE_STEPS = 5, 20
+"""Steps of the calibrating stage skipped (first-step allocations), then timed."""
+
+
+def _kind(stage: str) -> str:
+    return "cft" if stage.startswith("cft-") else stage
+
+
+def _schedule(cfg: Any, stage: str) -> Any:
+    """The config section with ``steps`` and ``batch_size`` of a training stage (None for a
+    stage without one)."""
+    if stage.startswith("cft-"):
+        return cfg.cft
+    return getattr(cfg.train, "segmentor" if stage == "eval_segmentor" else stage, None)
+
+
+def stage_units(cfg: Any, stage: str, eps_samples: int) -> tuple[float, float]:
+    """(generator-sample units, fixed seconds) of ``stage`` under the run config; the
+    generator stage includes its eps pass over ``eps_samples`` samples."""
+    if stage == "mechanisms":
+        return 0.0, cfg.train.mechanisms.steps * MECHANISMS_STEP_S
+    if stage == "evaluate":
+        return EVAL_COST * cfg.evaluate.n * len(cfg.cft.modes), 0.0
+    sc = _schedule(cfg, stage)
+    if sc is None:
+        return 0.0, 0.0
+    units = SAMPLE_COST.get(_kind(stage), 1.0) * sc.steps * sc.batch_size
+    return units + (EPS_COST * eps_samples if stage == "generator" else 0.0), 0.0
+
+
+class RunClock:
+    """Estimates the wall time of this invocation from the step rate of the first image stage
+    that trains: each later stage costs its units (:func:`stage_units`) at the seconds per unit
+    that stage showed. Prints ``estimated total time: ~M min`` once (rank 0)."""
+
+    def __init__(self, cfg: Any, stages: list[str], enabled: bool, eps_samples: int) -> None:
+        self.cfg, self.stages, self.enabled, self.eps_samples = cfg, list(stages), enabled, eps_samples
+        self.t0 = time.perf_counter()
+        self.estimate: float | None = None
+        self._mark: tuple[int, float] | None = None
+
+    def observe(self, stage: str, step: int, start: int, total: int, stage_t0: float) -> None:
+        """Called after every training step of ``stage`` (steps ``start``..``total``; the
+        stage's loop started at ``stage_t0``)."""
+        if self.estimate is not None or stage == "mechanisms" or stage not in self.stages:
+            return
+        if _schedule(self.cfg, stage) is None:
+            return
+        warm = min(ESTIMATE_WARMUP, (total - start) // 2)
+        if self._mark is None or self._mark[0] < start:
+            self._mark = (start, stage_t0)
+        if step == start + warm:
+            self._mark = (step, time.perf_counter())
+        if step >= min(start + warm + ESTIMATE_STEPS, total) and step > self._mark[0]:
+            per_step = (time.perf_counter() - self._mark[1]) / (step - self._mark[0])
+            self._report(stage, per_step, total - step)
+
+    def _report(self, stage: str, per_step: float, steps_left: int) -> None:
+        sc = _schedule(self.cfg, stage)
+        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size)
+        remaining = {stage: per_step * steps_left}
+        if stage == "generator":
+            remaining[stage] += EPS_COST * self.eps_samples * unit_s
+        for s in self.stages[self.stages.index(stage) + 1 :]:
+            units, fixed = stage_units(self.cfg, s, self.eps_samples)
+            remaining[s] = units * unit_s + fixed
+        self.estimate = time.perf_counter() - self.t0 + sum(remaining.values())
+        if self.enabled:
+            parts = ", ".join(f"{s} {v / 60:.1f}" for s, v in remaining.items())
+            print(
+                f"estimated total time: ~{max(round(self.estimate / 60), 1)} min "
+                f"(from {stage} at {per_step:.3f} s/step; minutes left per stage: {parts})",
+                flush=True,
+            )
 
 
 class Progress:
-    """tqdm bar on a terminal (rank 0), a log line every ``every`` steps otherwise."""
+    """tqdm bar on a terminal (rank 0), a log line every ``every`` steps otherwise; feeds the
+    run's ``clock`` when given."""
 
-    def __init__(self, stage: str, total: int, start: int, enabled: bool, every: int) -> None:
+    def __init__(
+        self, stage: str, total: int, start: int, enabled: bool, every: int, clock: RunClock | None = None
+    ) -> None:
         self.stage, self.total, self.every, self.enabled = stage, total, max(every, 1), enabled
+        self.clock = clock
         self.bar: Any = None
         self.t0, self.s0 = time.perf_counter(), start
         if enabled and sys.stderr.isatty():
@@ -22,6 +116,8 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, step: int, logs: dict[str, float]) -> None:
+        if self.clock is not None:
+            self.clock.observe(self.stage, step, self.s0, self.total, self.t0)
         if not self.enabled:
             return
         shown = {k: logs[k] for k in list(logs)[:4]}

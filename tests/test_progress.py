@@ -1,0 +1,141 @@
+"""The run's time estimate (segcft.train.progress.RunClock) and the CPU thread count chosen from
+the machine (segcft.train.context)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from segcft.train import context, progress
+from segcft.train.progress import SAMPLE_COST, RunClock, stage_units
+
+
+def _cfg() -> SimpleNamespace:
+    step = lambda steps, batch: SimpleNamespace(steps=steps, batch_size=batch)  # noqa: E731
+    train = SimpleNamespace(
+        mechanisms=step(1000, 256), segmentor=step(100, 16),
+        regressor=step(50, 16), generator=step(200, 16),
+    )
+    return SimpleNamespace(
+        train=train, cft=SimpleNamespace(steps=40, batch_size=16, modes=["none", "seg"]), evaluate=SimpleNamespace(n=8)
+    )
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_estimate_scales_later_stages_by_their_sample_cost(monkeypatch, capsys):
+    clock_time = FakeTime()
+    monkeypatch.setattr(progress.time, "perf_counter", clock_time)
+    cfg = _cfg()
+    stages = ["mechanisms", "segmentor", "generator", "cft-seg", "evaluate"]
+    clock = RunClock(cfg, stages, enabled=True, eps_samples=64)
+    clock_time.now = 10.0  # mechanisms took 10 s; it never calibrates
+    for step in range(1, 11):
+        clock.observe("mechanisms", step, 0, 1000, 0.0)
+    assert clock.estimate is None
+    per_step = 0.5  # the segmentor: 0.5 s a step, its first steps slower (skipped)
+    for step in range(1, 101):
+        clock_time.now += 3.0 if step <= progress.ESTIMATE_WARMUP else per_step
+        clock.observe("segmentor", step, 0, 100, 10.0)
+        if clock.estimate is not None:
+            break
+    assert step == progress.ESTIMATE_WARMUP + progress.ESTIMATE_STEPS
+    unit_s = per_step / (SAMPLE_COST["segmentor"] * 16)
+    expected = clock_time.now + per_step * (100 - step)
+    expected += unit_s * (SAMPLE_COST["generator"] * 200 * 16 + progress.EPS_COST * 64)
+    expected += unit_s * SAMPLE_COST["cft"] * 40 * 16 + unit_s * progress.EVAL_COST * 8 * 2
+    assert clock.estimate == pytest.approx(expected)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [line for line in lines if line.startswith(f"estimated total time: ~{round(expected / 60)} min")]
+    assert len(lines) == 1
+    clock.observe("generator", 30, 0, 200, clock_time.now)  # printed once
+    assert capsys.readouterr().out == ""
+
+
+def test_estimate_of_a_stage_shorter_than_the_timed_steps(capsys):
+    clock = RunClock(_cfg(), ["generator"], enabled=True, eps_samples=0)
+    for step in range(1, 5):
+        clock.observe("generator", step, 0, 4, 0.0)
+    assert clock.estimate is not None and capsys.readouterr().out.startswith("estimated total time: ~1 min")
+
+
+def test_stage_units_follow_steps_and_batch():
+    cfg = _cfg()
+    assert stage_units(cfg, "regressor", 0) == (SAMPLE_COST["regressor"] * 50 * 16, 0.0)
+    assert stage_units(cfg, "generator", 10)[0] == pytest.approx(200 * 16 + progress.EPS_COST * 10)
+    assert stage_units(cfg, "mechanisms", 0) == (0.0, 1000 * progress.MECHANISMS_STEP_S)
+    assert stage_units(cfg, "eval_segmentor", 0) == stage_units(cfg, "segmentor", 0)  # trained like the guide
+
+
+def test_available_cpus_honours_a_cgroup_quota(monkeypatch, tmp_path):
+    v2 = tmp_path / "cpu.max"
+    v2.write_text("150000 100000\n")
+    monkeypatch.setattr(context, "CGROUP_QUOTAS", ((v2, None),))
+    monkeypatch.setattr(context.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert context.available_cpus() == 2
+    v2.write_text("max 100000\n")
+    assert context.available_cpus() == 64
+
+
+def test_set_cpu_threads_caps_torch_threads_unless_omp_chose(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(context, "available_cpus", lambda: 1)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(2)
+        assert context.set_cpu_threads() == 2  # the user's choice stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert context.set_cpu_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Deterministic items; counts how often each index is read."""
+
+    deterministic = True
+
+    def __init__(self, n: int = 10) -> None:
+        self.n, self.reads, self.info = n, [0] * n, "info"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        for i in indices:
+            self.reads[i] += 1
+        return [{"image": torch.full((4,), float(i)), "index": torch.tensor(i)} for i in indices]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+
+def test_cached_samples_read_each_index_once_within_the_budget():
+    ds = CountingDataset()
+    cached = context.CachedSamples(ds, budget=5 * (16 + 8))  # room for five items
+    loader = torch.utils.data.DataLoader(cached, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for batch in loader:
+            assert torch.equal(batch["image"][:, 0], batch["index"].float())
+    assert len(cached.cache) == 5 and cached.used <= cached.budget
+    assert sorted(ds.reads[i] for i in cached.cache) == [1] * 5  # cached once read
+    assert all(ds.reads[i] == 3 for i in range(10) if i not in cached.cache)  # the rest read every epoch
+    assert torch.equal(cached[-1]["image"], ds[9]["image"]) and len(cached) == 10
+    assert cached.info == "info"  # everything else is the dataset's
+
+
+def test_cacheable_datasets():
+    from segcft.config import load_run_config
+    from segcft.components import build_dataset
+
+    assert context.cacheable(build_dataset(load_run_config(None, "smoke", []), "train"))
+    assert context.cacheable(CountingDataset())
+    assert not context.cacheable(torch.utils.data.TensorDataset(torch.zeros(3)))  # may draw at random
