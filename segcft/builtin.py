@@ -11,7 +11,7 @@ from collections.abc import Callable
 from segcft import PLUGIN_API_VERSION, hookimpl
 from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, NiftiConfig, TiffConfig
 from segcft.models.configs import CNNRegressorConfig, HVAEConfig, UNetConfig
-from segcft.objectives.configs import NoSettings
+from segcft.objectives.configs import NoSettings, SegSettings
 
 SEGCFT_PLUGIN_API_VERSION = PLUGIN_API_VERSION
 
@@ -105,7 +105,7 @@ def segcft_register_objectives(register: Callable[..., None]) -> None:
     register(
         "seg",
         "segcft.objectives.guided:build_seg",
-        config=NoSettings,
+        config=SegSettings,
         needs=("segmentor", "structures"),
         uses=("regressor",),
         description="Seg-CFT: the frozen segmentor's soft structure areas (+ regressor on subject variables)",
@@ -113,7 +113,7 @@ def segcft_register_objectives(register: Callable[..., None]) -> None:
     register(
         "pos-seg",
         "segcft.objectives.guided:build_pos_seg",
-        config=NoSettings,
+        config=SegSettings,
         needs=("segmentor", "structures", "regions"),
         uses=("regressor",),
         description="Pos-Seg-CFT: soft structure areas per region (+ regressor on subject variables)",
