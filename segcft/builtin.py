@@ -81,7 +81,7 @@ def segcft_register_regressors(register: Callable[..., None]) -> None:
         "segcft.models.regressor:build",
         config=CNNRegressorConfig,
         dims=(2, 3),
-        description="small CNN predicting every variable from the image (Gaussian or Bernoulli)",
+        description="small CNN predicting every variable from the image and its causal parents (Gaussian or Bernoulli)",
     )
 
 
@@ -100,7 +100,7 @@ def segcft_register_objectives(register: Callable[..., None]) -> None:
         "segcft.objectives.guided:build_reg",
         config=NoSettings,
         needs=("regressor",),
-        description="Reg-CFT: the frozen regressor's likelihood of every counterfactual variable",
+        description="Reg-CFT: the frozen regressor's predicted mean of every counterfactual variable",
     )
     register(
         "seg",
