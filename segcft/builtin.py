@@ -11,7 +11,7 @@ from collections.abc import Callable
 from segcft import PLUGIN_API_VERSION, hookimpl
 from segcft.data.configs import CCTAPhantomConfig, CXRPhantomConfig, NiftiConfig, TiffConfig
 from segcft.models.configs import CNNRegressorConfig, HVAEConfig, UNetConfig
-from segcft.objectives.configs import NoSettings
+from segcft.objectives.configs import NoSettings, SegSettings
 
 SEGCFT_PLUGIN_API_VERSION = PLUGIN_API_VERSION
 
@@ -81,7 +81,7 @@ def segcft_register_regressors(register: Callable[..., None]) -> None:
         "segcft.models.regressor:build",
         config=CNNRegressorConfig,
         dims=(2, 3),
-        description="small CNN predicting every variable from the image (Gaussian or Bernoulli)",
+        description="small CNN predicting every variable from the image and its causal parents (Gaussian or Bernoulli)",
     )
 
 
@@ -100,12 +100,12 @@ def segcft_register_objectives(register: Callable[..., None]) -> None:
         "segcft.objectives.guided:build_reg",
         config=NoSettings,
         needs=("regressor",),
-        description="Reg-CFT: the frozen regressor's likelihood of every counterfactual variable",
+        description="Reg-CFT: the frozen regressor's predicted mean of every counterfactual variable",
     )
     register(
         "seg",
         "segcft.objectives.guided:build_seg",
-        config=NoSettings,
+        config=SegSettings,
         needs=("segmentor", "structures"),
         uses=("regressor",),
         description="Seg-CFT: the frozen segmentor's soft structure areas (+ regressor on subject variables)",
@@ -113,7 +113,7 @@ def segcft_register_objectives(register: Callable[..., None]) -> None:
     register(
         "pos-seg",
         "segcft.objectives.guided:build_pos_seg",
-        config=NoSettings,
+        config=SegSettings,
         needs=("segmentor", "structures", "regions"),
         uses=("regressor",),
         description="Pos-Seg-CFT: soft structure areas per region (+ regressor on subject variables)",

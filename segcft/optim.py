@@ -98,7 +98,8 @@ class GuardedStepper:
 
     ``grad_clip`` <= 0 disables clipping and ``grad_skip`` <= 0 disables the outlier skip (a
     non-finite loss or gradient is always skipped). ``counts`` holds ``applied``,
-    ``skipped_nonfinite`` and ``skipped_norm`` for the trainer's log."""
+    ``skipped_nonfinite`` and ``skipped_norm`` for the trainer's log, and ``clipped``: the
+    applied updates whose gradient norm exceeded ``grad_clip``."""
 
     def __init__(
         self,
@@ -119,7 +120,7 @@ class GuardedStepper:
         self.grad_skip = grad_skip
         self.ema = ema
         self.model = model
-        self.counts = {"applied": 0, "skipped_nonfinite": 0, "skipped_norm": 0}
+        self.counts = {"applied": 0, "skipped_nonfinite": 0, "skipped_norm": 0, "clipped": 0}
 
     def step(self, loss: torch.Tensor | None = None) -> StepResult:
         """Apply (or skip) the update for the gradients already accumulated; zero them after."""
@@ -139,6 +140,7 @@ class GuardedStepper:
             if self.ema is not None:
                 self.ema.update(self.model)  # type: ignore[arg-type]
             self.counts["applied"] += 1
+            self.counts["clipped"] += int(norm > max_norm)
             result = StepResult(norm, False)
         self.optimizer.zero_grad(set_to_none=True)
         return result

@@ -64,12 +64,14 @@ class Segmentor(Protocol):
 
 @runtime_checkable
 class Regressor(Protocol):
-    """Anti-causal predictor of every variable from the image, frozen during fine-tuning."""
+    """Anti-causal predictor of every variable from the image (and optionally each variable's
+    causal parents), frozen during fine-tuning."""
 
     spatial_dims: int
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``loc`` (B, P) (logit for binary variables) and ``scale`` (B, P) (1 for binary)."""
+    def __call__(self, x: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``loc`` (B, P) (logit for binary variables) and ``scale`` (B, P) (1 for binary); a
+        regressor may condition on the normalised ``parents`` (B, P), and predicts them when None."""
 
     def nll(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-variable negative log-likelihood (B, P) of normalised targets (binary: 0/1 or

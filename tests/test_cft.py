@@ -120,7 +120,7 @@ class LinearRegressor(nn.Module):
         super().__init__()
         self.head = nn.Linear(S * S, num_parents)
 
-    def forward(self, x):
+    def forward(self, x, parents=None):
         loc = self.head(x.flatten(1))
         return {"loc": loc, "scale": torch.ones_like(loc)}
 
@@ -345,3 +345,151 @@ def test_damping_uses_the_constraints_moving_average(setup):
     obj.eval()
     before = float(obj.constraint_avg)
     assert obj(dscm, batch, intervention=do)["constraint_avg"] == pytest.approx(before)  # frozen outside training
+
+
+class ScaledRegressor(nn.Module):
+    """Predicts mean(x) + 0.1 * parents for every variable, with a chosen predicted scale."""
+
+    spatial_dims = 2
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.scale = scale
+
+    def forward(self, x, parents=None):
+        loc = self.w * x.flatten(1).mean(1, keepdim=True).expand(-1, 5) + 0.1 * (0 if parents is None else parents)
+        return {"loc": loc, "scale": torch.full_like(loc, self.scale)}
+
+    def nll(self, x, targets):  # not used by the objective: it scores the predicted mean
+        raise AssertionError("Reg-CFT must not score the regressor's likelihood")
+
+
+def test_reg_cft_is_l1_of_the_predicted_mean_whatever_the_scale(setup):
+    """Reg-CFT's regressor term is the area terms' penalty (L1) of the predicted mean's error in
+    normalised units (Bernoulli cross-entropy for binary variables), conditioned on pa_cf: it
+    does not depend on the predicted scale, as a Gaussian NLL weighted by 1/scale^2 would."""
+    info, _, _, _ = setup
+    batch = make_batch(info)
+    x_cf, pa_cf = batch["image"] * 0.5, batch["parents"].clone()
+    pa_cf[:, 1:] += 0.3  # continuous ones; sex stays 0/1
+    values = []
+    for scale in (0.05, 5.0):
+        reg = ScaledRegressor(scale)
+        obj = build_objective("reg", info, cfg(), eps=1.0, regressor=reg)
+        loss, logs = obj.guide_loss(x_cf, pa_cf, batch, "age")
+        values.append(logs["reg"])
+    loc = x_cf.flatten(1).mean(1, keepdim=True).expand(-1, 5) + 0.1 * pa_cf
+    expected = (loc[:, 1:] - pa_cf[:, 1:]).abs().sum(1) + nn.functional.binary_cross_entropy_with_logits(
+        loc[:, 0], pa_cf[:, 0], reduction="none"
+    )
+    assert values[0] == pytest.approx(values[1]) == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(values[1] * cfg().reg_weight, rel=1e-5)
+
+
+class SharpSegmentor(nn.Module):
+    """Exact masks from intensity (logits of +-50): lung where x > 0.5, else background."""
+
+    classes = ("background", "lung", "heart")
+    spatial_dims = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(100.0))
+
+    def forward(self, x):
+        lung = self.gain * (x - 0.5)
+        return torch.cat([-lung, lung, torch.full_like(x, -100.0)], dim=1)
+
+
+def _locality_setup(info, weight: float, radius: int = 1):
+    from segcft.objectives.configs import SegSettings
+    from segcft.objectives.guided import build_seg
+    from segcft.objectives.base import ObjectiveContext
+
+    seg = SharpSegmentor()
+    ctx = ObjectiveContext("seg", info, cfg(), 1.0, seg, None)
+    return build_seg(SegSettings(locality=weight, locality_radius=radius), ctx), seg
+
+
+def test_locality_penalty_zero_inside_the_mask_positive_outside_no_gradient_into_guide(setup):
+    info = setup[0]
+    x = torch.full((2, 1, S, S), -0.8)
+    x[:, :, 4:8, 4:8] = 0.9  # the lung on x
+    batch = {"image": x, "parents": make_batch(info, b=2)["parents"]}
+    obj, seg = _locality_setup(info, weight=1.0, radius=1)
+    inside = x.clone()
+    inside[:, :, 5:7, 5:7] = 0.7  # changed only inside the lung (the guide still reads lung)
+    inside[:, :, 8, 4:8] = -0.5  # and within the dilation (radius 1) of it
+    inside.requires_grad_(True)
+    _, logs = obj.guide_loss(inside, batch["parents"], batch, "lung")
+    assert logs["locality"] == 0.0
+    outside = x.clone()
+    outside[:, :, 12:14, 12:14] = -0.4  # far from the lung on x and on x_cf
+    outside.requires_grad_(True)
+    loss, logs = obj.guide_loss(outside, batch["parents"], batch, "lung")
+    assert logs["locality"] == pytest.approx(0.4 * 4 / (S * S - 36), rel=1e-4)
+    loss.backward()
+    assert seg.gain.grad is None  # frozen guide; the masks carry no gradient
+    assert float(outside.grad[:, :, 12:14, 12:14].abs().min()) > 0
+    # the locality gradient is |x_cf - x| only: none through the masks into x_cf where they are
+    without, _ = _locality_setup(info, weight=0.0)
+    x2 = outside.detach().clone().requires_grad_(True)
+    without.guide_loss(x2, batch["parents"], batch, "lung")[0].backward()
+    extra = outside.grad - x2.grad
+    assert float(extra[:, :, 3:9, 3:9].abs().max()) == 0.0
+    # a subject-level intervention may change the whole image: no locality term
+    _, logs = obj.guide_loss(outside, batch["parents"], batch, "age")
+    assert logs["locality"] == 0.0
+
+
+def test_locality_settings_are_checked(setup):
+    from segcft.objectives.configs import SegSettings
+    from segcft.objectives.guided import GuidedObjective
+    from segcft.objectives.area import area_terms
+    from segcft.objectives.base import ObjectiveContext
+
+    info = setup[0]
+    ctx = ObjectiveContext("seg", info, cfg(), 1.0, SharpSegmentor(), None)
+    with pytest.raises(ConfigError, match="locality"):
+        GuidedObjective(ctx, area_terms(info, False), torch.zeros(5, dtype=torch.bool), SegSettings(locality=-1.0))
+
+
+@pytest.mark.timeout(180)
+def test_fine_tuning_smoke_with_locality_ema_and_its_own_clip(tmp_path):
+    """A smoke run fine-tuning seg with the locality penalty on and an EMA of the weights trains
+    and logs the penalty. The cft stage clips at its own cft.grad_clip (here tiny: every update
+    is clipped) while the generator stage keeps its 350: metrics.csv's clipped_frac says so."""
+    import csv
+
+    from segcft.checkpoint import load_checkpoint
+    from segcft.config import load_run_config
+    from segcft.train.pipeline import run_training
+
+    cfg = load_run_config(
+        None,
+        "smoke",
+        [
+            "cft.modes=[none,seg]",
+            "cft.objectives.seg.locality=1.0",
+            "cft.ema=0.5",
+            "cft.grad_clip=1e-6",
+            "cft.steps=4",
+            "evaluate.n=4",
+        ],
+    )
+    assert cfg.cft.objectives["seg"].locality == 1.0
+    run_training(cfg, tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cft = [r for r in rows if r["stage"] == "cft-seg"]
+    gen = [r for r in rows if r["stage"] == "generator" and r.get("clipped_frac")]
+    assert cft and all(float(r["clipped_frac"]) == 1.0 for r in cft), cft
+    assert all(float(r["skipped_frac"]) == 0.0 for r in cft)
+    assert gen and all(float(r["clipped_frac"]) < 1.0 for r in gen)
+    locality = [float(r["locality"]) for r in cft if r.get("locality")]
+    assert locality and all(v >= 0.0 and v == v for v in locality)
+    base = load_checkpoint(tmp_path / "checkpoints" / "generator.pt")["model"]
+    tuned = load_checkpoint(tmp_path / "checkpoints" / "cft-seg.pt")["model"]
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert all(bool(torch.isfinite(v).all()) for v in tuned.values() if v.is_floating_point())

@@ -86,7 +86,12 @@ def test_list_objectives_json_and_text():
     by_name = {r["name"]: r for r in rows}
     assert by_name["pos-seg"]["needs"] == ["segmentor", "structures", "regions"]
     assert by_name["seg"]["uses"] == ["regressor"] and by_name["reg"]["needs"] == ["regressor"]
-    assert all(r["plugin"] == plugins.BUILTIN_PLUGIN and r["config"] == [] for r in rows)
+    assert all(r["plugin"] == plugins.BUILTIN_PLUGIN for r in rows)
+    # none and reg have no settings of their own; seg and pos-seg have the optional locality penalty
+    assert by_name["none"]["config"] == [] and by_name["reg"]["config"] == []
+    for mode in ("seg", "pos-seg"):
+        fields = {f["name"]: f["default"] for f in by_name[mode]["config"]}
+        assert fields == {"locality": 0.0, "locality_radius": 2}, by_name[mode]["config"]
     text = run("list", "objectives", "--verbose")
     assert text.exit_code == 0 and "needs segmentor, structures, regions; uses regressor if configured" in text.output
 

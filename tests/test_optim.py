@@ -78,7 +78,7 @@ def test_skip_on_nan() -> None:
     assert result.skipped and result.reason == "nonfinite" and math.isnan(result.grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
-    assert stepper.counts == {"applied": 0, "skipped_nonfinite": 1, "skipped_norm": 0} and ema.updates == 0
+    assert stepper.counts == {"applied": 0, "skipped_nonfinite": 1, "skipped_norm": 0, "clipped": 0} and ema.updates == 0
 
 
 def test_skip_on_huge_norm_and_clip_otherwise() -> None:
@@ -97,7 +97,7 @@ def test_skip_on_huge_norm_and_clip_otherwise() -> None:
     assert not result.skipped and result.grad_norm == pytest.approx(norm) and norm > 1.0
     for b, p, g in zip(before, model.parameters(), grads):  # SGD lr 1: the step is the clipped gradient
         torch.testing.assert_close(b - p.detach(), g / norm, rtol=1e-4, atol=1e-6)
-    assert stepper.counts == {"applied": 1, "skipped_nonfinite": 0, "skipped_norm": 1}
+    assert stepper.counts == {"applied": 1, "skipped_nonfinite": 0, "skipped_norm": 1, "clipped": 1}  # norm > clip
 
 
 def test_skip_disabled_and_schedule_steps_only_on_applied_updates() -> None:
@@ -113,4 +113,4 @@ def test_skip_disabled_and_schedule_steps_only_on_applied_updates() -> None:
     state = stepper.state_dict()
     fresh = GuardedStepper(model.parameters(), optimizer)
     fresh.load_state_dict(state)
-    assert fresh.counts == {"applied": 1, "skipped_nonfinite": 1, "skipped_norm": 0}
+    assert fresh.counts == {"applied": 1, "skipped_nonfinite": 1, "skipped_norm": 0, "clipped": 0}  # clip off

@@ -91,7 +91,8 @@ class UNetConfig:
 
 @dataclass
 class CNNRegressorConfig:
-    """Small CNN predicting every variable from the image (GroupNorm, no batch statistics)."""
+    """Small CNN predicting every variable from the image and its causal parents (GroupNorm, no
+    batch statistics)."""
 
     width: int = field(default=16, metadata={"help": "channels of the first conv", "ge": 1})
     depth: int = field(
@@ -103,6 +104,23 @@ class CNNRegressorConfig:
     min_scale: float = field(
         default=1e-2,
         metadata={"help": "lower bound of the predicted std of continuous variables (normalised units)", "gt": 0},
+    )
+    beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "beta of the beta-NLL training loss: each continuous head's nll weighted by its detached "
+            "scale^(2 beta) (0: plain nll, whose 1/scale^2 lets the surest variable steer the features)",
+            "ge": 0,
+            "le": 1,
+        },
+    )
+    grid: int = field(
+        default=2,
+        metadata={"help": "cells per axis over which every stage's features are averaged for the heads", "ge": 1},
+    )
+    condition: bool = field(
+        default=True,
+        metadata={"help": "condition each variable's head on its causal parents, q(v | x, pa_v) (false: image only)"},
     )
 
 

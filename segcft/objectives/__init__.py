@@ -10,5 +10,6 @@ imports ``configs`` without torch. Modules:
 - ``configs``: the built-ins' config classes (torch-free);
 - ``base``: ``CFTObjective``, the Lagrangian every objective shares, and ``build_objective``;
 - ``area``: the soft-area terms of the segmentor-guided modes;
+- ``locality``: the optional locality penalty of the segmentor-guided modes;
 - ``guided``: the built-in objectives (segmentor and regressor guidance).
 """

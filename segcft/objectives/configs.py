@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["NoSettings"]
+__all__ = ["NoSettings", "SegSettings"]
 
 
 @dataclass
 class NoSettings:
     """An objective without settings of its own: the built-ins read theirs from the ``cft`` section."""
+
+
+@dataclass
+class SegSettings:
+    """Settings of the segmentor-guided objectives (seg, pos-seg) beyond the ``cft`` section's:
+    the optional locality penalty (docs/method.md section 5.4)."""
+
+    locality: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the locality penalty: mean |x_cf - x| outside the dilated guide masks of the "
+            "intervened structures (0: off)",
+            "ge": 0,
+        },
+    )
+    locality_radius: int = field(
+        default=2, metadata={"help": "pixels (voxels) the locality masks are dilated by (max-pool radius)", "ge": 0}
+    )

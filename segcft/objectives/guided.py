@@ -1,5 +1,5 @@
 """The built-in objectives: guidance by the frozen segmentor's soft areas (seg, pos-seg) and by
-the frozen regressor's likelihood (reg; also the subject-level variables of seg and pos-seg when
+the frozen regressor's predicted means (reg; also the subject-level variables of seg and pos-seg when
 the run has a regressor). Their settings are the ``cft`` section's penalty, huber_delta,
 soft_labels, seg_weight and reg_weight."""
 
@@ -8,11 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from segcft.dscm import affected_mask
 from segcft.errors import ConfigError
 from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
+from segcft.objectives.configs import SegSettings
+from segcft.objectives.locality import allowed_region, locality_penalty
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -20,17 +23,31 @@ PENALTIES: tuple[str, ...] = ("l1", "l2", "huber")
 
 
 class GuidedObjective(CFTObjective):
-    """L_guide = seg_weight * area loss of ``terms`` (if any) + reg_weight * regressor NLL of the
-    variables ``reg_vars`` (if any)."""
+    """L_guide = seg_weight * area loss of ``terms`` (if any) + reg_weight * regressor error of
+    the variables ``reg_vars`` (if any), both in normalised units under the same penalty."""
 
     terms: AreaTerms | None
     reg_vars: torch.Tensor
 
-    def __init__(self, ctx: ObjectiveContext, terms: AreaTerms | None, reg_vars: torch.Tensor) -> None:
+    def __init__(
+        self,
+        ctx: ObjectiveContext,
+        terms: AreaTerms | None,
+        reg_vars: torch.Tensor,
+        settings: SegSettings | None = None,
+    ) -> None:
         if ctx.cft.penalty not in PENALTIES:
             raise ConfigError(f"cft.penalty: unknown penalty {ctx.cft.penalty!r}; expected one of {list(PENALTIES)}")
+        settings = settings or SegSettings()
+        if settings.locality < 0 or settings.locality_radius < 0:
+            raise ConfigError(
+                f"cft.objectives.{ctx.mode}: locality and locality_radius must be >= 0, "
+                f"got {settings.locality} and {settings.locality_radius}"
+            )
         super().__init__(ctx)
         self.terms = terms
+        self.locality = float(settings.locality) if terms is not None else 0.0
+        self.locality_radius = int(settings.locality_radius)
         self.register_buffer("reg_vars", reg_vars, persistent=False)
 
     def guide_loss(
@@ -45,18 +62,40 @@ class GuidedObjective(CFTObjective):
         total = x_cf.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
         if self.terms is not None:
-            seg = self._seg_loss(x_cf, pa_cf, batch, changed)
+            seg, logits = self._seg_loss(x_cf, pa_cf, batch, changed)
             total = total + self.cfg.seg_weight * seg
             logs["seg"] = float(seg.detach())
+            if self.locality > 0:
+                local = self._locality(x_cf, batch["image"], logits, intervened, changed)
+                total = total + self.locality * local
+                logs["locality"] = float(local.detach())
         if bool(self.reg_vars.any()):
             reg = self._reg_loss(x_cf, pa_cf, batch, changed)
             total = total + self.cfg.reg_weight * reg
             logs["reg"] = float(reg.detach())
         return total, logs
 
+    def _locality(
+        self, x_cf: torch.Tensor, x: torch.Tensor, logits_cf: torch.Tensor, intervened: str, changed: torch.Tensor
+    ) -> torch.Tensor:
+        """The locality penalty when a structure variable is intervened on: |x_cf - x| outside
+        the dilated guide masks of the structures whose terms change, on x and on x_cf. Zero for
+        other interventions (a subject-level variable may change the whole image)."""
+        terms, segmentor = self.terms, self.segmentor
+        assert terms is not None and segmentor is not None
+        if not self.info.variable(intervened).is_structure:
+            return x_cf.new_zeros((), dtype=torch.float32)
+        classes = sorted({int(c) for c in terms.index[terms.affected(changed.cpu()), 0].tolist()})
+        with torch.no_grad():
+            probs_x = torch.softmax(segmentor(x).float(), dim=1)
+        probs_cf = torch.softmax(logits_cf.detach().float(), dim=1)
+        allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius)
+        return locality_penalty(x_cf, x, allowed)
+
     def _seg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The area loss and the guide's logits on x_cf."""
         from segcft.ops import area_loss, soft_area
 
         terms, segmentor = self.terms, self.segmentor
@@ -78,7 +117,7 @@ class GuidedObjective(CFTObjective):
             targets = torch.where(keep.unsqueeze(0), terms.measure(areas).float(), targets)
         weights = torch.ones_like(targets)
         logits = segmentor(x_cf)
-        return area_loss(
+        loss = area_loss(
             logits,
             targets,
             weights,
@@ -90,21 +129,32 @@ class GuidedObjective(CFTObjective):
             num_regions=num_regions,
             huber_delta=self.cfg.huber_delta,
         )
+        return loss, logits
 
     def _reg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
     ) -> torch.Tensor:
+        """The regressor's error on the same footing as the area terms: ``penalty`` of the
+        predicted mean's error in normalised units for continuous variables (not a likelihood,
+        whose 1/scale^2 would weight each variable by how sure the regressor is), Bernoulli
+        cross-entropy for binary ones; summed over the variables, mean over the batch. Each
+        variable is predicted given its counterfactual parents."""
+        from segcft.ops.reference import rho
+
         regressor = self.regressor
         assert regressor is not None
         targets = pa_cf.float()
+        binary = torch.tensor([v.type == "binary" for v in self.info.variables], device=targets.device)
         if self.cfg.soft_labels:
             with torch.no_grad():
-                pred = regressor(batch["image"])["loc"].float()
-            binary = torch.tensor([v.type == "binary" for v in self.info.variables], device=pred.device)
+                pred = regressor(batch["image"], batch["parents"])["loc"].float()
             soft = torch.where(binary, torch.sigmoid(pred), pred)
             targets = torch.where(changed.unsqueeze(0), targets, soft)
-        nll = regressor.nll(x_cf, targets).float()  # type: ignore[operator]  # Regressor protocol
-        return nll[:, self.reg_vars.to(nll.device)].sum(1).mean()
+        loc = regressor(x_cf, pa_cf)["loc"].float()
+        cont = rho(loc - targets, self.cfg.penalty, self.cfg.huber_delta)
+        bern = F.binary_cross_entropy_with_logits(loc, targets.clamp(0, 1), reduction="none")
+        per = torch.where(binary, bern, cont)
+        return per[:, self.reg_vars.to(per.device)].sum(1).mean()
 
 
 def _subject_variables(ctx: ObjectiveContext) -> torch.Tensor:
@@ -119,15 +169,17 @@ def pretrained(config: Any, ctx: ObjectiveContext) -> CFTObjective:
 
 
 def build_reg(config: Any, ctx: ObjectiveContext) -> GuidedObjective:
-    """Reg-CFT: the regressor's NLL of every variable."""
+    """Reg-CFT: the regressor's error on every variable."""
     return GuidedObjective(ctx, None, torch.ones(len(ctx.info.variables), dtype=torch.bool))
 
 
-def build_seg(config: Any, ctx: ObjectiveContext) -> GuidedObjective:
-    """Seg-CFT: whole-structure soft areas (+ the regressor on subject-level variables)."""
-    return GuidedObjective(ctx, area_terms(ctx.info, regional=False), _subject_variables(ctx))
+def build_seg(config: SegSettings, ctx: ObjectiveContext) -> GuidedObjective:
+    """Seg-CFT: whole-structure soft areas (+ the regressor on subject-level variables, + the
+    optional locality penalty)."""
+    return GuidedObjective(ctx, area_terms(ctx.info, regional=False), _subject_variables(ctx), config)
 
 
-def build_pos_seg(config: Any, ctx: ObjectiveContext) -> GuidedObjective:
-    """Pos-Seg-CFT: soft areas per region (+ the regressor on subject-level variables)."""
-    return GuidedObjective(ctx, area_terms(ctx.info, regional=True), _subject_variables(ctx))
+def build_pos_seg(config: SegSettings, ctx: ObjectiveContext) -> GuidedObjective:
+    """Pos-Seg-CFT: soft areas per region (+ the regressor on subject-level variables, + the
+    optional locality penalty)."""
+    return GuidedObjective(ctx, area_terms(ctx.info, regional=True), _subject_variables(ctx), config)

@@ -179,12 +179,16 @@ def _step(
 
 
 def _log_row(ctx: StageContext, stage: str, sc: Any, ts: TrainState, t0: float) -> None:
-    """One metrics row: the means since the last row, learning rate, skipped updates, speed."""
+    """One metrics row: the means since the last row, learning rate, skipped updates (count, and
+    with the clipped ones as fractions of the steps so far), speed."""
     row = {k: v / ts.count for k, v in ts.sums.items()}
-    skipped = ts.stepper.counts["skipped_nonfinite"] + ts.stepper.counts["skipped_norm"]
+    counts = ts.stepper.counts
+    skipped = counts["skipped_nonfinite"] + counts["skipped_norm"]
     row.update(
         lr=ts.sched.get_last_lr()[0],
         skipped=float(skipped),
+        skipped_frac=skipped / max(ts.step, 1),
+        clipped_frac=counts["clipped"] / max(ts.step, 1),
         samples_per_s=ts.count * sc.batch_size / max(time.perf_counter() - t0, 1e-9),
     )
     ctx.metrics.log(stage, ts.step, row)

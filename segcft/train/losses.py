@@ -57,14 +57,16 @@ class SegmentorLoss(nn.Module):
 
 
 class RegressorLoss(nn.Module):
-    """Summed per-variable negative log-likelihood of the normalised parents."""
+    """Summed per-variable training loss of the normalised parents: the regressor's own ``loss``
+    when it has one (the built-in cnn's beta-NLL), else its negative log-likelihood."""
 
     def __init__(self, reg: nn.Module) -> None:
         super().__init__()
         self.reg: Any = reg  # a Regressor (segcft.protocols)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {"loss": self.reg.nll(batch["image"], batch["parents"]).float().sum(1).mean()}
+        per_variable = getattr(self.reg, "loss", self.reg.nll)
+        return {"loss": per_variable(batch["image"], batch["parents"]).float().sum(1).mean()}
 
 
 class GeneratorLoss(nn.Module):
