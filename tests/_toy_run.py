@@ -177,7 +177,7 @@ class ZeroRegressor(nn.Module):
 
     spatial_dims = 2
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z = x.new_zeros(x.shape[0], len(INFO.variables))
         return {"loc": z, "scale": torch.ones_like(z)}
 

@@ -82,7 +82,7 @@ class CornerGenerator(nn.Module):
 class ZeroRegressor(nn.Module):
     spatial_dims = 3
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z = x.new_zeros(x.shape[0], 2)
         return {"loc": z, "scale": torch.ones_like(z)}
 

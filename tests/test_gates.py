@@ -56,7 +56,7 @@ class ExactRegressor(nn.Module):
 
     spatial_dims = 2
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         from _toy_run import AGE_SLOPE, INFO
 
         px = 4.0

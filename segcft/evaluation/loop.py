@@ -176,16 +176,17 @@ class _Evaluation:
             )
 
     def _regressor(self, b: Mapping[str, torch.Tensor], shared: list[_Intervention]) -> None:
-        """The regressor on the factual images and, on phantoms, on every exact counterfactual."""
+        """The regressor on the factual images and, on phantoms, on every exact counterfactual, given
+        the image's parents (factual or counterfactual) as Reg-CFT gives them."""
         if self.regressor is None or self.regressor_check is None:
             return
         pa = b["parents"].float()
-        pred = self.regressor(b["image"])["loc"].float()
+        pred = self.regressor(b["image"], pa)["loc"].float()
         self.regressor_check.factual(pred, pa)
         for iv in shared:
             if iv.true_image is not None:
                 j = iv.index
-                d_pred = self.regressor(iv.true_image)["loc"].float()[:, j] - pred[:, j]
+                d_pred = self.regressor(iv.true_image, iv.pa_cf)["loc"].float()[:, j] - pred[:, j]
                 self.regressor_check.counterfactual(iv.var.name, d_pred, iv.pa_cf[:, j] - pa[:, j])
 
     def _parents_counterfactuals(self) -> dict[str, torch.Tensor]:
