@@ -157,7 +157,9 @@ def test_evaluation_and_fine_tuning_measure_the_same_volumes() -> None:
         seg_weight=1.0,
         reg_weight=1.0,
     )
-    obj = build_objective("pos-seg", info, cft, eps=1e3, segmentor=seg)
+    obj = build_objective("pos-seg", info, cft, eps=1e3, segmentor=seg.train())
+    obj.train()  # what the fine-tuning loop does; the frozen guide stays in eval mode
+    assert not seg.training
     structure = torch.tensor([v.is_structure for v in info.variables])
 
     def guide(phys: torch.Tensor) -> float:
