@@ -87,6 +87,27 @@ class UNetConfig:
     dropout: float = field(
         default=0.0, metadata={"help": "dropout probability inside the conv blocks", "ge": 0, "lt": 1}
     )
+    class_weights: tuple[float, ...] = field(
+        default=(),
+        metadata={
+            "help": "cross-entropy weight per class, background first (empty: uniform); "
+            "small structures such as plaque need more than their share of voxels",
+            "gt": 0,
+        },
+    )
+    focal_gamma: float = field(
+        default=0.0,
+        metadata={"help": "focal exponent of the cross-entropy term (0: plain cross-entropy)", "ge": 0, "le": 5},
+    )
+    measure_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "the frozen segmentor's logits are divided by this before any soft area is measured "
+            "(below 1 sharpens: diffuse background probability stops adding volume); training is unaffected",
+            "gt": 0,
+            "le": 1,
+        },
+    )
 
 
 @dataclass

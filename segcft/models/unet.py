@@ -1,8 +1,8 @@
 """The built-in segmentor: a MONAI UNet (2D or 3D) with Dice + cross-entropy training.
 
 MONAI is imported inside the factory, never at registration, so listing plugins stays torch-
-and MONAI-free. Training uses ``segcft.models.segmentation`` (Dice + cross-entropy), which works
-on any segmentor's logits.
+and MONAI-free. Training uses ``segcft.models.segmentation`` (Dice + cross-entropy, optionally
+class-weighted and focal: ``UNetSegmentor.loss``), which works on any segmentor's logits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ class UNetSegmentor(nn.Module):
     with ``classes = info.class_names`` (index 0 is background).
 
     Inputs of any size work: they are padded (edge replication) up to a multiple of the total
-    downsampling factor and the logits are cropped back, so every logit sees real image content."""
+    downsampling factor and the logits are cropped back, so every logit sees real image content.
+
+    In eval mode (the frozen guide and the evaluation segmentor) the logits are divided by
+    ``measure_temperature``: every soft area, in fine-tuning and in evaluation alike, is measured
+    on the sharpened softmax; the argmax, and so every label map, is unchanged."""
 
     def __init__(self, config: UNetConfig, info: DatasetInfo) -> None:
         super().__init__()
@@ -51,6 +55,14 @@ class UNetSegmentor(nn.Module):
                 f"the unet segmentor supports 2D and 3D data, dataset {info.name!r} is {info.spatial_dims}D"
             )
         self.classes: tuple[str, ...] = tuple(info.class_names)
+        if config.class_weights and len(config.class_weights) != len(self.classes):
+            raise ConfigError(
+                f"segmentor.params.class_weights must give one weight per class {list(self.classes)}, "
+                f"got {list(config.class_weights)}"
+            )
+        self.class_weights = tuple(float(w) for w in config.class_weights) or None
+        self.focal_gamma = float(config.focal_gamma)
+        self.measure_temperature = float(config.measure_temperature)
         self.spatial_dims: int = info.spatial_dims
         self.factor = 2 ** (len(channels) - 1)
         self.net = UNet(
@@ -70,6 +82,17 @@ class UNetSegmentor(nn.Module):
             raise ValueError(
                 f"expected an image batch (B, 1, *S) with {self.spatial_dims} spatial axes, got {tuple(x.shape)}"
             )
+        logits = self._logits(x)
+        if self.training or self.measure_temperature == 1.0:
+            return logits
+        return logits / self.measure_temperature
+
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``forward``'s logits (train mode) against the label mask (B, *S)."""
+        return segmentation_loss(logits, mask, self.class_weights, self.focal_gamma)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits at the input's size."""
         size = x.shape[2:]
         target = [math.ceil(s / self.factor) * self.factor for s in size]
         if list(size) == target:

@@ -32,8 +32,8 @@ class MechanismsLoss(nn.Module):
 
 
 class SegmentorLoss(nn.Module):
-    """Dice + cross-entropy of segmentor logits against the label mask, on images whose global
-    intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
+    """The segmentor's own ``loss`` (else Dice + cross-entropy) of its logits against the label
+    mask, on images whose global intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
 
     def __init__(self, seg: nn.Module, intensity: Any, rng: torch.Generator) -> None:
         super().__init__()
@@ -53,7 +53,11 @@ class SegmentorLoss(nn.Module):
             a = (1.0 + self.scale * (2.0 * u[0] - 1.0)).view(shape)
             b = (self.shift * (2.0 * u[1] - 1.0)).view(shape)
             x = (a * (x + 1.0) - 1.0 + b).clamp(-1.0, 1.0)
-        return {"loss": segmentation_loss(self.seg(x), batch["mask"])}
+        loss_fn = getattr(self.seg, "loss", None)  # a segmentor's own training loss, else Dice + CE
+        logits = self.seg(x)
+        return {
+            "loss": loss_fn(logits, batch["mask"]) if callable(loss_fn) else segmentation_loss(logits, batch["mask"])
+        }
 
 
 class RegressorLoss(nn.Module):
