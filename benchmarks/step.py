@@ -11,6 +11,20 @@ with regions) with random weights: the cost of a step does not depend on trainin
 (shape, variant) runs in a fresh process, so that peak memory is its own: CUDA's
 max_memory_allocated on a GPU, the growth of the process's max RSS over the set-up on a CPU.
 Samples per CPU second (one thread) is the figure to compare on a shared machine.
+
+    python benchmarks/step.py --volumes 64x32x32 128x64x64 [--modes none reg seg pos-seg] [--profile] [--peak]
+
+The 3D fine-tuning step (ccta-phantom at each DxHxW size, same anatomy and field of view, the
+voxel spacing scaled; generator preset "3d"): every mode is built once in one process, from the
+same weights, and the modes' steps are interleaved rep by rep (CPU seconds, median; min and max
+as the noise). Mode none is the generator's own training step (nelbo of the real batch, no
+counterfactual, no guide); reg, seg and pos-seg are the objectives' steps with both frozen guides
+(seg and pos-seg use the regressor for the subject-level variables). A mode may carry options,
+``pos-seg:cl:bf16``: cl runs the segmentor on channels_last_3d, bf16 the step's forward under CPU
+autocast, compile the segmentor under torch.compile (the first step's wall time is printed).
+--profile adds one torch.profiler step per mode, grouped into generator, segmentor and regressor
+forward and backward (a backward node goes to the label its forward op ran under), the fused area
+loss, the optimiser and the rest; --peak measures each mode's peak memory in a fresh process.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import argparse
 import csv
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -60,14 +75,22 @@ def _setup(shape: str, device: torch.device) -> tuple[Any, Any, Any, torch.nn.Mo
 
 
 def _cft_config() -> SimpleNamespace:
-    return SimpleNamespace(lr_lagrange=1e-2, damping=100.0, lambda_init=0.0, penalty="l1", huber_delta=1.0,
-                           soft_labels=False, seg_weight=1.0, reg_weight=1.0)
+    return SimpleNamespace(
+        lr_lagrange=1e-2,
+        damping=100.0,
+        lambda_init=0.0,
+        penalty="l1",
+        huber_delta=1.0,
+        soft_labels=False,
+        seg_weight=1.0,
+        reg_weight=1.0,
+    )
 
 
 def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device) -> dict[str, object]:
     """Time ``reps`` fine-tuning steps after one warm-up step, in this process."""
-    from segcft.objectives.base import build_objective
     from segcft.dscm import permutation_intervention
+    from segcft.objectives.base import build_objective
 
     if variant == "seg-reference":
         import segcft.ops as ops
@@ -80,8 +103,9 @@ def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device)
     items = ds.__getitems__(list(range(batch)))
     b = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
     opt = torch.optim.AdamW(dscm.generator.parameters(), lr=1e-4)
-    do = permutation_intervention(info, b["parents"], torch.Generator().manual_seed(0),
-                                  [v.name for v in info.structure_variables])
+    do = permutation_intervention(
+        info, b["parents"], torch.Generator().manual_seed(0), [v.name for v in info.structure_variables]
+    )
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -101,12 +125,287 @@ def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss) / 1024)
-    return {"shape": shape, "variant": variant, "mode": mode, "batch": batch, "device": device.type,
-            "threads": torch.get_num_threads(), "step_s": round(wall, 4), "samples_per_s": round(batch / wall, 2),
-            "samples_per_cpu_s": round(batch / cpu, 2) if device.type == "cpu" else "",
-            "peak_mb": round(peak, 1)}
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss) / 1024
+    )
+    return {
+        "shape": shape,
+        "variant": variant,
+        "mode": mode,
+        "batch": batch,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "step_s": round(wall, 4),
+        "samples_per_s": round(batch / wall, 2),
+        "samples_per_cpu_s": round(batch / cpu, 2) if device.type == "cpu" else "",
+        "peak_mb": round(peak, 1),
+    }
+
+
+# -- 3D fine-tuning step: modes side by side, with a profile ---------------------------------
+
+MODES_3D = ("none", "reg", "seg", "pos-seg")
+OPTIONS_3D = ("cl", "bf16", "compile")
+GROUPS = (
+    "generator fwd",
+    "generator bwd",
+    "segmentor fwd",
+    "segmentor bwd",
+    "regressor fwd",
+    "regressor bwd",
+    "area loss fwd+bwd",
+    "optimizer",
+    "other",
+)
+_LABELS = {"generator": "generator", "segmentor": "segmentor", "regressor": "regressor", "area loss": "area loss"}
+
+
+def _volume(spec: str) -> tuple[int, int]:
+    d, h, w = (int(s) for s in spec.lower().split("x"))
+    if h != w:
+        raise argparse.ArgumentTypeError(f"volume {spec!r}: ccta-phantom volumes are DxSxS (H == W)")
+    return d, h
+
+
+class _Labelled(torch.nn.Module):
+    """A guide whose forward runs under a profiler label (and, with ``cl``, on channels_last_3d)."""
+
+    def __init__(self, inner: torch.nn.Module, label: str, channels_last: bool = False) -> None:
+        super().__init__()
+        self.inner, self.label, self.cl = inner, label, channels_last
+        self.classes = getattr(inner, "classes", ())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function(self.label):
+            if self.cl:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            return self.inner(x)
+
+
+class _Case:
+    """One mode spec (``mode[:option...]``) of the 3D step: its own generator copy, optimiser,
+    objective and guides, all starting from the same weights."""
+
+    def __init__(self, spec: str, parts: dict[str, Any], cft: SimpleNamespace) -> None:
+        import copy
+
+        from segcft.objectives.base import build_objective
+
+        self.spec = spec
+        self.mode, *opts = spec.split(":")
+        if self.mode not in MODES_3D or any(o not in OPTIONS_3D for o in opts):
+            raise SystemExit(
+                f"--modes: {spec!r} is not MODE[:OPTION...] with MODE in {MODES_3D}, OPTION in {OPTIONS_3D}"
+            )
+        self.bf16 = "bf16" in opts
+        self.dscm = copy.deepcopy(parts["dscm"])
+        self.opt = torch.optim.AdamW(self.dscm.generator.parameters(), lr=1e-4)
+        self.obj = None
+        self.compile_s = 0.0
+        if self.mode != "none":
+            seg = copy.deepcopy(parts["seg"])
+            if "cl" in opts:
+                seg = seg.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+            if "compile" in opts:
+                seg = torch.compile(seg)
+            regressor = copy.deepcopy(parts["regressor"])
+            nll = regressor.nll
+
+            def labelled_nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with torch.profiler.record_function("regressor"):
+                    return nll(x, t)
+
+            regressor.nll = labelled_nll
+            self.obj = build_objective(
+                self.mode,
+                parts["info"],
+                cft,
+                eps=1.0,
+                segmentor=_Labelled(seg, "segmentor", "cl" in opts),
+                regressor=regressor,
+            )
+        cf = self.dscm.counterfactual_with_elbo
+
+        def labelled_cf(*a: Any) -> Any:
+            with torch.profiler.record_function("generator"):
+                return cf(*a)
+
+        self.dscm.counterfactual_with_elbo = labelled_cf
+
+    def step(self, b: dict[str, torch.Tensor], do: Any) -> float:
+        """One step (seeded, so every case draws the same z); returns the loss."""
+        torch.manual_seed(1)
+        with torch.profiler.record_function("step"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                if self.obj is None:
+                    with torch.profiler.record_function("generator"):
+                        loss = self.dscm.generator.elbo(b["image"], b["parents"])["loss"]
+                else:
+                    loss = self.obj(self.dscm, b, intervention=do)["loss"]
+            with torch.profiler.record_function("backward"):
+                loss.backward()
+            with torch.profiler.record_function("optimizer"):
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _parts_3d(depth: int, side: int, batch: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    import segcft.ops as ops
+    from segcft.dscm import DSCM, permutation_intervention
+    from segcft.models.mechanisms import ParentSCM
+    from segcft.plugins import get_registry
+
+    entry = get_registry().get("dataset", "ccta-phantom")
+    ds = entry.load()(entry.config(depth=depth, side=side), "train")
+    info = ds.info
+    torch.manual_seed(0)
+    gen = _build("generator", "hvae", info, preset="3d")
+    parts = {
+        "info": info,
+        "seg": _build("segmentor", "unet", info),
+        "regressor": _build("regressor", "cnn", info),
+        "dscm": DSCM(info, ParentSCM(info).eval().requires_grad_(False), gen),
+    }
+    area_loss = ops.area_loss
+
+    def labelled_area_loss(*a: Any, **k: Any) -> torch.Tensor:
+        with torch.profiler.record_function("area loss"):
+            return area_loss(*a, **k)
+
+    ops.area_loss = labelled_area_loss  # type: ignore[assignment]  # this process only
+    items = ds.__getitems__(list(range(batch)))
+    b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    structures = [v.name for v in info.structure_variables]
+    do = permutation_intervention(info, b["parents"], torch.Generator().manual_seed(0), structures)
+    return parts, b, do
+
+
+def _profile_groups(prof: Any) -> dict[str, float]:
+    """ms per group of one profiled step: forwards by their labels, backward nodes by the label
+    their forward op ran under (autograd sequence numbers), the rest of the step as other."""
+    events = list(prof.events())
+    ranges = {
+        lab: [(e.time_range.start, e.time_range.end) for e in events if e.name == lab]
+        for lab in (*_LABELS, "step", "optimizer")
+    }
+    owner: dict[int, str] = {}
+    for e in events:
+        if e.sequence_nr < 0 or e.name.startswith("autograd::"):
+            continue
+        for lab in ("area loss", "segmentor", "regressor", "generator"):
+            if any(s <= e.time_range.start < t for s, t in ranges[lab]):
+                owner.setdefault(e.sequence_nr, lab)
+                break
+    ms = {g: 0.0 for g in GROUPS}
+    for lab in _LABELS:
+        fwd = sum(t - s for s, t in ranges[lab]) / 1e3
+        ms["area loss fwd+bwd" if lab == "area loss" else f"{lab} fwd"] += fwd
+    for e in events:
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            lab = owner.get(e.sequence_nr, "generator" if "AccumulateGrad" in e.name else "")
+            if lab:
+                ms["area loss fwd+bwd" if lab == "area loss" else f"{lab} bwd"] += e.cpu_time_total / 1e3
+    ms["optimizer"] = sum(t - s for s, t in ranges["optimizer"]) / 1e3
+    total = sum(t - s for s, t in ranges["step"]) / 1e3
+    ms["other"] = total - sum(v for g, v in ms.items() if g != "other")
+    ms["total"] = total
+    return ms
+
+
+def bench_3d(volume: str, specs: list[str], batch: int, reps: int, profile: bool) -> list[dict[str, object]]:
+    """Build every case of ``specs`` once, time ``reps`` rounds of one step per case (interleaved,
+    CPU seconds of this process), then profile one step per case."""
+    depth, side = _volume(volume)
+    parts, b, do = _parts_3d(depth, side, batch)
+    cases = [_Case(s, parts, _cft_config()) for s in specs]
+    first = {}
+    for c in cases:  # warm-up (and compilation)
+        t0 = time.perf_counter()
+        first[c.spec] = c.step(b, do)
+        c.compile_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {c.spec: [] for c in cases}
+    for r in range(reps):
+        for c in cases if r % 2 == 0 else cases[::-1]:
+            c0 = time.process_time()
+            c.step(b, do)
+            times[c.spec].append(time.process_time() - c0)
+    rows = []
+    for c in cases:
+        ts = sorted(times[c.spec])
+        med = statistics.median(ts)
+        row: dict[str, object] = {
+            "volume": volume,
+            "spec": c.spec,
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+            "step_cpu_s": round(med, 4),
+            "min_s": round(ts[0], 4),
+            "max_s": round(ts[-1], 4),
+            "volumes_per_cpu_s": round(batch / med, 3),
+            "first_step_wall_s": round(c.compile_s, 2),
+            "first_loss": first[c.spec],
+        }
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                c.step(b, do)
+            row.update({f"ms {g}": round(v, 1) for g, v in _profile_groups(prof).items()})
+        rows.append(row)
+    return rows
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_3d(volume: str, spec: str, batch: int) -> float:
+    """Peak resident memory (MiB) of a warm-up step and one step of a single case above the
+    resident set before them, in this process (Linux: the high-water mark is reset first, so
+    the set-up's own peak, e.g. the phantom's rendering, does not hide the step's)."""
+    depth, side = _volume(volume)
+    parts, b, do = _parts_3d(depth, side, batch)
+    case = _Case(spec, parts, _cft_config())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _status_kb("VmRSS")
+    case.step(b, do)
+    case.step(b, do)
+    return (_status_kb("VmHWM") - start) / 1024
+
+
+def _report_3d(rows: list[dict[str, object]]) -> None:
+    """Print the table, the profile shares and the ratios against reg."""
+    by = {(r["volume"], r["spec"]): r for r in rows}
+    for r in rows:
+        print(
+            f"{r['volume']} {r['spec']:>18}: {r['volumes_per_cpu_s']} volumes/CPU-s, step {r['step_cpu_s']} s "
+            f"(min {r['min_s']}, max {r['max_s']}), peak {r.get('peak_mb', '-')} MiB"
+        )
+        if "ms total" in r:
+            tot = float(r["ms total"])  # type: ignore[arg-type]
+            print(
+                "    profile: "
+                + ", ".join(
+                    f"{g} {100 * float(r['ms ' + g]) / tot:.1f} %"
+                    for g in GROUPS  # type: ignore[arg-type]
+                    if float(r["ms " + g]) > 0 or g == "other"
+                )
+            )  # type: ignore[arg-type]
+    for vol in dict.fromkeys(r["volume"] for r in rows):
+        reg = by.get((vol, "reg"))
+        for spec in [s for (v, s) in by if v == vol and s != "reg"]:
+            if reg is not None:
+                ratio = float(by[(vol, spec)]["step_cpu_s"]) / float(reg["step_cpu_s"])  # type: ignore[arg-type]
+                print(f"{vol} {spec} step / reg step: {ratio:.2f}x")
+        for spec in ("seg", "pos-seg"):
+            r = by.get((vol, spec))
+            if r is not None and "ms total" in r:
+                share = 100 * float(r["ms area loss fwd+bwd"]) / float(r["ms total"])  # type: ignore[arg-type]
+                ms = f"{r['ms area loss fwd+bwd']} of {r['ms total']} ms profiled"
+                print(f"{vol} area loss share of a {spec} step: {share:.1f} % ({ms})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,23 +418,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("step.csv"))
     p.add_argument("--one", nargs=2, metavar=("SHAPE", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--volumes",
+        nargs="+",
+        type=str,
+        help="3D fine-tuning step at these DxHxW ccta-phantom sizes (e.g. 64x32x32 128x64x64) instead of --shapes",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES_3D),
+        help="3D cases MODE[:OPTION...], MODE in none/reg/seg/pos-seg, OPTION cl (guide on "
+        "channels_last_3d), bf16 (CPU autocast), compile (torch.compile of the guide)",
+    )
+    p.add_argument("--profile", action="store_true", help="3D: profile one more step per case")
+    p.add_argument("--peak", action="store_true", help="3D: peak memory of each case in its own process")
+    p.add_argument("--one-peak", nargs=2, metavar=("VOLUME", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one_peak:
+        print(json.dumps({"peak_mb": round(peak_3d(args.one_peak[0], args.one_peak[1], args.batch), 1)}))
+        return 0
+    if args.volumes:
+        return _main_3d(args)
     if args.one:
         print(json.dumps(bench(args.one[0], args.one[1], args.batch, args.reps, torch.device(args.device))))
         return 0
     rows = []
     for shape in args.shapes:
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--one", shape, variant, "--batch", str(args.batch), "--reps",
-                   str(args.reps), "--threads", str(args.threads), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                shape,
+                variant,
+                "--batch",
+                str(args.batch),
+                "--reps",
+                str(args.reps),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             print(row, flush=True)
             rows.append(row)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+def _main_3d(args: argparse.Namespace) -> int:
+    rows = []
+    for volume in args.volumes:
+        vol_rows = bench_3d(volume, args.modes, args.batch, args.reps, args.profile)
+        for row in vol_rows:
+            if args.peak:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one-peak",
+                    volume,
+                    str(row["spec"]),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(row, flush=True)
+        rows += vol_rows
+    _report_3d(rows)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     return 0

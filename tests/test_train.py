@@ -208,3 +208,14 @@ def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
 def test_segmentor_intensity_bad_values_are_config_errors():
     with pytest.raises(ConfigError, match="segmentor_intensity"):
         load_run_config(preset="smoke", overrides=["train.segmentor_intensity.scale=1.5"])
+
+
+@pytest.mark.parametrize(("overrides", "amp"), [([], False), (["cpu_bf16=true"], True)])
+def test_cpu_bf16_turns_cpu_autocast_on_only_when_asked(tmp_path, overrides, amp):
+    from segcft.distributed import Dist
+    from segcft.run import RunDir
+    from segcft.train.context import StageContext
+
+    cfg = load_run_config(None, "smoke", overrides)
+    ctx = StageContext(cfg, RunDir(tmp_path / "run"), Dist(), torch.device("cpu"), False)
+    assert ctx.amp is amp

@@ -186,6 +186,10 @@ class RunConfig:
         default=0, metadata={"help": f"seed of every random draw of the run (0 to {SEED_MAX})", "ge": 0, "le": SEED_MAX}
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    cpu_bf16: bool = field(
+        default=False,
+        metadata={"help": "on the CPU, run the network stages under bfloat16 autocast as on a GPU (opt-in speed-up)"},
+    )
     dataset: ComponentConfig = field(default_factory=ComponentConfig)
     generator: ComponentConfig = field(default_factory=ComponentConfig)
     segmentor: ComponentConfig = field(default_factory=ComponentConfig)

@@ -119,7 +119,7 @@ class StageContext:
 
     def __init__(self, cfg: Any, run: RunDir, d: Dist, device: torch.device, resume: bool) -> None:
         self.cfg, self.run, self.d, self.device, self.resume = cfg, run, d, device, resume
-        self.amp = device.type == "cuda"
+        self.amp = device.type == "cuda" or (device.type == "cpu" and cfg.cpu_bf16)
         self.metrics = MetricsLog(run.metrics_csv, d.main, run.tensorboard)
         self.train_set = build_dataset(cfg, "train")
         if device.type == "cpu" and cacheable(self.train_set):  # a GPU run's loader workers would each copy it

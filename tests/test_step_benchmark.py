@@ -1,0 +1,39 @@
+"""benchmarks/step.py --volumes: the 3D fine-tuning step's profile accounts for the whole step
+and puts each guide's time under its own label."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _step_module():
+    spec = importlib.util.spec_from_file_location("segcft_step_bench", ROOT / "benchmarks" / "step.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch):
+    step = _step_module()
+    import segcft.ops as ops
+
+    monkeypatch.setattr(ops, "area_loss", ops.area_loss)  # the benchmark labels it in place
+    torch.set_num_threads(1)
+    rows = {r["spec"]: r for r in step.bench_3d("32x16x16", ["reg", "pos-seg"], batch=1, reps=1, profile=True)}
+    reg, pos = rows["reg"], rows["pos-seg"]
+    assert reg["ms segmentor fwd"] == 0 and reg["ms area loss fwd+bwd"] == 0 and reg["ms regressor bwd"] > 0
+    for g in ("generator fwd", "generator bwd", "segmentor fwd", "segmentor bwd", "area loss fwd+bwd"):
+        assert pos[f"ms {g}"] > 0, g
+    for r in (reg, pos):
+        # other is the step minus the labelled groups: never negative (no time counted twice),
+        # and small (the labels cover the networks, the loss and the optimiser).
+        assert 0 <= r["ms other"] <= 0.2 * r["ms total"]
+        assert r["first_loss"] == r["first_loss"] and r["step_cpu_s"] > 0
