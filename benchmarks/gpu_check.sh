@@ -1,38 +1,161 @@
 #!/usr/bin/env bash
-# GPU check: build segcft (CPU + CUDA modules) against the installed torch without network
-# access, run the CUDA tests and the kernel benchmark, and write CSV and logs to $OUT.
-#   OUT=/path/to/out bash benchmarks/gpu_check.sh
+# GPU check, one run of at most about 9.5 minutes: build segcft (CPU + CUDA modules) against the
+# installed torch without network access, run the CUDA tests against the reference, time the
+# kernels (against eager pure torch, torch.compile and the copy bandwidth) and the Seg-CFT steps,
+# and write a summary. Everything goes to $OUT (default ./out), six files:
+#   check.log     every part's output, one section per part
+#   kernels.csv   benchmarks/kernels.py rows (soft_area and area_loss, eager / compile / segcft)
+#   step3d.csv    benchmarks/step.py --volumes 128x64x64 rows (batch 8, bf16 autocast)
+#   step2d.csv    benchmarks/step.py --shapes 64 192 rows (batch 8, bf16 autocast)
+#   summary.csv   section,name,value,unit,note: device, versions, part status and every figure
+#   summary.txt   the short version: versions, PASS/FAIL lines, the step rates
+#
+#   OUT=/path/to/out bash benchmarks/gpu_check.sh             # on a machine with an NVIDIA GPU
+#   OUT=/tmp/dry bash benchmarks/gpu_check.sh --dry-run       # every part on the CPU at tiny sizes
+#
+# Build tools (pybind11, cmake, ninja or make, setuptools, nvcc) are taken from the environment;
+# WHEELHOUSE may point at a folder of wheels to install the missing Python ones from. Each part
+# runs under `timeout`; a part that would start past GPU_CHECK_BUDGET_S (default 540 s) is skipped
+# with a SKIP line. The exit status is 0 when every part that ran succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: [OUT=dir] bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
+LOG="$OUT/check.log"
+BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+PY="${PYTHON:-python}"
+START=$SECONDS
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+: > "$LOG"
+rm -f "$OUT/kernels.csv" "$OUT/step3d.csv" "$OUT/step2d.csv" "$OUT/parts.csv"
 status=0
 
-{
-  nvidia-smi || true
-  python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-} > "$OUT/env.log" 2>&1
+say() { echo "$*" | tee -a "$LOG"; }
 
-# Build tools must already be installed (no network); WHEELHOUSE may point at local wheels.
-if ! python -c "import pybind11, cmake, ninja, setuptools" 2>/dev/null; then
-  if [ -n "${WHEELHOUSE:-}" ]; then
-    python -m pip install --no-index --find-links "$WHEELHOUSE" pybind11 cmake ninja setuptools wheel >> "$OUT/env.log" 2>&1
-  else
-    echo "missing build tools (pybind11, cmake, ninja, setuptools); set WHEELHOUSE to a folder of wheels"; exit 1
+# part NAME LIMIT_S CMD...: run CMD under timeout (at most the budget left), log its output and
+# record NAME,status,seconds in parts.csv (merged into summary.csv at the end).
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local elapsed=$((SECONDS - START))
+  local left=$((BUDGET - elapsed))
+  if [ "$left" -lt 20 ]; then
+    say "SKIP $name: ${elapsed} s of the ${BUDGET} s budget used"
+    echo "$name,skipped,0" >> "$OUT/parts.csv"
+    return 0
   fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  say "===== $name (limit ${limit} s, at ${elapsed} s) ====="
+  local t0=$SECONDS rc
+  timeout -k 10 "$limit" bash -c '"$@"' bash "$@" >> "$LOG" 2>&1  # bash -c: shell functions too
+  rc=$?
+  local took=$((SECONDS - t0)) result=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    result=timeout
+  elif [ "$rc" -ne 0 ]; then
+    result="failed-rc$rc"
+  fi
+  [ "$result" = ok ] || status=1
+  say "----- $name: $result in ${took} s"
+  echo "$name,$result,$took" >> "$OUT/parts.csv"
+  return "$rc"
+}
+
+env_info() {
+  nvidia-smi || echo "nvidia-smi: not available"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'device', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  command -v nvcc && nvcc --version | tail -2
+  nproc
+}
+
+build_tools() {
+  "$PY" -c "import pybind11, setuptools" 2>/dev/null && command -v cmake >/dev/null \
+    && { command -v ninja >/dev/null || command -v make >/dev/null; }
+}
+
+# The CUDA build: Python build tools from the environment (or WHEELHOUSE), then an editable install
+# without build isolation, or failing that an in-place build_ext; says BUILD FAILED otherwise.
+build() {
+  if ! build_tools && [ -n "${WHEELHOUSE:-}" ]; then
+    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" pybind11 cmake ninja setuptools wheel
+  fi
+  build_tools || echo "build tools incomplete (need pybind11, setuptools, cmake, ninja or make); trying anyway"
+  command -v ninja >/dev/null || export CMAKE_GENERATOR="Unix Makefiles"
+  export SEGCFT_CUDA=1
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+  if [ -z "${SEGCFT_CUDA_ARCH:-}" ]; then
+    SEGCFT_CUDA_ARCH="$("$PY" -c "import torch; print('%d%d-real' % torch.cuda.get_device_capability())")"
+    export SEGCFT_CUDA_ARCH
+  fi
+  echo "SEGCFT_CUDA_ARCH=$SEGCFT_CUDA_ARCH"
+  "$PY" -m pip install --no-build-isolation --no-deps -e . \
+    || { echo "pip install -e . failed; trying setup.py build_ext --inplace"; "$PY" setup.py build_ext --inplace; }
+  if "$PY" -c "import segcft._C_cuda, segcft._C"; then
+    echo "BUILD OK"
+  else
+    echo "BUILD FAILED: segcft._C_cuda does not import (see the compiler output above)"
+    return 1
+  fi
+}
+
+export -f env_info build_tools build
+export PY
+
+build_status() { grep -q "^BUILD OK" "$LOG" && echo ok || echo FAILED; }
+
+{ echo "gpu_check $(date -u +%FT%TZ) dry_run=$DRY budget=${BUDGET}s git $(git rev-parse --short HEAD 2>/dev/null)"; } >> "$LOG"
+part env 60 env_info
+
+if [ "$DRY" = 1 ]; then
+  say "SKIP build, tests_cuda, tests_ops: dry run (CPU)"
+  for p in build tests_cuda tests_ops; do echo "$p,dry-run,0" >> "$OUT/parts.csv"; done
+  DEV=cpu
+  KERNEL_ARGS=(--device cpu --cases 2d-2x3x16x16 3d-1x3x8x8x8 --reps 3 --threads 1 --compile-backend eager
+               --copy-mb 4 --rotate-mb 0.1)
+  STEP3D_ARGS=(--volumes 32x16x16 --batch 1 --reps 1 --threads 1)
+  STEP2D_ARGS=(--variants reg seg-fused --batch 1 --reps 1 --threads 1)
+  SHAPES2D=(64)
+else
+  part build 200 build
+  [ "$(build_status)" = ok ] || say "BUILD FAILED: the tests below fail and segcft's CUDA rows are the reference"
+  "$PY" -m segcft.ops >> "$LOG" 2>&1
+  part tests_cuda 100 "$PY" -m pytest tests/test_ops_cuda.py -q -rfE -p no:cacheprovider
+  part tests_ops 40 "$PY" -m pytest tests/test_ops.py -q -rfE -k "cuda or loaded" -p no:cacheprovider
+  DEV=cuda
+  KERNEL_ARGS=(--device cuda --cases 2d-16x4x192x192 3d-8x4x128x64x64 3d-2x4x128x256x256 --reps 30)
+  STEP3D_ARGS=(--volumes 128x64x64 --batch 8 --reps 5)
+  STEP2D_ARGS=(--variants reg seg-fused seg-reference --batch 8 --reps 10)
+  SHAPES2D=(64 192)
 fi
 
-export SEGCFT_CUDA=1
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-if ! python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  echo "build failed, see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1
-fi
-python -m segcft.ops > "$OUT/doctor.log" 2>&1 || status=1
-cat "$OUT/doctor.log"
+part kernels_area_loss 110 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops area_loss --csv "$OUT/kernels.csv"
+part step3d 110 "$PY" benchmarks/step.py "${STEP3D_ARGS[@]}" --device "$DEV" \
+  --modes reg:bf16 seg:bf16 pos-seg:bf16 pos-seg --out "$OUT/step3d.csv"
+part kernels_soft_area 90 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops soft_area --csv "$OUT/kernels.csv"
+for shape in "${SHAPES2D[@]}"; do
+  # one process per shape, so a timeout loses one shape's rows only
+  part "step2d_$shape" 60 "$PY" benchmarks/step.py --shapes "$shape" "${STEP2D_ARGS[@]}" --device "$DEV" \
+    --out "$OUT/step2d_$shape.csv"
+  if [ -f "$OUT/step2d_$shape.csv" ]; then
+    if [ -f "$OUT/step2d.csv" ]; then tail -n +2 "$OUT/step2d_$shape.csv" >> "$OUT/step2d.csv"
+    else cat "$OUT/step2d_$shape.csv" > "$OUT/step2d.csv"; fi
+    rm -f "$OUT/step2d_$shape.csv"
+  fi
+done
 
-python -m pytest tests/test_ops.py -q -k "cuda or loaded" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1 || status=1
-tail -5 "$OUT/tests_cuda.log"
-
-python benchmarks/kernels.py --device cuda --reps 30 --csv "$OUT/results.csv" > "$OUT/bench.log" 2>&1 || status=1
-cat "$OUT/bench.log"
+say "===== summary (at $((SECONDS - START)) s) ====="
+timeout -k 5 60 "$PY" benchmarks/gpu_summary.py --out "$OUT" --build "$([ "$DRY" = 1 ] && echo dry-run || build_status)" \
+  >> "$LOG" 2>&1 || { say "summary failed"; status=1; }
+rm -f "$OUT/parts.csv"
+[ -f "$OUT/summary.txt" ] && cat "$OUT/summary.txt"
+say "gpu_check done in $((SECONDS - START)) s, status $status; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status

@@ -20,11 +20,12 @@ same weights, and the modes' steps are interleaved rep by rep (CPU seconds, medi
 as the noise). Mode none is the generator's own training step (nelbo of the real batch, no
 counterfactual, no guide); reg, seg and pos-seg are the objectives' steps with both frozen guides
 (seg and pos-seg use the regressor for the subject-level variables). A mode may carry options,
-``pos-seg:cl:bf16``: cl runs the segmentor on channels_last_3d, bf16 the step's forward under CPU
-autocast, compile the segmentor under torch.compile (the first step's wall time is printed).
---profile adds one torch.profiler step per mode, grouped into generator, segmentor and regressor
+``pos-seg:cl:bf16``: cl runs the segmentor on channels_last_3d, bf16 the step's forward under
+autocast (CPU or CUDA), compile the segmentor under torch.compile (the first step's wall time is
+printed). With --device cuda the steps are timed in wall seconds after a synchronize (volumes/s).
+--profile (CPU only) adds one torch.profiler step per mode, grouped into generator, segmentor and regressor
 forward and backward (a backward node goes to the label its forward op ran under), the fused area
-loss, the optimiser and the rest; --peak measures each mode's peak memory in a fresh process.
+loss, the optimiser and the rest; --peak (CPU only) measures each mode's peak memory in a fresh process.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class _Case:
     """One mode spec (``mode[:option...]``) of the 3D step: its own generator copy, optimiser,
     objective and guides, all starting from the same weights."""
 
-    def __init__(self, spec: str, parts: dict[str, Any], cft: SimpleNamespace) -> None:
+    def __init__(self, spec: str, parts: dict[str, Any], cft: SimpleNamespace, device: str = "cpu") -> None:
         import copy
 
         from segcft.objectives.base import build_objective
@@ -200,6 +201,7 @@ class _Case:
                 f"--modes: {spec!r} is not MODE[:OPTION...] with MODE in {MODES_3D}, OPTION in {OPTIONS_3D}"
             )
         self.bf16 = "bf16" in opts
+        self.device = torch.device(device)
         self.dscm = copy.deepcopy(parts["dscm"])
         self.opt = torch.optim.AdamW(self.dscm.generator.parameters(), lr=1e-4)
         self.obj = None
@@ -238,7 +240,7 @@ class _Case:
         """One step (seeded, so every case draws the same z); returns the loss."""
         torch.manual_seed(1)
         with torch.profiler.record_function("step"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 if self.obj is None:
                     with torch.profiler.record_function("generator"):
                         loss = self.dscm.generator.elbo(b["image"], b["parents"])["loss"]
@@ -252,7 +254,9 @@ class _Case:
         return float(loss.detach())
 
 
-def _parts_3d(depth: int, side: int, batch: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+def _parts_3d(
+    depth: int, side: int, batch: int, device: str = "cpu"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
     import segcft.ops as ops
     from segcft.dscm import DSCM, permutation_intervention
     from segcft.models.mechanisms import ParentSCM
@@ -265,9 +269,9 @@ def _parts_3d(depth: int, side: int, batch: int) -> tuple[dict[str, Any], dict[s
     gen = _build("generator", "hvae", info, preset="3d")
     parts = {
         "info": info,
-        "seg": _build("segmentor", "unet", info),
-        "regressor": _build("regressor", "cnn", info),
-        "dscm": DSCM(info, ParentSCM(info).eval().requires_grad_(False), gen),
+        "seg": _build("segmentor", "unet", info).to(device),
+        "regressor": _build("regressor", "cnn", info).to(device),
+        "dscm": DSCM(info, ParentSCM(info).eval().requires_grad_(False), gen).to(device),
     }
     area_loss = ops.area_loss
 
@@ -277,7 +281,7 @@ def _parts_3d(depth: int, side: int, batch: int) -> tuple[dict[str, Any], dict[s
 
     ops.area_loss = labelled_area_loss  # type: ignore[assignment]  # this process only
     items = ds.__getitems__(list(range(batch)))
-    b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    b = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
     structures = [v.name for v in info.structure_variables]
     do = permutation_intervention(info, b["parents"], torch.Generator().manual_seed(0), structures)
     return parts, b, do
@@ -315,12 +319,23 @@ def _profile_groups(prof: Any) -> dict[str, float]:
     return ms
 
 
-def bench_3d(volume: str, specs: list[str], batch: int, reps: int, profile: bool) -> list[dict[str, object]]:
-    """Build every case of ``specs`` once, time ``reps`` rounds of one step per case (interleaved,
-    CPU seconds of this process), then profile one step per case."""
+def _clock(device: str) -> float:
+    """CPU seconds of this process on a CPU; wall seconds after the queued GPU work on a GPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def bench_3d(
+    volume: str, specs: list[str], batch: int, reps: int, profile: bool, device: str = "cpu"
+) -> list[dict[str, object]]:
+    """Build every case of ``specs`` once, time ``reps`` rounds of one step per case (interleaved;
+    CPU seconds of this process on a CPU, wall seconds on a GPU), then profile one step per case
+    (CPU only: the profile groups are CPU time)."""
     depth, side = _volume(volume)
-    parts, b, do = _parts_3d(depth, side, batch)
-    cases = [_Case(s, parts, _cft_config()) for s in specs]
+    parts, b, do = _parts_3d(depth, side, batch, device)
+    cases = [_Case(s, parts, _cft_config(), device) for s in specs]
     first = {}
     for c in cases:  # warm-up (and compilation)
         t0 = time.perf_counter()
@@ -329,9 +344,10 @@ def bench_3d(volume: str, specs: list[str], batch: int, reps: int, profile: bool
     times: dict[str, list[float]] = {c.spec: [] for c in cases}
     for r in range(reps):
         for c in cases if r % 2 == 0 else cases[::-1]:
-            c0 = time.process_time()
+            c0 = _clock(device)
             c.step(b, do)
-            times[c.spec].append(time.process_time() - c0)
+            times[c.spec].append(_clock(device) - c0)
+    cpu = not device.startswith("cuda")
     rows = []
     for c in cases:
         ts = sorted(times[c.spec])
@@ -340,15 +356,16 @@ def bench_3d(volume: str, specs: list[str], batch: int, reps: int, profile: bool
             "volume": volume,
             "spec": c.spec,
             "batch": batch,
+            "device": device,
             "threads": torch.get_num_threads(),
-            "step_cpu_s": round(med, 4),
+            "step_cpu_s" if cpu else "step_s": round(med, 4),
             "min_s": round(ts[0], 4),
             "max_s": round(ts[-1], 4),
-            "volumes_per_cpu_s": round(batch / med, 3),
+            "volumes_per_cpu_s" if cpu else "volumes_per_s": round(batch / med, 3),
             "first_step_wall_s": round(c.compile_s, 2),
             "first_loss": first[c.spec],
         }
-        if profile:
+        if profile and cpu:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 c.step(b, do)
             row.update({f"ms {g}": round(v, 1) for g, v in _profile_groups(prof).items()})
@@ -379,9 +396,12 @@ def peak_3d(volume: str, spec: str, batch: int) -> float:
 def _report_3d(rows: list[dict[str, object]]) -> None:
     """Print the table, the profile shares and the ratios against reg."""
     by = {(r["volume"], r["spec"]): r for r in rows}
+    step_key = "step_cpu_s" if "step_cpu_s" in rows[0] else "step_s"
     for r in rows:
+        cpu = step_key == "step_cpu_s"
+        rate = f"{r['volumes_per_cpu_s']} volumes/CPU-s" if cpu else f"{r['volumes_per_s']} volumes/s"
         print(
-            f"{r['volume']} {r['spec']:>18}: {r['volumes_per_cpu_s']} volumes/CPU-s, step {r['step_cpu_s']} s "
+            f"{r['volume']} {r['spec']:>18}: {rate}, step {r[step_key]} s "
             f"(min {r['min_s']}, max {r['max_s']}), peak {r.get('peak_mb', '-')} MiB"
         )
         if "ms total" in r:
@@ -398,7 +418,7 @@ def _report_3d(rows: list[dict[str, object]]) -> None:
         reg = by.get((vol, "reg"))
         for spec in [s for (v, s) in by if v == vol and s != "reg"]:
             if reg is not None:
-                ratio = float(by[(vol, spec)]["step_cpu_s"]) / float(reg["step_cpu_s"])  # type: ignore[arg-type]
+                ratio = float(by[(vol, spec)][step_key]) / float(reg[step_key])  # type: ignore[arg-type]
                 print(f"{vol} {spec} step / reg step: {ratio:.2f}x")
         for spec in ("seg", "pos-seg"):
             r = by.get((vol, spec))
@@ -477,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main_3d(args: argparse.Namespace) -> int:
     rows = []
     for volume in args.volumes:
-        vol_rows = bench_3d(volume, args.modes, args.batch, args.reps, args.profile)
+        vol_rows = bench_3d(volume, args.modes, args.batch, args.reps, args.profile, args.device)
         for row in vol_rows:
-            if args.peak:
+            if args.peak and args.device == "cpu":
                 cmd = [
                     sys.executable,
                     __file__,
