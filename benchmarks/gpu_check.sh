@@ -14,8 +14,9 @@
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --dry-run       # every part on the CPU at tiny sizes
 #
 # Build tools (pybind11, cmake, ninja or make, setuptools, nvcc) are taken from the environment;
-# WHEELHOUSE may point at a folder of wheels to install the missing Python ones from. Each part
-# runs under `timeout`; a part that would start past GPU_CHECK_BUDGET_S (default 540 s) is skipped
+# WHEELHOUSE may point at a folder of wheels to install the missing Python ones from; PYTHON
+# names the interpreter (default: python). Each part
+# runs under `timeout`; a part that would start past GPU_CHECK_BUDGET_S (default 520 s) is skipped
 # with a SKIP line. The exit status is 0 when every part that ran succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ esac
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
-BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+BUDGET="${GPU_CHECK_BUDGET_S:-520}"
 PY="${PYTHON:-python}"
 START=$SECONDS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -86,17 +87,18 @@ build_tools() {
 # without build isolation, or failing that an in-place build_ext; says BUILD FAILED otherwise.
 build() {
   if ! build_tools && [ -n "${WHEELHOUSE:-}" ]; then
-    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" pybind11 cmake ninja setuptools wheel
+    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" pybind11 cmake ninja setuptools wheel pytest
   fi
   build_tools || echo "build tools incomplete (need pybind11, setuptools, cmake, ninja or make); trying anyway"
   command -v ninja >/dev/null || export CMAKE_GENERATOR="Unix Makefiles"
   export SEGCFT_CUDA=1
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  if [ -z "${SEGCFT_CUDA_ARCH:-}" ]; then
-    SEGCFT_CUDA_ARCH="$("$PY" -c "import torch; print('%d%d-real' % torch.cuda.get_device_capability())")"
-    export SEGCFT_CUDA_ARCH
+  local arch  # only this card's architecture: the quickest build
+  if [ -z "${SEGCFT_CUDA_ARCH:-}" ] \
+    && arch="$("$PY" -c "import torch; print('%d%d-real' % torch.cuda.get_device_capability())")"; then
+    export SEGCFT_CUDA_ARCH="$arch"
   fi
-  echo "SEGCFT_CUDA_ARCH=$SEGCFT_CUDA_ARCH"
+  echo "SEGCFT_CUDA_ARCH=${SEGCFT_CUDA_ARCH:-default}"
   "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || { echo "pip install -e . failed; trying setup.py build_ext --inplace"; "$PY" setup.py build_ext --inplace; }
   if "$PY" -c "import segcft._C_cuda, segcft._C"; then
@@ -107,7 +109,16 @@ build() {
   fi
 }
 
-export -f env_info build_tools build
+# pytest from the environment (or WHEELHOUSE); says TESTS NOT RUN without it.
+run_tests() {
+  if ! "$PY" -c "import pytest" 2>/dev/null && [ -n "${WHEELHOUSE:-}" ]; then
+    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" pytest
+  fi
+  "$PY" -c "import pytest" || { echo "TESTS NOT RUN: pytest is not installed (WHEELHOUSE may hold its wheel)"; return 1; }
+  "$PY" -m pytest -q -rfE -p no:cacheprovider "$@"
+}
+
+export -f env_info build_tools build run_tests
 export PY
 
 build_status() { grep -q "^BUILD OK" "$LOG" && echo ok || echo FAILED; }
@@ -127,9 +138,9 @@ if [ "$DRY" = 1 ]; then
 else
   part build 200 build
   [ "$(build_status)" = ok ] || say "BUILD FAILED: the tests below fail and segcft's CUDA rows are the reference"
-  "$PY" -m segcft.ops >> "$LOG" 2>&1
-  part tests_cuda 100 "$PY" -m pytest tests/test_ops_cuda.py -q -rfE -p no:cacheprovider
-  part tests_ops 40 "$PY" -m pytest tests/test_ops.py -q -rfE -k "cuda or loaded" -p no:cacheprovider
+  timeout -k 5 60 "$PY" -m segcft.ops >> "$LOG" 2>&1
+  part tests_cuda 100 run_tests tests/test_ops_cuda.py
+  part tests_ops 40 run_tests tests/test_ops.py -k "cuda or loaded"
   DEV=cuda
   KERNEL_ARGS=(--device cuda --cases 2d-16x4x192x192 3d-8x4x128x64x64 3d-2x4x128x256x256 --reps 30)
   STEP3D_ARGS=(--volumes 128x64x64 --batch 8 --reps 5)
@@ -153,7 +164,7 @@ for shape in "${SHAPES2D[@]}"; do
 done
 
 say "===== summary (at $((SECONDS - START)) s) ====="
-timeout -k 5 60 "$PY" benchmarks/gpu_summary.py --out "$OUT" --build "$([ "$DRY" = 1 ] && echo dry-run || build_status)" \
+timeout -k 5 30 "$PY" benchmarks/gpu_summary.py --out "$OUT" --build "$([ "$DRY" = 1 ] && echo dry-run || build_status)" \
   >> "$LOG" 2>&1 || { say "summary failed"; status=1; }
 rm -f "$OUT/parts.csv"
 [ -f "$OUT/summary.txt" ] && cat "$OUT/summary.txt"

@@ -220,38 +220,50 @@ def case_inputs(shape, with_regions, device, rotate_bytes=ROTATE_BYTES):
     return logits, regions, aux
 
 
-def run_case(shape, with_regions, device, reps, providers, rotate_bytes=ROTATE_BYTES):
-    logits, regions, aux = case_inputs(shape, with_regions, device, rotate_bytes)
+def time_provider(fn, logits, regions, aux, device, reps):
+    """(median, p20, p80) ms per mode of one provider, and the peak MiB of forward+backward."""
     nbuf = len(logits)
+    leaves = [x.clone().requires_grad_() for x in logits]
+
+    def fwd(i):
+        with torch.no_grad():
+            fn(leaves[i % nbuf], regions, aux)
+
+    def fwd_bwd(i):
+        leaves[i % nbuf].grad = None
+        fn(leaves[i % nbuf], regions, aux).backward()
+
+    graphs = [fn(x, regions, aux) for x in leaves]
+
+    def bwd(i):
+        leaves[i % nbuf].grad = None
+        graphs[i % nbuf].backward(retain_graph=True)
+
+    row = {}
+    for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+        t = sorted(timed(call, reps, device))
+        q = statistics.quantiles(t, n=5) if len(t) >= 5 else [t[0]] * 4
+        row[mode] = (statistics.median(t), q[0], q[3])
+    graphs.clear()
+    return row, peak_memory_mb(lambda: fwd_bwd(0), device)
+
+
+def run_case(shape, with_regions, device, reps, providers, rotate_bytes=ROTATE_BYTES):
+    """Every provider's timings on one case; a provider that raises (e.g. torch.compile without
+    its toolchain) is reported and left out, so the others still run."""
+    logits, regions, aux = case_inputs(shape, with_regions, device, rotate_bytes)
     logit_bytes = math.prod(shape) * 4
     region_bytes = regions.numel() * 8 if regions is not None else 0
     floor_bytes = {"fwd": logit_bytes + region_bytes, "bwd": 2 * logit_bytes + region_bytes}
     floor_bytes["fwd+bwd"] = floor_bytes["fwd"] + floor_bytes["bwd"]
     results = []
     for provider, fn in providers.items():
-        leaves = [x.clone().requires_grad_() for x in logits]
-
-        def fwd(i, fn=fn, leaves=leaves):
-            with torch.no_grad():
-                fn(leaves[i % nbuf], regions, aux)
-
-        def fwd_bwd(i, fn=fn, leaves=leaves):
-            leaves[i % nbuf].grad = None
-            fn(leaves[i % nbuf], regions, aux).backward()
-
-        graphs = [fn(x, regions, aux) for x in leaves]
-
-        def bwd(i, graphs=graphs, leaves=leaves):
-            leaves[i % nbuf].grad = None
-            graphs[i % nbuf].backward(retain_graph=True)
-
-        row = {}
-        for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
-            t = sorted(timed(call, reps, device))
-            q = statistics.quantiles(t, n=5) if len(t) >= 5 else [t[0]] * 4
-            row[mode] = (statistics.median(t), q[0], q[3])
-        del graphs
-        mb = peak_memory_mb(lambda: fwd_bwd(0), device)
+        try:
+            row, mb = time_provider(fn, logits, regions, aux, device, reps)
+        except Exception as exc:  # report and go on with the other providers
+            first = (str(exc).splitlines() or [""])[0][:300]
+            print(f"ERROR provider {provider} failed: {type(exc).__name__}: {first}", flush=True)
+            continue
         results.append((provider, row, mb))
     return results, floor_bytes, logit_bytes
 
@@ -259,8 +271,8 @@ def run_case(shape, with_regions, device, reps, providers, rotate_bytes=ROTATE_B
 def verdicts(label: str, results, floor_bytes, bw: float) -> list[str]:
     """PASS/FAIL lines of segcft against the targets, one per mode and target."""
     by = {p: r for p, r, _ in results}
-    if "segcft" not in by:
-        return []
+    if "segcft" not in by or "eager" not in by:
+        return [f"FAIL {label}: no segcft or eager timings"]
     lines = []
     for mode in ("fwd", "bwd", "fwd+bwd"):
         ours = by["segcft"][mode][0]
