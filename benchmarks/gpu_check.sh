@@ -15,7 +15,7 @@
 #
 # Build tools (pybind11, cmake, ninja or make, setuptools, nvcc) are taken from the environment;
 # WHEELHOUSE may point at a folder of wheels to install the missing Python ones from; PYTHON
-# names the interpreter (default: python). Each part
+# names the interpreter (default: python, else python3). Each part
 # runs under `timeout`; a part that would start past GPU_CHECK_BUDGET_S (default 520 s) is skipped
 # with a SKIP line. The exit status is 0 when every part that ran succeeded.
 set -uo pipefail
@@ -30,7 +30,7 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
 BUDGET="${GPU_CHECK_BUDGET_S:-520}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 START=$SECONDS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
