@@ -1,5 +1,6 @@
 """Does the regressor see the structures? Trains the regressor stage alone (quick preset,
-cxr-phantom) for each seed and measures, on test subjects:
+cxr-phantom) for each seed and measures, on validation subjects (``--split``; settings are chosen
+on val, never on test):
 
 - corr: the correlation of the predicted and true (normalised) value of every variable;
 - slope: for every structure variable, the least-squares slope of the predicted change against
@@ -69,7 +70,8 @@ def probe(reg: torch.nn.Module, dataset: object, info: DatasetInfo, n: int, seed
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--n", type=int, default=256, help="test subjects probed")
+    ap.add_argument("--n", type=int, default=256, help="subjects probed")
+    ap.add_argument("--split", choices=("val", "test"), default="val", help="split probed")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     args = ap.parse_args()
     rows = []
@@ -80,13 +82,13 @@ def main() -> None:
             t0 = time.perf_counter()
             run_training(cfg, run_dir, only=["regressor"])
             seconds = time.perf_counter() - t0
-            test = build_dataset(cfg, "test")
-            info = test.info
+            probed = build_dataset(cfg, args.split)
+            info = probed.info
             reg = build_component("regressor", cfg.regressor, info)
             path = run_dir / "checkpoints" / "regressor.pt"
             load_model_state(reg, load_checkpoint(path), path, "regressor")
             reg.eval()
-            res = probe(reg, test, info, args.n, seed)
+            res = probe(reg, probed, info, args.n, seed)
         res["seconds"] = seconds
         rows.append(res)
         print(f"seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)

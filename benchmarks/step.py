@@ -171,18 +171,19 @@ def _volume(spec: str) -> tuple[int, int]:
 
 
 class _Labelled(torch.nn.Module):
-    """A guide whose forward runs under a profiler label (and, with ``cl``, on channels_last_3d)."""
+    """A guide whose forward (the segmentor's logits, the regressor's prediction given parents) runs
+    under a profiler label (and, with ``cl``, on channels_last_3d)."""
 
     def __init__(self, inner: torch.nn.Module, label: str, channels_last: bool = False) -> None:
         super().__init__()
         self.inner, self.label, self.cl = inner, label, channels_last
         self.classes = getattr(inner, "classes", ())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any) -> Any:
         with torch.profiler.record_function(self.label):
             if self.cl:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            return self.inner(x)
+            return self.inner(x, *args)
 
 
 class _Case:
@@ -212,14 +213,7 @@ class _Case:
                 seg = seg.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
             if "compile" in opts:
                 seg = torch.compile(seg)
-            regressor = copy.deepcopy(parts["regressor"])
-            nll = regressor.nll
-
-            def labelled_nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                with torch.profiler.record_function("regressor"):
-                    return nll(x, t)
-
-            regressor.nll = labelled_nll
+            regressor = _Labelled(copy.deepcopy(parts["regressor"]), "regressor")
             self.obj = build_objective(
                 self.mode,
                 parts["info"],
