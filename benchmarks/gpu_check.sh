@@ -8,7 +8,7 @@
 #   step3d.csv    benchmarks/step.py --volumes 128x64x64 rows (batch 8, bf16 autocast)
 #   step2d.csv    benchmarks/step.py --shapes 64 192 rows (batch 8, bf16 autocast)
 #   summary.csv   section,name,value,unit,note: device, versions, part status and every figure
-#   summary.txt   the short version: versions, PASS/FAIL lines, the step rates
+#   summary.txt   the short version: versions, PASS/FAIL lines, step rates, a markdown kernels table
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh             # on a machine with an NVIDIA GPU
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --dry-run       # every part on the CPU at tiny sizes

@@ -104,6 +104,22 @@ def kernel_rows(rows: list[dict[str, str]]) -> tuple[list[list[str]], list[str]]
     return out, verdicts
 
 
+def kernel_table(rows: list[dict[str, str]]) -> list[str]:
+    """Markdown table (for benchmarks/RESULTS.md): per op, case and mode the three providers'
+    median ms, segcft's speed-ups and its share of the copy bandwidth."""
+    ms = {(r["op"], r["case"], r["mode"], r["provider"]): float(r["ms"]) for r in rows}
+    pct = {(r["op"], r["case"], r["mode"]): r["pct_copy_bw"] for r in rows if r["provider"] == "segcft"}
+    out = ["| op | case | mode | eager ms | compile ms | segcft ms | x eager | x compile | % copy bw |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for op, case, mode in dict.fromkeys((k[0], k[1], k[2]) for k in ms):
+        e, c, g = (ms.get((op, case, mode, p)) for p in ("eager", "compile", "segcft"))
+        cell = [f"{v:.3f}" if v is not None else "-" for v in (e, c, g)]
+        xe = f"{e / g:.2f}" if e and g else "-"
+        xc = f"{c / g:.2f}" if c and g else "-"
+        out.append(f"| {op} | {case} | {mode} | {' | '.join(cell)} | {xe} | {xc} | {pct.get((op, case, mode), '-')} |")
+    return out if len(out) > 2 else []
+
+
 def step_rows(step3d: list[dict[str, str]], step2d: list[dict[str, str]]) -> list[list[str]]:
     out = []
     for r in step3d:
@@ -133,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(["part", name, result, "", f"{seconds} s"])
             parts.append(f"{name} {result} ({seconds} s)")
     rows += test_rows(log)
-    krows, verdicts = kernel_rows(_read_csv(out / "kernels.csv"))
+    kernels = _read_csv(out / "kernels.csv")
+    krows, verdicts = kernel_rows(kernels)
     rows += krows
     srows = step_rows(_read_csv(out / "step3d.csv"), _read_csv(out / "step2d.csv"))
     rows += srows
@@ -153,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         f"kernel targets: {len(verdicts) - fails} PASS, {fails} FAIL",
         *verdicts,
         *(f"{r[0]} {r[1]}: {r[2]} {r[3]} ({r[4]})" for r in srows),
+        "",
+        *kernel_table(kernels),
     ]
     (out / "summary.txt").write_text("\n".join(text) + "\n")
     print(f"wrote {out / 'summary.csv'} ({len(rows)} rows) and {out / 'summary.txt'}")

@@ -79,6 +79,8 @@ def test_kernel_rows_cover_both_ops_every_provider_and_the_bandwidth(dry_run: Pa
     assert all(r["note"].split()[0] in ("PASS", "FAIL") for r in targets)
     text = (dry_run / "summary.txt").read_text()
     assert "kernel targets:" in text and "copy bandwidth:" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| op | case | mode |") and len(table) == 1 + 2 * 4 * 3  # header + rows
 
 
 def test_step_rows_have_rates(dry_run: Path) -> None:
