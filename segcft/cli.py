@@ -498,9 +498,6 @@ def doctor_command() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``segcft``); exits with the command's status."""
-    # Idle OpenMP threads sleep instead of spinning, so torch's worker threads do not starve the
-    # data loading and Python work between ops (set before torch is first imported).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli.main(args=list(argv) if argv is not None else None, prog_name="segcft")
 
 
