@@ -39,7 +39,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -75,17 +74,11 @@ def _setup(shape: str, device: torch.device) -> tuple[Any, Any, Any, torch.nn.Mo
     return ds, info, dscm, seg, regressor
 
 
-def _cft_config() -> SimpleNamespace:
-    return SimpleNamespace(
-        lr_lagrange=1e-2,
-        damping=100.0,
-        lambda_init=0.0,
-        penalty="l1",
-        huber_delta=1.0,
-        soft_labels=False,
-        seg_weight=1.0,
-        reg_weight=1.0,
-    )
+def _cft_config() -> Any:
+    """The fine-tuning section at its defaults (the Lagrangian and guide weights a run starts from)."""
+    from segcft.config.schema import CFTConfig
+
+    return CFTConfig()
 
 
 def bench(shape: str, variant: str, batch: int, reps: int, device: torch.device) -> dict[str, object]:
@@ -190,7 +183,7 @@ class _Case:
     """One mode spec (``mode[:option...]``) of the 3D step: its own generator copy, optimiser,
     objective and guides, all starting from the same weights."""
 
-    def __init__(self, spec: str, parts: dict[str, Any], cft: SimpleNamespace, device: str = "cpu") -> None:
+    def __init__(self, spec: str, parts: dict[str, Any], cft: Any, device: str = "cpu") -> None:
         import copy
 
         from segcft.objectives.base import build_objective

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from segcft.config.schema import CFTConfig
 from segcft.data import ccta_phantom
 from segcft.data.configs import CCTAPhantomConfig
 from segcft.errors import ConfigError
@@ -146,17 +147,7 @@ def test_evaluation_and_fine_tuning_measure_the_same_volumes() -> None:
     with torch.no_grad():
         measured = Measurer(info)(seg(x), regions)
         raw = Measurer(info)(seg.net(x), regions)
-    cft = SimpleNamespace(
-        lr=1e-3,
-        lr_lagrange=1e-2,
-        damping=0.0,
-        lambda_init=0.0,
-        penalty="l1",
-        huber_delta=1.0,
-        soft_labels=False,
-        seg_weight=1.0,
-        reg_weight=1.0,
-    )
+    cft = CFTConfig(lr=1e-3, damping=0.0)
     obj = build_objective("pos-seg", info, cft, eps=1e3, segmentor=seg.train())
     obj.train()  # what the fine-tuning loop does; the frozen guide stays in eval mode
     assert not seg.training
