@@ -132,6 +132,7 @@ def test_auto_preset_needs_a_shape() -> None:
         (HVAEConfig(pool=(3, 2, 2, 8)), (64, 64), "does not divide"),
         (HVAEConfig(z_max_res=1, widths=(8, 8, 8, 8, 8), pool=(2, 2, 2, 2)), (64, 64), "no latents"),
         (HVAEConfig(block="dense"), (64, 64), "block"),
+        (HVAEConfig(prior="learned"), (64, 64), "generator.prior"),
     ],
 )
 def test_config_errors(config: HVAEConfig, shape: tuple[int, ...], match: str) -> None:
@@ -161,6 +162,45 @@ def test_counterfactual_uses_parents_and_is_differentiable() -> None:
     x_a.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+def _randomise_priors(model: HVAE, seed: int = 3) -> None:
+    """Give the zero-initialised prior heads random weights, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.modules():
+            if hasattr(block, "prior_z_proj"):
+                last = block.prior.convs[-1].weight
+                last.copy_(0.1 * torch.randn(last.shape, generator=g))
+
+
+@pytest.mark.parametrize("prior", ["exogenous", "conditional"])
+def test_prior_decides_what_counterfactual_latents_keep(prior: str) -> None:
+    """A parent-free prior keeps z under new parents; a conditional one keeps eps = (z - mu_p) /
+    sigma_p and re-draws z under p(z | pa*), so it moves the image even without the decoder's
+    direct parent path. Both give back the factual image under the factual parents."""
+    model = _model(replace(SMALL_2D, prior=prior), (32, 32))
+    _randomise_priors(model)
+    with torch.no_grad():
+        for block in model.modules():
+            if hasattr(block, "pa_proj"):
+                block.pa_proj.weight.zero_()
+    x, pa = _batch((32, 32))
+    torch.manual_seed(7)
+    x_null, _ = model.counterfactual(x, pa, pa)
+    torch.testing.assert_close(x_null, x, atol=1e-5, rtol=0)
+    torch.manual_seed(7)
+    latents = model.abduct(x, pa)
+    torch.manual_seed(7)
+    _, zs, _ = model._decode(pa, acts=model._encode(x))
+    torch.testing.assert_close(latents.z, tuple(zs))
+    loc, _ = model.decode(latents, pa)
+    loc_cf, _ = model.decode(latents, pa + 1.0)
+    moved = (loc_cf - loc).abs().mean().item()
+    if prior == "conditional":
+        assert moved > 1e-3 and not torch.allclose(zs[0], torch.zeros_like(zs[0]))
+    else:
+        assert moved < 1e-6
 
 
 def test_training_decreases_nelbo(trained) -> None:

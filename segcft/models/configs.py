@@ -61,6 +61,14 @@ class HVAEConfig:
         metadata={"help": "block type: bottleneck (GELU, 1-3-3-1 convs) or light (ReLU, 3-3 convs) (empty: preset)"},
     )
     beta: float = field(default=1.0, metadata={"help": "KL weight in the per-pixel nelbo", "ge": 0})
+    prior: str = field(
+        default="exogenous",
+        metadata={
+            "help": "exogenous: p(z) never sees the parents and counterfactuals keep z; conditional: p(z | pa), "
+            "the latents are abducted as their standardised noise under the prior and re-drawn under the "
+            "counterfactual parents",
+        },
+    )
     std_init: float = field(
         default=0.0,
         metadata={

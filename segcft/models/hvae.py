@@ -2,10 +2,11 @@
 
 A bottom-up encoder keeps the last activation of every resolution; a top-down decoder starts
 from a learned bias at the lowest resolution and runs prior/posterior/update blocks up to the
-full resolution. The latents are exogenous: the prior path never sees the parents, which enter
-(as (B, P) vectors broadcast over space) only the posterior and the state updates. The
-likelihood is a discretised Gaussian on [-1, 1]. Counterfactuals abduct z once and the pixel
-noise u = (x - mu) / sigma, then decode z under the counterfactual parents.
+full resolution. Parents enter (as (B, P) vectors broadcast over space) the posterior, the state
+updates and, with ``prior: conditional``, the prior. The latents' exogenous noise is z itself
+under a parent-free prior, and eps = (z - mu_p) / sigma_p under a conditional one. The
+likelihood is a discretised Gaussian on [-1, 1]. Counterfactuals abduct that noise once and the
+pixel noise u = (x - mu) / sigma, then decode them under the counterfactual parents.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
 
 @dataclass
 class Latents:
-    """Exogenous latents z ~ q(z | x, pa), one tensor per stochastic decoder block, top-down.
+    """The exogenous noise of z ~ q(z | x, pa), one tensor per stochastic decoder block, top-down:
+    z itself (parent-free prior) or eps = (z - mu_p) / sigma_p (conditional prior).
 
     Differentiable (never detached by the model); ``decode`` accepts it under any parents."""
 
@@ -210,6 +212,9 @@ class HVAE(nn.Module):
         self.shape = tuple(shape)
         self.num_parents = num_parents
         self.stages = plan_stages(self.config, self.shape)
+        if self.config.prior not in ("exogenous", "conditional"):
+            raise ConfigError(f"generator.prior: expected 'exogenous' or 'conditional', got {self.config.prior!r}")
+        conditional = self.config.prior == "conditional"
         cfg, dims, stages = self.config, self.spatial_dims, self.stages
         mid = [s.width // cfg.bottleneck for s in stages]
 
@@ -227,7 +232,9 @@ class HVAE(nn.Module):
         n_dec = sum(s.dec_blocks for s in stages)
         self.dec_stages = nn.ModuleList(
             nn.ModuleList(
-                DecoderBlock(dims, s.width, m, cfg.z_dim, num_parents, cfg.block, s.kernel, s.stochastic, n_dec)
+                DecoderBlock(
+                    dims, s.width, m, cfg.z_dim, num_parents, cfg.block, s.kernel, s.stochastic, n_dec, conditional
+                )
                 for _ in range(s.dec_blocks)
             )
             for s, m in zip(stages, mid)
@@ -333,7 +340,7 @@ class HVAE(nn.Module):
             for block in cast(nn.ModuleList, self.dec_stages[i]):
                 fixed = latents.z[len(zs)] if (latents is not None and block.stochastic) else None
                 act = acts[i] if acts is not None else None
-                h, p, z, kl = block(h, p, pa, act=act, z=fixed, temperature=temperature)
+                h, p, z, kl = block(h, p, pa, act=act, noise=fixed, temperature=temperature)
                 if block.stochastic:
                     zs.append(z)
                 if kl is not None:

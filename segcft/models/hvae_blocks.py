@@ -132,11 +132,14 @@ def discretised_gaussian_log_prob(x: torch.Tensor, loc: torch.Tensor, logscale: 
 
 
 class DecoderBlock(nn.Module):
-    """One top-down block: prior p(z | z_<) from the parent-free prior path ``p``, posterior
-    q(z | z_<, x, pa) from (decoder state, encoder activation, parents), then the state update
-    h += prior features + proj(concat(z, pa)) and a residual block.
+    """One top-down block: prior p(z | z_<) from the prior path ``p`` (and the parents when
+    ``conditional``), posterior q(z | z_<, x, pa) from (decoder state, encoder activation,
+    parents), then the state update h += prior features + proj(concat(z, pa)) and a residual block.
 
-    Deterministic blocks (above ``z_max_res``) take z as the prior mean and have no posterior."""
+    The block's exogenous noise is z itself for a parent-free prior and the standardised
+    eps = (z - mu_p) / sigma_p for a conditional one: fixed noise decoded under other parents then
+    gives z* = mu_p(pa*) + sigma_p(pa*) eps. Deterministic blocks (above ``z_max_res``) take z as
+    the prior mean and have no posterior."""
 
     def __init__(
         self,
@@ -149,13 +152,25 @@ class DecoderBlock(nn.Module):
         kernel: int,
         stochastic: bool,
         num_blocks: int,
+        conditional: bool = False,
     ) -> None:
         super().__init__()
         self.dims = dims
         self.z_dim = z_dim
         self.stochastic = stochastic
+        self.conditional = conditional
         scale = 1.0 / math.sqrt(num_blocks)
-        self.prior = Block(dims, width, mid_width, 2 * z_dim + width, kind, kernel, residual=False, zero_last=True)
+        self.prior = Block(
+            dims,
+            width,
+            mid_width,
+            2 * z_dim + width,
+            kind,
+            kernel,
+            residual=False,
+            cond_dim=num_parents if conditional else 0,
+            zero_last=True,
+        )
         self.posterior = (
             Block(dims, 2 * width, mid_width, 2 * z_dim, kind, kernel, residual=False, cond_dim=num_parents)
             if stochastic
@@ -178,24 +193,29 @@ class DecoderBlock(nn.Module):
         p: torch.Tensor,
         pa: torch.Tensor,
         act: torch.Tensor | None = None,
-        z: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (h, p, z, kl). z comes from, in order: the argument (fixed latents), the
+        """Returns (h, p, noise, kl): ``noise`` is the block's exogenous noise (z, or eps for a
+        conditional prior). z comes from, in order: the ``noise`` argument (fixed latents), the
         posterior when ``act`` is given (with kl (B,)), the prior at ``temperature`` otherwise."""
-        prior = self.prior(p)
+        prior = self.prior(p, pa) if self.conditional else self.prior(p)
         p_loc, p_logscale, p_feat = prior.split([self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim], dim=1)
         kl = None
         if not self.stochastic:
             z = p_loc
-        elif z is None and act is not None:
+        elif noise is not None:
+            z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
+        elif act is not None:
             assert self.posterior is not None  # built whenever the block is stochastic
             q_loc, q_logscale = self.posterior(torch.cat([h, act], dim=1), pa).chunk(2, dim=1)
             z = q_loc + temperature * torch.exp(q_logscale) * torch.randn_like(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
-        elif z is None:
+        else:
             z = p_loc + temperature * torch.exp(p_logscale) * torch.randn_like(p_loc)
+        if noise is None:
+            noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
         h = h + p_feat + self.z_proj(z) + broadcast(self.pa_proj(pa), self.dims)
         h = self.resnet(h)
         p = p + p_feat + self.prior_z_proj(z)
-        return h, p, z, kl
+        return h, p, noise, kl
