@@ -197,8 +197,15 @@ def test_quick_3d_overlay_applies_only_to_3d_datasets(tmp_path):
         for key, value in values.items():
             assert resolved["train"][stage][key] == value, (stage, key)
     for key, value in overlay["cft"].items():
-        assert resolved["cft"][key] == value, key
+        if key == "objectives":  # per mode, the keys the overlay sets
+            for mode, settings in value.items():
+                assert {k: resolved["cft"][key][mode][k] for k in settings} == settings, (key, mode)
+        else:
+            assert resolved["cft"][key] == value, key
     assert volume.evaluate.n == overlay["evaluate"]["n"] != flat.evaluate.n
+    # The 2D run keeps the preset's conditional prior and Seg-CFT locality; 3D sets both back.
+    assert (flat.generator.params.prior, flat.cft.objectives["seg"].locality) == ("conditional", 100.0)
+    assert (volume.generator.params.prior, volume.cft.objectives["seg"].locality) == ("exogenous", 0.0)
     # 2D keeps the preset's own values.
     assert (flat.train.generator.steps, flat.train.generator.batch_size, flat.cft.steps) == (1500, 16, 400)
     # The dataset may come from --set or a config file as well; explicit values still win.
@@ -207,6 +214,15 @@ def test_quick_3d_overlay_applies_only_to_3d_datasets(tmp_path):
     by_file = load_run_config(write(tmp_path / "c.yaml", {"dataset": {"name": "ccta-phantom"}, "cft": {"lr": 0.5}}))
     assert by_file.train.generator == volume.train.generator and by_file.cft.lr == 0.5
     assert load_run_config(preset="smoke", components={"dataset": "ccta-phantom"}).cft.steps == 2  # no overlay
+
+
+def test_dump_carries_the_settings_of_every_mode(tmp_path):
+    """A run whose layers never set a mode's settings still dumps them, so reading the dump back
+    over the default preset (which sets Seg-CFT's locality) gives the same run."""
+    cfg = load_run_config(preset="smoke", overrides=["cft.modes=[none, seg]"])
+    assert cfg.cft.objectives["seg"].locality == 0.0 and "none" not in cfg.cft.objectives
+    path = dump_run_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(path) == cfg
 
 
 def test_3d_dump_reproduces_the_run_alone(tmp_path):

@@ -343,8 +343,19 @@ def load_run_config(
         cfg = resolve(with_overlay=True)
     _check_complete(cfg, "config")
     check_modes(cfg)
+    _fill_objective_settings(cfg)
     check_round_trip(cfg)
     return cfg
+
+
+def _fill_objective_settings(cfg: RunConfig) -> None:
+    """Give every mode of ``cfg.cft.modes`` whose objective has settings an explicit entry in
+    ``cft.objectives`` (its defaults when no layer set one), so the dumped config carries them and
+    wins over whatever the default preset sets when it is read back."""
+    for mode in cfg.cft.modes:
+        make = _registry().get("objective", mode).config
+        if mode not in cfg.cft.objectives and dataclasses.is_dataclass(make) and dataclasses.fields(make):
+            cfg.cft.objectives[mode] = make()
 
 
 def component_params(kind: str, name: str, overrides: Iterable[str] = ()) -> Any:
