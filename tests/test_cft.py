@@ -456,10 +456,11 @@ def test_locality_settings_are_checked(setup):
 
 
 @pytest.mark.timeout(180)
-def test_fine_tuning_smoke_with_locality_ema_and_its_own_clip(tmp_path):
+def test_fine_tuning_smoke_with_locality_ema_and_its_own_clip(tmp_path, capsys):
     """A smoke run fine-tuning seg with the locality penalty on and an EMA of the weights trains
     and logs the penalty. The cft stage clips at its own cft.grad_clip (here tiny: every update
-    is clipped) while the generator stage keeps its 350: metrics.csv's clipped_frac says so."""
+    is clipped) while the generator stage keeps its 350: metrics.csv's clipped_frac says so. A
+    stage that skips most of its updates (here the regressor, with a tiny grad_skip) says so."""
     import csv
 
     from segcft.checkpoint import load_checkpoint
@@ -476,10 +477,14 @@ def test_fine_tuning_smoke_with_locality_ema_and_its_own_clip(tmp_path):
             "cft.grad_clip=1e-6",
             "cft.steps=4",
             "evaluate.n=4",
+            "train.regressor.grad_skip=1e-12",
         ],
     )
     assert cfg.cft.objectives["seg"].locality == 1.0
     run_training(cfg, tmp_path)
+    printed = capsys.readouterr().out
+    assert "warning: [regressor] skipped" in printed and "train.regressor.grad_skip 1e-12" in printed, printed
+    assert "warning: [cft-seg] skipped" not in printed
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cft = [r for r in rows if r["stage"] == "cft-seg"]

@@ -76,11 +76,32 @@ def fit(
         if sc.checkpoint_every and ts.step % sc.checkpoint_every == 0 and ts.step < sc.steps:
             ctx.save_last(stage, ts)
     progress.close()
+    _warn_skipped(ctx, stage, sc, ts)
     model.eval()
     trained = ts.ema.module if ts.ema is not None else model
     if layout is not None:
         trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
     return trained
+
+
+SKIP_WARN = 0.25
+"""A stage that skipped more than this fraction of its updates (non-finite gradients or norms over
+``grad_skip``) barely trained: a warning naming the setting."""
+
+
+def _warn_skipped(ctx: StageContext, stage: str, sc: Any, ts: TrainState) -> None:
+    """Print a warning when more than ``SKIP_WARN`` of the stage's updates were skipped."""
+    counts = ts.stepper.counts
+    skipped = counts["skipped_nonfinite"] + counts["skipped_norm"]
+    if not ctx.d.main or ts.step == 0 or skipped <= SKIP_WARN * ts.step:
+        return
+    key = "cft" if stage.startswith("cft-") else f"train.{stage}"
+    print(
+        f"warning: [{stage}] skipped {skipped} of {ts.step} updates ({counts['skipped_norm']} with a gradient norm "
+        f">= {key}.grad_skip {sc.grad_skip:g}, {counts['skipped_nonfinite']} not finite): the stage barely trained; "
+        f"see the grad_norm column of metrics.csv (a larger {key}.grad_skip, or 0, skips only non-finite updates)",
+        flush=True,
+    )
 
 
 def _check_batch(stage: str, sc: Any, world: int) -> None:
