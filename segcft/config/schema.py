@@ -133,8 +133,13 @@ class CFTConfig:
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
     grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
     grad_skip: float = field(
-        default=500.0,
-        metadata={"help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only)", "ge": 0},
+        default=0.0,
+        metadata={
+            "help": "skip updates whose gradient norm exceeds this, or is NaN (0: skip NaN only, the default: "
+            "a violated nelbo constraint scales the gradient up, and skipping those updates can stop the "
+            "stage from ever restoring it)",
+            "ge": 0,
+        },
     )
     ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)", "ge": 0, "lt": 1})
     log_every: int = field(default=50, metadata={"help": "steps between metric log rows", "ge": 1})
