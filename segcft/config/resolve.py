@@ -353,8 +353,9 @@ def _fill_objective_settings(cfg: RunConfig) -> None:
     ``cft.objectives`` (its defaults when no layer set one), so the dumped config carries them and
     wins over whatever the default preset sets when it is read back."""
     for mode in cfg.cft.modes:
-        make = _registry().get("objective", mode).config
-        if mode not in cfg.cft.objectives and dataclasses.is_dataclass(make) and dataclasses.fields(make):
+        make: type = _registry().get("objective", mode).config
+        has_fields = dataclasses.is_dataclass(make) and bool(dataclasses.fields(make))
+        if mode not in cfg.cft.objectives and has_fields:
             cfg.cft.objectives[mode] = make()
 
 
