@@ -52,18 +52,24 @@ def _metrics(seg_mape: float, none_mape: float, reg_mape: float) -> dict:
 
 
 def test_claims_use_the_mean_over_seeds_and_count_seeds(tmp_path, reproduce):
-    # seed 0: seg 5 vs none 16, reg 12 -> holds; seed 1: seg 9 -> misses 0.7 x 12 = 8.4
-    for seed, seg in ((0, 5.0), (1, 9.0)):
+    # exact counterfactual 2.0 -> Seg-CFT must reach 1.25 x 2.0 = 2.5: seed 0 (2.0) holds, seed 1 (3.0) misses
+    for seed, seg in ((0, 2.0), (1, 3.0)):
         run = reproduce.run_dir_for(tmp_path, "cxr-phantom", seed)
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps(_metrics(seg, 16.0, 12.0)))
     out = tmp_path / "R.md"
     text = reproduce.write_reproduction(tmp_path, ["cxr-phantom"], [0, 1], out, {}, ["--report-only"])
     assert out.read_text() == text
-    line = next(l for l in text.splitlines() if "Seg-CFT MAPE" in l and "heart_area" in l)
-    # mean 7.0 <= 0.5 x 16 = 8 and <= 0.7 x 12 = 8.4: held on the mean, in one seed of two
-    assert "7.00 <= 0.5 x none = 8.00; 0.7 x reg = 8.40" in line and "| yes | 1/2 |" in line
+    line = next(l for l in text.splitlines() if "exact counterfactual's" in l and "heart_area" in l)
+    # mean 2.5 <= 1.25 x 2.0: held on the mean, in one seed of two
+    assert "2.50 <= 1.25 x exact = 2.50" in line and "| yes | 1/2 |" in line
     assert "| (unchanged) | 15.00 (15.00–15.00) | 15.50 (15.50–15.50) | 2.50 (2.50–2.50) | – |" in text
     assert "| (exact) | 2.00 (2.00–2.00) |" in text
-    claims = reproduce.cxr_claims([_metrics(9.0, 16.0, 12.0)])
-    assert [c.held for c in claims if "MAPE" in c.text] == [False]
+    held = {c.text: c.held for c in reproduce.cxr_claims([_metrics(9.0, 16.0, 12.0)])}
+    assert held == {
+        "Seg-CFT MAPE <= 1.25 x the exact counterfactual's": False,  # 9 > 2.5
+        "Seg-CFT change outside the structure <= 1.5 and <= Reg-CFT": True,  # 1.0 <= 1.5 and <= reg's 1.0
+        "Seg-CFT exact-counterfactual error below none": False,  # 2.0 is not below none's 2.0
+        "Reg-CFT MAPE <= 0.8 x none": True,  # 12 <= 12.8
+        "Seg-CFT MAPE below Reg-CFT": True,  # 9 < 12
+    }
