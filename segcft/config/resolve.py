@@ -152,7 +152,7 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
     return cfg
 
 
-def _dataset_function(dataset: str, name: str) -> Any:
+def dataset_function(dataset: str, name: str) -> Any:
     """The module-level function ``name`` next to the dataset plugin's factory (the convention
     for cheap, data-free descriptions such as ``dataset_info``), else None."""
     import importlib
@@ -168,7 +168,7 @@ def _dataset_function(dataset: str, name: str) -> Any:
 def _dataset_info(cfg: RunConfig) -> Any:
     """The dataset's metadata (``DatasetInfo``) when its plugin module offers it cheaply through
     ``dataset_info(config)`` next to the factory (as the phantoms do), else None."""
-    describe = _dataset_function(cfg.dataset.name, "dataset_info")
+    describe = dataset_function(cfg.dataset.name, "dataset_info")
     return describe(cfg.dataset.params) if describe is not None else None
 
 
@@ -286,7 +286,7 @@ def dataset_dims(name: str, params: Any) -> int | None:
     registered = tuple(_registry().get("dataset", name).dims)
     if len(registered) == 1:
         return int(registered[0])
-    describe = _dataset_function(name, "dataset_dims")
+    describe = dataset_function(name, "dataset_dims")
     return describe(params) if describe is not None else None
 
 

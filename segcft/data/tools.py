@@ -110,9 +110,9 @@ def _factory(name: str, config: Any) -> tuple[Callable[[Any, str], Any], Any]:
 
 def _own_check(name: str, config: Any) -> list[Problem]:
     """The problems the dataset plugin's optional ``check(config)`` reports (next to its factory)."""
-    from segcft.config.resolve import _dataset_function
+    from segcft.config.resolve import dataset_function
 
-    check = _dataset_function(name, "check")
+    check = dataset_function(name, "check")
     if check is None:
         return []
     try:
