@@ -145,6 +145,11 @@ class GuardedStepper:
         self.optimizer.zero_grad(set_to_none=True)
         return result
 
+    @property
+    def skipped(self) -> int:
+        """Updates skipped so far, for either reason."""
+        return self.counts["skipped_nonfinite"] + self.counts["skipped_norm"]
+
     def state_dict(self) -> dict[str, int]:
         return dict(self.counts)
 

@@ -91,8 +91,7 @@ SKIP_WARN = 0.25
 
 def _warn_skipped(ctx: StageContext, stage: str, sc: Any, ts: TrainState) -> None:
     """Print a warning when more than ``SKIP_WARN`` of the stage's updates were skipped."""
-    counts = ts.stepper.counts
-    skipped = counts["skipped_nonfinite"] + counts["skipped_norm"]
+    counts, skipped = ts.stepper.counts, ts.stepper.skipped
     if not ctx.d.main or ts.step == 0 or skipped <= SKIP_WARN * ts.step:
         return
     key = "cft" if stage.startswith("cft-") else f"train.{stage}"
@@ -203,8 +202,7 @@ def _log_row(ctx: StageContext, stage: str, sc: Any, ts: TrainState, t0: float) 
     """One metrics row: the means since the last row, learning rate, skipped updates (count, and
     with the clipped ones as fractions of the steps so far), speed."""
     row = {k: v / ts.count for k, v in ts.sums.items()}
-    counts = ts.stepper.counts
-    skipped = counts["skipped_nonfinite"] + counts["skipped_norm"]
+    counts, skipped = ts.stepper.counts, ts.stepper.skipped
     row.update(
         lr=ts.sched.get_last_lr()[0],
         skipped=float(skipped),
