@@ -63,6 +63,7 @@ __all__ = [
     "add_plugin_commands",
     "get_plugin_manager",
     "get_registry",
+    "has_inline_plugins",
     "hookimpl",
     "hookspec",
     "load_registry",
@@ -568,6 +569,11 @@ def register_plugin(plugin: Any, name: str) -> None:
     _STATE.setdefault("extra", []).append((name, plugin))
     _STATE.pop("registry", None)
     _STATE.pop("pm", None)
+
+
+def has_inline_plugins() -> bool:
+    """Whether plugins were added with :func:`register_plugin` (a fresh process would lack them)."""
+    return bool(_STATE.get("extra"))
 
 
 def reset() -> None:

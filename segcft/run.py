@@ -4,7 +4,9 @@ inference through :func:`load_run` (``segcft evaluate``, ``segcft counterfactual
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,9 +152,10 @@ class RunDir:
     def write_gate(self, stage: str, record: dict[str, Any]) -> None:
         """Store one segmentor stage's quality gate record in ``gates.json`` (the other stages'
         records kept)."""
-        gates = self.read_gates()
-        gates[stage] = record
-        write_json(self.gates, gates)
+        with _file_lock(self.root / ".gates.lock"):  # the two segmentor stages may train side by side
+            gates = self.read_gates()
+            gates[stage] = record
+            write_json(self.gates, gates)
 
     def read_gates(self) -> dict[str, Any]:
         """``gates.json``: quality gate records per segmentor stage; empty when there is none."""
@@ -257,3 +260,21 @@ def generator_state(path: Path) -> dict[str, Any]:
     if not isinstance(state.get("eps"), (int, float)):
         raise UserError(f"checkpoint {path} records no eps (not a trained generator's final checkpoint)")
     return state
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created when missing) for a read-modify-write of
+    a file that several processes of one run update; no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: stages then never train side by side (segcft.train.lanes)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

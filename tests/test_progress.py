@@ -60,6 +60,38 @@ def test_estimate_scales_later_stages_by_their_sample_cost(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_estimate_of_stages_side_by_side_takes_the_longest_lane(monkeypatch, capsys):
+    """Lanes with 1 of 2 threads: the timed segmentor's rate is scaled to 2 threads for the
+    generator; the regressor beside it costs what is left of its lane."""
+    from segcft.train.lanes import Lane
+
+    clock_time = FakeTime()
+    monkeypatch.setattr(progress.time, "perf_counter", clock_time)
+    cfg = _cfg()
+    waves = [[Lane(1, ("segmentor",)), Lane(1, ("regressor",))], [Lane(2, ("generator",))]]
+    clock = RunClock(cfg, ["segmentor", "regressor", "generator"], enabled=True, eps_samples=0, waves=waves)
+    clock.start_wave()
+    per_step = 0.5
+    for step in range(1, 101):
+        clock_time.now += per_step
+        clock.observe("segmentor", step, 0, 100, 0.0)
+        if clock.estimate is not None:
+            break
+    slow = 2 ** progress.LANE_SLOWDOWN_EXPONENT
+    unit_s = per_step / (SAMPLE_COST["segmentor"] * 16) / slow  # at both threads
+    segmentor_left = per_step * (100 - step)
+    regressor_left = unit_s * slow * SAMPLE_COST["regressor"] * 50 * 16 - clock_time.now
+    generator = unit_s * SAMPLE_COST["generator"] * 200 * 16
+    expected = clock_time.now + max(segmentor_left, regressor_left) + generator
+    assert clock.estimate == pytest.approx(expected)
+    # timed in another process: the step's own time counts, not the moment it is read
+    clock_time.now = 0.0
+    clock2 = RunClock(cfg, ["segmentor", "generator"], enabled=False, eps_samples=0)
+    for step in range(1, 101):
+        clock2.observe("segmentor", step, 0, 100, 0.0, now=step * per_step)
+    assert clock2.estimate == pytest.approx(100 * per_step + unit_s * slow * SAMPLE_COST["generator"] * 200 * 16)
+
+
 def test_estimate_of_a_stage_shorter_than_the_timed_steps(capsys):
     clock = RunClock(_cfg(), ["generator"], enabled=True, eps_samples=0)
     for step in range(1, 5):

@@ -195,6 +195,15 @@ class RunConfig:
         default=False,
         metadata={"help": "on the CPU, run the network stages under bfloat16 autocast as on a GPU (opt-in speed-up)"},
     )
+    cpu_lanes: int = field(
+        default=2,
+        metadata={
+            "help": "on the CPU (one process), train stages that need not wait for each other (segmentors, "
+            "regressor, mechanisms; the fine-tuning modes) side by side in up to this many processes, "
+            "the CPU threads split between them (1: one after another)",
+            "ge": 1,
+        },
+    )
     dataset: ComponentConfig = field(default_factory=ComponentConfig)
     generator: ComponentConfig = field(default_factory=ComponentConfig)
     segmentor: ComponentConfig = field(default_factory=ComponentConfig)

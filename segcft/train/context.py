@@ -117,10 +117,12 @@ class StageContext:
     """The state of one ``run_training`` call that the stages read; rank 0 writes, and every
     write ends with a barrier so that all ranks see it."""
 
-    def __init__(self, cfg: Any, run: RunDir, d: Dist, device: torch.device, resume: bool) -> None:
+    def __init__(self, cfg: Any, run: RunDir, d: Dist, device: torch.device, resume: bool, metrics: Any = None) -> None:
         self.cfg, self.run, self.d, self.device, self.resume = cfg, run, d, device, resume
         self.amp = device.type == "cuda" or (device.type == "cpu" and cfg.cpu_bf16)
-        self.metrics = MetricsLog(run.metrics_csv, d.main, run.tensorboard)
+        # metrics.csv's writer (a lane process passes one that relays rows to the main process)
+        self.metrics: Any = metrics if metrics is not None else MetricsLog(run.metrics_csv, d.main, run.tensorboard)
+        self.bars = True  # a progress bar on a terminal (lanes sharing one print plain lines)
         self.train_set = build_dataset(cfg, "train")
         if device.type == "cpu" and cacheable(self.train_set):  # a GPU run's loader workers would each copy it
             self.train_set = CachedSamples(self.train_set)

@@ -58,7 +58,7 @@ def fit(
     ts = _start(ctx, stage, model, loss_fn, sc, betas, extra_opt, rng)
     wrapped = loss_fn if replicated else _wrap(ctx, loss_fn)
     source = batches(ts.step) if batches is not None else iter(_loader(ctx, sc, seed, ts.step))
-    progress = Progress(stage, sc.steps, ts.step, ctx.d.main, sc.log_every, ctx.clock)
+    progress = Progress(stage, sc.steps, ts.step, ctx.d.main, sc.log_every, ctx.clock, bar=ctx.bars)
     model.train()
     t0 = time.perf_counter()
     while ts.step < sc.steps:

@@ -3,8 +3,10 @@ table (segcft/train/stages.py) in one resumable run folder (docs/design.md, "Run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from segcft.objectives.modes import check_mode, objective_needs
 from segcft.protocols import GUIDES
 from segcft.run import RunDir
 from segcft.train.context import StageContext, set_cpu_threads
+from segcft.train.lanes import Lane, lanes_possible, plan_waves, run_lanes
 from segcft.train.progress import RunClock
 from segcft.train.stages import EPS_SAMPLES, stage_entry, stage_names
 
@@ -220,23 +223,54 @@ def _prepare(ctx: StageContext, only: list[str] | None, from_stage: str | None) 
 
 
 def _run_stages(ctx: StageContext, stages: list[str]) -> dict[str, Any]:
-    """Run every stage that is not complete, in table order; returns the evaluation's metrics
-    (empty when evaluation did not run now)."""
+    """Run every stage that is not complete, in table order, side by side where the lane plan
+    says so (segcft/train/lanes.py); returns the evaluation's metrics (empty when evaluation did
+    not run now)."""
     result: dict[str, Any] = {}
-    ctx.clock = RunClock(ctx.cfg, [s for s in stages if not ctx.run.done(s)], ctx.d.main, EPS_SAMPLES)
-    for stage in stages:
-        if ctx.run.done(stage):
+    threads = torch.get_num_threads()
+    lanes = ctx.cfg.cpu_lanes if lanes_possible(ctx) else 1
+    waves = [
+        [Lane(lane.threads, tuple(s for s in lane.stages if s in stages)) for lane in wave]
+        for wave in plan_waves(ctx.cfg, stage_names(ctx.cfg), threads, lanes)
+    ]
+    todo = [s for s in stages if not ctx.run.done(s)]
+    ctx.clock = RunClock(ctx.cfg, todo, ctx.d.main, EPS_SAMPLES, waves)
+    for wave in waves:
+        for stage in (s for lane in wave for s in lane.stages if ctx.run.done(s)):
             if ctx.d.main:
                 print(f"[{stage}] done (checkpoint exists), skipped", flush=True)
+        busy = [lane for lane in wave if any(s in todo for s in lane.stages)]
+        ctx.clock.start_wave()
+        if len(busy) > 1:
+            run_lanes(ctx, busy)
+            ctx.curves()
             continue
-        t0 = time.perf_counter()
-        out = stage_entry(ctx.cfg, stage).run(ctx, stage)
-        if isinstance(out, dict):
-            result = out
-        ctx.curves()
-        if ctx.d.main:
-            print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
+        for lane in busy:
+            with _threads(lane.threads):
+                for stage in lane.stages:
+                    if stage not in todo:
+                        continue
+                    t0 = time.perf_counter()
+                    out = stage_entry(ctx.cfg, stage).run(ctx, stage)
+                    if isinstance(out, dict):
+                        result = out
+                    ctx.curves()
+                    if ctx.d.main:
+                        print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` (a lane's share, also when it trains alone) for the block."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def run_training(

@@ -53,43 +53,86 @@ def stage_units(cfg: Any, stage: str, eps_samples: int) -> tuple[float, float]:
     return units + (EPS_COST * eps_samples if stage == "generator" else 0.0), 0.0
 
 
+LANE_SLOWDOWN_EXPONENT = 0.6
+"""A stage trained in a lane with t of the run's T threads takes (T / t) ** this times as long as
+with all of them (2 cores: 1.5-1.6 x for fine-tuning and the segmentors; benchmarks/RESULTS.md)."""
+
+
 class RunClock:
     """Estimates the wall time of this invocation from the step rate of the first image stage
     that trains: each later stage costs its units (:func:`stage_units`) at the seconds per unit
-    that stage showed. Prints ``estimated total time: ~M min`` once (rank 0)."""
+    that stage showed, scaled to its lane's threads; stages that train side by side
+    (``waves``, segcft/train/lanes.py) cost the longest of their lanes. Prints
+    ``estimated total time: ~M min`` once (rank 0)."""
 
-    def __init__(self, cfg: Any, stages: list[str], enabled: bool, eps_samples: int) -> None:
+    def __init__(
+        self, cfg: Any, stages: list[str], enabled: bool, eps_samples: int, waves: list[list[Any]] | None = None
+    ) -> None:
         self.cfg, self.stages, self.enabled, self.eps_samples = cfg, list(stages), enabled, eps_samples
+        # lanes as (threads, stages) of the stages to run; without a plan, one after another
+        self.waves: list[list[tuple[int, list[str]]]] = [
+            [(lane.threads, [s for s in lane.stages if s in self.stages]) for lane in wave] for wave in waves or []
+        ] or [[(1, [s])] for s in self.stages]
+        self.waves = [[lane for lane in wave if lane[1]] for wave in self.waves]
+        self.waves = [wave for wave in self.waves if wave]
+        self.threads = max((lane[0] for wave in self.waves for lane in wave), default=1)
         self.t0 = time.perf_counter()
+        self.wave_t0 = self.t0
         self.estimate: float | None = None
         self._mark: tuple[int, float] | None = None
 
-    def observe(self, stage: str, step: int, start: int, total: int, stage_t0: float) -> None:
+    def start_wave(self) -> None:
+        """Called when the next wave of stages starts."""
+        self.wave_t0 = time.perf_counter()
+
+    def observe(self, stage: str, step: int, start: int, total: int, stage_t0: float, now: float | None = None) -> None:
         """Called after every training step of ``stage`` (steps ``start``..``total``; the
-        stage's loop started at ``stage_t0``)."""
+        stage's loop started at ``stage_t0``; ``now`` is the step's perf_counter time when it
+        was taken in another process)."""
         if self.estimate is not None or stage == "mechanisms" or stage not in self.stages:
             return
         if _schedule(self.cfg, stage) is None:
             return
+        now = time.perf_counter() if now is None else now
         warm = min(ESTIMATE_WARMUP, (total - start) // 2)
         if self._mark is None or self._mark[0] < start:
             self._mark = (start, stage_t0)
         if step == start + warm:
-            self._mark = (step, time.perf_counter())
+            self._mark = (step, now)
         if step >= min(start + warm + ESTIMATE_STEPS, total) and step > self._mark[0]:
-            per_step = (time.perf_counter() - self._mark[1]) / (step - self._mark[0])
-            self._report(stage, per_step, total - step)
+            per_step = (now - self._mark[1]) / (step - self._mark[0])
+            self._report(stage, per_step, total - step, now)
 
-    def _report(self, stage: str, per_step: float, steps_left: int) -> None:
+    def _slowdown(self, threads: int) -> float:
+        return (self.threads / max(threads, 1)) ** LANE_SLOWDOWN_EXPONENT
+
+    def _report(self, stage: str, per_step: float, steps_left: int, now: float) -> None:
         sc = _schedule(self.cfg, stage)
-        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size)
+        w = next(i for i, wave in enumerate(self.waves) if any(stage in lane[1] for lane in wave))
+        threads = next(lane[0] for lane in self.waves[w] if stage in lane[1])
+        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size) / self._slowdown(threads)
         remaining = {stage: per_step * steps_left}
         if stage == "generator":
-            remaining[stage] += EPS_COST * self.eps_samples * unit_s
-        for s in self.stages[self.stages.index(stage) + 1 :]:
-            units, fixed = stage_units(self.cfg, s, self.eps_samples)
-            remaining[s] = units * unit_s + fixed
-        self.estimate = time.perf_counter() - self.t0 + sum(remaining.values())
+            remaining[stage] += EPS_COST * self.eps_samples * unit_s * self._slowdown(threads)
+        total = 0.0
+        for i, wave in enumerate(self.waves[w:]):
+            lane_s = []
+            for lane_threads, lane_stages in wave:
+                seconds = 0.0
+                after = i > 0 or stage not in lane_stages
+                for s in lane_stages:
+                    if s == stage:
+                        seconds += remaining[s]
+                        after = True
+                    elif after:
+                        units, fixed = stage_units(self.cfg, s, self.eps_samples)
+                        remaining[s] = units * unit_s * self._slowdown(lane_threads) + fixed
+                        seconds += remaining[s]
+                if i == 0 and stage not in lane_stages:  # a lane running beside the timed stage
+                    seconds = max(seconds - (now - self.wave_t0), 0.0)
+                lane_s.append(seconds)
+            total += max(lane_s)
+        self.estimate = now - self.t0 + total
         if self.enabled:
             parts = ", ".join(f"{s} {v / 60:.1f}" for s, v in remaining.items())
             print(
@@ -100,17 +143,24 @@ class RunClock:
 
 
 class Progress:
-    """tqdm bar on a terminal (rank 0), a log line every ``every`` steps otherwise; feeds the
-    run's ``clock`` when given."""
+    """tqdm bar on a terminal (rank 0, unless ``bar`` is off), a log line every ``every`` steps
+    otherwise; feeds the run's ``clock`` when given."""
 
     def __init__(
-        self, stage: str, total: int, start: int, enabled: bool, every: int, clock: RunClock | None = None
+        self,
+        stage: str,
+        total: int,
+        start: int,
+        enabled: bool,
+        every: int,
+        clock: RunClock | None = None,
+        bar: bool = True,
     ) -> None:
         self.stage, self.total, self.every, self.enabled = stage, total, max(every, 1), enabled
         self.clock = clock
         self.bar: Any = None
         self.t0, self.s0 = time.perf_counter(), start
-        if enabled and sys.stderr.isatty():
+        if enabled and bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)

@@ -205,13 +205,16 @@ class Stage:
     """One entry of the stage table. ``name`` is what ``--only`` and ``--from-stage`` accept;
     ``instances(cfg)`` gives the concrete stages it runs as in a run (default: just ``name``);
     ``requires(cfg, stage)`` the stages whose final checkpoints the concrete ``stage`` reads;
-    ``run(ctx, stage)`` trains it and writes what ``produces`` says."""
+    ``run(ctx, stage)`` trains it and writes what ``produces`` says. Neighbouring stages that
+    are ``side_by_side`` do not read each other's results: on the CPU they may train at the
+    same time in separate processes (segcft/train/lanes.py)."""
 
     name: str
     produces: str
     run: Callable[[StageContext, str], Any]
     requires: Callable[[Any, str], tuple[str, ...]] = lambda cfg, stage: ()
     instances: Callable[[Any], list[str]] | None = None
+    side_by_side: bool = False
 
     def concrete(self, cfg: Any) -> list[str]:
         """The concrete stages of this entry in the run of ``cfg``, in order."""
@@ -223,24 +226,32 @@ def _cft_requires(cfg: Any, stage: str) -> tuple[str, ...]:
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage("mechanisms", "checkpoints/mechanisms.pt (ParentSCM weights, final nll)", stage_mechanisms),
+    Stage(
+        "mechanisms",
+        "checkpoints/mechanisms.pt (ParentSCM weights, final nll)",
+        stage_mechanisms,
+        side_by_side=True,
+    ),
     Stage(
         "segmentor",
         "checkpoints/segmentor.pt (the guide: weights, seed or source)",
         stage_segmentor,
         instances=lambda cfg: ["segmentor"] if cfg.segmentor.name else [],
+        side_by_side=True,
     ),
     Stage(
         "eval_segmentor",
         "checkpoints/eval_segmentor.pt (weights, seed)",
         stage_segmentor,
         instances=lambda cfg: ["eval_segmentor"] if cfg.segmentor.name else [],
+        side_by_side=True,
     ),
     Stage(
         "regressor",
         "checkpoints/regressor.pt (weights)",
         stage_regressor,
         instances=lambda cfg: ["regressor"] if cfg.regressor.name else [],
+        side_by_side=True,
     ),
     Stage("generator", "checkpoints/generator.pt (weights, eps)", stage_generator),
     Stage(
@@ -249,6 +260,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         stage_cft,
         requires=_cft_requires,
         instances=lambda cfg: [f"cft-{m}" for m in cfg.cft.modes if m != "none"],
+        side_by_side=True,
     ),
     Stage(
         "evaluate",
