@@ -77,10 +77,10 @@ def test_estimate_of_stages_side_by_side_takes_the_longest_lane(monkeypatch, cap
         clock.observe("segmentor", step, 0, 100, 0.0)
         if clock.estimate is not None:
             break
-    slow = 2 ** progress.LANE_SLOWDOWN_EXPONENT
+    slow, slow_reg = progress.LANE_SLOWDOWN["segmentor"], progress.LANE_SLOWDOWN["regressor"]
     unit_s = per_step / (SAMPLE_COST["segmentor"] * 16) / slow  # at both threads
     segmentor_left = per_step * (100 - step)
-    regressor_left = unit_s * slow * SAMPLE_COST["regressor"] * 50 * 16 - clock_time.now
+    regressor_left = unit_s * slow_reg * SAMPLE_COST["regressor"] * 50 * 16 - clock_time.now
     generator = unit_s * SAMPLE_COST["generator"] * 200 * 16
     expected = clock_time.now + max(segmentor_left, regressor_left) + generator
     assert clock.estimate == pytest.approx(expected)
@@ -90,6 +90,7 @@ def test_estimate_of_stages_side_by_side_takes_the_longest_lane(monkeypatch, cap
     for step in range(1, 101):
         clock2.observe("segmentor", step, 0, 100, 0.0, now=step * per_step)
     assert clock2.estimate == pytest.approx(100 * per_step + unit_s * slow * SAMPLE_COST["generator"] * 200 * 16)
+    assert progress.lane_slowdown("cft-seg", 1, 4) == pytest.approx(progress.LANE_SLOWDOWN["cft"] ** 2)
 
 
 def test_estimate_of_a_stage_shorter_than_the_timed_steps(capsys):

@@ -3,21 +3,23 @@ run's time estimate, printed once the first image stage has timed a few steps.""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
 
-__all__ = ["Progress", "RunClock", "stage_units"]
+__all__ = ["Progress", "RunClock", "lane_slowdown", "stage_units"]
 
-SAMPLE_COST = {"segmentor": 0.2, "eval_segmentor": 0.2, "regressor": 0.2, "generator": 1.0, "cft": 1.6}
+SAMPLE_COST = {"segmentor": 0.17, "eval_segmentor": 0.17, "regressor": 0.23, "generator": 1.0, "cft": 1.76}
 """Cost of one training sample of each stage relative to one generator sample, data reading
-included (the quick preset's stage times in 2D, benchmarks/RESULTS.md, Training; fine-tuning
-is up to 40 % dearer in 3D)."""
+and the segmentors' quality gate included (the quick preset's stage times in 2D, trained one
+after another with 2 threads, benchmarks/RESULTS.md, "Stages side by side"; fine-tuning is up
+to 40 % dearer in 3D)."""
 
 EPS_COST = 0.3
 """Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
 
-EVAL_COST = 9.0
+EVAL_COST = 12.0
 """Cost of evaluating one test sample in one mode in generator samples."""
 
 MECHANISMS_STEP_S = 0.005
@@ -53,9 +55,17 @@ def stage_units(cfg: Any, stage: str, eps_samples: int) -> tuple[float, float]:
     return units + (EPS_COST * eps_samples if stage == "generator" else 0.0), 0.0
 
 
-LANE_SLOWDOWN_EXPONENT = 0.6
-"""A stage trained in a lane with t of the run's T threads takes (T / t) ** this times as long as
-with all of them (2 cores: 1.5-1.6 x for fine-tuning and the segmentors; benchmarks/RESULTS.md)."""
+LANE_SLOWDOWN = {"segmentor": 1.3, "eval_segmentor": 1.3, "regressor": 1.3, "cft": 1.4}
+"""How much longer a stage takes with half the threads in a lane beside another than alone with
+all of them (2 cores: segmentors 1.2-1.4 x, regressor 1.3 x, fine-tuning 1.4 x;
+benchmarks/RESULTS.md, "Stages side by side"); t of T threads cost (T / t) ** log2(this)."""
+
+
+def lane_slowdown(stage: str, threads: int, of: int) -> float:
+    """Time factor of ``stage`` trained with ``threads`` of the run's ``of`` threads."""
+    if threads >= of:
+        return 1.0
+    return (of / max(threads, 1)) ** math.log2(LANE_SLOWDOWN.get(_kind(stage), 1.5))
 
 
 class RunClock:
@@ -103,17 +113,17 @@ class RunClock:
             per_step = (now - self._mark[1]) / (step - self._mark[0])
             self._report(stage, per_step, total - step, now)
 
-    def _slowdown(self, threads: int) -> float:
-        return (self.threads / max(threads, 1)) ** LANE_SLOWDOWN_EXPONENT
+    def _slowdown(self, stage: str, threads: int) -> float:
+        return lane_slowdown(stage, threads, self.threads)
 
     def _report(self, stage: str, per_step: float, steps_left: int, now: float) -> None:
         sc = _schedule(self.cfg, stage)
         w = next(i for i, wave in enumerate(self.waves) if any(stage in lane[1] for lane in wave))
         threads = next(lane[0] for lane in self.waves[w] if stage in lane[1])
-        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size) / self._slowdown(threads)
+        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size) / self._slowdown(stage, threads)
         remaining = {stage: per_step * steps_left}
         if stage == "generator":
-            remaining[stage] += EPS_COST * self.eps_samples * unit_s * self._slowdown(threads)
+            remaining[stage] += EPS_COST * self.eps_samples * unit_s * self._slowdown(stage, threads)
         total = 0.0
         for i, wave in enumerate(self.waves[w:]):
             lane_s = []
@@ -126,7 +136,7 @@ class RunClock:
                         after = True
                     elif after:
                         units, fixed = stage_units(self.cfg, s, self.eps_samples)
-                        remaining[s] = units * unit_s * self._slowdown(lane_threads) + fixed
+                        remaining[s] = units * unit_s * self._slowdown(s, lane_threads) + fixed
                         seconds += remaining[s]
                 if i == 0 and stage not in lane_stages:  # a lane running beside the timed stage
                     seconds = max(seconds - (now - self.wave_t0), 0.0)
