@@ -252,3 +252,31 @@ def test_stopped_gate_resumed_with_warn_equals_a_straight_run(tmp_path, capsys):
     assert not list(ckpt.glob("*.last.pt"))
     gates = [json.loads((d / "gates.json").read_text())["segmentor"] for d in (stopped, straight)]
     assert gates[0] == gates[1] and gates[0]["status"] == "not learned"
+
+
+@pytest.mark.timeout(120)
+def test_an_imported_segmentor_goes_through_the_gate(tmp_path):
+    """--segmentor-checkpoint with a segmentor that has learned nothing (freshly initialised):
+    measured on the validation split like a trained one, recorded in gates.json with its source,
+    and the run stops with one line naming the file before any later stage trains; with
+    ``gate: warn`` the run goes on."""
+    from segcft.components import build_component, build_dataset
+    from segcft.config import load_run_config
+    from segcft.train import run_training
+    from segcft.train.gate import SegmentorNotLearned
+
+    cfg = load_run_config(None, "smoke", ["train.segmentor.gate_dice=0.7", "train.segmentor.gate_mape=20"])
+    torch.manual_seed(0)
+    info = build_dataset(cfg, "train").info
+    untrained = build_component("segmentor", cfg.segmentor, info)
+    path = tmp_path / "untrained.pt"
+    torch.save({"model": untrained.state_dict()}, path)
+    with pytest.raises(SegmentorNotLearned, match=r"imported from .*untrained\.pt \(--segmentor-checkpoint\) has not"):
+        run_training(cfg, tmp_path / "run", only=["segmentor"], segmentor_checkpoint=path)
+    gate = json.loads((tmp_path / "run" / "gates.json").read_text())["segmentor"]
+    assert gate["status"] == "not learned" and gate["attempts"][0]["source"] == str(path)
+    assert not (tmp_path / "run" / "checkpoints" / "segmentor.pt").exists()
+    warn = load_run_config(None, "smoke", ["train.segmentor.gate_dice=0.7", "train.segmentor.gate=warn"])
+    run_training(warn, tmp_path / "warned", only=["segmentor"], segmentor_checkpoint=path)
+    assert (tmp_path / "warned" / "checkpoints" / "segmentor.pt").exists()
+    assert json.loads((tmp_path / "warned" / "gates.json").read_text())["segmentor"]["status"] == "not learned"

@@ -1,13 +1,15 @@
 """The segmentor quality gate (docs/method.md section 6.6): a trained segmentor is measured per
 structure variable on the validation split; one that has not learned a structure is trained once
 more with another seed and twice the steps, and a run whose segmentor still has not learned it
-stops (or, with ``train.segmentor.gate: warn``, goes on with the structure's numbers marked)."""
+stops (or, with ``train.segmentor.gate: warn``, goes on with the structure's numbers marked). A
+segmentor imported with ``--segmentor-checkpoint`` is measured the same way, without a retry."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from segcft.errors import UserError
 from segcft.evaluation.quality import QUALITY_SAMPLES, not_learned, segmentor_quality
 from segcft.train.context import StageContext
 
-__all__ = ["RETRY_SEED_OFFSET", "SegmentorNotLearned", "gated_segmentor"]
+__all__ = ["RETRY_SEED_OFFSET", "SegmentorNotLearned", "gate_imported", "gated_segmentor"]
 
 RETRY_SEED_OFFSET = 1_000
 """The retry of a segmentor stage with seed s trains with seed s + RETRY_SEED_OFFSET."""
@@ -56,28 +58,77 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
         quality = _measure(ctx, model, val)
         attempts.append({"seed": seed, "steps": 2 * sc.steps, "quality": _clean(quality)})
         bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
+    _decide(
+        ctx,
+        stage,
+        quality,
+        bad,
+        attempts,
+        len(val),
+        f"segmentor {stage!r} has not learned {_words(quality, bad)} on the validation split, also after a "
+        f"retry with seed {seed} and {2 * sc.steps} steps",
+        "train longer or fix the data",
+    )
+    return model, seed
+
+
+def gate_imported(ctx: StageContext, stage: str, model: nn.Module, source: Path) -> None:
+    """The quality gate of a segmentor imported with ``--segmentor-checkpoint``: measured like a
+    trained one and recorded in gates.json, but not retrained; one that has not learned a
+    structure stops the run (or, with ``train.segmentor.gate: warn``, is used with its numbers
+    marked)."""
+    sc: SegmentorStageConfig = ctx.cfg.train.segmentor
+    val = build_dataset(ctx.cfg, "val")
+    if len(val) == 0 or val[0].get("mask") is None:
+        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split is empty or has no masks"})
+        return
+    quality = _measure(ctx, model, val)
+    bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
+    attempts = [{"source": str(source), "quality": _clean(quality)}]
+    _decide(
+        ctx,
+        stage,
+        quality,
+        bad,
+        attempts,
+        len(val),
+        f"the segmentor imported from {source} (--segmentor-checkpoint) has not learned {_words(quality, bad)} "
+        "on this run's validation split",
+        "import one that has, or train one (leave out --segmentor-checkpoint)",
+    )
+
+
+def _decide(
+    ctx: StageContext,
+    stage: str,
+    quality: dict[str, dict[str, float]],
+    bad: list[str],
+    attempts: list[dict[str, Any]],
+    val_size: int,
+    failure: str,
+    remedy: str,
+) -> None:
+    """Record the gate of ``stage`` in gates.json; a segmentor that has not learned a structure
+    stops the run (``gate: stop``) or is warned about (``gate: warn``)."""
+    sc: SegmentorStageConfig = ctx.cfg.train.segmentor
     active = sc.gate_dice > 0 or sc.gate_mape > 0
     record = {
         "status": "not learned" if bad else "passed" if active else "off",
         "not_learned": bad,
         "thresholds": {"dice": sc.gate_dice, "mape": sc.gate_mape},
         "split": "val",
-        "samples": min(len(val), QUALITY_SAMPLES),
+        "samples": min(val_size, QUALITY_SAMPLES),
         "attempts": attempts,
         "floors": {name: _finite(q["mape"]) for name, q in quality.items()},
     }
     _record(ctx, stage, record)
-    if bad:
-        message = (
-            f"segmentor {stage!r} has not learned {_words(quality, bad)} on the validation split, also after a "
-            f"retry with seed {seed} and {2 * sc.steps} steps (thresholds: Dice >= {sc.gate_dice:.2f}, soft-area "
-            f"MAPE <= {sc.gate_mape:.1f} %)"
-        )
-        if sc.gate == "stop":
-            raise SegmentorNotLearned(f"{message}; train longer or fix the data, or --set train.segmentor.gate=warn")
-        if ctx.d.main:
-            print(f"warning: {message}; going on (train.segmentor.gate=warn), its numbers marked", flush=True)
-    return model, seed
+    if not bad:
+        return
+    message = f"{failure} (thresholds: Dice >= {sc.gate_dice:.2f}, soft-area MAPE <= {sc.gate_mape:.1f} %)"
+    if sc.gate == "stop":
+        raise SegmentorNotLearned(f"{message}; {remedy}, or --set train.segmentor.gate=warn")
+    if ctx.d.main:
+        print(f"warning: {message}; going on (train.segmentor.gate=warn), its numbers marked", flush=True)
 
 
 def _measure(ctx: StageContext, model: nn.Module, val: Any) -> dict[str, dict[str, float]]:

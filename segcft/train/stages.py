@@ -19,7 +19,7 @@ from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
 from segcft.run import generator_state
 from segcft.train.context import StageContext
-from segcft.train.gate import gated_segmentor
+from segcft.train.gate import gate_imported, gated_segmentor
 from segcft.train.loop import fit
 from segcft.train.losses import CFTLoss, GeneratorLoss, MechanismsLoss, RegressorLoss, SegmentorLoss
 
@@ -89,8 +89,12 @@ def _training_parents(ctx: StageContext) -> torch.Tensor:
 def stage_segmentor(ctx: StageContext, stage: str) -> None:
     """The guide (``segmentor``, seed s, or the imported ``--segmentor-checkpoint``) and the
     evaluation segmentor (``eval_segmentor``, seed s+1), each through the quality gate (a retry
-    with seed + RETRY_SEED_OFFSET and twice the steps when a structure is not learned)."""
-    if stage == "segmentor" and ctx.segmentor_import is not None:
+    with seed + RETRY_SEED_OFFSET and twice the steps when a structure is not learned; an
+    imported guide is measured, not retrained)."""
+    if stage == "segmentor" and ctx.segmentor_import is not None and ctx.segmentor_checkpoint is not None:
+        imported = build_component("segmentor", ctx.cfg.segmentor, ctx.info)
+        imported.load_state_dict(ctx.segmentor_import)  # checked against the plugin by validation
+        gate_imported(ctx, stage, imported.to(ctx.device).eval(), ctx.segmentor_checkpoint)
         ctx.save_final(stage, {"model": ctx.segmentor_import, "source": str(ctx.segmentor_checkpoint)})
         return
 
