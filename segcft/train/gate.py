@@ -39,9 +39,8 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
     seed, and records the gate (thresholds, every attempt's quality, the floors) in gates.json."""
     sc: SegmentorStageConfig = ctx.cfg.train.segmentor
     model = train(stage, seed, sc)
-    val = build_dataset(ctx.cfg, "val")
-    if len(val) == 0 or val[0].get("mask") is None:
-        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split is empty or has no masks"})
+    val = _validation_split(ctx, stage)
+    if val is None:
         return model, seed
     quality = _measure(ctx, model, val)
     attempts = [{"seed": seed, "steps": sc.steps, "quality": _clean(quality)}]
@@ -58,17 +57,11 @@ def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> t
         quality = _measure(ctx, model, val)
         attempts.append({"seed": seed, "steps": 2 * sc.steps, "quality": _clean(quality)})
         bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
-    _decide(
-        ctx,
-        stage,
-        quality,
-        bad,
-        attempts,
-        len(val),
+    failure = (
         f"segmentor {stage!r} has not learned {_words(quality, bad)} on the validation split, also after a "
-        f"retry with seed {seed} and {2 * sc.steps} steps",
-        "train longer or fix the data",
+        f"retry with seed {seed} and {2 * sc.steps} steps"
     )
+    _decide(ctx, stage, quality, attempts, len(val), failure, remedy="train longer or fix the data")
     return model, seed
 
 
@@ -78,39 +71,51 @@ def gate_imported(ctx: StageContext, stage: str, model: nn.Module, source: Path)
     structure stops the run (or, with ``train.segmentor.gate: warn``, is used with its numbers
     marked)."""
     sc: SegmentorStageConfig = ctx.cfg.train.segmentor
-    val = build_dataset(ctx.cfg, "val")
-    if len(val) == 0 or val[0].get("mask") is None:
-        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split is empty or has no masks"})
+    val = _validation_split(ctx, stage)
+    if val is None:
         return
     quality = _measure(ctx, model, val)
     bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
+    failure = (
+        f"the segmentor imported from {source} (--segmentor-checkpoint) has not learned {_words(quality, bad)} "
+        "on this run's validation split"
+    )
     attempts = [{"source": str(source), "quality": _clean(quality)}]
     _decide(
         ctx,
         stage,
         quality,
-        bad,
         attempts,
         len(val),
-        f"the segmentor imported from {source} (--segmentor-checkpoint) has not learned {_words(quality, bad)} "
-        "on this run's validation split",
-        "import one that has, or train one (leave out --segmentor-checkpoint)",
+        failure,
+        remedy="import one that has, or train one (leave out --segmentor-checkpoint)",
     )
+
+
+def _validation_split(ctx: StageContext, stage: str) -> Any:
+    """The validation split the gate measures on; None (and the gate recorded as unchecked)
+    when it is empty or has no masks."""
+    val = build_dataset(ctx.cfg, "val")
+    if len(val) == 0 or val[0].get("mask") is None:
+        _record(ctx, stage, {"status": "unchecked", "reason": "the validation split is empty or has no masks"})
+        return None
+    return val
 
 
 def _decide(
     ctx: StageContext,
     stage: str,
     quality: dict[str, dict[str, float]],
-    bad: list[str],
     attempts: list[dict[str, Any]],
     val_size: int,
     failure: str,
     remedy: str,
 ) -> None:
     """Record the gate of ``stage`` in gates.json; a segmentor that has not learned a structure
-    stops the run (``gate: stop``) or is warned about (``gate: warn``)."""
+    (``failure``: what happened, ``remedy``: what to do) stops the run (``gate: stop``) or is
+    warned about (``gate: warn``)."""
     sc: SegmentorStageConfig = ctx.cfg.train.segmentor
+    bad = not_learned(quality, sc.gate_dice, sc.gate_mape)
     active = sc.gate_dice > 0 or sc.gate_mape > 0
     record = {
         "status": "not learned" if bad else "passed" if active else "off",

@@ -27,8 +27,8 @@ from segcft.distributed import Dist
 from segcft.errors import UserError
 from segcft.run import RunDir
 from segcft.train.context import StageContext
-from segcft.train.progress import stage_units
-from segcft.train.stages import EPS_SAMPLES, stage_entry
+from segcft.train.progress import ESTIMATE_STEPS, ESTIMATE_WARMUP, stage_units
+from segcft.train.stages import EPS_SAMPLES, run_stage, stage_entry
 
 __all__ = ["Lane", "plan_waves", "run_lanes"]
 
@@ -145,7 +145,7 @@ def run_lanes(ctx: StageContext, lanes: list[Lane]) -> None:
             _handle(ctx, message, finished, lanes)
     finally:
         for p in procs:
-            if p.is_alive() and p.pid is not None and len(finished) < len(procs):
+            if p.is_alive() and len(finished) < len(procs):
                 p.terminate()
         for p in procs:
             p.join()
@@ -211,8 +211,10 @@ class _RelayLog:
 
 
 class _RelayClock:
-    """The RunClock of a lane: step times go to the main process's clock. A lane whose main
-    process is gone (killed) stops instead of training on for nobody."""
+    """The RunClock of a lane: the steps that the main process's clock times (each stage's
+    first ``ESTIMATE_WARMUP + ESTIMATE_STEPS``) go to it, the rest of the training step stays
+    free of messages. A lane whose main process is gone (killed) stops instead of training on
+    for nobody."""
 
     def __init__(self, channel: Any, parent: int) -> None:
         self.channel, self.parent = channel, parent
@@ -220,7 +222,8 @@ class _RelayClock:
     def observe(self, stage: str, step: int, start: int, total: int, stage_t0: float) -> None:
         if os.getppid() != self.parent:
             os._exit(3)
-        self.channel.put(("step", stage, step, start, total, stage_t0, time.perf_counter()))
+        if step <= start + ESTIMATE_WARMUP + ESTIMATE_STEPS:
+            self.channel.put(("step", stage, step, start, total, stage_t0, time.perf_counter()))
 
 
 def _lane_main(job: _LaneJob, channel: Any) -> None:
@@ -235,11 +238,8 @@ def _lane_main(job: _LaneJob, channel: Any) -> None:
         ctx.segmentor_checkpoint, ctx.segmentor_import = job.segmentor_checkpoint, job.segmentor_import
         ctx.clock = _RelayClock(channel, parent)  # type: ignore[assignment]  # the same observe()
         for stage in job.stages:
-            if ctx.run.done(stage):
-                continue
-            t0 = time.perf_counter()
-            stage_entry(job.cfg, stage).run(ctx, stage)
-            print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
+            if not ctx.run.done(stage):
+                run_stage(ctx, stage)
         channel.put(("done", job.index))
     except BaseException as error:  # every failure, interrupts included, is reported to the main process
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from segcft.run import RunDir
 from segcft.train.context import StageContext, set_cpu_threads
 from segcft.train.lanes import Lane, lanes_possible, plan_waves, run_lanes
 from segcft.train.progress import RunClock
-from segcft.train.stages import EPS_SAMPLES, stage_entry, stage_names
+from segcft.train.stages import EPS_SAMPLES, run_stage, stage_entry, stage_names
 
 __all__ = ["run_training"]
 
@@ -250,13 +249,10 @@ def _run_stages(ctx: StageContext, stages: list[str]) -> dict[str, Any]:
                 for stage in lane.stages:
                     if stage not in todo:
                         continue
-                    t0 = time.perf_counter()
-                    out = stage_entry(ctx.cfg, stage).run(ctx, stage)
+                    out = run_stage(ctx, stage)
                     if isinstance(out, dict):
                         result = out
                     ctx.curves()
-                    if ctx.d.main:
-                        print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
     return result
 
 

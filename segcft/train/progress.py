@@ -79,12 +79,13 @@ class RunClock:
         self, cfg: Any, stages: list[str], enabled: bool, eps_samples: int, waves: list[list[Any]] | None = None
     ) -> None:
         self.cfg, self.stages, self.enabled, self.eps_samples = cfg, list(stages), enabled, eps_samples
-        # lanes as (threads, stages) of the stages to run; without a plan, one after another
-        self.waves: list[list[tuple[int, list[str]]]] = [
-            [(lane.threads, [s for s in lane.stages if s in self.stages]) for lane in wave] for wave in waves or []
-        ] or [[(1, [s])] for s in self.stages]
-        self.waves = [[lane for lane in wave if lane[1]] for wave in self.waves]
-        self.waves = [wave for wave in self.waves if wave]
+        # lanes as (threads, stages to run), empty ones left out; without a plan, one after another
+        self.waves: list[list[tuple[int, list[str]]]] = []
+        plan = [[(lane.threads, lane.stages) for lane in wave] for wave in waves or []]
+        for wave in plan or [[(1, (s,))] for s in self.stages]:
+            lanes = [(threads, [s for s in stages if s in self.stages]) for threads, stages in wave]
+            if any(run for _, run in lanes):
+                self.waves.append([lane for lane in lanes if lane[1]])
         self.threads = max((lane[0] for wave in self.waves for lane in wave), default=1)
         self.t0 = time.perf_counter()
         self.wave_t0 = self.t0

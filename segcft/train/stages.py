@@ -4,6 +4,7 @@ order; adding a stage is one entry (and its run function)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from segcft.train.gate import gate_imported, gated_segmentor
 from segcft.train.loop import fit
 from segcft.train.losses import CFTLoss, GeneratorLoss, MechanismsLoss, RegressorLoss, SegmentorLoss
 
-__all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "stage_entry", "stage_names"]
+__all__ = ["EPS_SAMPLES", "STAGES", "STAGE_TABLE", "Stage", "run_stage", "stage_entry", "stage_names"]
 
 EPS_SAMPLES = 512
 """eps is the mean nelbo over (a seeded subset of at most this many samples of) the training split."""
@@ -201,6 +202,15 @@ def stage_evaluate(ctx: StageContext, stage: str) -> dict[str, Any]:
         result = evaluate_run(ctx.run.root, split=ev.split, n=ev.n)
     ctx.d.barrier()
     return result
+
+
+def run_stage(ctx: StageContext, stage: str) -> Any:
+    """Train the concrete ``stage`` and print its wall time (rank 0); returns what it returns."""
+    t0 = time.perf_counter()
+    out = stage_entry(ctx.cfg, stage).run(ctx, stage)
+    if ctx.d.main:
+        print(f"[{stage}] finished in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
 
 
 # -- the table --------------------------------------------------------------------------------
