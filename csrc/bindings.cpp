@@ -230,6 +230,17 @@ py::object loss_backward(std::uintptr_t logits_ptr, int dtype, const std::vector
   return region_error(p, id_range);
 }
 
+void gelu_forward(std::uintptr_t x_ptr, std::uintptr_t y_ptr, std::uintptr_t dydx_ptr, int64_t n, int num_threads) {
+  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  if (n == 0) return;
+  check_ptr(x_ptr, "x_ptr");
+  check_ptr(y_ptr, "y_ptr");
+  check_ptr(dydx_ptr, "dydx_ptr");
+  py::gil_scoped_release release;
+  segcft::cpu::gelu_forward(reinterpret_cast<const float*>(x_ptr), reinterpret_cast<float*>(y_ptr),
+                            reinterpret_cast<float*>(dydx_ptr), n, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -254,6 +265,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("area_loss_backward", &loss_backward,
         "dL/dlogits of the area loss for dL/dloss = grad_loss (plus grad_areas on the areas output, "
         "grad_areas_ptr 0 for none); returns None or the error tuples of area_loss_forward.");
+  m.def("gelu_forward", &gelu_forward, py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dydx_ptr"), py::arg("n"),
+        py::arg("num_threads"),
+        "GELU (erf form) of n contiguous float32 values into y, and its derivative into dydx, in one pass.");
   m.def("cpu_isa", &segcft::cpu::active_isa,
         "Instruction set the kernels use on this CPU: avx512, avx2 or scalar (SEGCFT_CPU_ISA lowers it).");
 }

@@ -131,6 +131,8 @@ void soft_area_forward(const Problem& p, void* out, int num_threads, int64_t* id
 // set, also the range of the region ids read (as soft_area_forward). Out-of-range ids get a zero
 // gradient; the caller rejects the result.
 void soft_area_backward(const Problem& p, int num_threads, int64_t* id_range = nullptr);
+// y = GELU(x) (exact, erf form) and dydx = GELU'(x) for n contiguous float32 values.
+void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_threads);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

@@ -35,7 +35,7 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.9),
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its linear warm-up schedule (step the schedule once per applied update)."""
-    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=betas)
+    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=betas, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
     return optimizer, scheduler
 

@@ -28,6 +28,16 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;      // ln 2 = kLn2Hi + kLn2Lo; n * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440e-4f;
 
+// Standard normal CDF by Abramowitz & Stegun 7.1.26 (as erfc(a) = P(t) exp(-a^2), t = 1 / (1 + p a),
+// absolute error under 1.5e-7 in erf): the exp it needs is also the normal density, so GELU and
+// its derivative cost one exp together.
+constexpr float kErfP = 0.3275911f;
+constexpr float kErfA[5] = {0.254829592f, -0.284496736f, 1.421413741f, -1.453152027f, 1.061405429f};
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+// Elements per chunk of the element-wise kernels (fixed, so results never depend on threads).
+constexpr int64_t kElementChunk = 16384;
+
 struct KernelTable {
   const char* name;
   // Bytes of 64-byte-aligned scratch one worker needs for problem p.
@@ -41,6 +51,8 @@ struct KernelTable {
   // also the smallest and largest region id read into id_range[0], id_range[1] (overwritten).
   void (*backward_chunk)(const Problem& p, int64_t b, int64_t begin, int64_t end, int64_t* id_range,
                          void* scratch);
+  // y = GELU(x) = x Phi(x) and dydx = Phi(x) + x phi(x) for n float32 values.
+  void (*gelu_chunk)(const float* x, float* y, float* dydx, int64_t n);
 };
 
 KernelTable scalar_kernels();

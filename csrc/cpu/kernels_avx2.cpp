@@ -22,6 +22,8 @@ struct Vec256 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  // a where x's sign bit is set, else b.
+  static F select_neg(F x, F a, F b) { return _mm256_blendv_ps(b, a, x); }
   static F recip(F x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
 
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
@@ -144,7 +146,8 @@ std::size_t scratch_bytes(const Problem& p) { return scratch_bytes_impl<Vec256>(
 }  // namespace
 
 KernelTable avx2_kernels() {
-  return {"avx2", &scratch_bytes, &forward_chunk_dispatch<Vec256>, &backward_chunk_dispatch<Vec256>};
+  return {"avx2", &scratch_bytes, &forward_chunk_dispatch<Vec256>, &backward_chunk_dispatch<Vec256>,
+          &gelu_chunk_impl<Vec256>};
 }
 
 }  // namespace cpu

@@ -22,6 +22,8 @@ struct Vec512 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  // a where x's sign bit is set, else b.
+  static F select_neg(F x, F a, F b) { return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), b, a); }
 
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
@@ -152,7 +154,8 @@ std::size_t scratch_bytes(const Problem& p) { return scratch_bytes_impl<Vec512>(
 }  // namespace
 
 KernelTable avx512_kernels() {
-  return {"avx512", &scratch_bytes, &forward_chunk_dispatch<Vec512>, &backward_chunk_dispatch<Vec512>};
+  return {"avx512", &scratch_bytes, &forward_chunk_dispatch<Vec512>, &backward_chunk_dispatch<Vec512>,
+          &gelu_chunk_impl<Vec512>};
 }
 
 }  // namespace cpu

@@ -540,3 +540,46 @@ void backward_chunk_dispatch(const Problem& p, int64_t b, int64_t begin, int64_t
     default: return;
   }
 }
+
+// GELU and its derivative for W lanes: a = |x| / sqrt(2), q = 0.5 erfc(a) = Phi(-|x|), so
+// Phi(x) = q for x < 0 and 1 - q otherwise (no cancellation in the left tail). Infinite inputs
+// give NaN, as torch's GELU does.
+template <class V>
+inline void gelu_lanes(typename V::F x, typename V::F& y, typename V::F& d) {
+  using F = typename V::F;
+  const F a = V::mul(V::max(x, V::sub(V::zero(), x)), V::set1(kSqrtHalf));
+  const F t = V::recip(V::fmadd(V::set1(kErfP), a, V::set1(1.0f)));
+  F poly = V::fmadd(V::set1(kErfA[4]), t, V::set1(kErfA[3]));
+  poly = V::fmadd(poly, t, V::set1(kErfA[2]));
+  poly = V::fmadd(poly, t, V::set1(kErfA[1]));
+  poly = V::fmadd(poly, t, V::set1(kErfA[0]));
+  poly = V::mul(poly, t);
+  const F e = V::exp_nonpos(V::mul(V::sub(V::zero(), a), a));  // exp(-x^2 / 2)
+  const F q = V::mul(V::mul(V::set1(0.5f), poly), e);
+  const F cdf = V::select_neg(x, q, V::sub(V::set1(1.0f), q));
+  y = V::mul(x, cdf);
+  d = V::fmadd(V::mul(x, V::set1(kInvSqrt2Pi)), e, cdf);
+}
+
+template <class V>
+void gelu_chunk_impl(const float* x, float* y, float* dydx, int64_t n) {
+  constexpr int W = V::W;
+  int64_t i = 0;
+  typename V::F yv, dv;
+  for (; i + W <= n; i += W) {
+    gelu_lanes<V>(V::template load<DType::Float32>(x + i), yv, dv);
+    V::template store<DType::Float32>(y + i, yv);
+    V::template store<DType::Float32>(dydx + i, dv);
+  }
+  if (i < n) {  // the tail through a padded buffer, so it rounds exactly as full vectors do
+    float xb[W] = {}, yb[W], db[W];
+    for (int64_t k = i; k < n; ++k) xb[k - i] = x[k];
+    gelu_lanes<V>(V::template load<DType::Float32>(xb), yv, dv);
+    V::template store<DType::Float32>(yb, yv);
+    V::template store<DType::Float32>(db, dv);
+    for (int64_t k = i; k < n; ++k) {
+      y[k] = yb[k - i];
+      dydx[k] = db[k - i];
+    }
+  }
+}

@@ -89,6 +89,7 @@ struct Vec1 {
   static F div(F a, F b) { return a / b; }
   static F recip(F x) { return F(1) / x; }
   static F max(F a, F b) { return (std::isnan(a) || a >= b) ? a : b; }
+  static F select_neg(F x, F a, F b) { return std::signbit(x) ? a : b; }
   static F exp(F x) {
     if constexpr (sizeof(F) == sizeof(double)) {
       return std::exp(x);
@@ -178,7 +179,9 @@ void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, int
 
 }  // namespace
 
-KernelTable scalar_kernels() { return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk}; }
+KernelTable scalar_kernels() {
+  return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk, &gelu_chunk_impl<VecF>};
+}
 
 }  // namespace cpu
 }  // namespace segcft

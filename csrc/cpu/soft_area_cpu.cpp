@@ -257,6 +257,19 @@ void soft_area_backward(const Problem& p, int num_threads, int64_t* id_range) {
   }
 }
 
+void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_threads) {
+  if (n <= 0) return;
+  const auto gelu = select_table(DType::Float32).gelu_chunk;
+  const std::size_t num_chunks = static_cast<std::size_t>((n + kElementChunk - 1) / kElementChunk);
+  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), static_cast<int64_t>(num_chunks));
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / kMinElementsPerThread));
+  run_chunks(num_chunks, static_cast<int>(threads), 0, [&](std::size_t i, void*) {
+    const int64_t begin = static_cast<int64_t>(i) * kElementChunk;
+    const int64_t len = std::min(kElementChunk, n - begin);
+    gelu(x + begin, y + begin, dydx + begin, len);
+  });
+}
+
 const char* active_isa() { return select_table(DType::Float32).name; }
 
 }  // namespace cpu

@@ -23,6 +23,7 @@ from torch import nn
 from segcft.errors import ConfigError
 from segcft.models.configs import HVAEConfig
 from segcft.models.hvae_blocks import Block, DecoderBlock, avg_pool, conv, discretised_gaussian_log_prob
+from segcft.ops import gelu
 
 if TYPE_CHECKING:
     from segcft.data.variables import DatasetInfo
@@ -352,7 +353,7 @@ class HVAE(nn.Module):
     def _likelihood(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unclamped loc and floored log-scale (B, 1, *S), computed in float32 under autocast."""
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = F.gelu(h.float())
+            h = gelu(h.float())
             loc = self.head_loc(h)
             logscale = self.head_logscale(h).clamp_min(self.config.x_logscale_min)
         return loc, logscale

@@ -8,10 +8,13 @@ bf16 autocast.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segcft.ops import GELU
 
 LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
@@ -32,6 +35,42 @@ def avg_pool(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
         return x
     pool = F.avg_pool2d if len(factors) == 2 else F.avg_pool3d
     return pool(x, kernel_size=factors, stride=factors)
+
+
+class _SplitDense(torch.autograd.Function):
+    """Channel split into dense copies, whose backward assembles the input gradient in the
+    input's own layout (parts without a gradient contribute zeros)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, sizes: list[int], fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
+        ctx.sizes, ctx.fmt = sizes, fmt
+        return tuple(part.contiguous(memory_format=fmt) for part in t.split(sizes, dim=1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
+        ref = next(g for g in grads if g is not None)
+        shape = (ref.shape[0], sum(ctx.sizes), *ref.shape[2:])
+        out = torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=ctx.fmt)
+        for part, g in zip(out.split(ctx.sizes, dim=1), grads):
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g)
+        return out, None, None
+
+
+def split_dense(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Split ``t`` along channels into parts that are dense in ``t``'s channels-last layout.
+
+    A channel slice of a channels-last tensor is strided: element-wise ops on it run on slow
+    paths and produce gradients in the default layout, which the split's backward would
+    concatenate into a tensor that the convolution backward must convert. Dense copies forward
+    and a gradient assembled in place backward keep the whole pass in one layout. Same values."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is None or t.is_contiguous() or not t.is_contiguous(memory_format=fmt):
+        return tuple(t.split(sizes, dim=1))
+    return tuple(_SplitDense.apply(t, sizes, fmt))
 
 
 def broadcast(v: torch.Tensor, dims: int) -> torch.Tensor:
@@ -71,7 +110,7 @@ class Block(nn.Module):
                 (mid_width, mid_width, kernel),
                 (mid_width, out_width, 1),
             ]
-            self.act: nn.Module = nn.GELU()
+            self.act: nn.Module = GELU()
         elif kind == "light":
             shapes = [(in_width, mid_width, kernel), (mid_width, out_width, kernel)]
             self.act = nn.ReLU()
@@ -200,7 +239,7 @@ class DecoderBlock(nn.Module):
         conditional prior). z comes from, in order: the ``noise`` argument (fixed latents), the
         posterior when ``act`` is given (with kl (B,)), the prior at ``temperature`` otherwise."""
         prior = self.prior(p, pa) if self.conditional else self.prior(p)
-        p_loc, p_logscale, p_feat = prior.split([self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim], dim=1)
+        p_loc, p_logscale, p_feat = split_dense(prior, [self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim])
         kl = None
         if not self.stochastic:
             z = p_loc
@@ -208,7 +247,7 @@ class DecoderBlock(nn.Module):
             z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
         elif act is not None:
             assert self.posterior is not None  # built whenever the block is stochastic
-            q_loc, q_logscale = self.posterior(torch.cat([h, act], dim=1), pa).chunk(2, dim=1)
+            q_loc, q_logscale = split_dense(self.posterior(torch.cat([h, act], dim=1), pa), [self.z_dim, self.z_dim])
             z = q_loc + temperature * torch.exp(q_logscale) * torch.randn_like(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
         else:

@@ -1,4 +1,5 @@
-"""Soft area / soft volume of segmentation logits and the fused Seg-CFT area loss.
+"""Soft area / soft volume of segmentation logits, the fused Seg-CFT area loss, and a GELU whose
+backward is one multiply (`gelu`, `GELU`).
 
 Both run as C++ (segcft._C) and CUDA (segcft._C_cuda) kernels behind torch custom ops
 (`torch.ops.segcft.soft_area`, `torch.ops.segcft.area_loss`), so they work under autograd,
@@ -15,9 +16,11 @@ import torch
 from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
+from segcft.ops._gelu import GELU, gelu
 from segcft.ops._validate import OpTypeError, OpValueError
 
 __all__ = [
+    "GELU",
     "Backend",
     "KernelFallbackWarning",
     "OpTypeError",
@@ -26,6 +29,7 @@ __all__ = [
     "backend_report",
     "cpu_backend",
     "cuda_backend",
+    "gelu",
     "reference",
     "soft_area",
 ]

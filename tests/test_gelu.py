@@ -1,0 +1,132 @@
+"""segcft.ops.gelu: the one-pass GELU kernel and its multiply-only backward against float64,
+on every instruction set, layout and thread count; and the dense channel split of the HVAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcft import ops
+from segcft.models.hvae_blocks import split_dense
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _inputs(n: int = 50_003, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, -9.0, -12.0, 12.0, 0.5, -0.5])
+    return torch.cat([torch.randn(n, generator=g) * 3, torch.linspace(-15, 15, 3001), special])
+
+
+def _gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    y = ops.gelu(x)
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_values_and_derivative_match_float64(isa, monkeypatch):
+    monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
+    x = _inputs()
+    y, d = _gelu_and_grad(x)
+    x64 = x.double()
+    y64 = F.gelu(x64)
+    d64 = torch.ops.aten.gelu_backward(torch.ones_like(x64), x64)
+    scale = x64.abs().clamp_min(1.0)
+    # torch's own float32 GELU is within 4e-7 x max(1, |x|) of float64 on these inputs.
+    assert ((y.double() - y64).abs() / scale).max() < 2.5e-7
+    assert (d.double() - d64).abs().max() < 5e-7
+    torch_d = torch.ops.aten.gelu_backward(torch.ones_like(x), x)
+    torch.testing.assert_close(d, torch_d, rtol=0, atol=5e-7)
+
+
+def test_instruction_sets_agree(monkeypatch):
+    outs = {}
+    for isa in ISAS:
+        monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
+        outs[isa] = _gelu_and_grad(_inputs(seed=3))
+    for isa in ISAS[1:]:
+        torch.testing.assert_close(outs[isa][0], outs["scalar"][0], rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(outs[isa][1], outs["scalar"][1], rtol=2e-6, atol=3e-7)
+
+
+def test_tails_round_like_full_vectors():
+    x = _inputs(n=1000)
+    full_y, full_d = _gelu_and_grad(x[:64])
+    for n in (1, 7, 15, 17, 33, 63):
+        y, d = _gelu_and_grad(x[:n])
+        assert torch.equal(y, full_y[:n]) and torch.equal(d, full_d[:n])
+
+
+def test_layouts_and_strided_inputs_give_the_same_values():
+    x = torch.randn(4, 6, 9, 11, generator=torch.Generator().manual_seed(1))
+    y, d = _gelu_and_grad(x)
+    for variant in (
+        x.contiguous(memory_format=torch.channels_last),
+        x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+    ):
+        vy, vd = _gelu_and_grad(variant)
+        assert torch.equal(vy, y) and torch.equal(vd, d)
+        assert vy.stride() == variant.stride()  # dense inputs keep their layout
+    big = torch.randn(4, 12, 9, 11, generator=torch.Generator().manual_seed(1))
+    sy, sd = _gelu_and_grad(big[:, ::2])  # not dense: copied first
+    ry, rd = _gelu_and_grad(big[:, ::2].contiguous())
+    assert torch.equal(sy, ry) and torch.equal(sd, rd)
+
+
+def test_threads_do_not_change_results():
+    x = torch.randn(300_001, generator=torch.Generator().manual_seed(2))
+    one = _gelu_and_grad(x)
+    torch.set_num_threads(2)
+    try:
+        two = _gelu_and_grad(x)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_other_cases_use_torch_gelu():
+    x = torch.randn(100, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ops.gelu(x), F.gelu(x))  # no gradient wanted
+    x64 = x.double().requires_grad_()
+    assert ops.gelu(x64).grad_fn.name() == "GeluBackward0"
+    xr = x.clone().requires_grad_()
+    assert ops.gelu(xr).grad_fn.name() == "_GELUBackward"
+    with torch.no_grad():
+        assert torch.equal(ops.gelu(xr), F.gelu(x))
+    assert ops.gelu(torch.empty(0, requires_grad=True)).shape == (0,)
+    assert isinstance(ops.GELU()(xr), torch.Tensor)
+
+
+def test_second_derivative_is_refused():
+    x = torch.randn(8, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.gelu(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_split_dense_equals_split(fmt):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 12, 5, 7, generator=g).contiguous(memory_format=fmt)
+    sizes = [4, 4, 4]
+    a = base.clone().requires_grad_()
+    b = base.clone().requires_grad_()
+    parts_a = split_dense(a, sizes)
+    parts_b = b.split(sizes, dim=1)
+    for pa, pb in zip(parts_a, parts_b):
+        assert torch.equal(pa, pb)
+        if fmt == torch.channels_last:
+            assert pa.is_contiguous(memory_format=torch.channels_last)
+    w = [torch.randn(p.shape, generator=g) for p in parts_b]
+    # the middle part takes no gradient: its slot of the input gradient is zero
+    (parts_a[0] * w[0] + parts_a[2] * w[2]).sum().backward()
+    (parts_b[0] * w[0] + parts_b[2] * w[2]).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    if fmt == torch.channels_last:
+        assert a.grad.is_contiguous(memory_format=torch.channels_last)
