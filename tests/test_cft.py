@@ -402,14 +402,14 @@ class SharpSegmentor(nn.Module):
         return torch.cat([-lung, lung, torch.full_like(x, -100.0)], dim=1)
 
 
-def _locality_setup(info, weight: float, radius: int = 1):
+def _locality_setup(info, weight: float, radius: int = 1, band: bool = False):
     from segcft.objectives.configs import SegSettings
     from segcft.objectives.guided import build_seg
     from segcft.objectives.base import ObjectiveContext
 
     seg = SharpSegmentor()
     ctx = ObjectiveContext("seg", info, cfg(), 1.0, seg, None)
-    return build_seg(SegSettings(locality=weight, locality_radius=radius), ctx), seg
+    return build_seg(SegSettings(locality=weight, locality_radius=radius, locality_band=band), ctx), seg
 
 
 def test_locality_penalty_zero_inside_the_mask_positive_outside_no_gradient_into_guide(setup):
@@ -441,6 +441,27 @@ def test_locality_penalty_zero_inside_the_mask_positive_outside_no_gradient_into
     # a subject-level intervention may change the whole image: no locality term
     _, logs = obj.guide_loss(outside, batch["parents"], batch, "age")
     assert logs["locality"] == 0.0
+
+
+def test_locality_band_holds_the_interior_and_frees_the_moving_boundary(setup):
+    """With locality_band the structure's shared interior is penalised like the outside, while
+    the band where the membership changes (and its dilation) stays free."""
+    info = setup[0]
+    x = torch.full((2, 1, S, S), -0.8)
+    x[:, :, 3:10, 3:10] = 0.9  # the lung on x
+    batch = {"image": x, "parents": make_batch(info, b=2)["parents"]}
+    band, _ = _locality_setup(info, weight=1.0, radius=1, band=True)
+    plain, _ = _locality_setup(info, weight=1.0, radius=1)
+    grown = x.clone()
+    grown[:, :, 10:12, 3:10] = 0.9  # the lung grows by two rows: the band moves
+    _, logs = band.guide_loss(grown.clone().requires_grad_(True), batch["parents"], batch, "lung")
+    assert logs["locality"] == 0.0
+    interior = grown.clone()
+    interior[:, :, 5:7, 5:7] = 0.6  # still lung to the guide, but deep inside the shared part
+    _, logs_band = band.guide_loss(interior.clone().requires_grad_(True), batch["parents"], batch, "lung")
+    _, logs_plain = plain.guide_loss(interior.clone().requires_grad_(True), batch["parents"], batch, "lung")
+    assert logs_plain["locality"] == 0.0
+    assert logs_band["locality"] > 0.0
 
 
 def test_locality_settings_are_checked(setup):

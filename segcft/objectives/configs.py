@@ -15,7 +15,7 @@ class NoSettings:
 @dataclass
 class SegSettings:
     """Settings of the segmentor-guided objectives (seg, pos-seg) beyond the ``cft`` section's:
-    the optional locality penalty (docs/method.md section 5.4)."""
+    the optional locality penalty and its region (docs/method.md section 5.4)."""
 
     locality: float = field(
         default=0.0,
@@ -27,4 +27,11 @@ class SegSettings:
     )
     locality_radius: int = field(
         default=2, metadata={"help": "pixels (voxels) the locality masks are dilated by (max-pool radius)", "ge": 0}
+    )
+    locality_band: bool = field(
+        default=False,
+        metadata={
+            "help": "allow changes only in the band between the guide masks of x and x_cf (widened by "
+            "locality_radius), so the structure's interior is held to x as well as the outside"
+        },
     )

@@ -48,6 +48,7 @@ class GuidedObjective(CFTObjective):
         self.terms = terms
         self.locality = float(settings.locality) if terms is not None else 0.0
         self.locality_radius = int(settings.locality_radius)
+        self.locality_band = bool(settings.locality_band)
         self.register_buffer("reg_vars", reg_vars, persistent=False)
 
     def guide_loss(
@@ -79,7 +80,8 @@ class GuidedObjective(CFTObjective):
         self, x_cf: torch.Tensor, x: torch.Tensor, logits_cf: torch.Tensor, intervened: str, changed: torch.Tensor
     ) -> torch.Tensor:
         """The locality penalty when a structure variable is intervened on: |x_cf - x| outside
-        the dilated guide masks of the structures whose terms change, on x and on x_cf. Zero for
+        the dilated guide masks of the structures whose terms change, on x and on x_cf (with
+        ``locality_band``, also inside the interior both share). Zero for
         other interventions (a subject-level variable may change the whole image)."""
         terms, segmentor = self.terms, self.segmentor
         assert terms is not None and segmentor is not None
@@ -89,7 +91,7 @@ class GuidedObjective(CFTObjective):
         with torch.no_grad():
             probs_x = torch.softmax(segmentor(x).float(), dim=1)
         probs_cf = torch.softmax(logits_cf.detach().float(), dim=1)
-        allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius)
+        allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius, self.locality_band)
         return locality_penalty(x_cf, x, allowed)
 
     def _seg_loss(

@@ -10,15 +10,27 @@ __all__ = ["allowed_region", "locality_penalty"]
 
 
 @torch.no_grad()
-def allowed_region(probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list[int], radius: int) -> torch.Tensor:
-    """(B, 1, *S) soft mask of where the image may change: the union (max) of the guide's
-    probabilities of ``classes`` on x and on x_cf, dilated by a max-pool of ``radius``. No
-    gradient: the masks only say where to measure, the guide is not trained through them."""
-    union = torch.cat([probs_x[:, classes], probs_cf[:, classes]], dim=1).amax(1, keepdim=True).float()
-    if radius <= 0:
-        return union
-    pool = F.max_pool2d if union.dim() == 4 else F.max_pool3d
-    return pool(union, kernel_size=2 * radius + 1, stride=1, padding=radius)
+def allowed_region(
+    probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list[int], radius: int, band: bool = False
+) -> torch.Tensor:
+    """(B, 1, *S) soft mask of where the image may change. The structure's membership on each
+    image is the max of the guide's probabilities of ``classes``; the region is their union on x
+    and x_cf, dilated by a max-pool of ``radius``. With ``band``, it is only the band where the
+    membership changes: the union dilated, minus the intersection eroded by ``radius`` (a soft
+    AND: the min of the dilated union and the dilated complement of the intersection), so the
+    interior both images share is held to x too. No gradient: the masks only say where to
+    measure, the guide is not trained through them."""
+    m_x = probs_x[:, classes].amax(1, keepdim=True).float()
+    m_cf = probs_cf[:, classes].amax(1, keepdim=True).float()
+    union = torch.maximum(m_x, m_cf)
+    if radius > 0:
+        pool = F.max_pool2d if union.dim() == 4 else F.max_pool3d
+        grow = lambda t: pool(t, kernel_size=2 * radius + 1, stride=1, padding=radius)  # noqa: E731
+    else:
+        grow = lambda t: t  # noqa: E731
+    if not band:
+        return grow(union)
+    return torch.minimum(grow(union), grow(1.0 - torch.minimum(m_x, m_cf)))
 
 
 def locality_penalty(x_cf: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
