@@ -10,11 +10,13 @@ from typing import Any
 
 __all__ = ["Progress", "RunClock", "lane_slowdown", "stage_units"]
 
-SAMPLE_COST = {"segmentor": 0.17, "eval_segmentor": 0.17, "regressor": 0.23, "generator": 1.0, "cft": 1.76}
+SAMPLE_COST = {"segmentor": 0.19, "eval_segmentor": 0.19, "regressor": 0.26, "generator": 1.0, "cft": 1.76}
 """Cost of one training sample of each stage relative to one generator sample, data reading
 and the segmentors' quality gate included (the quick preset's stage times in 2D, trained one
-after another with 2 threads, benchmarks/RESULTS.md, "Stages side by side"; fine-tuning is up
-to 40 % dearer in 3D)."""
+after another with 2 threads, benchmarks/RESULTS.md, "Stages side by side"; the segmentors' and
+the regressor's raised by 1/0.89 since the one-pass GELU made the HVAE's passes, in the
+generator, fine-tuning and evaluation alike, 11 % cheaper; fine-tuning is up to 40 % dearer in
+3D)."""
 
 EPS_COST = 0.3
 """Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
