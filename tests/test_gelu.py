@@ -41,8 +41,9 @@ def test_values_and_derivative_match_float64(isa, monkeypatch):
     # torch's own float32 GELU is within 4e-7 x max(1, |x|) of float64 on these inputs.
     assert ((y.double() - y64).abs() / scale).max() < 2.5e-7
     assert (d.double() - d64).abs().max() < 5e-7
+    # torch's own derivative is within 3e-7 of float64 here: the two agree to the sum of the bounds
     torch_d = torch.ops.aten.gelu_backward(torch.ones_like(x), x)
-    torch.testing.assert_close(d, torch_d, rtol=0, atol=5e-7)
+    torch.testing.assert_close(d, torch_d, rtol=0, atol=1e-6)
 
 
 def test_instruction_sets_agree(monkeypatch):
@@ -51,8 +52,9 @@ def test_instruction_sets_agree(monkeypatch):
         monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
         outs[isa] = _gelu_and_grad(_inputs(seed=3))
     for isa in ISAS[1:]:
-        torch.testing.assert_close(outs[isa][0], outs["scalar"][0], rtol=2e-6, atol=1e-7)
-        torch.testing.assert_close(outs[isa][1], outs["scalar"][1], rtol=2e-6, atol=3e-7)
+        # each path is within the float64 bounds above, so two paths agree within twice them
+        torch.testing.assert_close(outs[isa][0], outs["scalar"][0], rtol=2e-6, atol=5e-7)
+        torch.testing.assert_close(outs[isa][1], outs["scalar"][1], rtol=0, atol=1e-6)
 
 
 def test_tails_round_like_full_vectors():
@@ -100,7 +102,7 @@ def test_other_cases_use_torch_gelu():
     with torch.no_grad():
         assert torch.equal(ops.gelu(xr), F.gelu(x))
     assert ops.gelu(torch.empty(0, requires_grad=True)).shape == (0,)
-    assert isinstance(ops.GELU()(xr), torch.Tensor)
+    assert ops.GELU()(xr).grad_fn.name() == "_GELUBackward"
 
 
 def test_second_derivative_is_refused():

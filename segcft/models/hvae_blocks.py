@@ -37,6 +37,14 @@ def avg_pool(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     return pool(x, kernel_size=factors, stride=factors)
 
 
+def _channels_last(t: torch.Tensor) -> torch.memory_format | None:
+    """The channels-last format ``t`` is dense in; None for the default layout and any other."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is None or t.is_contiguous() or not t.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
+
+
 class _SplitDense(torch.autograd.Function):
     """Channel split into dense copies, whose backward assembles the input gradient in the
     input's own layout (parts without a gradient contribute zeros)."""
@@ -44,12 +52,15 @@ class _SplitDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, sizes: list[int], fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
         ctx.sizes, ctx.fmt = sizes, fmt
+        ctx.set_materialize_grads(False)  # an unused part's gradient stays None: zeroed in place below
         return tuple(part.contiguous(memory_format=fmt) for part in t.split(sizes, dim=1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
-        ref = next(g for g in grads if g is not None)
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None, None
         shape = (ref.shape[0], sum(ctx.sizes), *ref.shape[2:])
         out = torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=ctx.fmt)
         for part, g in zip(out.split(ctx.sizes, dim=1), grads):
@@ -67,8 +78,8 @@ def split_dense(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     paths and produce gradients in the default layout, which the split's backward would
     concatenate into a tensor that the convolution backward must convert. Dense copies forward
     and a gradient assembled in place backward keep the whole pass in one layout. Same values."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is None or t.is_contiguous() or not t.is_contiguous(memory_format=fmt):
+    fmt = _channels_last(t)
+    if fmt is None:
         return tuple(t.split(sizes, dim=1))
     return tuple(_SplitDense.apply(t, sizes, fmt))
 
@@ -78,10 +89,8 @@ def randn_like_dense(t: torch.Tensor) -> torch.Tensor:
     tensor, where torch's CPU generator takes its vectorised path (about 7x faster than filling
     a channels-last tensor element by element), then laid out as ``t``."""
     eps = torch.randn(t.shape, dtype=t.dtype, device=t.device)
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
-        return eps.contiguous(memory_format=fmt)
-    return eps
+    fmt = _channels_last(t)
+    return eps if fmt is None else eps.contiguous(memory_format=fmt)
 
 
 def broadcast(v: torch.Tensor, dims: int) -> torch.Tensor:
