@@ -27,6 +27,7 @@ VARIANTS = {
     "keep freed memory": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
     ":glibc.malloc.top_pad=67108864",
     "mmap threshold 32 MiB only": "glibc.malloc.mmap_threshold=33554432",
+    "torch THP_MEM_ALLOC_ENABLE=1": "THP",
 }
 
 STEP = """
@@ -69,7 +70,9 @@ print(json.dumps({"rss_10": seen[9], "rss_40": seen[-1]}))
 def _run(code: str, tunables: str, threads: int) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     env["OMP_NUM_THREADS"] = str(threads)
-    if tunables:
+    if tunables == "THP":  # torch's own switch: 2 MiB-aligned blocks advised as transparent huge pages
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    elif tunables:
         env["GLIBC_TUNABLES"] = tunables
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -253,6 +253,23 @@ def test_doctor_reports_the_kernel_backend(monkeypatch):
     assert "cpu: segcft._C (avx2)" in res.output and "segcft.builtin" in res.output
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch's huge-page allocation is Linux-only")
+@pytest.mark.parametrize("user_value", [None, "0"])
+def test_cli_turns_huge_page_allocation_on_unless_the_user_chose(user_value):
+    # torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a fresh interpreter per case
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
+    out = subprocess.run(
+        [sys.executable, "-m", "segcft", "doctor"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("huge-page CPU allocation:"))
+    if user_value is None:
+        assert line.startswith("huge-page CPU allocation: on (THP_MEM_ALLOC_ENABLE=1"), line
+    else:
+        assert line.startswith("huge-page CPU allocation: off (THP_MEM_ALLOC_ENABLE=0"), line
+
+
 class Commands:
     @segcft.hookimpl
     def segcft_register_commands(self, cli):
