@@ -36,11 +36,11 @@ THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def _huge_pages_by_default() -> None:
     """Turn torch's huge-page CPU allocation on unless the user set THP_ENV. glibc hands a
-    step's freed activations back and faults them in again, 4 KiB at a time: about 15k faults
-    (35-45 ms) a 2D generator step, 26-30k a 3D one. With huge pages there are about 10x fewer
-    and the steps were about 20 % faster, with no growth of the heap (benchmarks/RESULTS.md,
-    "Page faults"). torch reads the variable once, at its first allocation: this runs before any
-    command imports torch, and lane processes inherit it."""
+    step's freed activations back and faults them in again, 4 KiB at a time: about 14k faults
+    (26 ms of a 270 ms 2D generator step), 20k a 3D one. With huge pages there are 5x fewer;
+    steps were 6-10 % faster on a quiet machine, about 20 % under load, with no growth of the
+    heap (benchmarks/RESULTS.md, "Page faults"). torch reads the variable once, at its first
+    allocation: this runs before any command imports torch, and lane processes inherit it."""
     os.environ.setdefault(THP_ENV, "1")
 
 
