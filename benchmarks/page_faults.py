@@ -1,13 +1,15 @@
-"""Page faults of a CPU generator step under glibc's default malloc and under a malloc setting that
-keeps freed memory, and whether that setting lets the heap grow in a plain allocate-free loop.
+"""Page faults of a CPU generator step under glibc's default malloc, glibc settings that keep freed
+memory, and torch's huge-page allocation; and whether each lets the heap grow in a plain
+allocate-free loop.
 
-Each variant runs in a fresh interpreter (malloc settings are per process), with
-GLIBC_TUNABLES set as a user would set it:
+Each variant runs in a fresh interpreter (allocation settings are per process), with its
+environment variables set as a user would set them:
 
     python benchmarks/page_faults.py [--shapes 64 3d] [--steps 12] [--threads 1]
 
-Prints, per shape and variant, the median CPU ms of a generator step (segcft's HVAE at the quick
-preset's batch), minor page faults and kernel ms per step, and resident MiB; then the growth probe:
+Prints, per shape and variant: the median CPU ms of a generator step (segcft's HVAE at the quick
+preset's batch; the calling thread's CPU time, so with --threads above 1 the main thread's share
+only), minor page faults and kernel ms per step, and resident MiB. Then the growth probe:
 resident MiB after 10 and 40 iterations of "allocate 8 x 8 MiB, keep 50 small tensors, free".
 """
 
@@ -22,13 +24,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = {
-    "glibc default": "",
-    "keep freed memory": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
-    ":glibc.malloc.top_pad=67108864",
-    "mmap threshold 32 MiB only": "glibc.malloc.mmap_threshold=33554432",
-    "torch THP_MEM_ALLOC_ENABLE=1": "THP",
+VARIANTS: dict[str, dict[str, str]] = {
+    "glibc default": {},
+    "keep freed memory": {
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+        ":glibc.malloc.top_pad=67108864"
+    },
+    "mmap threshold 32 MiB only": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432"},
+    # torch's own switch: page-aligned blocks of 2 MiB and more, advised as transparent huge pages
+    "torch THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
 }
+"""Each variant's environment, on top of the caller's with every allocation setting removed."""
+
+ALLOCATION_VARIABLES = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+
 
 STEP = """
 import json, os, resource, statistics, sys, time, torch
@@ -67,13 +76,9 @@ print(json.dumps({"rss_10": seen[9], "rss_40": seen[-1]}))
 """
 
 
-def _run(code: str, tunables: str, threads: int) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    env["OMP_NUM_THREADS"] = str(threads)
-    if tunables == "THP":  # torch's own switch: 2 MiB-aligned blocks advised as transparent huge pages
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    elif tunables:
-        env["GLIBC_TUNABLES"] = tunables
+def _run(code: str, variant: dict[str, str], threads: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATION_VARIABLES and not k.startswith("MALLOC_")}
+    env.update(variant, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -84,16 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.threads < 1:
+        p.error(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
     bench = str(ROOT / "benchmarks")
     print("shape | variant | step ms | minor faults / step | kernel ms / step | resident MiB")
     for shape in args.shapes:
-        for name, tunables in VARIANTS.items():
+        for name, variant in VARIANTS.items():
             code = STEP.format(bench=bench, threads=args.threads, shape=shape, steps=args.steps)
-            r = _run(code, tunables, args.threads)
+            r = _run(code, variant, args.threads)
             print(f"{shape} | {name} | {r['ms']:.1f} | {r['faults']:.0f} | {r['sys_ms']:.1f} | {r['rss']:.0f}")
     print("growth probe | variant | resident MiB after 10 / 40 iterations")
-    for name, tunables in VARIANTS.items():
-        r = _run(GROWTH, tunables, args.threads)
+    for name, variant in VARIANTS.items():
+        r = _run(GROWTH, variant, args.threads)
         print(f"growth | {name} | {r['rss_10']:.0f} / {r['rss_40']:.0f}")
     return 0
 

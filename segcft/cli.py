@@ -55,7 +55,8 @@ def _huge_pages_report() -> str:
     # torch page-aligns (and advises) the blocks it places on huge pages; otherwise 64-byte alignment
     aligned = all(torch.empty(n).data_ptr() % 4096 == 0 for n in (1 << 20, 3 << 20))
     state = "on" if aligned else "off"
-    return f"huge-page CPU allocation: {state} ({THP_ENV}={os.environ.get(THP_ENV, 'unset')}, kernel mode {mode})"
+    kernel = f"kernel mode {mode}" + (": the kernel gives no huge pages" if mode == "never" else "")
+    return f"huge-page CPU allocation: {state} ({THP_ENV}={os.environ.get(THP_ENV, 'unset')}, {kernel})"
 
 
 class SegcftGroup(click.Group):
