@@ -476,6 +476,57 @@ def test_locality_settings_are_checked(setup):
         GuidedObjective(ctx, area_terms(info, False), torch.zeros(5, dtype=torch.bool), SegSettings(locality=-1.0))
 
 
+def test_shift_moves_images_and_label_maps_and_undoes_itself():
+    from segcft.objectives.locality import random_offsets, shift
+
+    x = torch.randn(3, 2, 9, 10)
+    offsets = torch.tensor([[1, -2], [0, 0], [-1, 2]])
+    y = shift(x, offsets, 2)
+    assert torch.equal(y[0, :, 2:7, 2:8], x[0, :, 3:8, 0:6])  # out[i] = x[i + offset]
+    assert torch.equal(y[1], x[1])
+    assert torch.equal(shift(y, -offsets, 2)[:, :, 2:-2, 2:-2], x[:, :, 2:-2, 2:-2])
+    labels = torch.randint(0, 4, (3, 9, 10))
+    moved = shift(labels, offsets, 2)
+    assert moved.dtype == labels.dtype and torch.equal(moved[2, 1:9, 0:8], labels[2, 0:8, 2:10])
+    torch.manual_seed(0)
+    drawn = random_offsets(1000, 3, 2)
+    assert int(drawn.min()) == -2 and int(drawn.max()) == 2 and abs(float(drawn.float().mean())) < 0.1
+    assert not random_offsets(4, 2, 0).any()
+
+
+def test_guide_jitter_measures_a_moved_copy_and_keeps_the_locality_frame(setup):
+    """With guide_shift the area loss is the same for a translation-invariant target (the lung
+    stays inside the image), gradients still reach x_cf, and the locality term, measured in
+    x_cf's own frame, is unchanged; guide_noise changes the reading and is checked >= 0."""
+    from segcft.objectives.area import area_terms
+    from segcft.objectives.base import ObjectiveContext
+    from segcft.objectives.configs import SegSettings
+    from segcft.objectives.guided import GuidedObjective, build_seg
+
+    info = setup[0]
+    x = torch.full((4, 1, S, S), -0.8)
+    x[:, :, 5:9, 5:9] = 0.9
+    batch = {"image": x, "parents": make_batch(info, b=4)["parents"]}
+    ctx = ObjectiveContext("seg", info, cfg(), 1.0, SharpSegmentor(), None)
+    plain = build_seg(SegSettings(locality=1.0, locality_radius=1), ctx)
+    jitter = build_seg(SegSettings(locality=1.0, locality_radius=1, guide_shift=3), ctx)
+    noisy = build_seg(SegSettings(guide_noise=0.5), ctx)
+    x_cf = x.clone()
+    x_cf[:, :, 12:14, 12:14] = -0.4
+    x_cf.requires_grad_(True)
+    torch.manual_seed(1)
+    loss_p, logs_p = plain.guide_loss(x_cf, batch["parents"], batch, "lung")
+    loss_j, logs_j = jitter.guide_loss(x_cf, batch["parents"], batch, "lung")
+    assert logs_j["seg"] == pytest.approx(logs_p["seg"], rel=1e-5)
+    assert logs_j["locality"] == pytest.approx(logs_p["locality"], rel=1e-5)
+    loss_j.backward()
+    assert float(x_cf.grad.abs().sum()) > 0
+    _, logs_n = noisy.guide_loss(x_cf.detach(), batch["parents"], batch, "lung")
+    assert logs_n["seg"] != pytest.approx(logs_p["seg"], rel=1e-3)
+    with pytest.raises(ConfigError, match="guide_shift"):
+        GuidedObjective(ctx, area_terms(info, False), torch.zeros(5, dtype=torch.bool), SegSettings(guide_shift=-1))
+
+
 @pytest.mark.timeout(180)
 def test_fine_tuning_smoke_with_locality_ema_and_its_own_clip(tmp_path, capsys):
     """A smoke run fine-tuning seg with the locality penalty on and an EMA of the weights trains

@@ -73,3 +73,30 @@ def test_claims_use_the_mean_over_seeds_and_count_seeds(tmp_path, reproduce):
         "Reg-CFT MAPE <= 0.8 x none": True,  # 12 <= 12.8
         "Seg-CFT MAPE below Reg-CFT": True,  # 9 < 12
     }
+
+
+def test_a_rerun_rewrites_only_its_own_blocks(tmp_path, reproduce):
+    """Regenerating one dataset replaces its blocks in place and keeps the other dataset's blocks
+    and the hand-written text; a second identical run changes nothing."""
+    run = reproduce.run_dir_for(tmp_path, "cxr-phantom", 0)
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(_metrics(2.0, 16.0, 12.0)))
+    out = tmp_path / "R.md"
+    first = reproduce.write_reproduction(tmp_path, ["cxr-phantom", "ccta-phantom"], [0], out, {}, ["--report-only"])
+    assert first.index("### cxr-phantom") < first.index("### ccta-phantom") < first.index("\n## cxr-phantom")
+    assert "No finished run under" in first
+    ccta = first[first.index(reproduce.BEGIN.format("tables ccta-phantom")):]
+    out.write_text(first + "\n## What we found\n\nWritten by hand.\n")
+    (run / "metrics.json").write_text(json.dumps(_metrics(9.0, 16.0, 12.0)))
+    second = reproduce.write_reproduction(tmp_path, ["cxr-phantom"], [0], out, {}, ["--report-only"])
+    assert "9.00 <= 1.25 x exact = 2.50" in second and "2.00 <= 1.25 x exact" not in second
+    assert ccta.rstrip() in second and second.endswith("## What we found\n\nWritten by hand.\n")
+    assert second.count(reproduce.BEGIN.format("claims cxr-phantom")) == 1
+    assert reproduce.write_reproduction(tmp_path, ["cxr-phantom"], [0], out, {}, ["--report-only"]) == second
+
+
+def test_blocks_missing_from_a_file_go_after_the_blocks_before_them(reproduce):
+    blocks = [("claims ccta-phantom", "C"), ("tables ccta-phantom", "T")]
+    text = reproduce.merge("intro\n" + reproduce._wrap("claims cxr-phantom", "A") + "\n\nhand\n", blocks)
+    assert text.index("A") < text.index("\nC\n") < text.index("hand") and text.index("\nT\n") > text.index("\nC\n")
+    assert reproduce.merge("", [("header", "H")]).startswith(reproduce.BEGIN.format("header"))

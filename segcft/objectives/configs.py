@@ -15,7 +15,8 @@ class NoSettings:
 @dataclass
 class SegSettings:
     """Settings of the segmentor-guided objectives (seg, pos-seg) beyond the ``cft`` section's:
-    the optional locality penalty and its region (docs/method.md section 5.4)."""
+    the optional locality penalty and its region, and the random
+    changes of the counterfactual the guide measures (docs/method.md section 5.4)."""
 
     locality: float = field(
         default=0.0,
@@ -33,5 +34,21 @@ class SegSettings:
         metadata={
             "help": "allow changes only in the band between the guide masks of x and x_cf (widened by "
             "locality_radius), so the structure's interior is held to x as well as the outside"
+        },
+    )
+    guide_shift: int = field(
+        default=0,
+        metadata={
+            "help": "largest random translation, in pixels (voxels) per axis and image, of the counterfactual "
+            "before the guide measures its areas, edges replicated (0: off)",
+            "ge": 0,
+        },
+    )
+    guide_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "standard deviation of Gaussian noise added to the counterfactual (images in [-1, 1]) before "
+            "the guide measures its areas (0: off)",
+            "ge": 0,
         },
     )

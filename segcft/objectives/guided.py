@@ -15,7 +15,7 @@ from segcft.errors import ConfigError
 from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
 from segcft.objectives.configs import SegSettings
-from segcft.objectives.locality import allowed_region, locality_penalty
+from segcft.objectives.locality import allowed_region, locality_penalty, random_offsets, shift
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -39,16 +39,19 @@ class GuidedObjective(CFTObjective):
         if ctx.cft.penalty not in PENALTIES:
             raise ConfigError(f"cft.penalty: unknown penalty {ctx.cft.penalty!r}; expected one of {list(PENALTIES)}")
         settings = settings or SegSettings()
-        if settings.locality < 0 or settings.locality_radius < 0:
+        if min(settings.locality, settings.locality_radius, settings.guide_shift, settings.guide_noise) < 0:
             raise ConfigError(
-                f"cft.objectives.{ctx.mode}: locality and locality_radius must be >= 0, "
-                f"got {settings.locality} and {settings.locality_radius}"
+                f"cft.objectives.{ctx.mode}: locality, locality_radius, guide_shift and guide_noise must be "
+                f">= 0, got {settings.locality}, {settings.locality_radius}, {settings.guide_shift} and "
+                f"{settings.guide_noise}"
             )
         super().__init__(ctx)
         self.terms = terms
         self.locality = float(settings.locality) if terms is not None else 0.0
         self.locality_radius = int(settings.locality_radius)
         self.locality_band = bool(settings.locality_band)
+        self.guide_shift = int(settings.guide_shift)
+        self.guide_noise = float(settings.guide_noise)
         self.register_buffer("reg_vars", reg_vars, persistent=False)
 
     def guide_loss(
@@ -97,7 +100,11 @@ class GuidedObjective(CFTObjective):
     def _seg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The area loss and the guide's logits on x_cf."""
+        """The area loss and the guide's logits on x_cf (detached, in x_cf's frame). With
+        ``guide_shift`` or ``guide_noise`` the guide measures a randomly translated or noisy copy of
+        x_cf (the region map moved with it): an edit has to hold its area wherever the guide's
+        pooling grid falls and under small perturbations, so the generator cannot meet the target
+        with patterns that only this guide reads as structure."""
         from segcft.ops import area_loss, soft_area
 
         terms, segmentor = self.terms, self.segmentor
@@ -118,7 +125,13 @@ class GuidedObjective(CFTObjective):
             keep = ~terms.affected(changed)
             targets = torch.where(keep.unsqueeze(0), terms.measure(areas).float(), targets)
         weights = torch.ones_like(targets)
-        logits = segmentor(x_cf)
+        offsets = random_offsets(x_cf.shape[0], x_cf.dim() - 2, self.guide_shift)
+        seen = shift(x_cf, offsets, self.guide_shift)
+        if self.guide_noise > 0:
+            seen = seen + self.guide_noise * torch.randn(seen.shape, dtype=seen.dtype).to(seen.device)
+        if regions is not None:
+            regions = shift(regions, offsets, self.guide_shift)
+        logits = segmentor(seen)
         loss = area_loss(
             logits,
             targets,
@@ -131,7 +144,7 @@ class GuidedObjective(CFTObjective):
             num_regions=num_regions,
             huber_delta=self.cfg.huber_delta,
         )
-        return loss, logits
+        return loss, shift(logits.detach(), -offsets, self.guide_shift)
 
     def _reg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
