@@ -345,6 +345,12 @@ def test_damping_uses_the_constraints_moving_average(setup):
     obj.eval()
     before = float(obj.constraint_avg)
     assert obj(dscm, batch, intervention=do)["constraint_avg"] == pytest.approx(before)  # frozen outside training
+    # a batch whose nelbo is not finite (the stepper skips it) leaves the average as it was
+    obj.train()
+    assert float(obj._average_constraint(torch.tensor(float("nan")))) == pytest.approx(before)
+    assert float(obj._average_constraint(torch.tensor(float("inf")))) == pytest.approx(before)
+    after = float(obj._average_constraint(torch.tensor(1.0)))
+    assert after == pytest.approx(CONSTRAINT_AVERAGE * before + (1 - CONSTRAINT_AVERAGE), rel=1e-6)
 
 
 class ScaledRegressor(nn.Module):

@@ -136,14 +136,18 @@ class CFTObjective(nn.Module):
     @torch.no_grad()
     def _average_constraint(self, gap: torch.Tensor) -> torch.Tensor:
         """Fold this batch's constraint (averaged over ranks under DDP) into the moving average
-        while training; return the average the damping uses."""
+        while training; return the average the damping uses. A non-finite constraint (a batch
+        whose nelbo overflowed: the stepper skips that update) leaves the average as it was,
+        or every later loss would be NaN and every later update skipped."""
         if not self.training:
             return self.constraint_avg.clone()
         if dist.is_available() and dist.is_initialized():
             gap = gap.clone()
             dist.all_reduce(gap)
             gap /= dist.get_world_size()
-        self.constraint_avg.mul_(CONSTRAINT_AVERAGE).add_((1.0 - CONSTRAINT_AVERAGE) * gap.to(self.constraint_avg))
+        gap = gap.to(self.constraint_avg)
+        folded = CONSTRAINT_AVERAGE * self.constraint_avg + (1.0 - CONSTRAINT_AVERAGE) * gap
+        self.constraint_avg.copy_(torch.where(torch.isfinite(gap), folded, self.constraint_avg))
         return self.constraint_avg.clone()
 
 

@@ -64,6 +64,7 @@ def shift(t: torch.Tensor, offsets: torch.Tensor, largest: int) -> torch.Tensor:
     crops = []
     for b in range(x.shape[0]):
         window = tuple(slice(largest + o, largest + o + n) for o, n in zip(offsets[b].tolist(), spatial, strict=True))
-        crops.append(padded[(b, slice(None), *window)])
+        index: tuple[int | slice, ...] = (b, slice(None), *window)
+        crops.append(padded[index])
     out = torch.stack(crops)
     return out.squeeze(1).to(t.dtype) if labels else out
