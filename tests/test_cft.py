@@ -483,7 +483,7 @@ def test_locality_settings_are_checked(setup):
 
 
 def test_shift_moves_images_and_label_maps_and_undoes_itself():
-    from segcft.objectives.locality import random_offsets, shift
+    from segcft.objectives.jitter import random_offsets, shift
 
     x = torch.randn(3, 2, 9, 10)
     offsets = torch.tensor([[1, -2], [0, 0], [-1, 2]])

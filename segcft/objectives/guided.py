@@ -15,7 +15,8 @@ from segcft.errors import ConfigError
 from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
 from segcft.objectives.configs import SegSettings
-from segcft.objectives.locality import allowed_region, locality_penalty, random_offsets, shift
+from segcft.objectives.jitter import random_offsets, shift
+from segcft.objectives.locality import allowed_region, locality_penalty
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -125,12 +126,14 @@ class GuidedObjective(CFTObjective):
             keep = ~terms.affected(changed)
             targets = torch.where(keep.unsqueeze(0), terms.measure(areas).float(), targets)
         weights = torch.ones_like(targets)
-        offsets = random_offsets(x_cf.shape[0], x_cf.dim() - 2, self.guide_shift)
-        seen = shift(x_cf, offsets, self.guide_shift)
+        seen, offsets = x_cf, None
+        if self.guide_shift > 0:
+            offsets = random_offsets(x_cf.shape[0], x_cf.dim() - 2, self.guide_shift)
+            seen = shift(x_cf, offsets, self.guide_shift)
+            if regions is not None:
+                regions = shift(regions, offsets, self.guide_shift)
         if self.guide_noise > 0:
             seen = seen + self.guide_noise * torch.randn(seen.shape, dtype=seen.dtype).to(seen.device)
-        if regions is not None:
-            regions = shift(regions, offsets, self.guide_shift)
         logits = segmentor(seen)
         loss = area_loss(
             logits,
@@ -144,7 +147,8 @@ class GuidedObjective(CFTObjective):
             num_regions=num_regions,
             huber_delta=self.cfg.huber_delta,
         )
-        return loss, shift(logits.detach(), -offsets, self.guide_shift)
+        logits = logits.detach()
+        return loss, logits if offsets is None else shift(logits, -offsets, self.guide_shift)
 
     def _reg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
