@@ -16,7 +16,7 @@ from segcft.data.configs import CCTAPhantomConfig
 from segcft.errors import ConfigError
 from segcft.evaluation.measure import Measurer
 from segcft.models.configs import UNetConfig
-from segcft.models.segmentation import segmentation_loss, volume_loss
+from segcft.models.segmentation import segmentation_loss
 from segcft.models.unet import build
 from segcft.ops import soft_area
 from segcft.train.losses import SegmentorLoss
@@ -73,50 +73,6 @@ def test_the_segmentor_trains_on_its_own_loss_and_checks_the_weights() -> None:
     assert float(out["loss"].detach()) != pytest.approx(float(segmentation_loss(seg(x), mask).detach()))
     with pytest.raises(ConfigError, match=r"class_weights must give one weight per class"):
         build(UNetConfig(channels=(4, 8), class_weights=(1.0, 2.0)), info)
-
-
-def test_volume_term_is_the_mean_relative_soft_volume_error_per_structure_and_region() -> None:
-    mask = torch.zeros(2, 6, 8, dtype=torch.long)
-    mask[:, 1:3, 1:7] = 1  # 6 voxels in each region
-    mask[0, 4:6, 5:7] = 2  # 4 voxels, region 1 only; structure 2 is absent from sample 1
-    regions = torch.zeros(2, 6, 8, dtype=torch.long)
-    regions[..., 4:] = 1
-    exact = 40.0 * torch.nn.functional.one_hot(mask, 3).movedim(-1, 1).float()
-    assert float(volume_loss(exact, mask)) == pytest.approx(0.0, abs=1e-6)
-    assert float(volume_loss(exact, mask, regions, 2)) == pytest.approx(0.0, abs=1e-6)
-    logits = torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    got = volume_loss(logits, mask, regions, 2, temperature=0.5)
-    p = torch.softmax(logits.detach() / 0.5, 1)
-    errors = []
-    for b in range(2):
-        for c in (1, 2):
-            for r in (0, 1):
-                cell = (mask[b] == c) & (regions[b] == r)
-                if cell.any():  # absent cells (structure 2 outside region 1, or in sample 1) are left out
-                    n = float(cell.sum())
-                    errors.append(abs(float(p[b, c][regions[b] == r].sum()) - n) / n)
-    assert len(errors) == 5
-    torch.testing.assert_close(got, torch.tensor(sum(errors) / len(errors)))
-    got.backward()
-    assert logits.grad is not None and bool(torch.isfinite(logits.grad).all()) and float(logits.grad.abs().sum()) > 0
-    assert float(volume_loss(logits.detach(), torch.zeros_like(mask))) == 0.0  # nothing but background
-
-
-def test_the_segmentor_loss_adds_the_volume_term_with_the_batch_regions() -> None:
-    info = _info()
-    torch.manual_seed(0)
-    cfg = UNetConfig(channels=(4, 8), volume_weight=0.5, measure_temperature=0.5)
-    seg = build(cfg, info)
-    x, mask = torch.rand(2, 1, 16, 8, 8) * 2 - 1, torch.randint(0, 3, (2, 16, 8, 8))
-    regions = torch.randint(0, info.num_regions, (2, 16, 8, 8))
-    loss = SegmentorLoss(seg, SimpleNamespace(shift=0.0, scale=0.0), torch.Generator())
-    out = loss({"image": x, "mask": mask, "regions": regions})["loss"]
-    logits = seg(x)
-    plain = segmentation_loss(logits, mask)
-    torch.testing.assert_close(out, plain + 0.5 * volume_loss(logits, mask, regions, info.num_regions, 0.5))
-    whole = loss({"image": x, "mask": mask})["loss"]  # no region map: one cell per structure
-    torch.testing.assert_close(whole, plain + 0.5 * volume_loss(logits, mask, None, 0, 0.5))
-    assert float(out) != pytest.approx(float(whole))
 
 
 class _Fixed(nn.Module):

@@ -107,15 +107,6 @@ class UNetConfig:
         default=0.0,
         metadata={"help": "focal exponent of the cross-entropy term (0: plain cross-entropy)", "ge": 0, "le": 5},
     )
-    volume_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of a soft-volume term added to Dice + cross-entropy: the mean relative error of each "
-            "structure's soft volume (at measure_temperature, per region where the dataset has regions) against "
-            "its mask (0: off)",
-            "ge": 0,
-        },
-    )
     measure_temperature: float = field(
         default=1.0,
         metadata={

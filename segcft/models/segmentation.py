@@ -1,7 +1,7 @@
 """Losses and metrics of segmentation that work on any segmentor's logits (B, C, *S), 2D or 3D:
 Dice + cross-entropy for training (MONAI's DiceCELoss, imported when first used; optionally with
-class weights and a focal exponent on the cross-entropy), a soft-volume term that trains the
-quantity fine-tuning and evaluation read, and the per-structure Dice of the argmax prediction."""
+class weights and a focal exponent on the cross-entropy) and the per-structure Dice of the argmax
+prediction."""
 
 from __future__ import annotations
 
@@ -45,41 +45,6 @@ def segmentation_loss(
     focal = (-torch.expm1(logp)).clamp_min(1e-6).pow(focal_gamma) if focal_gamma > 0 else torch.ones_like(logp)
     ce = (w * focal * -logp).sum() / w.sum()
     return _LOSS["dice"](logits, labels.unsqueeze(1)) + ce
-
-
-def volume_loss(
-    logits: torch.Tensor,
-    mask: torch.Tensor,
-    regions: torch.Tensor | None = None,
-    num_regions: int = 0,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Mean relative error |A - N| / N of each structure's soft volume A (softmax of logits / T,
-    summed in voxels) against its mask's voxel count N, per sample, and per region when
-    ``regions`` (B, *S) ids in [0, num_regions) are given; a scalar.
-
-    Dice and cross-entropy score voxels; what the frozen segmentor is used for is the soft volume
-    of a structure (a plaque of a few hundred voxels per region), whose error they leave free to
-    carry a systematic bias. Cells where a structure is absent from the mask are left out (the
-    voxel terms handle them); background is never a cell."""
-    from segcft.ops import soft_area
-
-    if mask.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)} (expected (B, *S))")
-    b, c = logits.shape[:2]
-    if regions is None:
-        regions, num_regions = torch.zeros_like(mask, dtype=torch.long), 1
-    regions = regions.long()
-    soft = soft_area(logits.float() / temperature, regions=regions, num_regions=num_regions)  # (B, C, R)
-    cell = (mask.long() * num_regions + regions).flatten(1)
-    count = torch.zeros(b, c * num_regions, dtype=soft.dtype, device=soft.device)
-    count.scatter_add_(1, cell, torch.ones_like(cell, dtype=soft.dtype))
-    count = count.view(b, c, num_regions)[:, 1:]
-    present = count > 0
-    if not bool(present.any()):
-        return soft.sum() * 0.0
-    rel = (soft[:, 1:] - count).abs() / count.clamp_min(1.0)
-    return rel[present].mean()
 
 
 def _dice_ce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

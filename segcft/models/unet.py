@@ -2,8 +2,7 @@
 
 MONAI is imported inside the factory, never at registration, so listing plugins stays torch-
 and MONAI-free. Training uses ``segcft.models.segmentation`` (Dice + cross-entropy, optionally
-class-weighted and focal, plus an optional soft-volume term: ``UNetSegmentor.loss``), which works
-on any segmentor's logits.
+class-weighted and focal: ``UNetSegmentor.loss``), which works on any segmentor's logits.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from torch import nn
 from segcft.data.variables import DatasetInfo
 from segcft.errors import ConfigError
 from segcft.models.configs import UNetConfig
-from segcft.models.segmentation import dice, segmentation_loss, volume_loss
+from segcft.models.segmentation import dice, segmentation_loss
 
-__all__ = ["UNetSegmentor", "build", "dice", "segmentation_loss", "volume_loss"]
+__all__ = ["UNetSegmentor", "build", "dice", "segmentation_loss"]
 
 _NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
@@ -64,8 +63,6 @@ class UNetSegmentor(nn.Module):
         self.class_weights = tuple(float(w) for w in config.class_weights) or None
         self.focal_gamma = float(config.focal_gamma)
         self.measure_temperature = float(config.measure_temperature)
-        self.volume_weight = float(config.volume_weight)
-        self.num_regions = info.num_regions
         self.spatial_dims: int = info.spatial_dims
         self.factor = 2 ** (len(channels) - 1)
         self.net = UNet(
@@ -90,21 +87,9 @@ class UNetSegmentor(nn.Module):
             return logits
         return logits / self.measure_temperature
 
-    def loss(self, logits: torch.Tensor, mask: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss of ``forward``'s logits (train mode) against the label mask (B, *S):
-        Dice + cross-entropy, plus ``volume_weight`` times the soft-volume term read at the
-        measurement temperature (per region when ``regions`` (B, *S) is given)."""
-        loss = segmentation_loss(logits, mask, self.class_weights, self.focal_gamma)
-        if self.volume_weight > 0:
-            per_region = regions is not None and self.num_regions > 0
-            loss = loss + self.volume_weight * volume_loss(
-                logits,
-                mask,
-                regions if per_region else None,
-                self.num_regions if per_region else 0,
-                self.measure_temperature,
-            )
-        return loss
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``forward``'s logits (train mode) against the label mask (B, *S)."""
+        return segmentation_loss(logits, mask, self.class_weights, self.focal_gamma)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits at the input's size."""

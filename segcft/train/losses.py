@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -34,17 +33,13 @@ class MechanismsLoss(nn.Module):
 
 class SegmentorLoss(nn.Module):
     """The segmentor's own ``loss`` (else Dice + cross-entropy) of its logits against the label
-    mask (and the region map, when that ``loss`` takes ``regions`` and the batch has one), on
-    images whose global intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
+    mask, on images whose global intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
 
     def __init__(self, seg: nn.Module, intensity: Any, rng: torch.Generator) -> None:
         super().__init__()
         self.seg = seg
         self.rng = rng
         self.shift, self.scale = float(intensity.shift), float(intensity.scale)  # checked with the config
-        loss_fn = getattr(seg, "loss", None)  # a segmentor's own training loss, else Dice + CE
-        self.loss_fn = loss_fn if callable(loss_fn) else None
-        self.takes_regions = self.loss_fn is not None and "regions" in inspect.signature(self.loss_fn).parameters
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batch["image"]
@@ -58,12 +53,11 @@ class SegmentorLoss(nn.Module):
             a = (1.0 + self.scale * (2.0 * u[0] - 1.0)).view(shape)
             b = (self.shift * (2.0 * u[1] - 1.0)).view(shape)
             x = (a * (x + 1.0) - 1.0 + b).clamp(-1.0, 1.0)
+        loss_fn = getattr(self.seg, "loss", None)  # a segmentor's own training loss, else Dice + CE
         logits = self.seg(x)
-        if self.loss_fn is None:
-            return {"loss": segmentation_loss(logits, batch["mask"])}
-        if self.takes_regions and batch.get("regions") is not None:
-            return {"loss": self.loss_fn(logits, batch["mask"], regions=batch["regions"])}
-        return {"loss": self.loss_fn(logits, batch["mask"])}
+        return {
+            "loss": loss_fn(logits, batch["mask"]) if callable(loss_fn) else segmentation_loss(logits, batch["mask"])
+        }
 
 
 class RegressorLoss(nn.Module):
