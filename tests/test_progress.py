@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from segcft.train import context, progress
-from segcft.train.progress import SAMPLE_COST, RunClock, stage_units
+from segcft.train.progress import SAMPLE_COST, SAMPLE_COST_3D, RunClock, stage_units
 
 
 def _cfg() -> SimpleNamespace:
     step = lambda steps, batch: SimpleNamespace(steps=steps, batch_size=batch)  # noqa: E731
     train = SimpleNamespace(
-        mechanisms=step(1000, 256), segmentor=step(100, 16),
-        regressor=step(50, 16), generator=step(200, 16),
+        mechanisms=step(1000, 256),
+        segmentor=step(100, 16),
+        regressor=step(50, 16),
+        generator=step(200, 16),
     )
     return SimpleNamespace(
         train=train, cft=SimpleNamespace(steps=40, batch_size=16, modes=["none", "seg"]), evaluate=SimpleNamespace(n=8)
@@ -51,7 +53,7 @@ def test_estimate_scales_later_stages_by_their_sample_cost(monkeypatch, capsys):
     unit_s = per_step / (SAMPLE_COST["segmentor"] * 16)
     expected = clock_time.now + per_step * (100 - step)
     expected += unit_s * (SAMPLE_COST["generator"] * 200 * 16 + progress.EPS_COST * 64)
-    expected += unit_s * SAMPLE_COST["cft"] * 40 * 16 + unit_s * progress.EVAL_COST * 8 * 2
+    expected += unit_s * SAMPLE_COST["cft"] * 40 * 16 + unit_s * progress.EVAL_COST[2] * 8 * 2
     assert clock.estimate == pytest.approx(expected)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [line for line in lines if line.startswith(f"estimated total time: ~{round(expected / 60)} min")]
@@ -106,6 +108,24 @@ def test_stage_units_follow_steps_and_batch():
     assert stage_units(cfg, "generator", 10)[0] == pytest.approx(200 * 16 + progress.EPS_COST * 10)
     assert stage_units(cfg, "mechanisms", 0) == (0.0, 1000 * progress.MECHANISMS_STEP_S)
     assert stage_units(cfg, "eval_segmentor", 0) == stage_units(cfg, "segmentor", 0)  # trained like the guide
+
+
+def test_volumes_use_their_own_sample_costs(monkeypatch):
+    """A 3D run's estimate converts the segmentor's rate with the 3D costs: the generator stage of
+    the same config is estimated SAMPLE_COST_3D / SAMPLE_COST times shorter from the same timing."""
+    cfg = _cfg()
+    assert stage_units(cfg, "segmentor", 0, dims=3) == (SAMPLE_COST_3D["segmentor"] * 100 * 16, 0.0)
+    assert stage_units(cfg, "evaluate", 0, dims=3)[0] == progress.EVAL_COST[3] * 8 * 2
+    monkeypatch.setattr(progress.time, "perf_counter", FakeTime())
+    estimates = {}
+    for dims in (2, 3):
+        clock = RunClock(cfg, ["segmentor", "generator"], enabled=False, eps_samples=0, dims=dims)
+        for step in range(1, 101):
+            clock.observe("segmentor", step, 0, 100, 0.0, now=step * 0.5)
+        assert clock.estimate is not None
+        estimates[dims] = clock.estimate - 100 * 0.5  # the generator's part
+    ratio = SAMPLE_COST["segmentor"] / SAMPLE_COST_3D["segmentor"]
+    assert estimates[3] == pytest.approx(estimates[2] * ratio)
 
 
 def test_available_cpus_honours_a_cgroup_quota(monkeypatch, tmp_path):

@@ -233,7 +233,7 @@ def _run_stages(ctx: StageContext, stages: list[str]) -> dict[str, Any]:
         for wave in plan_waves(ctx.cfg, stage_names(ctx.cfg), threads, lanes)
     ]
     todo = [s for s in stages if not ctx.run.done(s)]
-    ctx.clock = RunClock(ctx.cfg, todo, ctx.d.main, EPS_SAMPLES, waves)
+    ctx.clock = RunClock(ctx.cfg, todo, ctx.d.main, EPS_SAMPLES, waves, dims=ctx.info.spatial_dims)
     for wave in waves:
         for stage in (s for lane in wave for s in lane.stages if ctx.run.done(s)):
             if ctx.d.main:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress", "RunClock", "lane_slowdown", "stage_units"]
+__all__ = ["Progress", "RunClock", "lane_slowdown", "sample_cost", "stage_units"]
 
 SAMPLE_COST = {"segmentor": 0.19, "eval_segmentor": 0.19, "regressor": 0.26, "generator": 1.0, "cft": 1.76}
 """Cost of one training sample of each stage relative to one generator sample, data reading
@@ -18,11 +18,19 @@ the regressor's raised by 1/0.89 since the one-pass GELU made the HVAE's passes,
 generator, fine-tuning and evaluation alike, 11 % cheaper; fine-tuning is up to 40 % dearer in
 3D)."""
 
+SAMPLE_COST_3D = {"segmentor": 0.31, "eval_segmentor": 0.31, "regressor": 0.23, "generator": 1.0, "cft": 1.85}
+"""The same for volumes (64 x 32 x 32, batches of 4): the quick 3D run's stage times (benchmarks/
+RESULTS.md, "3D quick run", run 5). A 3D segmentor sample costs more next to a generator sample
+than in 2D, and its first steps, which the estimate is calibrated on, render the phantom (the
+training split is cached after the first epoch): at 2D's 0.19 the generator and fine-tuning stages
+were estimated 1.5-1.7 times too long."""
+
 EPS_COST = 0.3
 """Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
 
-EVAL_COST = 12.0
-"""Cost of evaluating one test sample in one mode in generator samples."""
+EVAL_COST = {2: 12.0, 3: 15.0}
+"""Cost of evaluating one test sample in one mode in generator samples, per number of spatial
+dimensions."""
 
 MECHANISMS_STEP_S = 0.005
 """Seconds per step of the parent mechanisms (a small MLP; independent of the image size)."""
@@ -43,17 +51,23 @@ def _schedule(cfg: Any, stage: str) -> Any:
     return getattr(cfg.train, "segmentor" if stage == "eval_segmentor" else stage, None)
 
 
-def stage_units(cfg: Any, stage: str, eps_samples: int) -> tuple[float, float]:
-    """(generator-sample units, fixed seconds) of ``stage`` under the run config; the
-    generator stage includes its eps pass over ``eps_samples`` samples."""
+def sample_cost(stage: str, dims: int = 2) -> float:
+    """Cost of one training sample of ``stage`` in generator samples, for 2D images or 3D volumes."""
+    return (SAMPLE_COST_3D if dims == 3 else SAMPLE_COST).get(_kind(stage), 1.0)
+
+
+def stage_units(cfg: Any, stage: str, eps_samples: int, dims: int = 2) -> tuple[float, float]:
+    """(generator-sample units, fixed seconds) of ``stage`` under the run config for data of
+    ``dims`` spatial dimensions; the generator stage includes its eps pass over ``eps_samples``
+    samples."""
     if stage == "mechanisms":
         return 0.0, cfg.train.mechanisms.steps * MECHANISMS_STEP_S
     if stage == "evaluate":
-        return EVAL_COST * cfg.evaluate.n * len(cfg.cft.modes), 0.0
+        return EVAL_COST[3 if dims == 3 else 2] * cfg.evaluate.n * len(cfg.cft.modes), 0.0
     sc = _schedule(cfg, stage)
     if sc is None:
         return 0.0, 0.0
-    units = SAMPLE_COST.get(_kind(stage), 1.0) * sc.steps * sc.batch_size
+    units = sample_cost(stage, dims) * sc.steps * sc.batch_size
     return units + (EPS_COST * eps_samples if stage == "generator" else 0.0), 0.0
 
 
@@ -78,9 +92,16 @@ class RunClock:
     ``estimated total time: ~M min`` once (rank 0)."""
 
     def __init__(
-        self, cfg: Any, stages: list[str], enabled: bool, eps_samples: int, waves: list[list[Any]] | None = None
+        self,
+        cfg: Any,
+        stages: list[str],
+        enabled: bool,
+        eps_samples: int,
+        waves: list[list[Any]] | None = None,
+        dims: int = 2,
     ) -> None:
         self.cfg, self.stages, self.enabled, self.eps_samples = cfg, list(stages), enabled, eps_samples
+        self.dims = dims
         # lanes as (threads, stages to run), empty ones left out; without a plan, one after another
         self.waves: list[list[tuple[int, list[str]]]] = []
         plan = [[(lane.threads, lane.stages) for lane in wave] for wave in waves or []]
@@ -123,7 +144,7 @@ class RunClock:
         sc = _schedule(self.cfg, stage)
         w = next(i for i, wave in enumerate(self.waves) if any(stage in lane[1] for lane in wave))
         threads = next(lane[0] for lane in self.waves[w] if stage in lane[1])
-        unit_s = per_step / (SAMPLE_COST.get(_kind(stage), 1.0) * sc.batch_size) / self._slowdown(stage, threads)
+        unit_s = per_step / (sample_cost(stage, self.dims) * sc.batch_size) / self._slowdown(stage, threads)
         remaining = {stage: per_step * steps_left}
         if stage == "generator":
             remaining[stage] += EPS_COST * self.eps_samples * unit_s * self._slowdown(stage, threads)
@@ -138,7 +159,7 @@ class RunClock:
                         seconds += remaining[s]
                         after = True
                     elif after:
-                        units, fixed = stage_units(self.cfg, s, self.eps_samples)
+                        units, fixed = stage_units(self.cfg, s, self.eps_samples, self.dims)
                         remaining[s] = units * unit_s * self._slowdown(s, lane_threads) + fixed
                         seconds += remaining[s]
                 if i == 0 and stage not in lane_stages:  # a lane running beside the timed stage
