@@ -15,8 +15,7 @@ SAMPLE_COST = {"segmentor": 0.19, "eval_segmentor": 0.19, "regressor": 0.26, "ge
 and the segmentors' quality gate included (the quick preset's stage times in 2D, trained one
 after another with 2 threads, benchmarks/RESULTS.md, "Stages side by side"; the segmentors' and
 the regressor's raised by 1/0.89 since the one-pass GELU made the HVAE's passes, in the
-generator, fine-tuning and evaluation alike, 11 % cheaper; fine-tuning is up to 40 % dearer in
-3D)."""
+generator, fine-tuning and evaluation alike, 11 % cheaper). Volumes use SAMPLE_COST_3D."""
 
 SAMPLE_COST_3D = {"segmentor": 0.31, "eval_segmentor": 0.31, "regressor": 0.23, "generator": 1.0, "cft": 1.85}
 """The same for volumes (64 x 32 x 32, batches of 4): the quick 3D run's stage times (benchmarks/
