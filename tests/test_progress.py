@@ -95,6 +95,26 @@ def test_estimate_of_stages_side_by_side_takes_the_longest_lane(monkeypatch, cap
     assert progress.lane_slowdown("cft-seg", 1, 4) == pytest.approx(progress.LANE_SLOWDOWN["cft"] ** 2)
 
 
+def test_estimate_times_each_stage_apart_when_lanes_interleave(capsys):
+    """Two lanes relay their first steps to one clock: the segmentor starting 6 s into the
+    evaluation segmentor's timing (after the parent mechanisms) must not restart that timing."""
+    from segcft.train.lanes import Lane
+
+    cfg = _cfg()
+    stages = ["mechanisms", "segmentor", "eval_segmentor", "generator"]
+    waves = [[Lane(1, ("mechanisms", "segmentor")), Lane(1, ("eval_segmentor",))], [Lane(2, ("generator",))]]
+    clock = RunClock(cfg, stages, enabled=True, eps_samples=0, waves=waves)
+    per_step = 0.5
+    events = [(k * per_step, "eval_segmentor", k) for k in range(1, 101)]
+    events += [(6.0 + k * per_step, "segmentor", k) for k in range(1, 101)]
+    for now, stage, step in sorted(events):
+        clock.observe(stage, step, 0, 100, 0.0 if stage == "eval_segmentor" else 6.0, now=now)
+        if clock.estimate is not None:
+            break
+    assert (stage, step) == ("eval_segmentor", progress.ESTIMATE_WARMUP + progress.ESTIMATE_STEPS)
+    assert f"from eval_segmentor at {per_step:.3f} s/step" in capsys.readouterr().out
+
+
 def test_estimate_of_a_stage_shorter_than_the_timed_steps(capsys):
     clock = RunClock(_cfg(), ["generator"], enabled=True, eps_samples=0)
     for step in range(1, 5):

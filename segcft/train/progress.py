@@ -112,7 +112,8 @@ class RunClock:
         self.t0 = time.perf_counter()
         self.wave_t0 = self.t0
         self.estimate: float | None = None
-        self._mark: tuple[int, float] | None = None
+        # per stage: (step, time) its timing starts from; lanes interleave their stages' steps
+        self._marks: dict[str, tuple[int, float]] = {}
 
     def start_wave(self) -> None:
         """Called when the next wave of stages starts."""
@@ -128,12 +129,13 @@ class RunClock:
             return
         now = time.perf_counter() if now is None else now
         warm = min(ESTIMATE_WARMUP, (total - start) // 2)
-        if self._mark is None or self._mark[0] < start:
-            self._mark = (start, stage_t0)
+        mark = self._marks.get(stage)
+        if mark is None or mark[0] < start:
+            mark = self._marks[stage] = (start, stage_t0)
         if step == start + warm:
-            self._mark = (step, now)
-        if step >= min(start + warm + ESTIMATE_STEPS, total) and step > self._mark[0]:
-            per_step = (now - self._mark[1]) / (step - self._mark[0])
+            mark = self._marks[stage] = (step, now)
+        if step >= min(start + warm + ESTIMATE_STEPS, total) and step > mark[0]:
+            per_step = (now - mark[1]) / (step - mark[0])
             self._report(stage, per_step, total - step, now)
 
     def _slowdown(self, stage: str, threads: int) -> float:
