@@ -206,8 +206,8 @@ def test_cached_samples_read_each_index_once_within_the_budget():
 
 
 def test_cacheable_datasets():
-    from segcft.config import load_run_config
     from segcft.components import build_dataset
+    from segcft.config import load_run_config
 
     assert context.cacheable(build_dataset(load_run_config(None, "smoke", []), "train"))
     assert context.cacheable(CountingDataset())
