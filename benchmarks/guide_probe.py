@@ -6,6 +6,11 @@ measures on a split (default val: never tune on test):
 - floor:     the segmentor on the factual volumes against their recorded plaque volumes;
 - exact:     on the exact counterfactual the phantom renders from the same exogenous noise;
 - unchanged: the factual volume left as it is, against the counterfactual value.
+Then where the floor's error lives (temperature 0.5, factual volumes): the mean class probabilities
+on calcified plaque voxels (above CALCIUM_HU) and on the other plaque voxels, the plaque
+probability mass that falls in the lumen and in the background (wall, fat) as a share of the true
+plaque volume, per plaque kind, and the correlation of the signed error with the wall thickness
+(plaque and wall have nearly the same attenuation, so the plaque's outer edge must be inferred).
 Interventions are drawn as in evaluation (the split's own values permuted with a fixed seed,
 descendants through the mechanisms). Each measurement variant is one row: ``T=<t>`` divides the
 logits by t before the soft volume (the segmentor's ``measure_temperature``), ``hard`` counts
@@ -66,6 +71,42 @@ def load(run_dir: Path) -> tuple:
     return cfg, info, seg.eval(), own.eval(), mech.eval()
 
 
+CALCIUM_HU = 600.0
+"""Plaque voxels brighter than this are calcified (750 HU; the contrast-filled lumen stays below 550)."""
+
+
+def breakdown(
+    probs: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, regions: torch.Tensor, exo: torch.Tensor
+) -> dict:
+    """Where the plaque soft-volume error of the factual volumes lives; ``probs`` (N, 3, ...)."""
+    calcium = (mask == 2) & (image[:, 0] > (CALCIUM_HU - 250.0) / 500.0)
+    voxels = {"calcified": calcium, "soft": (mask == 2) & ~calcium}
+    out: dict = {
+        f"{k} voxels": {c: float(probs[:, i][sel].mean()) for i, c in enumerate(("background", "lumen", "plaque"))}
+        for k, sel in voxels.items()
+    }
+    pp = probs[:, 2]
+    rows: dict[str, list[torch.Tensor]] = {"calcified": [], "true": [], "bg": [], "lumen": [], "missed": [], "err": []}
+    for r in (1, 2, 3):
+        inr = regions == r
+        true = ((mask == 2) & inr).flatten(1).sum(1).float()
+        rows["true"].append(true)
+        rows["calcified"].append(exo[:, 10 + 5 * (r - 1)] > 0)
+        rows["bg"].append((pp * ((mask == 0) & inr)).flatten(1).sum(1))
+        rows["lumen"].append((pp * ((mask == 1) & inr)).flatten(1).sum(1))
+        rows["missed"].append(((1 - pp) * ((mask == 2) & inr)).flatten(1).sum(1))
+        rows["err"].append((pp * inr).flatten(1).sum(1) - true)
+    o = {k: torch.cat(v) for k, v in rows.items()}
+    share = {k: 100 * o[k] / o["true"] for k in ("bg", "lumen", "missed", "err")}
+    for name, sel in (("calcified plaques", o["calcified"]), ("non-calcified plaques", ~o["calcified"])):
+        out[name] = {"n": int(sel.sum()), "MAPE": float(share["err"][sel].abs().mean())}
+        out[name] |= {f"% in {k}": float(share[k][sel].mean()) for k in ("bg", "lumen")}
+        out[name]["% missed"] = float(share["missed"][sel].mean())
+    wall = exo[:, 1].repeat(3)
+    out["corr(signed error, wall thickness)"] = float(torch.corrcoef(torch.stack([share["err"], wall]))[0, 1])
+    return out
+
+
 @torch.inference_mode()
 def measure(run_dir: Path, split: str, n: int, temperatures: list[float]) -> dict:
     """{variant: {source: {variable: (MAPE %, signed mean % error)}}} on the first n samples."""
@@ -81,10 +122,14 @@ def measure(run_dir: Path, split: str, n: int, temperatures: list[float]) -> dic
     plaque = [v for v in info.structure_variables if v.measure and v.measure.region]
     variants = [f"T={t:g}" for t in temperatures] + ["hard", "run"]
 
-    def areas(x: torch.Tensor, regions: torch.Tensor) -> dict[str, torch.Tensor]:
+    probs = []
+
+    def areas(x: torch.Tensor, regions: torch.Tensor, keep: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for i in range(0, x.shape[0], 8):
             logits = seg(x[i : i + 8].float())
+            if keep:
+                probs.append(torch.softmax(logits / 0.5, 1))
             r = regions[i : i + 8].long()
             row = {f"T={t:g}": meas(logits / t, r) for t in temperatures}
             row["hard"] = meas(
@@ -97,8 +142,9 @@ def measure(run_dir: Path, split: str, n: int, temperatures: list[float]) -> dic
 
     pa = data["parents"].float()
     phys = info.denormalise(pa.double())
-    fact = areas(data["image"], data["regions"])
+    fact = areas(data["image"], data["regions"], keep=True)
     res: dict = {v: {"floor": {}, "exact": {}, "unchanged": {}} for v in variants}
+    res["where"] = breakdown(torch.cat(probs), data["image"], data["mask"], data["regions"], data["exogenous"])
 
     def score(variant: str, source: str, name: str, measured: torch.Tensor, target: torch.Tensor) -> None:
         _, ape = abs_errors(measured, target, info.voxel_size)
@@ -136,11 +182,17 @@ def main() -> None:
         wall = train(args.run_dir, args.seed, args.sets)
     res = measure(args.run_dir, args.split, args.n, [float(t) for t in args.temperatures.split(",")])
     print(f"{args.run_dir} (seed {args.seed}, {args.split}, train wall {wall:.0f} s)  MAPE % [signed mean %]")
+    where = res.pop("where")
     for variant, sources in res.items():
         for source, per in sources.items():
             cells = "  ".join(f"{k.removeprefix('plaque_')} {m:6.1f} [{b:+6.1f}]" for k, (m, b) in per.items())
             print(f"  {variant:7s} {source:9s} {cells}")
+    print("  where the floor's error lives (T=0.5; % of the true plaque volume):")
+    for key, value in where.items():
+        cells = "  ".join(f"{k} {v:.3g}" for k, v in value.items()) if isinstance(value, dict) else f"{value:+.2f}"
+        print(f"    {key:22s} {cells}")
     out = args.run_dir / "guide_probe.json"
+    res["where"] = where
     out.write_text(json.dumps({"seed": args.seed, "split": args.split, "train_wall_s": wall, "results": res}, indent=1))
 
 
