@@ -58,23 +58,26 @@ DATASETS: dict[str, dict[str, Any]] = {
             "cft.objectives.seg.locality_band=true",
         ],
     },
-    # Ten times the quick preset's 60 x 4 fine-tuning steps, with the locality penalty at 100 for the
-    # segmentor-guided modes: on seed 0's validation split Pos-Seg-CFT's per-region plaque MAPE fell from
-    # 57 / 41 / 50 % (60 steps; none 62 / 41 / 52) to 27 / 35 / 33 %, and the locality penalty cut its change
-    # outside the intervened region from 1.0-2.0 to 0.6-0.8 (REPRODUCTION.md, "3D: what the fine-tuning
-    # budget does"). Every mode gets the same steps. About 40 minutes of fine-tuning per seed on one core.
+    # 1200 x 4 fine-tuning steps (five times the quick preset's 240), with the locality penalty at 100
+    # for the segmentor-guided modes. On seed 0's validation split, from the same pre-trained stages,
+    # Pos-Seg-CFT's per-region plaque MAPE fell from 44 / 37 / 31 % at 600 steps to 33 / 31 / 20 %
+    # (none 61 / 41 / 49) while its change outside the intervened region stayed at or below Reg-CFT's
+    # (REPRODUCTION.md, "3D: 1200 fine-tuning steps"). Every mode gets the same steps. About 25-30 minutes
+    # per mode on one core.
     # The regressor trains 2400 steps instead of the quick preset's 150: at 150 its plaque heads read
     # the other parents, not the image (slope 0.01-0.02 on exact counterfactuals), at 2400 they follow
     # the plaque (slope 0.79 / 0.72 / 0.66; REPRODUCTION.md, "3D: a regressor that sees the plaque").
     # Both segmentors at the unet's default widths 16-32-64-128 instead of the quick preset's 8-16-32-64:
     # the exact counterfactual's plaque MAPE 13-19 % -> 11-14 % per region on seeds 0 and 1 (val;
-    # REPRODUCTION.md, "a wider segmentor"). The claims table of 2026-12-03 predates this change.
+    # REPRODUCTION.md, "a wider segmentor"), and for 3600 steps instead of 1800: 9.0-12.4 % (REPRODUCTION.md,
+    # "ccta-phantom guide: wide and 3600 steps"). The claims table of 2026-12-03 predates these changes.
     "ccta-phantom": {
         "modes": ["none", "reg", "seg", "pos-seg"],
         "overrides": [
             "segmentor.channels=[16, 32, 64, 128]",
+            "train.segmentor.steps=3600",
             "train.regressor.steps=2400",
-            "cft.steps=600",
+            "cft.steps=1200",
             "cft.warmup=20",
             "cft.objectives.seg.locality=100",
             "cft.objectives.pos-seg.locality=100",
