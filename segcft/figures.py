@@ -65,6 +65,18 @@ def display_aspect(spacing: Sequence[float] | None) -> float | str:
     return float(spacing[0]) / float(spacing[-1])
 
 
+def panel_size(image: np.ndarray, aspect: float | str, width: float) -> tuple[float, float]:
+    """(width, height) in inches of a panel showing ``image`` with imshow ``aspect``: ``width``
+    for a square image; a tall one (the (D, W) section of a volume) gets the same area, narrower
+    and taller, with its height over width clipped to 4. Figures are sized to their panels, so
+    a tall section does not float in white margins."""
+    rows, cols = image.shape[-2:]
+    scale = 1.0 if isinstance(aspect, str) else float(aspect)
+    ratio = min(max(rows * scale / max(cols, 1), 0.25), 4.0)
+    w = width / math.sqrt(max(ratio, 1.0))
+    return w, w * ratio
+
+
 def _section(a: np.ndarray, index: int | None) -> np.ndarray:
     a = np.asarray(a)
     while a.ndim > 3 or (a.ndim == 3 and index is None):
@@ -97,10 +109,11 @@ def counterfactual_grid(
     diffs = {m: (_section(counterfactuals[m], idx) - x) * 127.5 for m in modes}
     vmax = max([float(np.abs(d).max()) for d in diffs.values()] + [1.0])
     n = max(len(modes), 1)
-    fig = _figure((10, 2.6 * n))
+    aspect = display_aspect(spacing)
+    w, h = panel_size(x, aspect, 2.3)
+    fig = _figure((4 * max(w, 1.3) + 0.6, n * (h + 0.35) + 0.4))
     axes = fig.subplots(n, 4, squeeze=False, subplot_kw=_BARE)
     fm = None if factual_mask is None else _section(factual_mask, idx)
-    aspect = display_aspect(spacing)
     for r, mode in enumerate(modes):
         xc = _section(counterfactuals[mode], idx)
         seg = _section(masks[mode], idx) if mode in masks else None
@@ -167,12 +180,14 @@ def counterfactual_png(
     ]
     if std is not None:
         panels.append((_section(std, idx) * scale, f"uncertainty (std, {unit})", dict(cmap="magma")))
-    fig = _figure((3.2 * len(panels), 3.6))
+    aspect = display_aspect(spacing)
+    w, h = panel_size(x, aspect, 2.6)
+    fig = _figure((len(panels) * (max(w, 1.4) + 0.6), h + 1.0))
     axes = fig.subplots(1, len(panels), squeeze=False)
     rows, cols = ("D", "W") if idx is not None else ("H", "W")
     for c, (img, label, kw) in enumerate(panels):
         ax = axes[0, c]
-        im = ax.imshow(img, interpolation="nearest", aspect=display_aspect(spacing), **kw)
+        im = ax.imshow(img, interpolation="nearest", aspect=aspect, **kw)
         ax.set_title(label, fontsize=8)
         ax.set_xlabel(f"{cols} (voxel)", fontsize=7)
         ax.set_ylabel(f"{rows} (voxel)", fontsize=7)

@@ -353,3 +353,26 @@ def test_figures_draw_anisotropic_voxels_with_their_true_aspect(tmp_path, monkey
     assert all(ax.get_aspect() == pytest.approx(8.0) for axes in image_axes[:2] for ax in axes)
     assert all(ax.get_aspect() == pytest.approx(3.0) for ax in image_axes[2])
     assert figures.display_aspect((0.6, 0.2)) == pytest.approx(3.0) and figures.display_aspect(None) == "equal"
+
+
+def test_figures_of_tall_sections_are_sized_to_their_panels(tmp_path):
+    """A (D, W) section of a ccta-like volume is 3.75 times taller than wide: the figure must be
+    sized to it, not leave most of its width blank (it left 65 % of the grid's columns white)."""
+    import matplotlib.image as mpimg
+
+    from segcft import figures
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1, 64, 32, 32)).astype(np.float32)
+    mask = np.zeros((64, 32, 32), dtype=np.int64)
+    mask[10:30, 16, 10:20] = 1
+    spacing = (0.75, 0.4, 0.4)
+    grid = figures.counterfactual_grid(x, {"a": x + 0.01, "b": x}, {"a": mask}, tmp_path / "g.png", spacing=spacing)
+    single = figures.counterfactual_png(x[0], x[0] + 0.01, tmp_path / "p.png", masks=[mask], spacing=spacing)
+    for path in (grid, single):
+        white = (mpimg.imread(path)[..., :3] > 0.99).all(-1)
+        assert white.all(axis=0).mean() < 0.3, path.name  # blank columns
+        assert white.all(axis=1).mean() < 0.3, path.name  # blank rows
+    assert figures.panel_size(np.zeros((64, 64)), "equal", 2.0) == (2.0, 2.0)
+    w, h = figures.panel_size(np.zeros((64, 32)), 1.875, 2.0)
+    assert h / w == pytest.approx(3.75) and w * h == pytest.approx(4.0)
