@@ -24,7 +24,24 @@ from segcft.errors import UserError
 if TYPE_CHECKING:
     from segcft.config import RunConfig
 
-__all__ = ["Run", "RunDir", "generator_state", "load_run"]
+__all__ = ["Run", "RunDir", "generator_state", "guide_from", "guide_stages", "load_run"]
+
+
+def guide_stages(cfg: Any) -> list[str]:
+    """The stages that train the guide: ``segmentor`` and, with ``train.segmentor.guides`` = K > 1,
+    ``segmentor-2`` ... ``segmentor-K`` (an ensemble); none without a segmentor plugin."""
+    if not cfg.segmentor.name:
+        return []
+    return ["segmentor", *(f"segmentor-{k}" for k in range(2, cfg.train.segmentor.guides + 1))]
+
+
+def guide_from(members: list[nn.Module]) -> nn.Module:
+    """The guide of a run from its trained members: the one segmentor, or their ensemble (frozen)."""
+    if len(members) == 1:
+        return members[0]
+    from segcft.models.ensemble import SegmentorEnsemble
+
+    return SegmentorEnsemble(members).eval().requires_grad_(False)
 
 
 class RunDir:
@@ -228,6 +245,10 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
             return None
         return frozen(build_component(kind, section, info), rd.final(stage), f"{kind} {section.name!r}")
 
+    members = [optional("segmentor", stage) for stage in guide_stages(cfg)]
+    loaded = [m for m in members if m is not None]
+    guide = guide_from(loaded) if loaded and len(loaded) == len(members) else None
+
     from segcft.models.mechanisms import ParentSCM
 
     mechanisms = frozen(ParentSCM(info, cfg.mechanisms), rd.final("mechanisms"), "parent mechanisms")
@@ -246,7 +267,7 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
         info=info,
         device=dev,
         mechanisms=mechanisms,
-        segmentor=optional("segmentor", "segmentor"),
+        segmentor=guide,
         eval_segmentor=optional("segmentor", "eval_segmentor"),
         regressor=optional("regressor", "regressor"),
         generators=generators,

@@ -75,6 +75,15 @@ class SegmentorStageConfig(StageConfig):
         default="stop",
         metadata={"help": "a segmentor still not learned after its retry: stop the run, or warn and go on"},
     )
+    guides: int = field(
+        default=1,
+        metadata={
+            "help": "segmentors trained from different seeds whose mean class probabilities guide fine-tuning "
+            "(stages segmentor, segmentor-2, ...): an edit must read as structure to all of them",
+            "ge": 1,
+            "le": 8,
+        },
+    )
 
 
 @dataclass

@@ -140,15 +140,17 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def floor_marks(result: Mapping[str, Any], gates: Mapping[str, Any], threshold: float) -> dict[str, Any]:
     """The structures whose measuring segmentor (``eval``, ``guide``) has a floor above
     ``threshold`` %: the soft-area MAPE on factual validation images that the quality gate recorded
-    (gates.json), else the MAPE on the evaluated split's factual images (``factual``)."""
+    (gates.json), else (and for a guide ensemble, whose members the gate measured one by one) the
+    MAPE on the evaluated split's factual images (``factual``)."""
     marks: dict[str, Any] = {"threshold": threshold, "segmentors": {}}
     if threshold <= 0:
         return marks
     evaluated_by_guide = str(result.get("eval_segmentor", "")).startswith("guide")
+    ensemble = int(result.get("guide_members") or 1) > 1  # the gate measured its members, not their mean
     for s, by_who in (result.get("factual") or {}).items():
         for who, errors in by_who.items():
             stage = "segmentor" if who == "guide" or evaluated_by_guide else _STAGE_OF[who]
-            floor = ((gates.get(stage) or {}).get("floors") or {}).get(s)
+            floor = None if ensemble and stage == "segmentor" else ((gates.get(stage) or {}).get("floors") or {}).get(s)
             source = "val"
             if not isinstance(floor, (int, float)):
                 floor, source = ((errors or {}).get("mape") or {}).get("mean"), str(result.get("split"))

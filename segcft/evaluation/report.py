@@ -94,6 +94,7 @@ def summarise(scores: Scores, ctx: Context) -> dict[str, Any]:
         "particles": ctx.particles,
         "phantom": ctx.phantom,
         "eval_segmentor": "separate" if run.eval_segmentor is not None else "guide (no separate evaluation segmentor)",
+        "guide_members": len(getattr(run.segmentor, "members", [run.segmentor])) if run.segmentor is not None else 0,
         "units": {v.name: v.unit for v in info.variables},
         "structures": structures,
         "regions": {v.name: v.measure.region for v in info.structure_variables if v.measure.region},
@@ -295,6 +296,11 @@ def write_report(result: Mapping[str, Any], spatial_dims: int | None = None) -> 
         f"resamples, seed {result['seed']}). Effectiveness and leakage are measured by the evaluation segmentor "
         f"({result['eval_segmentor']}) as soft {word} in physical units ({unit}); image differences are on the 0-255 "
         f"scale; locality masks are dilated by {result['dilation']} voxels."
+        + (
+            f" The guide is an ensemble of {result['guide_members']} segmentors (their mean probabilities)."
+            if int(result.get("guide_members") or 1) > 1
+            else ""
+        )
     )
     L.append("")
     L += _headline_section(result)

@@ -19,7 +19,7 @@ from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
 from segcft.protocols import GUIDES
-from segcft.run import RunDir
+from segcft.run import RunDir, guide_stages
 from segcft.train.context import StageContext, set_cpu_threads
 from segcft.train.lanes import Lane, lanes_possible, plan_waves, run_lanes
 from segcft.train.progress import RunClock
@@ -55,7 +55,7 @@ def validate(ctx: StageContext, stages: list[str]) -> None:
     if ctx.segmentor_checkpoint is not None and "segmentor" in stages:
         ctx.segmentor_import = _read_segmentor_import(ctx, ctx.segmentor_checkpoint)
     if cfg.segmentor.name:
-        must_train = [s for s in ("segmentor", "eval_segmentor") if s in stages and not ctx.run.done(s)]
+        must_train = [s for s in (*guide_stages(cfg), "eval_segmentor") if s in stages and not ctx.run.done(s)]
         if ctx.segmentor_checkpoint is not None and "segmentor" in must_train:
             must_train.remove("segmentor")
         if must_train and "mask" not in ctx.train_set[0]:
@@ -75,7 +75,7 @@ def _check_checkpoints(ctx: StageContext, stages: list[str]) -> None:
     paths = [(s, run.final(s)) for s in sorted(uses) if s not in stages and run.done(s)]
     paths += [(s, run.last(s)) for s in stages if ctx.resume and run.last(s).is_file()]
     for stage, path in paths:
-        kind = "segmentor" if stage == "eval_segmentor" else "generator" if stage.startswith("cft-") else stage
+        kind = "segmentor" if "segmentor" in stage else "generator" if stage.startswith("cft-") else stage
         module: nn.Module
         if kind == "mechanisms":
             from segcft.models.mechanisms import ParentSCM
@@ -143,6 +143,8 @@ def _select_stages(all_stages: list[str], only: list[str] | None, from_stage: st
     def expand(name: str) -> list[str]:
         if name == "cft":
             return [s for s in all_stages if s.startswith("cft-")]
+        if name == "segmentor":  # the guide: every member of an ensemble
+            return [s for s in all_stages if s == name or s.startswith("segmentor-")]
         if name not in all_stages:
             raise UserError(f"unknown stage {name!r}; stages of this run: {['cft', *all_stages]}")
         return [name]
@@ -192,6 +194,11 @@ def _check_request(
             raise UserError(f"--segmentor-checkpoint {seg_path} does not exist")
         if not cfg.segmentor.name:
             raise UserError("--segmentor-checkpoint needs a segmentor plugin (segmentor.name)")
+        if cfg.train.segmentor.guides > 1:
+            raise UserError(
+                f"--segmentor-checkpoint imports one guide, but train.segmentor.guides is "
+                f"{cfg.train.segmentor.guides}; set it to 1 to import"
+            )
     return cfg, resume == "auto", seg_path
 
 

@@ -39,7 +39,7 @@ ESTIMATE_WARMUP, ESTIMATE_STEPS = 5, 20
 
 
 def _kind(stage: str) -> str:
-    return "cft" if stage.startswith("cft-") else stage
+    return "cft" if stage.startswith("cft-") else "segmentor" if stage.startswith("segmentor-") else stage
 
 
 def _schedule(cfg: Any, stage: str) -> Any:
@@ -47,7 +47,7 @@ def _schedule(cfg: Any, stage: str) -> Any:
     stage without one)."""
     if stage.startswith("cft-"):
         return cfg.cft
-    return getattr(cfg.train, "segmentor" if stage == "eval_segmentor" else stage, None)
+    return getattr(cfg.train, "segmentor" if "segmentor" in stage else stage, None)
 
 
 def sample_cost(stage: str, dims: int = 2) -> float:

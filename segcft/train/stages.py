@@ -18,7 +18,7 @@ from segcft.config import MechanismsStageConfig, StageConfig, derived_seed
 from segcft.dscm import DSCM
 from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
-from segcft.run import generator_state
+from segcft.run import generator_state, guide_from, guide_stages
 from segcft.train.context import StageContext
 from segcft.train.gate import gate_imported, gated_segmentor
 from segcft.train.loop import fit
@@ -87,11 +87,26 @@ def _training_parents(ctx: StageContext) -> torch.Tensor:
     return torch.cat([b["parents"] for b in loader]).float()
 
 
+GUIDE_SEED_STEP = 20
+"""Guide member k (stage ``segmentor-k``, k >= 2) trains with seed s + GUIDE_SEED_STEP * (k - 1)."""
+
+
+def segmentor_seed(seed: int, stage: str) -> int:
+    """The seed of a segmentor stage in a run of ``seed``: the guide s, the evaluation segmentor
+    s + 1, guide member k s + GUIDE_SEED_STEP * (k - 1)."""
+    if stage == "eval_segmentor":
+        return seed + 1
+    if stage == "segmentor":
+        return seed
+    return seed + GUIDE_SEED_STEP * (int(stage.rsplit("-", 1)[1]) - 1)
+
+
 def stage_segmentor(ctx: StageContext, stage: str) -> None:
-    """The guide (``segmentor``, seed s, or the imported ``--segmentor-checkpoint``) and the
-    evaluation segmentor (``eval_segmentor``, seed s+1), each through the quality gate (a retry
-    with seed + RETRY_SEED_OFFSET and twice the steps when a structure is not learned; an
-    imported guide is measured, not retrained)."""
+    """The guide (``segmentor``, seed s, or the imported ``--segmentor-checkpoint``; with
+    ``train.segmentor.guides`` > 1 also its members ``segmentor-k``) and the evaluation segmentor
+    (``eval_segmentor``, seed s+1), each through the quality gate (a retry with seed +
+    RETRY_SEED_OFFSET and twice the steps when a structure is not learned; an imported guide is
+    measured, not retrained)."""
     if stage == "segmentor" and ctx.segmentor_import is not None and ctx.segmentor_checkpoint is not None:
         imported = build_component("segmentor", ctx.cfg.segmentor, ctx.info)
         imported.load_state_dict(ctx.segmentor_import)  # checked against the plugin by validation
@@ -106,7 +121,7 @@ def stage_segmentor(ctx: StageContext, stage: str) -> None:
         loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
         return fit(ctx, name, seg, loss, sc, seed, rng=rng)
 
-    trained, seed = gated_segmentor(ctx, stage, ctx.cfg.seed + (1 if stage == "eval_segmentor" else 0), train)
+    trained, seed = gated_segmentor(ctx, stage, segmentor_seed(ctx.cfg.seed, stage), train)
     ctx.save_final(stage, {"model": trained.state_dict(), "seed": seed})
 
 
@@ -169,7 +184,12 @@ def stage_cft(ctx: StageContext, stage: str) -> None:
     gen = build_component("generator", cfg.generator, ctx.info)
     load_model_state(gen, gen_state, run.final("generator"), f"generator {cfg.generator.name!r}")
     gen = gen.to(ctx.device)
-    guides = {kind: ctx.load_frozen(kind, kind) for kind in objective_guides(mode, cfg)}
+    guides = {
+        kind: guide_from([ctx.load_frozen(kind, s) for s in guide_stages(cfg)])
+        if kind == "segmentor"
+        else ctx.load_frozen(kind, kind)
+        for kind in objective_guides(mode, cfg)
+    }
     objective = build_objective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), **guides).to(ctx.device)
     rng = torch.Generator().manual_seed(derived_seed(seed * 1000 + ctx.d.rank))
     loss_fn = CFTLoss(DSCM(ctx.info, mech, gen), objective, rng)
@@ -236,7 +256,8 @@ class Stage:
 
 
 def _cft_requires(cfg: Any, stage: str) -> tuple[str, ...]:
-    return ("mechanisms", "generator", *objective_guides(stage[len("cft-") :], cfg))
+    guides = objective_guides(stage[len("cft-") :], cfg)
+    return ("mechanisms", "generator", *(s for g in guides for s in (guide_stages(cfg) if g == "segmentor" else [g])))
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
@@ -248,9 +269,9 @@ STAGE_TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         "segmentor",
-        "checkpoints/segmentor.pt (the guide: weights, seed or source)",
+        "checkpoints/segmentor.pt (the guide: weights, seed or source); segmentor-k.pt per further guide member",
         stage_segmentor,
-        instances=lambda cfg: ["segmentor"] if cfg.segmentor.name else [],
+        instances=guide_stages,
         side_by_side=True,
     ),
     Stage(
