@@ -351,6 +351,14 @@ def test_damping_uses_the_constraints_moving_average(setup):
     assert float(obj._average_constraint(torch.tensor(float("inf")))) == pytest.approx(before)
     after = float(obj._average_constraint(torch.tensor(1.0)))
     assert after == pytest.approx(CONSTRAINT_AVERAGE * before + (1 - CONSTRAINT_AVERAGE), rel=1e-6)
+    # a finite outlier (a batch whose nelbo blew up) enters clipped to -max(eps, 1), so the damping
+    # coefficient stays the size of eps instead of making every later gradient overflow
+    bound = max(obj.eps, 1.0)
+    huge = float(obj._average_constraint(torch.tensor(-4.0e7)))
+    assert huge == pytest.approx(CONSTRAINT_AVERAGE * after - (1 - CONSTRAINT_AVERAGE) * bound, rel=1e-6)
+    for _ in range(5):
+        worst = float(obj._average_constraint(torch.tensor(-1.0e30)))
+    assert -bound <= worst < huge
 
 
 class ScaledRegressor(nn.Module):

@@ -138,7 +138,10 @@ class CFTObjective(nn.Module):
         """Fold this batch's constraint (averaged over ranks under DDP) into the moving average
         while training; return the average the damping uses. A non-finite constraint (a batch
         whose nelbo overflowed: the stepper skips that update) leaves the average as it was,
-        or every later loss would be NaN and every later update skipped."""
+        or every later loss would be NaN and every later update skipped. A finite one enters
+        clipped to +-max(eps, 1): a batch whose nelbo is a billion times its bound would otherwise
+        make the damping coefficient so large that every later gradient overflows and every later
+        update is skipped (a 3D Pos-Seg-CFT run stopped learning at step 650 of 1200 that way)."""
         if not self.training:
             return self.constraint_avg.clone()
         if dist.is_available() and dist.is_initialized():
@@ -146,7 +149,8 @@ class CFTObjective(nn.Module):
             dist.all_reduce(gap)
             gap /= dist.get_world_size()
         gap = gap.to(self.constraint_avg)
-        folded = CONSTRAINT_AVERAGE * self.constraint_avg + (1.0 - CONSTRAINT_AVERAGE) * gap
+        bound = max(abs(self.eps), 1.0)
+        folded = CONSTRAINT_AVERAGE * self.constraint_avg + (1.0 - CONSTRAINT_AVERAGE) * gap.clamp(-bound, bound)
         self.constraint_avg.copy_(torch.where(torch.isfinite(gap), folded, self.constraint_avg))
         return self.constraint_avg.clone()
 
