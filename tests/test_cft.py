@@ -361,6 +361,45 @@ def test_damping_uses_the_constraints_moving_average(setup):
     assert -bound <= worst < huge
 
 
+
+def test_lambda_gradient_is_the_constraint_clipped(setup):
+    """d loss / d lambda = nelbo - eps for an ordinary batch, and at most max(eps, 1) for a batch
+    whose nelbo exploded (it would otherwise freeze lambda's Adam); the generator's gradient and
+    the loss value are those of guide - (lambda - d avg) (eps - nelbo) either way."""
+    info, dscm, seg, _ = setup
+    batch = make_batch(info)
+    do = permutation_intervention(info, batch["parents"], torch.Generator().manual_seed(0), ["lung"])
+    with torch.no_grad():
+        nelbo = float(dscm.generator.elbo(batch["image"], batch["parents"])["loss"])
+    for eps, clipped in ((nelbo + 0.5, False), (nelbo - 50.0 * max(nelbo, 1.0), True)):
+        obj = build_objective("seg", info, cfg(), eps=eps, segmentor=seg)
+        with torch.no_grad():
+            obj.lmbda.fill_(0.7)
+        torch.manual_seed(3)
+        out = obj(dscm, batch, intervention=do)
+        dscm.generator.zero_grad()
+        out["loss"].backward()
+        gap = out["constraint"]
+        expected = -max(-max(abs(eps), 1.0), min(gap, max(abs(eps), 1.0)))
+        assert float(obj.lmbda.grad) == pytest.approx(expected, rel=1e-5)
+        assert (gap < -max(abs(eps), 1.0)) == clipped
+        coeff = 0.7 - obj.cfg.damping * out["constraint_avg"]
+        assert float(out["loss"].detach()) == pytest.approx(out["guide"] - coeff * gap, rel=1e-5, abs=1e-5)
+        grads = [p.grad.clone() for p in dscm.generator.parameters() if p.grad is not None]
+        # the same batch through the unclipped Lagrangian gives the generator the same gradient
+        obj2 = build_objective("seg", info, cfg(), eps=eps, segmentor=seg)
+        obj2.constraint_avg.copy_(torch.tensor(out["constraint_avg"]))
+        torch.manual_seed(3)
+        x_cf, pa_cf, elbo = dscm.counterfactual_with_elbo(batch["image"], batch["parents"], do)
+        guide, _ = obj2.guide_loss(x_cf, pa_cf, batch, do.variable)
+        ref = guide - coeff * (eps - elbo["loss"].float())
+        dscm.generator.zero_grad()
+        ref.backward()
+        ref_grads = [p.grad for p in dscm.generator.parameters() if p.grad is not None]
+        assert len(grads) == len(ref_grads) > 0
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
 class ScaledRegressor(nn.Module):
     """Predicts mean(x) + 0.1 * parents for every variable, with a chosen predicted scale."""
 

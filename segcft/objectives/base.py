@@ -121,7 +121,11 @@ class CFTObjective(nn.Module):
         nelbo = elbo["loss"].float()
         gap = self.eps - nelbo
         avg = self._average_constraint(gap.detach())
-        loss = guide - (self.lmbda - self.cfg.damping * avg) * gap
+        # d loss / d lambda = -gap, clipped like the average: one batch whose nelbo explodes would
+        # otherwise fill Adam's second moment for lambda and freeze it for thousands of steps.
+        # The extra term is zero in value and leaves the generator's gradient as it was.
+        lmbda = self.lmbda.detach()
+        loss = guide - (lmbda - self.cfg.damping * avg) * gap - (self.lmbda - lmbda) * self._clip(gap.detach())
         return {
             "loss": loss,
             "guide": float(guide.detach()),
@@ -132,6 +136,11 @@ class CFTObjective(nn.Module):
             "variable": do.variable,
             **logs,
         }
+
+    def _clip(self, gap: torch.Tensor) -> torch.Tensor:
+        """One batch's constraint bounded to +-max(|eps|, 1), as the damping and lambda take it."""
+        bound = max(abs(self.eps), 1.0)
+        return gap.clamp(-bound, bound)
 
     @torch.no_grad()
     def _average_constraint(self, gap: torch.Tensor) -> torch.Tensor:
@@ -149,8 +158,7 @@ class CFTObjective(nn.Module):
             dist.all_reduce(gap)
             gap /= dist.get_world_size()
         gap = gap.to(self.constraint_avg)
-        bound = max(abs(self.eps), 1.0)
-        folded = CONSTRAINT_AVERAGE * self.constraint_avg + (1.0 - CONSTRAINT_AVERAGE) * gap.clamp(-bound, bound)
+        folded = CONSTRAINT_AVERAGE * self.constraint_avg + (1.0 - CONSTRAINT_AVERAGE) * self._clip(gap)
         self.constraint_avg.copy_(torch.where(torch.isfinite(gap), folded, self.constraint_avg))
         return self.constraint_avg.clone()
 
