@@ -361,9 +361,8 @@ def test_damping_uses_the_constraints_moving_average(setup):
     assert -bound <= worst < huge
 
 
-
 def test_lambda_gradient_is_the_constraint_clipped(setup):
-    """d loss / d lambda = nelbo - eps for an ordinary batch, and at most max(eps, 1) for a batch
+    """d loss / d lambda = nelbo - eps for an ordinary batch, and at most max(|eps|, 1) for a batch
     whose nelbo exploded (it would otherwise freeze lambda's Adam); the generator's gradient and
     the loss value are those of guide - (lambda - d avg) (eps - nelbo) either way."""
     info, dscm, seg, _ = setup
@@ -399,6 +398,7 @@ def test_lambda_gradient_is_the_constraint_clipped(setup):
         assert len(grads) == len(ref_grads) > 0
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
 
 class ScaledRegressor(nn.Module):
     """Predicts mean(x) + 0.1 * parents for every variable, with a chosen predicted scale."""

@@ -148,7 +148,7 @@ class CFTObjective(nn.Module):
         while training; return the average the damping uses. A non-finite constraint (a batch
         whose nelbo overflowed: the stepper skips that update) leaves the average as it was,
         or every later loss would be NaN and every later update skipped. A finite one enters
-        clipped to +-max(eps, 1): a batch whose nelbo is a billion times its bound would otherwise
+        clipped to +-max(|eps|, 1): a batch whose nelbo is a billion times its bound would otherwise
         make the damping coefficient so large that every later gradient overflows and every later
         update is skipped (a 3D Pos-Seg-CFT run stopped learning at step 650 of 1200 that way)."""
         if not self.training:
