@@ -45,7 +45,7 @@ def _compare(logits, activation, regions, num_regions, spacing=0.7):
     assert a.shape == b.shape
     vol = math.prod(spacing) if isinstance(spacing, list) else spacing
     torch.testing.assert_close(a, b, rtol=AREA_RTOL[logits.dtype], atol=1e-6 * vol)
-    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(5), dtype=a.dtype)
+    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(5), dtype=a.dtype).to(a.device)
     (a * w).sum().backward()
     (b * w).sum().backward()
     assert x.grad.dtype == logits.dtype
