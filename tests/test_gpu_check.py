@@ -123,3 +123,28 @@ def test_summary_verdicts_follow_the_targets(tmp_path: Path) -> None:
     _, verdicts = gpu_summary.kernel_rows(rows)
     assert [v.split()[0] for v in verdicts if " good " in v] == ["PASS"] * 3
     assert [v.split()[0] for v in verdicts if " bad " in v] == ["FAIL"] * 3
+
+
+def test_summary_judges_on_gpu_time_where_measured(tmp_path: Path) -> None:
+    """With gpu_ms in the rows (kernels.py on a GPU), the targets follow the GPU time, not the
+    call time: segcft slower per call (host overhead) but 4x/1.5x faster on the device passes,
+    and the table gains the GPU columns."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(provider: str, call_ms: float, gpu_ms: float, gpu_pct: str) -> dict[str, str]:
+        return {"op": "soft_area", "case": "c", "mode": "fwd", "provider": provider, "ms": str(call_ms),
+                "p20_ms": "0", "p80_ms": "0", "floor_ms": "0", "MB": "", "pct_copy_bw": "5", "copy_GBps": "100",
+                "gpu_ms": str(gpu_ms), "gpu_pct_copy_bw": gpu_pct}
+
+    rows = [row("eager", 0.1, 0.4, ""), row("compile", 0.1, 0.15, ""), row("segcft", 0.5, 0.1, "85")]
+    _, verdicts = gpu_summary.kernel_rows(rows)
+    assert [v.split()[0] for v in verdicts] == ["PASS"] * 3
+    assert all("(GPU time)" in v for v in verdicts)
+    table = gpu_summary.kernel_table(rows)
+    assert "segcft GPU ms" in table[0] and table[2].endswith("| 4.00 | 1.50 | 85 |")
+    call_only = [{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows]
+    assert [v.split()[0] for v in gpu_summary.kernel_rows(call_only)[1]] == ["FAIL"] * 3
