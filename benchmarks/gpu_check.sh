@@ -177,7 +177,7 @@ fi
 
 part kernels_area_loss 150 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops area_loss --csv "$OUT/kernels.csv"
 part step3d 110 "$PY" benchmarks/step.py "${STEP3D_ARGS[@]}" --device "$DEV" \
-  --modes reg:bf16 seg:bf16 pos-seg:bf16 pos-seg --out "$OUT/step3d.csv"
+  --modes reg:bf16 seg:bf16 pos-seg:bf16 pos-seg --profile --out "$OUT/step3d.csv"
 part kernels_soft_area 130 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops soft_area --csv "$OUT/kernels.csv"
 for shape in "${SHAPES2D[@]}"; do
   # one process per shape, so a timeout loses one shape's rows only

@@ -147,8 +147,10 @@ def step_rows(step3d: list[dict[str, str]], step2d: list[dict[str, str]]) -> lis
         rate = r.get("volumes_per_s") or r.get("volumes_per_cpu_s", "")
         unit = "volumes/s" if r.get("volumes_per_s") else "volumes/CPU-s"
         step = r.get("step_s") or r.get("step_cpu_s", "")
-        out.append(["step3d", f"{r['volume']} {r['spec']} batch {r['batch']}", rate, unit,
-                    f"step {step} s; first step {r['first_step_wall_s']} s"])
+        note = f"step {step} s; first step {r['first_step_wall_s']} s"
+        if r.get("ms gpu busy"):
+            note += f"; GPU busy {r['ms gpu busy']} of {r['ms wall profiled']} ms; top kernels: {r['top kernels']}"
+        out.append(["step3d", f"{r['volume']} {r['spec']} batch {r['batch']}", rate, unit, note])
     for r in step2d:
         out.append(["step2d", f"{r['shape']} {r['variant']} batch {r['batch']}", r["samples_per_s"], "images/s",
                     f"step {r['step_s']} s; peak {r['peak_mb']} MiB"])

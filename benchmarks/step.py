@@ -23,9 +23,10 @@ counterfactual, no guide); reg, seg and pos-seg are the objectives' steps with b
 ``pos-seg:cl:bf16``: cl runs the segmentor on channels_last_3d, bf16 the step's forward under
 autocast (CPU or CUDA), compile the segmentor under torch.compile (the first step's wall time is
 printed). With --device cuda the steps are timed in wall seconds after a synchronize (volumes/s).
---profile (CPU only) adds one torch.profiler step per mode, grouped into generator, segmentor and regressor
+--profile adds one torch.profiler step per mode: on a CPU grouped into generator, segmentor and regressor
 forward and backward (a backward node goes to the label its forward op ran under), the fused area
-loss, the optimiser and the rest; --peak (CPU only) measures each mode's peak memory in a fresh process.
+loss, the optimiser and the rest; on a GPU the step's wall time, the time the GPU was busy and the
+costliest kernels. --peak (CPU only) measures each mode's peak memory in a fresh process.
 """
 
 from __future__ import annotations
@@ -306,6 +307,37 @@ def _profile_groups(prof: Any) -> dict[str, float]:
     return ms
 
 
+def _device_ms(events: Any) -> dict[str, float]:
+    """Milliseconds of GPU activity per kernel (or copy / memset) name among profiler events,
+    costliest first."""
+    from torch.autograd import DeviceType
+
+    per_name: dict[str, float] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return dict(sorted(per_name.items(), key=lambda kv: -kv[1]))
+
+
+def _gpu_profile(case: Any, b: Any, do: Any) -> dict[str, object]:
+    """One profiled step on a GPU: its wall ms, the ms the GPU was busy (device events summed; far
+    below the wall time means the step waits on the host) and the five costliest kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        case.step(b, do)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    per_kernel = _device_ms(prof.events())
+    top = list(per_kernel.items())[:5]
+    return {
+        "ms wall profiled": round(wall, 1),
+        "ms gpu busy": round(sum(per_kernel.values()), 1),
+        "top kernels": "; ".join(f"{name[:80]} {ms:.1f} ms" for name, ms in top),
+    }
+
+
 def _clock(device: str) -> float:
     """CPU seconds of this process on a CPU; wall seconds after the queued GPU work on a GPU."""
     if device.startswith("cuda"):
@@ -319,7 +351,8 @@ def bench_3d(
 ) -> list[dict[str, object]]:
     """Build every case of ``specs`` once, time ``reps`` rounds of one step per case (interleaved;
     CPU seconds of this process on a CPU, wall seconds on a GPU), then profile one step per case
-    (CPU only: the profile groups are CPU time)."""
+    (on a CPU the groups' CPU time; on a GPU the step's wall and GPU-busy time and its costliest
+    kernels)."""
     depth, side = _volume(volume)
     parts, b, do = _parts_3d(depth, side, batch, device)
     cases = [_Case(s, parts, _cft_config(), device) for s in specs]
@@ -356,6 +389,11 @@ def bench_3d(
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 c.step(b, do)
             row.update({f"ms {g}": round(v, 1) for g, v in _profile_groups(prof).items()})
+        elif profile:
+            try:  # the timings above stand without it
+                row.update(_gpu_profile(c, b, do))
+            except Exception as exc:
+                print(f"WARNING: GPU profile of {c.spec} failed: {type(exc).__name__}: {exc}", flush=True)
         rows.append(row)
     return rows
 
@@ -391,6 +429,9 @@ def _report_3d(rows: list[dict[str, object]]) -> None:
             f"{r['volume']} {r['spec']:>18}: {rate}, step {r[step_key]} s "
             f"(min {r['min_s']}, max {r['max_s']}), peak {r.get('peak_mb', '-')} MiB"
         )
+        if "ms gpu busy" in r:
+            busy, wall = float(r["ms gpu busy"]), float(r["ms wall profiled"])  # type: ignore[arg-type]
+            print(f"    GPU busy {busy} of {wall} ms ({100 * busy / wall:.0f} %); top kernels: {r['top kernels']}")
         if "ms total" in r:
             tot = float(r["ms total"])  # type: ignore[arg-type]
             print(
@@ -438,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         help="3D cases MODE[:OPTION...], MODE in none/reg/seg/pos-seg, OPTION cl (guide on "
         "channels_last_3d), bf16 (CPU autocast), compile (torch.compile of the guide)",
     )
-    p.add_argument("--profile", action="store_true", help="3D: profile one more step per case")
+    p.add_argument("--profile", action="store_true", help="3D: profile one more step per case (CPU or GPU)")
     p.add_argument("--peak", action="store_true", help="3D: peak memory of each case in its own process")
     p.add_argument("--one-peak", nargs=2, metavar=("VOLUME", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

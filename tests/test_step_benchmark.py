@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,25 @@ def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch):
         # and small (the labels cover the networks, the loss and the optimiser).
         assert 0 <= r["ms other"] <= 0.2 * r["ms total"]
         assert r["first_loss"] == r["first_loss"] and r["step_cpu_s"] > 0
+
+
+def test_gpu_profile_sums_device_events_per_kernel():
+    """_device_ms keeps only device (CUDA) events, sums each name's durations and lists the
+    costliest first: what the GPU profile's busy time and top kernels are made of."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    step = _step_module()
+
+    def event(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [
+        event("conv", DeviceType.CUDA, 300.0),
+        event("aten::conv3d", DeviceType.CPU, 900.0),
+        event("gelu", DeviceType.CUDA, 500.0),
+        event("conv", DeviceType.CUDA, 400.0),
+    ]
+    assert step._device_ms(events) == pytest.approx({"conv": 0.7, "gelu": 0.5})
+    assert list(step._device_ms(events)) == ["conv", "gelu"]
