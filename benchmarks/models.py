@@ -18,7 +18,8 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MODELS = ("hvae", "unet", "cnn", "mechanisms")
 
@@ -146,7 +147,9 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; expected a subset of {list(MODELS)}")
-    print(f"{'model':<11} {'dims':>4} {'batch':>5} {'params':>10} {'samples/s':>10} {'samples/CPU-s':>13} {'peak MiB':>9}")
+    print(
+        f"{'model':<11} {'dims':>4} {'batch':>5} {'params':>10} {'samples/s':>10} {'samples/CPU-s':>13} {'peak MiB':>9}"
+    )
     for model in models:
         for dims in (int(d) for d in args.dims.split(",")):
             cmd = [sys.executable, __file__, "--one", model, str(dims), "--steps", str(args.steps),

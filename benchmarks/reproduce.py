@@ -33,9 +33,10 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -294,7 +295,10 @@ def ccta_claims(results: list[dict[str, Any]]) -> list[Claim]:
     return claims
 
 
-CLAIMS: dict[str, Callable[[list[dict[str, Any]]], list[Claim]]] = {"cxr-phantom": cxr_claims, "ccta-phantom": ccta_claims}
+CLAIMS: dict[str, Callable[[list[dict[str, Any]]], list[Claim]]] = {
+    "cxr-phantom": cxr_claims,
+    "ccta-phantom": ccta_claims,
+}
 
 
 BEGIN = "<!-- reproduce.py: {} (generated; rerun the script to change it) -->"
@@ -325,7 +329,7 @@ def _header() -> list[str]:
 def _claims_block(name: str, claims: list[Claim], provenance: str) -> list[str]:
     L = [f"### {name}", "", provenance, ""]
     if not claims:
-        return L + ["No run has finished: no claim could be checked."]
+        return [*L, "No run has finished: no claim could be checked."]
     L += ["| claim | do(variable) | numbers | held | seeds |", "|---|---|---|---|---|"]
     for c in claims:
         held = {True: "yes", False: "**no**", None: "not measured"}[c.held]
@@ -339,7 +343,7 @@ def _tables_block(
 ) -> list[str]:
     L = [f"## {name}", "", provenance, ""]
     if not results:
-        return L + [f"No finished run under `{runs}`."]
+        return [*L, f"No finished run under `{runs}`."]
     modes = [m for m in DATASETS[name]["modes"] if m in results[0].get("modes", [])]
     L += [f"{len(results)} run(s), {results[0]['n']} test subjects each.", ""]
     for var, entry in results[0]["interventions"].items():
@@ -388,7 +392,7 @@ def render_blocks(
                       + (f"; {', '.join(overrides)}" if overrides else "") + ".")
         claims.append((f"claims {name}", "\n".join(_claims_block(name, CLAIMS[name](results), provenance))))
         tables.append((f"tables {name}", "\n".join(_tables_block(name, results, runs, provenance, timings))))
-    return [("header", "\n".join(_header()))] + claims + tables
+    return [("header", "\n".join(_header())), *claims, *tables]
 
 
 def _wrap(name: str, body: str) -> str:

@@ -6,10 +6,13 @@ ignores the parent. The run's evaluation reports the same check on the test spli
 
     OMP_NUM_THREADS=1 python benchmarks/responsiveness_probe.py RUN_DIR [MODE]
 """
-import sys, json
+import json
+import sys
+
 import torch
-from segcft.run import load_run
+
 from segcft.evaluation.measure import Measurer
+from segcft.run import load_run
 
 run_dir, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "none")
 n = 64
@@ -31,11 +34,13 @@ with torch.no_grad():
         j = info.index(var.name)
         res = {}
         for kind in ("prior", "abducted"):
-            def decode(p):
+
+            def decode(p, kind=kind):
                 if kind == "abducted":
                     return ab.under(p)
                 torch.manual_seed(1)
                 return dscm.generator.sample(p, temperature=0.0)
+
             base_pa = dscm.parents_counterfactual(pa, {var.name: pa[:, j]})
             a0 = meas(seg(decode(base_pa)), None)[:, j]
             t0 = info.denormalise(base_pa.double())[:, j]
@@ -44,8 +49,8 @@ with torch.no_grad():
                 pcf = dscm.parents_counterfactual(pa, {var.name: pa[:, j] + d})
                 a = meas(seg(decode(pcf)), None)[:, j]
                 t = info.denormalise(pcf.double())[:, j]
-                dm.append(a - a0); dt.append(t - t0)
-            dm = torch.cat(dm); dt = torch.cat(dt)
-            res[kind] = float((dm * dt).sum() / (dt * dt).sum())
+                dm.append(a - a0)
+                dt.append(t - t0)
+            res[kind] = float((torch.cat(dm) * torch.cat(dt)).sum() / (torch.cat(dt) ** 2).sum())
         out[var.name] = res
 print(json.dumps(out))
