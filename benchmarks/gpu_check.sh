@@ -27,6 +27,10 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: [OUT=dir] bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
+PARTS="env build tests_cuda tests_ops kernels_area_loss step3d kernels_soft_area step2d_64 step2d_192"
+for name in ${GPU_CHECK_SKIP:-}; do  # a misspelt part would otherwise run, unnoticed, on a short lease
+  [[ " $PARTS " == *" $name "* ]] || { echo "GPU_CHECK_SKIP: unknown part '$name'; expected some of: $PARTS" >&2; exit 2; }
+done
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 LOG="$OUT/check.log"

@@ -148,3 +148,16 @@ def test_summary_judges_on_gpu_time_where_measured(tmp_path: Path) -> None:
     assert "segcft GPU ms" in table[0] and table[2].endswith("| 4.00 | 1.50 | 85 |")
     call_only = [{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows]
     assert [v.split()[0] for v in gpu_summary.kernel_rows(call_only)[1]] == ["FAIL"] * 3
+
+
+def test_named_parts_are_skipped_and_a_misspelt_one_stops_the_check(tmp_path: Path) -> None:
+    """GPU_CHECK_SKIP skips the parts it names (the summary still written); a name that is no part
+    exits 2 before any part runs, rather than letting the part run unnoticed."""
+    skip = "kernels_area_loss step3d kernels_soft_area step2d_64"
+    done = _run(tmp_path / "skip", GPU_CHECK_SKIP=skip)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parts = {r["name"]: r["value"] for r in _rows(tmp_path / "skip" / "summary.csv") if r["section"] == "part"}
+    assert all(parts[p] == "skipped" for p in skip.split()) and parts["env"] == "ok"
+    bad = _run(tmp_path / "bad", GPU_CHECK_SKIP="step3d kernels")
+    assert bad.returncode == 2 and "unknown part 'kernels'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
