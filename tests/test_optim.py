@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from segcft.optim import EMA, GuardedStepper, build_optimizer, warmup_factor
+from segcft.optim import EMA, FlatAdamW, GuardedStepper, build_optimizer, warmup_factor
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -36,7 +36,7 @@ def test_ema_maths() -> None:
     ema = EMA(model, rate=0.6)
     expected = model.weight.detach().clone()
     decays = []
-    for k in range(5):
+    for _k in range(5):
         with torch.no_grad():
             model.weight.add_(1.0)
         d = ema.decay()
@@ -78,7 +78,9 @@ def test_skip_on_nan() -> None:
     assert result.skipped and result.reason == "nonfinite" and math.isnan(result.grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
-    assert stepper.counts == {"applied": 0, "skipped_nonfinite": 1, "skipped_norm": 0, "clipped": 0} and ema.updates == 0
+    assert (
+        stepper.counts == {"applied": 0, "skipped_nonfinite": 1, "skipped_norm": 0, "clipped": 0} and ema.updates == 0
+    )
 
 
 def test_skip_on_huge_norm_and_clip_otherwise() -> None:
@@ -114,3 +116,100 @@ def test_skip_disabled_and_schedule_steps_only_on_applied_updates() -> None:
     fresh = GuardedStepper(model.parameters(), optimizer)
     fresh.load_state_dict(state)
     assert fresh.counts == {"applied": 1, "skipped_nonfinite": 1, "skipped_norm": 0, "clipped": 0}  # clip off
+
+
+class _Net(nn.Module):
+    """Convolutions in channels-last (strided parameters), a linear head and a parameter that
+    only some steps use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+        self.late = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor, use_late: bool = False) -> torch.Tensor:
+        out = self.head(self.conv(x).mean((2, 3))).square().mean()
+        return out + self.late.square().sum() if use_late else out
+
+
+def _pair(clip: float) -> list[tuple[nn.Module, GuardedStepper, EMA]]:
+    """The same net under torch's AdamW and under FlatAdamW, each with clipping and an EMA."""
+    out = []
+    for flat in (False, True):
+        net = _Net().to(memory_format=torch.channels_last)
+        if flat:
+            opt, _ = build_optimizer(net.parameters(), lr=1e-2, weight_decay=0.1)
+        else:
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.9), foreach=True)
+        ema = EMA(net, rate=0.8)
+        out.append((net, GuardedStepper(net.parameters(), opt, grad_clip=clip, ema=ema, model=net), ema))
+    return out
+
+
+def _train(runs: list[tuple[nn.Module, GuardedStepper, EMA]], steps: range, late_from: int = 10**9) -> None:
+    for i in steps:
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)).contiguous(
+            memory_format=torch.channels_last
+        )
+        for net, stepper, _ in runs:
+            loss = net(x, use_late=i >= late_from)
+            loss.backward()
+            stepper.step(loss)
+
+
+def _assert_same(runs: list[tuple[nn.Module, GuardedStepper, EMA]]) -> None:
+    (a, _, ea), (b, _, eb) = runs
+    for p, q in zip(
+        list(a.parameters()) + list(ea.module.parameters()), list(b.parameters()) + list(eb.module.parameters())
+    ):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_flat_adamw_is_torch_adamw() -> None:
+    """Same updates, clipping and EMA as torch's AdamW over per-parameter tensors; a parameter
+    without a gradient is left alone until it gets one, then updated as AdamW would."""
+    runs = _pair(clip=0.05)
+    late = runs[1][0].late.detach().clone()
+    _train(runs, range(4))
+    assert runs[0][1].counts["clipped"] >= 1  # the clip was exercised
+    flat = runs[1][1].optimizer
+    assert isinstance(flat, FlatAdamW) and flat.flat_params is not None
+    assert runs[1][0].conv.weight.is_contiguous(memory_format=torch.channels_last)  # layout kept
+    assert len(flat.members) == 4 and torch.equal(runs[1][0].late, late)
+    _assert_same(runs)
+    _train(runs, range(4, 8), late_from=5)
+    assert not torch.equal(runs[1][0].late, late)
+    _assert_same(runs)
+
+
+def test_flat_adamw_state_moves_between_classes() -> None:
+    """A saved FlatAdamW state continues under torch's AdamW and the other way round."""
+    runs = _pair(clip=0.0)
+    _train(runs, range(3))
+    for src, dst in ((1, 0), (0, 1)):
+        buf = io.BytesIO()
+        torch.save(runs[src][1].optimizer.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)
+        keys = set(runs[0][1].optimizer.state_dict()["param_groups"][0]) - {"initial_lr"}  # the schedule's
+        assert set(state["param_groups"][0]) - {"initial_lr"} == keys
+        with torch.no_grad():
+            for p, q in zip(runs[dst][0].parameters(), runs[src][0].parameters()):
+                p.copy_(q)
+        runs[dst][1].optimizer.load_state_dict(state)
+        _train(runs, range(3 + 2 * src, 5 + 2 * src))
+        _assert_same(runs)
+
+
+def test_flat_adamw_rebuilds_dropped_grads_and_refuses_moved_parameters() -> None:
+    runs = _pair(clip=0.0)
+    _train(runs, range(2))
+    for net, _, _ in runs:
+        net.zero_grad(set_to_none=True)  # drops the views of the flat gradient
+    _train(runs, range(2, 4))
+    _assert_same(runs)
+    runs[1][0].to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # new conv weights
+    with pytest.raises(RuntimeError, match="moved or replaced"):
+        _train(runs[1:], range(4, 5))
