@@ -249,8 +249,7 @@ class FlatAdamW(torch.optim.Optimizer):
         """torch AdamW's per-parameter layout; each parameter gets its own step tensor (the
         members share one here, and AdamW would count a shared one once per parameter)."""
         state = super().state_dict()
-        for entry in state["state"].values():
-            entry["step"] = entry["step"].clone()
+        state["state"] = {k: {**v, "step": v["step"].clone()} for k, v in state["state"].items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -188,6 +188,10 @@ def test_flat_adamw_state_moves_between_classes() -> None:
     """A saved FlatAdamW state continues under torch's AdamW and the other way round."""
     runs = _pair(clip=0.0)
     _train(runs, range(3))
+    flat = runs[1][1].optimizer
+    assert float(flat.state_dict()["state"][1]["step"]) == 3.0
+    _train(runs, range(3, 4))
+    assert float(flat.state_dict()["state"][1]["step"]) == 4.0  # saving does not detach the count
     for src, dst in ((1, 0), (0, 1)):
         buf = io.BytesIO()
         torch.save(runs[src][1].optimizer.state_dict(), buf)
@@ -199,7 +203,7 @@ def test_flat_adamw_state_moves_between_classes() -> None:
             for p, q in zip(runs[dst][0].parameters(), runs[src][0].parameters()):
                 p.copy_(q)
         runs[dst][1].optimizer.load_state_dict(state)
-        _train(runs, range(3 + 2 * src, 5 + 2 * src))
+        _train(runs, range(4 + 2 * src, 6 + 2 * src))
         _assert_same(runs)
 
 
