@@ -272,3 +272,15 @@ def test_bf16_autocast_keeps_likelihood_in_float32() -> None:
     torch.testing.assert_close(x_cf, x, atol=1e-5, rtol=0)
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_add_into_accumulates_in_place_without_lowering_precision():
+    from segcft.models.hvae_blocks import add_into
+
+    acc, other = torch.randn(2, 3), torch.randn(2, 3)
+    expected = acc + other
+    out = add_into(acc, other)
+    assert out is acc and torch.equal(out, expected)
+    low = torch.randn(2, 3).bfloat16()
+    mixed = add_into(low, other)  # bf16 + fp32 (autocast's residual stream): a new fp32 tensor
+    assert mixed is not low and mixed.dtype == torch.float32 and torch.equal(mixed, low + other)

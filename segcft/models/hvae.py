@@ -354,8 +354,11 @@ class HVAE(nn.Module):
         """Unclamped loc and floored log-scale (B, 1, *S), computed in float32 under autocast."""
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = gelu(h.float())
-            loc = self.head_loc(h)
-            logscale = self.head_logscale(h).clamp_min(self.config.x_logscale_min)
+            # both 1-channel heads as one 2-channel convolution: one pass over h, forward and backward
+            weight = torch.cat([self.head_loc.weight, self.head_logscale.weight])
+            bias = torch.cat([self.head_loc.bias, self.head_logscale.bias])  # type: ignore[list-item]
+            out = (F.conv2d if h.dim() == 4 else F.conv3d)(h, weight, bias)
+            loc, logscale = out[:, :1], out[:, 1:].clamp_min(self.config.x_logscale_min)
         return loc, logscale
 
     # -- Generator protocol --------------------------------------------------------------

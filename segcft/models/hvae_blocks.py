@@ -93,6 +93,16 @@ def randn_like_dense(t: torch.Tensor) -> torch.Tensor:
     return eps if fmt is None else eps.contiguous(memory_format=fmt)
 
 
+def add_into(acc: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``acc + other``, accumulated in place into ``acc`` (a fresh intermediate that nothing saves
+    for backward) unless the sum's dtype differs from ``acc``'s (bf16 + fp32 under autocast
+    stays fp32). Same values as the out-of-place sum; one fewer full-size tensor to allocate,
+    which on a CPU is also pages faulted in again."""
+    if torch.result_type(acc, other) != acc.dtype:
+        return acc + other
+    return acc.add_(other)
+
+
 def broadcast(v: torch.Tensor, dims: int) -> torch.Tensor:
     """(B, C) -> (B, C, 1, ..., 1): a per-sample vector broadcast over ``dims`` spatial axes."""
     return v.reshape(*v.shape, *([1] * dims))
@@ -152,10 +162,10 @@ class Block(nn.Module):
         for i, layer in enumerate(self.convs):
             h = layer(self.act(h))
             if i == 0 and self.cond is not None:
-                h = h + broadcast(self.cond(pa), self.dims)
+                h = add_into(h, broadcast(self.cond(pa), self.dims))
         if not self.residual:
             return h
-        return (x if self.skip is None else self.skip(x)) + h
+        return add_into(h, x if self.skip is None else self.skip(x))  # = x + h (addition commutes)
 
 
 def gaussian_kl(
@@ -274,7 +284,8 @@ class DecoderBlock(nn.Module):
             z = p_loc + temperature * torch.exp(p_logscale) * randn_like_dense(p_loc)
         if noise is None:
             noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
-        h = h + p_feat + self.z_proj(z) + broadcast(self.pa_proj(pa), self.dims)
-        h = self.resnet(h)
-        p = p + p_feat + self.prior_z_proj(z)
+        # the same left-to-right sums, accumulated into their first partial sum
+        update = add_into(add_into(h + p_feat, self.z_proj(z)), broadcast(self.pa_proj(pa), self.dims))
+        h = self.resnet(update)
+        p = add_into(p + p_feat, self.prior_z_proj(z))
         return h, p, noise, kl
