@@ -133,20 +133,15 @@ class FlatAdamW(torch.optim.Optimizer):
         n = sum(p.numel() for p in members)
         keys = ("param", "grad", "exp_avg", "exp_avg_sq", "denom")
         flat = {k: torch.zeros(n, dtype=first.dtype, device=first.device) for k in keys}
-        step_t = torch.tensor(common, dtype=torch.float32)
-        views = {k: _views(flat[k], members) for k in keys[:4]}
+        params_view, grads_view = _views(flat["param"], members), _views(flat["grad"], members)
         with torch.no_grad():
-            for i, p in enumerate(members):
-                views["param"][i].copy_(p)
-                views["grad"][i].copy_(p.grad)
-                state = self.state[p]
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in state:
-                        views[k][i].copy_(state[k])
-                p.data = views["param"][i]
-                p.grad = views["grad"][i]
-                self.state[p] = {"step": step_t, "exp_avg": views["exp_avg"][i], "exp_avg_sq": views["exp_avg_sq"][i]}
-        self.members, self._flat, self._step_t = members, flat, step_t
+            for p, data, grad in zip(members, params_view, grads_view):
+                data.copy_(p)
+                grad.copy_(p.grad)
+                p.data, p.grad = data, grad
+        self.members, self._flat = members, flat
+        self._step_t = torch.tensor(common, dtype=torch.float32)
+        self._adopt_moments()
         inside = {id(p) for p in members}
         self._others = [p for p in params if id(p) not in inside]
         self._ptrs = [(p.data_ptr(), p.grad.data_ptr()) for p in members]
@@ -261,15 +256,20 @@ class FlatAdamW(torch.optim.Optimizer):
         if len(step) > 1:
             raise ValueError("FlatAdamW.load_state_dict: the members' step counts differ")
         self._step_t.fill_(step.pop() if step else 0.0)  # type: ignore[union-attr]
+        self._adopt_moments()
+
+    def _adopt_moments(self) -> None:
+        """Copy the members' per-parameter moments (zero where there are none) into the flat
+        buffers and point their state at views of them and at the shared step count."""
         views = {k: _views(self._flat[k], self.members) for k in ("exp_avg", "exp_avg_sq")}
         with torch.no_grad():
             for i, p in enumerate(self.members):
                 state = self.state[p]
-                for k in ("exp_avg", "exp_avg_sq"):
+                for k, v in views.items():
                     if k in state:
-                        views[k][i].copy_(state[k])
+                        v[i].copy_(state[k])
                     else:
-                        views[k][i].zero_()
+                        v[i].zero_()
                 self.state[p] = {
                     "step": self._step_t,
                     "exp_avg": views["exp_avg"][i],
@@ -393,7 +393,12 @@ class GuardedStepper:
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         if isinstance(self.optimizer, FlatAdamW):  # a few buffers instead of one tensor per parameter
             grads = self.optimizer.grad_tensors()
-            total = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.tensor(0.0)
+            # the norm of the per-tensor norms, as clip_grad_norm_ (torch.nn.utils.get_total_norm needs torch >= 2.6)
+            total = (
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else torch.tensor(0.0)
+            )
             torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
             norm = float(total)
         else:
