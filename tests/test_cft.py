@@ -455,14 +455,15 @@ class SharpSegmentor(nn.Module):
         return torch.cat([-lung, lung, torch.full_like(x, -100.0)], dim=1)
 
 
-def _locality_setup(info, weight: float, radius: int = 1, band: bool = False):
+def _locality_setup(info, weight: float, radius: int = 1, band: bool = False, interior: float = 0.0):
     from segcft.objectives.configs import SegSettings
     from segcft.objectives.guided import build_seg
     from segcft.objectives.base import ObjectiveContext
 
     seg = SharpSegmentor()
     ctx = ObjectiveContext("seg", info, cfg(), 1.0, seg, None)
-    return build_seg(SegSettings(locality=weight, locality_radius=radius, locality_band=band), ctx), seg
+    settings = SegSettings(locality=weight, locality_radius=radius, locality_band=band, locality_interior=interior)
+    return build_seg(settings, ctx), seg
 
 
 def test_locality_penalty_zero_inside_the_mask_positive_outside_no_gradient_into_guide(setup):
@@ -517,6 +518,34 @@ def test_locality_band_holds_the_interior_and_frees_the_moving_boundary(setup):
     assert logs_band["locality"] > 0.0
 
 
+def test_locality_interior_is_a_mean_over_the_shared_interior_alone(setup):
+    """locality_interior prices |x_cf - x| over the eroded intersection of the guide masks on x
+    and x_cf, normalised by the interior's own size: a change deep inside the structure costs
+    its share of the interior, however large the outside; the moving band and the outside cost
+    nothing in this term."""
+    info = setup[0]
+    x = torch.full((2, 1, S, S), -0.8)
+    x[:, :, 3:10, 3:10] = 0.9  # the lung on x (7 x 7)
+    batch = {"image": x, "parents": make_batch(info, b=2)["parents"]}
+    obj, seg = _locality_setup(info, weight=0.0, radius=1, interior=1.0)
+    grown = x.clone()
+    grown[:, :, 10:12, 3:10] = 0.9  # the band moves
+    grown[:, :, 14:16, 14:16] = -0.5  # and the outside changes
+    _, logs = obj.guide_loss(grown.clone().requires_grad_(True), batch["parents"], batch, "lung")
+    assert logs["locality_interior"] == 0.0 and "locality" not in logs
+    inner = grown.clone()
+    inner[:, :, 5:7, 5:7] = 0.6  # 4 pixels changed by 0.3, inside the 5 x 5 eroded intersection
+    x_cf = inner.clone().requires_grad_(True)
+    loss, logs = obj.guide_loss(x_cf, batch["parents"], batch, "lung")
+    assert logs["locality_interior"] == pytest.approx(0.3 * 4 / 25, rel=1e-4)
+    loss.backward()
+    assert seg.gain.grad is None
+    assert float(x_cf.grad[:, :, 5:7, 5:7].abs().min()) > 0
+    # a subject-level intervention adds nothing
+    _, logs = obj.guide_loss(inner.clone().requires_grad_(True), batch["parents"], batch, "age")
+    assert logs["locality_interior"] == 0.0
+
+
 def test_locality_settings_are_checked(setup):
     from segcft.objectives.configs import SegSettings
     from segcft.objectives.guided import GuidedObjective
@@ -527,6 +556,10 @@ def test_locality_settings_are_checked(setup):
     ctx = ObjectiveContext("seg", info, cfg(), 1.0, SharpSegmentor(), None)
     with pytest.raises(ConfigError, match="locality"):
         GuidedObjective(ctx, area_terms(info, False), torch.zeros(5, dtype=torch.bool), SegSettings(locality=-1.0))
+    with pytest.raises(ConfigError, match="locality_interior=-0.5"):
+        GuidedObjective(
+            ctx, area_terms(info, False), torch.zeros(5, dtype=torch.bool), SegSettings(locality_interior=-0.5)
+        )
 
 
 def test_shift_moves_images_and_label_maps_and_undoes_itself():

@@ -92,7 +92,7 @@ def test_list_objectives_json_and_text():
     assert by_name["none"]["config"] == [] and by_name["reg"]["config"] == []
     for mode in ("seg", "pos-seg"):
         fields = {f["name"]: f["default"] for f in by_name[mode]["config"]}
-        expected = {"locality": 0.0, "locality_radius": 2, "locality_band": False, "guide_shift": 0, "guide_noise": 0.0}
+        expected = {"locality": 0.0, "locality_radius": 2, "locality_band": False, "locality_interior": 0.0, "guide_shift": 0, "guide_noise": 0.0}
         assert fields == expected, by_name[mode]["config"]
     text = run("list", "objectives", "--verbose")
     assert text.exit_code == 0 and "needs segmentor, structures, regions; uses regressor if configured" in text.output

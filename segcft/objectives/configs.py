@@ -36,6 +36,15 @@ class SegSettings:
             "locality_radius), so the structure's interior is held to x as well as the outside"
         },
     )
+    locality_interior: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a second locality term: mean |x_cf - x| over the interior the structure shares on x "
+            "and x_cf (their guide masks' intersection eroded by locality_radius), averaged over the interior's "
+            "own pixels so that a small structure's interior is not outweighed by the outside (0: off)",
+            "ge": 0,
+        },
+    )
     guide_shift: int = field(
         default=0,
         metadata={

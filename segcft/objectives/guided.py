@@ -16,7 +16,7 @@ from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
 from segcft.objectives.configs import SegSettings
 from segcft.objectives.jitter import random_offsets, shift
-from segcft.objectives.locality import allowed_region, locality_penalty
+from segcft.objectives.locality import allowed_region, interior_region, locality_penalty, masked_mean_abs
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -40,17 +40,19 @@ class GuidedObjective(CFTObjective):
         if ctx.cft.penalty not in PENALTIES:
             raise ConfigError(f"cft.penalty: unknown penalty {ctx.cft.penalty!r}; expected one of {list(PENALTIES)}")
         settings = settings or SegSettings()
-        if min(settings.locality, settings.locality_radius, settings.guide_shift, settings.guide_noise) < 0:
+        checked = ("locality", "locality_radius", "locality_interior", "guide_shift", "guide_noise")
+        negative = {name: getattr(settings, name) for name in checked if getattr(settings, name) < 0}
+        if negative:
             raise ConfigError(
-                f"cft.objectives.{ctx.mode}: locality, locality_radius, guide_shift and guide_noise must be "
-                f">= 0, got {settings.locality}, {settings.locality_radius}, {settings.guide_shift} and "
-                f"{settings.guide_noise}"
+                f"cft.objectives.{ctx.mode}: {', '.join(checked)} must be >= 0, got "
+                + ", ".join(f"{name}={value}" for name, value in negative.items())
             )
         super().__init__(ctx)
         self.terms = terms
         self.locality = float(settings.locality) if terms is not None else 0.0
         self.locality_radius = int(settings.locality_radius)
         self.locality_band = bool(settings.locality_band)
+        self.locality_interior = float(settings.locality_interior) if terms is not None else 0.0
         self.guide_shift = int(settings.guide_shift)
         self.guide_noise = float(settings.guide_noise)
         self.register_buffer("reg_vars", reg_vars, persistent=False)
@@ -70,10 +72,14 @@ class GuidedObjective(CFTObjective):
             seg, logits = self._seg_loss(x_cf, pa_cf, batch, changed)
             total = total + self.cfg.seg_weight * seg
             logs["seg"] = float(seg.detach())
-            if self.locality > 0:
-                local = self._locality(x_cf, batch["image"], logits, intervened, changed)
-                total = total + self.locality * local
-                logs["locality"] = float(local.detach())
+            if self.locality > 0 or self.locality_interior > 0:
+                local, interior = self._locality(x_cf, batch["image"], logits, intervened, changed)
+                if self.locality > 0:
+                    total = total + self.locality * local
+                    logs["locality"] = float(local.detach())
+                if self.locality_interior > 0:
+                    total = total + self.locality_interior * interior
+                    logs["locality_interior"] = float(interior.detach())
         if bool(self.reg_vars.any()):
             reg = self._reg_loss(x_cf, pa_cf, batch, changed)
             total = total + self.cfg.reg_weight * reg
@@ -82,21 +88,29 @@ class GuidedObjective(CFTObjective):
 
     def _locality(
         self, x_cf: torch.Tensor, x: torch.Tensor, logits_cf: torch.Tensor, intervened: str, changed: torch.Tensor
-    ) -> torch.Tensor:
-        """The locality penalty when a structure variable is intervened on: |x_cf - x| outside
-        the dilated guide masks of the structures whose terms change, on x and on x_cf (with
-        ``locality_band``, also inside the interior both share). Zero for
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The locality penalties when a structure variable is intervened on: mean |x_cf - x|
+        outside the dilated guide masks of the structures whose terms change, on x and on x_cf
+        (with ``locality_band``, also inside the interior both share), and mean |x_cf - x| over
+        that shared interior alone (computed only when ``locality_interior`` is on). Zero for
         other interventions (a subject-level variable may change the whole image)."""
         terms, segmentor = self.terms, self.segmentor
         assert terms is not None and segmentor is not None
+        zero = x_cf.new_zeros((), dtype=torch.float32)
         if not self.info.variable(intervened).is_structure:
-            return x_cf.new_zeros((), dtype=torch.float32)
+            return zero, zero
         classes = sorted({int(c) for c in terms.index[terms.affected(changed.cpu()), 0].tolist()})
         with torch.no_grad():
             probs_x = torch.softmax(segmentor(x).float(), dim=1)
         probs_cf = torch.softmax(logits_cf.detach().float(), dim=1)
-        allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius, self.locality_band)
-        return locality_penalty(x_cf, x, allowed)
+        local = zero
+        if self.locality > 0:
+            allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius, self.locality_band)
+            local = locality_penalty(x_cf, x, allowed)
+        interior = zero
+        if self.locality_interior > 0:
+            interior = masked_mean_abs(x_cf, x, interior_region(probs_x, probs_cf, classes, self.locality_radius))
+        return local, interior
 
     def _seg_loss(
         self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
