@@ -342,7 +342,7 @@ class HVAE(nn.Module):
                 fixed = latents.z[len(zs)] if (latents is not None and block.stochastic) else None
                 act = acts[i] if acts is not None else None
                 h, p, z, kl = block(h, p, pa, act=act, noise=fixed, temperature=temperature)
-                if block.stochastic:
+                if z is not None:  # a stochastic block's noise
                     zs.append(z)
                 if kl is not None:
                     kls.append(kl)

@@ -157,12 +157,17 @@ class Block(nn.Module):
             else:
                 last.weight.mul_(last_scale)
 
-    def forward(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        """The activation the last convolution reads: the block up to that convolution."""
         h = x
-        for i, layer in enumerate(self.convs):
+        for i, layer in enumerate(self.convs[:-1]):
             h = layer(self.act(h))
             if i == 0 and self.cond is not None:
                 h = add_into(h, broadcast(self.cond(pa), self.dims))
+        return self.act(h)
+
+    def forward(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.convs[-1](self.hidden(x, pa))
         if not self.residual:
             return h
         return add_into(h, x if self.skip is None else self.skip(x))  # = x + h (addition commutes)
@@ -264,16 +269,18 @@ class DecoderBlock(nn.Module):
         act: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         temperature: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (h, p, noise, kl): ``noise`` is the block's exogenous noise (z, or eps for a
-        conditional prior). z comes from, in order: the ``noise`` argument (fixed latents), the
-        posterior when ``act`` is given (with kl (B,)), the prior at ``temperature`` otherwise."""
+        conditional prior; None for a deterministic block). z comes from, in order: the ``noise``
+        argument (fixed latents), the posterior when ``act`` is given (with kl (B,)), the prior at
+        ``temperature`` otherwise."""
+        if not self.stochastic:
+            h, p = self._deterministic(h, p, pa)
+            return h, p, None, None
         prior = self.prior(p, pa) if self.conditional else self.prior(p)
         p_loc, p_logscale, p_feat = split_dense(prior, [self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim])
         kl = None
-        if not self.stochastic:
-            z = p_loc
-        elif noise is not None:
+        if noise is not None:
             z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
         elif act is not None:
             assert self.posterior is not None  # built whenever the block is stochastic
@@ -289,3 +296,29 @@ class DecoderBlock(nn.Module):
         h = self.resnet(update)
         p = add_into(p + p_feat, self.prior_z_proj(z))
         return h, p, noise, kl
+
+    def _deterministic(self, h: torch.Tensor, p: torch.Tensor, pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, p) of a deterministic block, where z is the prior mean: the same maths as the
+        stochastic path with z = p_loc, but z_proj(p_loc) and prior_z_proj(p_loc) are linear maps
+        of the prior's last activation, so each folds with p_feat into one convolution of it
+        (weights composed per call, gradients flow to every original parameter). Two
+        convolutions to ``width`` channels replace one to 2 z_dim + width, two z projections,
+        the channel split and two full-size sums, forward and backward; the unused log-scale is
+        never computed. Equal to the stochastic path's sums up to float rounding."""
+        g = self.prior.hidden(p, pa if self.conditional else None)
+        last = self.prior.convs[-1]
+        assert last.bias is not None and self.z_proj.bias is not None and self.prior_z_proj.bias is not None
+        zd = self.z_dim
+        w_loc, w_feat = last.weight[:zd], last.weight[2 * zd :]
+        b_loc, b_feat = last.bias[:zd], last.bias[2 * zd :]
+        out = []
+        for proj in (self.z_proj, self.prior_z_proj):
+            w_proj = proj.weight.flatten(1)  # (width, z_dim): a 1x1 convolution
+            weight = w_feat + torch.einsum("oc,ci...->oi...", w_proj, w_loc)
+            bias = b_feat + w_proj @ b_loc + proj.bias
+            conv_fn = F.conv2d if self.dims == 2 else F.conv3d
+            out.append(conv_fn(g, weight, bias, padding=last.padding))
+        dh, dp = out
+        # the convolution outputs are fresh and saved by nothing: the sums accumulate into them
+        h = self.resnet(add_into(add_into(dh, h), broadcast(self.pa_proj(pa), self.dims)))
+        return h, add_into(dp, p)
