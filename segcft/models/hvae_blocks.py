@@ -307,16 +307,17 @@ class DecoderBlock(nn.Module):
         never computed. Equal to the stochastic path's sums up to float rounding."""
         g = self.prior.hidden(p, pa if self.conditional else None)
         last = self.prior.convs[-1]
-        assert last.bias is not None and self.z_proj.bias is not None and self.prior_z_proj.bias is not None
+        assert isinstance(last, nn.Conv2d | nn.Conv3d) and last.bias is not None
         zd = self.z_dim
         w_loc, w_feat = last.weight[:zd], last.weight[2 * zd :]
         b_loc, b_feat = last.bias[:zd], last.bias[2 * zd :]
+        conv_fn = F.conv2d if self.dims == 2 else F.conv3d
         out = []
         for proj in (self.z_proj, self.prior_z_proj):
+            assert proj.bias is not None
             w_proj = proj.weight.flatten(1)  # (width, z_dim): a 1x1 convolution
             weight = w_feat + torch.einsum("oc,ci...->oi...", w_proj, w_loc)
             bias = b_feat + w_proj @ b_loc + proj.bias
-            conv_fn = F.conv2d if self.dims == 2 else F.conv3d
             out.append(conv_fn(g, weight, bias, padding=last.padding))
         dh, dp = out
         # the convolution outputs are fresh and saved by nothing: the sums accumulate into them

@@ -17,7 +17,9 @@ def _grow(t: torch.Tensor, radius: int) -> torch.Tensor:
     return pool(t, kernel_size=2 * radius + 1, stride=1, padding=radius)
 
 
-def _memberships(probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _memberships(
+    probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, *S) membership of the structures ``classes`` on x and on x_cf: the max of their
     probabilities."""
     return probs_x[:, classes].amax(1, keepdim=True).float(), probs_cf[:, classes].amax(1, keepdim=True).float()
