@@ -36,13 +36,6 @@ class SegSettings:
             "locality_radius), so the structure's interior is held to x as well as the outside"
         },
     )
-    locality_region: bool = field(
-        default=False,
-        metadata={
-            "help": "for an intervention on a regional variable, allow changes only within that variable's "
-            "region (widened by locality_radius), also for the structures it affects that are measured whole"
-        },
-    )
     locality_interior: float = field(
         default=0.0,
         metadata={

@@ -16,7 +16,7 @@ from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
 from segcft.objectives.configs import SegSettings
 from segcft.objectives.jitter import random_offsets, shift
-from segcft.objectives.locality import allowed_region, interior_region, locality_penalty, masked_mean_abs, region_mask
+from segcft.objectives.locality import allowed_region, interior_region, locality_penalty, masked_mean_abs
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -47,18 +47,12 @@ class GuidedObjective(CFTObjective):
                 f"cft.objectives.{ctx.mode}: {', '.join(checked)} must be >= 0, got "
                 + ", ".join(f"{name}={value}" for name, value in negative.items())
             )
-        if settings.locality_region and ctx.info.num_regions == 0:
-            raise ConfigError(
-                f"cft.objectives.{ctx.mode}.locality_region: dataset {ctx.info.name!r} has no regions; "
-                "set it only for a dataset with regional variables"
-            )
         super().__init__(ctx)
         self.terms = terms
         self.locality = float(settings.locality) if terms is not None else 0.0
         self.locality_radius = int(settings.locality_radius)
         self.locality_band = bool(settings.locality_band)
         self.locality_interior = float(settings.locality_interior) if terms is not None else 0.0
-        self.locality_region = bool(settings.locality_region)
         self.guide_shift = int(settings.guide_shift)
         self.guide_noise = float(settings.guide_noise)
         self.register_buffer("reg_vars", reg_vars, persistent=False)
@@ -79,7 +73,7 @@ class GuidedObjective(CFTObjective):
             total = total + self.cfg.seg_weight * seg
             logs["seg"] = float(seg.detach())
             if self.locality > 0 or self.locality_interior > 0:
-                local, interior = self._locality(x_cf, batch, logits, intervened, changed)
+                local, interior = self._locality(x_cf, batch["image"], logits, intervened, changed)
                 if self.locality > 0:
                     total = total + self.locality * local
                     logs["locality"] = float(local.detach())
@@ -93,25 +87,17 @@ class GuidedObjective(CFTObjective):
         return total, logs
 
     def _locality(
-        self,
-        x_cf: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        logits_cf: torch.Tensor,
-        intervened: str,
-        changed: torch.Tensor,
+        self, x_cf: torch.Tensor, x: torch.Tensor, logits_cf: torch.Tensor, intervened: str, changed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The locality penalties when a structure variable is intervened on: mean |x_cf - x|
         outside the dilated guide masks of the structures whose terms change, on x and on x_cf
-        (with ``locality_band``, also inside the interior both share; with ``locality_region``
-        and a regional variable, also outside its dilated region), and mean |x_cf - x| over that
-        shared interior alone (computed only when ``locality_interior`` is on). Zero for other
-        interventions (a subject-level variable may change the whole image)."""
+        (with ``locality_band``, also inside the interior both share), and mean |x_cf - x| over
+        that shared interior alone (computed only when ``locality_interior`` is on). Zero for
+        other interventions (a subject-level variable may change the whole image)."""
         terms, segmentor = self.terms, self.segmentor
         assert terms is not None and segmentor is not None
-        x = batch["image"]
         zero = x_cf.new_zeros((), dtype=torch.float32)
-        variable = self.info.variable(intervened)
-        if not variable.is_structure:
+        if not self.info.variable(intervened).is_structure:
             return zero, zero
         classes = sorted({int(c) for c in terms.index[terms.affected(changed.cpu()), 0].tolist()})
         with torch.no_grad():
@@ -120,15 +106,6 @@ class GuidedObjective(CFTObjective):
         local = zero
         if self.locality > 0:
             allowed = allowed_region(probs_x, probs_cf, classes, self.locality_radius, self.locality_band)
-            region = variable.measure.region if variable.measure is not None else None
-            if self.locality_region and region is not None:
-                if "regions" not in batch:
-                    raise ConfigError(
-                        f"cft.objectives.{self.mode}.locality_region: the batch has no region map for the "
-                        f"regional variable {intervened!r}"
-                    )
-                inside = batch["regions"].eq(self.info.region_id(region)).unsqueeze(1)
-                allowed = torch.minimum(allowed, region_mask(inside, self.locality_radius))
             local = locality_penalty(x_cf, x, allowed)
         interior = zero
         if self.locality_interior > 0:

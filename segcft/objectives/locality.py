@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["allowed_region", "interior_region", "locality_penalty", "masked_mean_abs", "region_mask"]
+__all__ = ["allowed_region", "interior_region", "locality_penalty", "masked_mean_abs"]
 
 
 def _grow(t: torch.Tensor, radius: int) -> torch.Tensor:
@@ -50,12 +50,6 @@ def interior_region(probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list
     ``allowed_region(..., band=True)`` holds inside the structure. No gradient."""
     m_x, m_cf = _memberships(probs_x, probs_cf, classes)
     return 1.0 - _grow(1.0 - torch.minimum(m_x, m_cf), radius)
-
-
-@torch.no_grad()
-def region_mask(inside: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B, 1, *S) float mask of a boolean region map, dilated by ``radius``. No gradient."""
-    return _grow(inside.float(), radius)
 
 
 def masked_mean_abs(x_cf: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
