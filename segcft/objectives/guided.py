@@ -16,7 +16,7 @@ from segcft.objectives.area import AreaTerms, area_terms
 from segcft.objectives.base import CFTObjective, ObjectiveContext
 from segcft.objectives.configs import SegSettings
 from segcft.objectives.jitter import random_offsets, shift
-from segcft.objectives.locality import allowed_region, interior_region, locality_penalty, masked_mean_abs
+from segcft.objectives.locality import allowed_region, interior_region, locality_penalty, weighted_mean_abs
 
 __all__ = ["PENALTIES", "GuidedObjective", "build_pos_seg", "build_reg", "build_seg", "pretrained"]
 
@@ -109,7 +109,7 @@ class GuidedObjective(CFTObjective):
             local = locality_penalty(x_cf, x, allowed)
         interior = zero
         if self.locality_interior > 0:
-            interior = masked_mean_abs(x_cf, x, interior_region(probs_x, probs_cf, classes, self.locality_radius))
+            interior = weighted_mean_abs(x_cf, x, interior_region(probs_x, probs_cf, classes, self.locality_radius))
         return local, interior
 
     def _seg_loss(

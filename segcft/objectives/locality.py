@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["allowed_region", "interior_region", "locality_penalty", "masked_mean_abs"]
+__all__ = ["allowed_region", "interior_region", "locality_penalty", "weighted_mean_abs"]
 
 
 def _grow(t: torch.Tensor, radius: int) -> torch.Tensor:
@@ -52,10 +52,11 @@ def interior_region(probs_x: torch.Tensor, probs_cf: torch.Tensor, classes: list
     return 1.0 - _grow(1.0 - torch.minimum(m_x, m_cf), radius)
 
 
-def masked_mean_abs(x_cf: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weighted_mean_abs(x_cf: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each image's mean |x_cf - x| weighted by the soft mask ``weight``
     (clamped to [0, 1], no gradient), normalised by the image's mask mass (at least 1): a float32
-    scalar, zero when x_cf differs from x only where the mask is 0."""
+    scalar, zero when x_cf differs from x only where the mask is 0. The training-loss twin of
+    ``segcft.metrics.masked_mean_abs``, which scores boolean masks per sample in float64."""
     w = weight.detach().clamp(0.0, 1.0)
     diff = (x_cf.float() - x.float()).abs()
     dims = tuple(range(1, diff.dim()))
@@ -66,4 +67,4 @@ def masked_mean_abs(x_cf: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 def locality_penalty(x_cf: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each image's mean |x_cf - x| weighted by 1 - ``allowed`` (a float32
     scalar; zero when x_cf differs from x only where ``allowed`` is 1)."""
-    return masked_mean_abs(x_cf, x, 1.0 - allowed.detach())
+    return weighted_mean_abs(x_cf, x, 1.0 - allowed.detach())
