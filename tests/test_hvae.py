@@ -324,3 +324,45 @@ def test_deterministic_block_folds_the_prior_mean_into_two_convolutions(dims, co
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads(out), grads(ref)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims,kind", [(2, "bottleneck"), (3, "bottleneck"), (2, "light")])
+def test_posterior_splits_its_first_convolution_over_state_and_encoder_activation(dims, kind) -> None:
+    """The posterior reads concat(h, encoder activation) through one convolution per part, with
+    the activation's nonlinearity applied once outside: values and every gradient match the
+    concatenated input to float rounding."""
+    from segcft.models.hvae_blocks import DecoderBlock
+
+    torch.manual_seed(0)
+    blk = DecoderBlock(dims, 8, 4, 3, 2, kind, 3, stochastic=True, num_blocks=2)
+    with torch.no_grad():
+        for prm in blk.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.3)
+    size = (6, 7) if dims == 2 else (4, 5, 3)
+    fmt = torch.channels_last if dims == 2 else torch.contiguous_format
+    h, act = (torch.randn(2, 8, *size).contiguous(memory_format=fmt).requires_grad_() for _ in range(2))
+    pa = torch.randn(2, 2)
+    assert blk.posterior is not None
+    ref = blk.posterior(torch.cat([h, act], dim=1), pa)
+    out = blk._posterior(h, blk.activate(act), pa)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    inputs = [h, act, *blk.posterior.parameters()]
+    for a, b in zip(torch.autograd.grad((out * weight).sum(), inputs), torch.autograd.grad((ref * weight).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_last_block_skips_the_prior_state_nothing_reads(stochastic) -> None:
+    """need_prior=False returns p as None and the same h as the full block."""
+    from segcft.models.hvae_blocks import DecoderBlock
+
+    torch.manual_seed(0)
+    blk = DecoderBlock(2, 8, 4, 3, 2, "bottleneck", 3, stochastic=stochastic, num_blocks=2)
+    h, p = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    pa = torch.randn(2, 2)
+    noise = torch.randn(2, 3, 5, 5) if stochastic else None
+    full = blk(h, p, pa, noise=noise)
+    lean = blk(h, p, pa, noise=noise, need_prior=False)
+    assert full[1] is not None and lean[1] is None
+    torch.testing.assert_close(lean[0], full[0], rtol=0, atol=0)

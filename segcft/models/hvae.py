@@ -22,7 +22,7 @@ from torch import nn
 
 from segcft.errors import ConfigError
 from segcft.models.configs import HVAEConfig
-from segcft.models.hvae_blocks import Block, DecoderBlock, avg_pool, conv, discretised_gaussian_log_prob
+from segcft.models.hvae_blocks import Block, DecoderBlock, add_into, avg_pool, conv, discretised_gaussian_log_prob
 from segcft.ops import gelu
 
 if TYPE_CHECKING:
@@ -335,13 +335,20 @@ class HVAE(nn.Module):
                 size = self.stages[i].size
                 h = F.interpolate(self.dec_transitions[i](h), size=size, mode="nearest")
                 p = F.interpolate(self.prior_transitions[i](p), size=size, mode="nearest")
-                if str(i) in self.biases:
-                    h = h + self.biases[str(i)]
-                    p = p + self.biases[str(i)]
-            for block in cast(nn.ModuleList, self.dec_stages[i]):
+                if str(i) in self.biases:  # into the fresh up-sampled tensors (saved by nothing)
+                    h = add_into(h, self.biases[str(i)])
+                    p = add_into(p, self.biases[str(i)])
+            blocks = cast(nn.ModuleList, self.dec_stages[i])
+            # the posterior's nonlinearity of this stage's encoder activation, shared by its blocks
+            act = (
+                cast(DecoderBlock, blocks[0]).activate(acts[i])
+                if acts is not None and self.stages[i].stochastic
+                else None
+            )
+            for j, block in enumerate(blocks):
                 fixed = latents.z[len(zs)] if (latents is not None and block.stochastic) else None
-                act = acts[i] if acts is not None else None
-                h, p, z, kl = block(h, p, pa, act=act, noise=fixed, temperature=temperature)
+                last = i == 0 and j == len(blocks) - 1  # nothing reads the prior state after it
+                h, p, z, kl = block(h, p, pa, act=act, noise=fixed, temperature=temperature, need_prior=not last)
                 if z is not None:  # a stochastic block's noise
                     zs.append(z)
                 if kl is not None:

@@ -269,22 +269,24 @@ class DecoderBlock(nn.Module):
         act: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         temperature: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        need_prior: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Returns (h, p, noise, kl): ``noise`` is the block's exogenous noise (z, or eps for a
         conditional prior; None for a deterministic block). z comes from, in order: the ``noise``
-        argument (fixed latents), the posterior when ``act`` is given (with kl (B,)), the prior at
-        ``temperature`` otherwise."""
+        argument (fixed latents), the posterior when ``act`` (the encoder activation after
+        :meth:`activate`) is given (with kl (B,)), the prior at ``temperature`` otherwise.
+        ``need_prior=False`` (the decoder's last block, whose prior state nothing reads) skips
+        the prior state's update and returns p as None."""
         if not self.stochastic:
-            h, p = self._deterministic(h, p, pa)
-            return h, p, None, None
+            h, p_out = self._deterministic(h, p, pa, need_prior)
+            return h, p_out, None, None
         prior = self.prior(p, pa) if self.conditional else self.prior(p)
         p_loc, p_logscale, p_feat = split_dense(prior, [self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim])
         kl = None
         if noise is not None:
             z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
         elif act is not None:
-            assert self.posterior is not None  # built whenever the block is stochastic
-            q_loc, q_logscale = split_dense(self.posterior(torch.cat([h, act], dim=1), pa), [self.z_dim, self.z_dim])
+            q_loc, q_logscale = split_dense(self._posterior(h, act, pa), [self.z_dim, self.z_dim])
             z = q_loc + temperature * torch.exp(q_logscale) * randn_like_dense(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
         else:
@@ -294,10 +296,37 @@ class DecoderBlock(nn.Module):
         # the same left-to-right sums, accumulated into their first partial sum
         update = add_into(add_into(h + p_feat, self.z_proj(z)), broadcast(self.pa_proj(pa), self.dims))
         h = self.resnet(update)
-        p = add_into(p + p_feat, self.prior_z_proj(z))
-        return h, p, noise, kl
+        p_out = add_into(p + p_feat, self.prior_z_proj(z)) if need_prior else None
+        return h, p_out, noise, kl
 
-    def _deterministic(self, h: torch.Tensor, p: torch.Tensor, pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def activate(self, act: torch.Tensor) -> torch.Tensor:
+        """The posterior's nonlinearity of an encoder activation: what :meth:`forward` takes as
+        ``act``. It depends on the stage only, so the decoder computes it once per stage for all of
+        that stage's blocks."""
+        assert self.posterior is not None  # built whenever the block is stochastic
+        return self.posterior.act(act)
+
+    def _posterior(self, h: torch.Tensor, act: torch.Tensor, pa: torch.Tensor) -> torch.Tensor:
+        """posterior(concat(h, encoder activation), pa) with ``act`` already activated: the first
+        convolution over the concatenation is the sum of one convolution over each part (the
+        weight split by input channel per call), so no concatenated copy is built, forward or
+        backward, and the activation of the encoder's part is shared by the stage's blocks."""
+        post = self.posterior
+        assert post is not None and post.cond is not None  # built whenever the block is stochastic
+        first = post.convs[0]
+        assert isinstance(first, nn.Conv2d | nn.Conv3d)
+        conv_fn = F.conv2d if self.dims == 2 else F.conv3d
+        width = h.shape[1]
+        t = conv_fn(post.act(h), first.weight[:, :width], first.bias, padding=first.padding)
+        t = add_into(t, conv_fn(act, first.weight[:, width:], None, padding=first.padding))
+        t = add_into(t, broadcast(post.cond(pa), self.dims))
+        for layer in post.convs[1:-1]:
+            t = layer(post.act(t))
+        return post.convs[-1](post.act(t))
+
+    def _deterministic(
+        self, h: torch.Tensor, p: torch.Tensor, pa: torch.Tensor, need_prior: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(h, p) of a deterministic block, where z is the prior mean: the same maths as the
         stochastic path with z = p_loc, but z_proj(p_loc) and prior_z_proj(p_loc) are linear maps
         of the prior's last activation, so each folds with p_feat into one convolution of it
@@ -313,13 +342,12 @@ class DecoderBlock(nn.Module):
         b_loc, b_feat = last.bias[:zd], last.bias[2 * zd :]
         conv_fn = F.conv2d if self.dims == 2 else F.conv3d
         out = []
-        for proj in (self.z_proj, self.prior_z_proj):
+        for proj in (self.z_proj, self.prior_z_proj) if need_prior else (self.z_proj,):
             assert proj.bias is not None
             w_proj = proj.weight.flatten(1)  # (width, z_dim): a 1x1 convolution
             weight = w_feat + torch.einsum("oc,ci...->oi...", w_proj, w_loc)
             bias = b_feat + w_proj @ b_loc + proj.bias
             out.append(conv_fn(g, weight, bias, padding=last.padding))
-        dh, dp = out
         # the convolution outputs are fresh and saved by nothing: the sums accumulate into them
-        h = self.resnet(add_into(add_into(dh, h), broadcast(self.pa_proj(pa), self.dims)))
-        return h, add_into(dp, p)
+        h = self.resnet(add_into(add_into(out[0], h), broadcast(self.pa_proj(pa), self.dims)))
+        return h, add_into(out[1], p) if need_prior else None
