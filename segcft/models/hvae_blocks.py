@@ -293,10 +293,10 @@ class DecoderBlock(nn.Module):
             z = p_loc + temperature * torch.exp(p_logscale) * randn_like_dense(p_loc)
         if noise is None:
             noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
-        # the same left-to-right sums, accumulated into their first partial sum
-        update = add_into(add_into(h + p_feat, self.z_proj(z)), broadcast(self.pa_proj(pa), self.dims))
+        # the sums accumulate into the fresh projection outputs, which nothing saves
+        update = add_into(add_into(add_into(self.z_proj(z), h), p_feat), broadcast(self.pa_proj(pa), self.dims))
         h = self.resnet(update)
-        p_out = add_into(p + p_feat, self.prior_z_proj(z)) if need_prior else None
+        p_out = add_into(add_into(self.prior_z_proj(z), p), p_feat) if need_prior else None
         return h, p_out, noise, kl
 
     def activate(self, act: torch.Tensor) -> torch.Tensor:
