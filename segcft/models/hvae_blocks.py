@@ -103,6 +103,11 @@ def add_into(acc: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return acc.add_(other)
 
 
+def _scaled(scale: torch.Tensor, temperature: float) -> torch.Tensor:
+    """temperature * scale, without a pass over the tensor at temperature 1 (the same values)."""
+    return scale if temperature == 1.0 else temperature * scale
+
+
 def broadcast(v: torch.Tensor, dims: int) -> torch.Tensor:
     """(B, C) -> (B, C, 1, ..., 1): a per-sample vector broadcast over ``dims`` spatial axes."""
     return v.reshape(*v.shape, *([1] * dims))
@@ -287,10 +292,10 @@ class DecoderBlock(nn.Module):
             z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
         elif act is not None:
             q_loc, q_logscale = split_dense(self._posterior(h, act, pa), [self.z_dim, self.z_dim])
-            z = q_loc + temperature * torch.exp(q_logscale) * randn_like_dense(q_loc)
+            z = q_loc + _scaled(torch.exp(q_logscale), temperature) * randn_like_dense(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
         else:
-            z = p_loc + temperature * torch.exp(p_logscale) * randn_like_dense(p_loc)
+            z = p_loc + _scaled(torch.exp(p_logscale), temperature) * randn_like_dense(p_loc)
         if noise is None:
             noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
         # the sums accumulate into the fresh projection outputs, which nothing saves
