@@ -366,3 +366,24 @@ def test_last_block_skips_the_prior_state_nothing_reads(stochastic) -> None:
     lean = blk(h, p, pa, noise=noise, need_prior=False)
     assert full[1] is not None and lean[1] is None
     torch.testing.assert_close(lean[0], full[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last, torch.channels_last_3d])
+def test_stage_bias_adds_in_place_with_a_flat_batch_reduction(fmt) -> None:
+    """add_bias gives x + bias and the bias gradient summed over the batch, in any layout."""
+    from segcft.models.hvae_blocks import add_bias, batch_sum
+
+    torch.manual_seed(0)
+    shape = (3, 5, 4, 6, 2) if fmt == torch.channels_last_3d else (3, 5, 4, 6)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    torch.testing.assert_close(batch_sum(g), g.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)
+    bias = torch.randn(1, *shape[1:], requires_grad=True)
+    src = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    x = src * 2  # a fresh tensor, as the decoder's up-sampled state
+    out = add_bias(x, bias)
+    assert out is x
+    torch.testing.assert_close(out, src.detach() * 2 + bias.detach())
+    out.backward(g)
+    assert bias.grad is not None and src.grad is not None
+    torch.testing.assert_close(bias.grad, g.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(src.grad, 2 * g)

@@ -22,7 +22,7 @@ from torch import nn
 
 from segcft.errors import ConfigError
 from segcft.models.configs import HVAEConfig
-from segcft.models.hvae_blocks import Block, DecoderBlock, add_into, avg_pool, conv, discretised_gaussian_log_prob
+from segcft.models.hvae_blocks import Block, DecoderBlock, add_bias, avg_pool, conv, discretised_gaussian_log_prob
 from segcft.ops import gelu
 
 if TYPE_CHECKING:
@@ -336,8 +336,8 @@ class HVAE(nn.Module):
                 h = F.interpolate(self.dec_transitions[i](h), size=size, mode="nearest")
                 p = F.interpolate(self.prior_transitions[i](p), size=size, mode="nearest")
                 if str(i) in self.biases:  # into the fresh up-sampled tensors (saved by nothing)
-                    h = add_into(h, self.biases[str(i)])
-                    p = add_into(p, self.biases[str(i)])
+                    h = add_bias(h, self.biases[str(i)])
+                    p = add_bias(p, self.biases[str(i)])
             blocks = cast(nn.ModuleList, self.dec_stages[i])
             # the posterior's nonlinearity of this stage's encoder activation, shared by its blocks
             act = (

@@ -103,6 +103,42 @@ def add_into(acc: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return acc.add_(other)
 
 
+def batch_sum(g: torch.Tensor) -> torch.Tensor:
+    """g (B, C, *S) summed over the batch -> (1, C, *S), as one reduction over g's memory in its
+    own order. For a channels-last g, torch's sum over the batch axis takes a strided path about
+    20x slower (2.4 ms against 0.09 ms for 16 x 16 x 64 x 64 on one core)."""
+    fmt = _channels_last(g)
+    if fmt is None:
+        return g.sum(0, keepdim=True)
+    order = (0, *range(2, g.dim()), 1)  # (B, *S, C): how a channels-last tensor lies in memory
+    flat = g.permute(*order).reshape(g.shape[0], -1).sum(0)
+    return flat.view(1, *g.shape[2:], g.shape[1]).permute(0, g.dim() - 1, *range(1, g.dim() - 1))
+
+
+class _AddBias(torch.autograd.Function):
+    """x + bias for a (1, C, *S) bias, added in place into x (a fresh tensor that nothing
+    saves), with the bias gradient reduced by :func:`batch_sum`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(x)
+        return x.add_(bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, batch_sum(grad)
+
+
+def add_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x + bias (a per-position bias of shape (1, C, *S)), accumulated in place into ``x``, which
+    must be a fresh tensor that nothing saves for backward. Falls back to the out-of-place sum
+    where the dtypes differ (autocast) or nothing needs a gradient."""
+    if torch.result_type(x, bias) != x.dtype or not (x.requires_grad or bias.requires_grad):
+        return x + bias
+    return _AddBias.apply(x, bias)
+
+
 def _scaled(scale: torch.Tensor, temperature: float) -> torch.Tensor:
     """temperature * scale, without a pass over the tensor at temperature 1 (the same values)."""
     return scale if temperature == 1.0 else temperature * scale
