@@ -62,7 +62,7 @@ def _bind(model: torch.nn.Module, blocks: types.ModuleType, hvae: types.ModuleTy
     """Give ``model`` the earlier revision's forward methods."""
     for name in ("_decode", "_likelihood"):
         setattr(model, name, types.MethodType(getattr(hvae.HVAE, name), model))
-    methods = {"DecoderBlock": ("forward", "_deterministic"), "Block": ("forward", "hidden")}
+    methods = {"DecoderBlock": ("forward", "_deterministic", "_posterior", "activate"), "Block": ("forward", "hidden")}
     for module in model.modules():
         for name in methods.get(type(module).__name__, ()):
             if hasattr(getattr(blocks, type(module).__name__), name):
