@@ -133,8 +133,8 @@ class _AddBias(torch.autograd.Function):
 def add_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x + bias (a per-position bias of shape (1, C, *S)), accumulated in place into ``x``, which
     must be a fresh tensor that nothing saves for backward. Falls back to the out-of-place sum
-    where the dtypes differ (autocast) or nothing needs a gradient."""
-    if torch.result_type(x, bias) != x.dtype or not (x.requires_grad or bias.requires_grad):
+    where the dtypes differ (autocast)."""
+    if torch.result_type(x, bias) != x.dtype:
         return x + bias
     return _AddBias.apply(x, bias)
 
@@ -200,11 +200,14 @@ class Block(nn.Module):
 
     def hidden(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
         """The activation the last convolution reads: the block up to that convolution."""
-        h = x
-        for i, layer in enumerate(self.convs[:-1]):
+        return self.hidden_from(self.convs[0](self.act(x)), pa)
+
+    def hidden_from(self, first: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`hidden` from the first convolution's output ``first`` (a fresh tensor: the
+        parents' term accumulates into it)."""
+        h = add_into(first, broadcast(self.cond(pa), self.dims)) if self.cond is not None else first
+        for layer in self.convs[1:-1]:
             h = layer(self.act(h))
-            if i == 0 and self.cond is not None:
-                h = add_into(h, broadcast(self.cond(pa), self.dims))
         return self.act(h)
 
     def forward(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,17 +356,14 @@ class DecoderBlock(nn.Module):
         weight split by input channel per call), so no concatenated copy is built, forward or
         backward, and the activation of the encoder's part is shared by the stage's blocks."""
         post = self.posterior
-        assert post is not None and post.cond is not None  # built whenever the block is stochastic
+        assert post is not None  # built whenever the block is stochastic
         first = post.convs[0]
         assert isinstance(first, nn.Conv2d | nn.Conv3d)
         conv_fn = F.conv2d if self.dims == 2 else F.conv3d
         width = h.shape[1]
         t = conv_fn(post.act(h), first.weight[:, :width], first.bias, padding=first.padding)
         t = add_into(t, conv_fn(act, first.weight[:, width:], None, padding=first.padding))
-        t = add_into(t, broadcast(post.cond(pa), self.dims))
-        for layer in post.convs[1:-1]:
-            t = layer(post.act(t))
-        return post.convs[-1](post.act(t))
+        return post.convs[-1](post.hidden_from(t, pa))
 
     def _deterministic(
         self, h: torch.Tensor, p: torch.Tensor, pa: torch.Tensor, need_prior: bool
