@@ -77,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            modules = _load_revision(args.against, Path(tmp))
+        except subprocess.CalledProcessError as err:
+            p.error(f"--against: git cannot read {', '.join(FILES)} at {args.against!r}: {err.stderr.decode().strip()}")
     batch = ref_step.BATCH[args.shape]
     new = ref_step.segcft_variant(args.shape, batch)
     old_model = copy.deepcopy(new.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        _bind(old_model, *_load_revision(args.against, Path(tmp)))
+    _bind(old_model, *modules)
     _, x, pa = ref_step._data(args.shape, batch)
     if args.shape == "64":
         x = x.contiguous(memory_format=torch.channels_last)
