@@ -309,12 +309,13 @@ def _profile_groups(prof: Any) -> dict[str, float]:
 
 def _device_ms(events: Any) -> dict[str, float]:
     """Milliseconds of GPU activity per kernel (or copy / memset) name among profiler events,
-    costliest first."""
+    costliest first. The step's ``record_function`` labels also appear on the GPU timeline (as
+    user annotations spanning their kernels): they are left out, or the kernels would count twice."""
     from torch.autograd import DeviceType
 
     per_name: dict[str, float] = {}
     for e in events:
-        if e.device_type == DeviceType.CUDA:
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
     return dict(sorted(per_name.items(), key=lambda kv: -kv[1]))
 
@@ -482,9 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="3D: profile one more step per case (CPU or GPU)")
     p.add_argument("--peak", action="store_true", help="3D: peak memory of each case in its own process")
     p.add_argument("--one-peak", nargs=2, metavar=("VOLUME", "SPEC"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="3D on a GPU: let cuDNN time its convolution algorithms on the first step and keep the fastest",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.one_peak:
         print(json.dumps({"peak_mb": round(peak_3d(args.one_peak[0], args.one_peak[1], args.batch), 1)}))
         return 0

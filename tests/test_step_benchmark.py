@@ -41,22 +41,26 @@ def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch):
 
 
 def test_gpu_profile_sums_device_events_per_kernel():
-    """_device_ms keeps only device (CUDA) events, sums each name's durations and lists the
-    costliest first: what the GPU profile's busy time and top kernels are made of."""
+    """_device_ms keeps only device (CUDA) kernel events, not the step's labels mirrored onto the
+    GPU timeline, sums each name's durations and lists the costliest first: what the GPU
+    profile's busy time and top kernels are made of."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
     step = _step_module()
 
-    def event(name, device, us):
-        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+    def event(name, device, us, label=False):
+        return SimpleNamespace(
+            name=name, device_type=device, is_user_annotation=label, time_range=SimpleNamespace(elapsed_us=lambda: us)
+        )
 
     events = [
         event("conv", DeviceType.CUDA, 300.0),
         event("aten::conv3d", DeviceType.CPU, 900.0),
         event("gelu", DeviceType.CUDA, 500.0),
         event("conv", DeviceType.CUDA, 400.0),
+        event("generator", DeviceType.CUDA, 1200.0, label=True),
     ]
     assert step._device_ms(events) == pytest.approx({"conv": 0.7, "gelu": 0.5})
     assert list(step._device_ms(events)) == ["conv", "gelu"]
