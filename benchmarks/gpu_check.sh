@@ -2,11 +2,13 @@
 # GPU check, one run of about 9 minutes at most (a 520 s budget and the summary): build segcft (CPU + CUDA modules) against the
 # installed torch without network access, run the CUDA tests against the reference, time the
 # kernels (against eager pure torch, torch.compile and the copy bandwidth) and the Seg-CFT steps,
-# and write a summary. Everything goes to $OUT (default ./out), six files:
+# the likelihood head's weight-gradient routes, and write a summary. Everything goes to $OUT
+# (default ./out), seven files:
 #   check.log     every part's output, one section per part
 #   kernels.csv   benchmarks/kernels.py rows (soft_area and area_loss, eager / compile / segcft)
 #   step3d.csv    benchmarks/step.py --volumes 128x64x64 rows (batch 8, bf16 autocast)
 #   step2d.csv    benchmarks/step.py --shapes 64 192 rows (batch 8, bf16 autocast)
+#   head_grad.csv benchmarks/head_grad.py rows (the head alone and the 3D step, per route)
 #   summary.csv   section,name,value,unit,note: device, versions, part status and every figure
 #   summary.txt   the short version: versions, PASS/FAIL lines, step rates, a markdown kernels table
 #
@@ -27,7 +29,7 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: [OUT=dir] bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-PARTS="env build tests_cuda tests_ops kernels_area_loss step3d kernels_soft_area step2d_64 step2d_192"
+PARTS="env build tests_cuda tests_ops kernels_area_loss step3d head_grad kernels_soft_area step2d_64 step2d_192"
 for name in ${GPU_CHECK_SKIP:-}; do  # a misspelt part would otherwise run, unnoticed, on a short lease
   [[ " $PARTS " == *" $name "* ]] || { echo "GPU_CHECK_SKIP: unknown part '$name'; expected some of: $PARTS" >&2; exit 2; }
 done
@@ -40,7 +42,7 @@ START=$SECONDS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 : > "$LOG"
-rm -f "$OUT/kernels.csv" "$OUT/step3d.csv" "$OUT/step2d.csv" "$OUT/parts.csv"
+rm -f "$OUT/kernels.csv" "$OUT/step3d.csv" "$OUT/step2d.csv" "$OUT/head_grad.csv" "$OUT/parts.csv"
 status=0
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -165,6 +167,7 @@ if [ "$DRY" = 1 ]; then
                --copy-mb 4 --rotate-mb 0.1)
   STEP3D_ARGS=(--volumes 32x16x16 --batch 1 --reps 1 --threads 1)
   STEP2D_ARGS=(--variants reg seg-fused --batch 1 --reps 1 --threads 1)
+  HEAD_ARGS=(--volume 16x8x8 --batch 1 --reps 1 --rounds 1)
   SHAPES2D=(64)
 else
   part build 200 build
@@ -176,12 +179,14 @@ else
   KERNEL_ARGS=(--device cuda --cases 2d-16x4x192x192 3d-8x4x128x64x64 3d-2x4x128x256x256 --reps 30)
   STEP3D_ARGS=(--volumes 128x64x64 --batch 8 --reps 5)
   STEP2D_ARGS=(--variants reg seg-fused seg-reference --batch 8 --reps 10)
+  HEAD_ARGS=(--volume 128x64x64 --batch 8 --reps 5 --rounds 2)
   SHAPES2D=(64 192)
 fi
 
 part kernels_area_loss 150 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops area_loss --csv "$OUT/kernels.csv"
 part step3d 110 "$PY" benchmarks/step.py "${STEP3D_ARGS[@]}" --device "$DEV" \
   --modes reg:bf16 seg:bf16 pos-seg:bf16 pos-seg --profile --out "$OUT/step3d.csv"
+part head_grad 60 "$PY" benchmarks/head_grad.py "${HEAD_ARGS[@]}" --device "$DEV" --out "$OUT/head_grad.csv"
 part kernels_soft_area 130 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --ops soft_area --csv "$OUT/kernels.csv"
 for shape in "${SHAPES2D[@]}"; do
   # one process per shape, so a timeout loses one shape's rows only

@@ -157,6 +157,17 @@ def step_rows(step3d: list[dict[str, str]], step2d: list[dict[str, str]]) -> lis
     return out
 
 
+def head_rows(head: list[dict[str, str]]) -> list[list[str]]:
+    """benchmarks/head_grad.py's rows: ms per case and route, with the head's errors."""
+    out = []
+    for r in head:
+        note = f"min {r['min_ms']} max {r['max_ms']} ms"
+        if r.get("rel_err_w"):
+            note += f"; rel err vs float64 x {r['rel_err_x']} w {r['rel_err_w']} b {r['rel_err_b']}"
+        out.append(["head_grad", f"{r['case']} {r['route']}", r["ms"], "ms", note])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -177,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += krows
     srows = step_rows(_read_csv(out / "step3d.csv"), _read_csv(out / "step2d.csv"))
     rows += srows
+    hrows = head_rows(_read_csv(out / "head_grad.csv"))
+    rows += hrows
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["section", "name", "value", "unit", "note"])
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         f"kernel targets: {len(verdicts) - fails} PASS, {fails} FAIL",
         *verdicts,
         *(f"{r[0]} {r[1]}: {r[2]} {r[3]} ({r[4]})" for r in srows),
+        *(f"{r[0]} {r[1]}: {r[2]} {r[3]} ({r[4]})" for r in hrows),
         "",
         *kernel_table(kernels),
     ]

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-FILES = {"check.log", "kernels.csv", "step3d.csv", "step2d.csv", "summary.csv", "summary.txt"}
+FILES = {"check.log", "kernels.csv", "step3d.csv", "step2d.csv", "head_grad.csv", "summary.csv", "summary.txt"}
 
 
 def _run(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +60,7 @@ def test_dry_run_runs_every_part(dry_run: Path) -> None:
         "tests_ops": "dry-run",
         "kernels_area_loss": "ok",
         "step3d": "ok",
+        "head_grad": "ok",
         "kernels_soft_area": "ok",
         "step2d_64": "ok",
     }
@@ -99,7 +100,7 @@ def test_parts_past_the_budget_are_skipped_and_the_summary_still_written(tmp_pat
     done = _run(tmp_path, GPU_CHECK_BUDGET_S="5")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "check.log").read_text()
-    for part in ("env", "kernels_area_loss", "step3d", "kernels_soft_area", "step2d_64"):
+    for part in ("env", "kernels_area_loss", "step3d", "head_grad", "kernels_soft_area", "step2d_64"):
         assert f"SKIP {part}:" in log
     parts = {r["name"]: r["value"] for r in _rows(tmp_path / "summary.csv") if r["section"] == "part"}
     assert parts["kernels_area_loss"] == "skipped" and parts["step3d"] == "skipped"

@@ -22,7 +22,15 @@ from torch import nn
 
 from segcft.errors import ConfigError
 from segcft.models.configs import HVAEConfig
-from segcft.models.hvae_blocks import Block, DecoderBlock, add_bias, avg_pool, conv, discretised_gaussian_log_prob
+from segcft.models.hvae_blocks import (
+    Block,
+    DecoderBlock,
+    add_bias,
+    avg_pool,
+    conv,
+    discretised_gaussian_log_prob,
+    pointwise_conv,
+)
 from segcft.ops import gelu
 
 if TYPE_CHECKING:
@@ -364,7 +372,7 @@ class HVAE(nn.Module):
             # both 1-channel heads as one 2-channel convolution: one pass over h, forward and backward
             weight = torch.cat([self.head_loc.weight, self.head_logscale.weight])
             bias = torch.cat([self.head_loc.bias, self.head_logscale.bias])  # type: ignore[list-item]
-            out = (F.conv2d if h.dim() == 4 else F.conv3d)(h, weight, bias)
+            out = pointwise_conv(h, weight, bias)
             loc, logscale = out[:, :1], out[:, 1:].clamp_min(self.config.x_logscale_min)
         return loc, logscale
 

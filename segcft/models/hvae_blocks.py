@@ -139,6 +139,12 @@ def add_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _AddBias.apply(x, bias)
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (1x1x1) convolution of x (B, C, *S) with weight (O, C, 1, ...) and bias (O,): the
+    likelihood head. One name for it, so that benchmarks/head_grad.py can time other routes."""
+    return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias)
+
+
 def _scaled(scale: torch.Tensor, temperature: float) -> torch.Tensor:
     """temperature * scale, without a pass over the tensor at temperature 1 (the same values)."""
     return scale if temperature == 1.0 else temperature * scale
