@@ -3,29 +3,15 @@ the same function and gradients as the convolution, so that its GPU timing compa
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("segcft_head_grad_bench", ROOT / "benchmarks" / "head_grad.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last, torch.channels_last_3d])
-def test_product_sum_route_has_the_convolutions_value_and_gradients(fmt) -> None:
+def test_product_sum_route_has_the_convolutions_value_and_gradients(fmt, load_benchmark) -> None:
     """float64 gradcheck, and every gradient against F.conv's own backward, in any layout."""
-    hg = _module()
+    hg = load_benchmark("head_grad")
     torch.manual_seed(0)
     three = fmt == torch.channels_last_3d
     shape = (2, 5, 3, 4, 6) if three else (2, 5, 4, 6)
@@ -43,10 +29,10 @@ def test_product_sum_route_has_the_convolutions_value_and_gradients(fmt) -> None
     torch.testing.assert_close(hg.product_sum_conv(x, w, b), pointwise_conv(x, w, b))
 
 
-def test_the_step_comparison_restores_the_head_and_keeps_the_loss() -> None:
+def test_the_step_comparison_restores_the_head_and_keeps_the_loss(load_benchmark) -> None:
     """The step rows come in both routes with the same first loss (the forward is the same), and
     the HVAE's head is the convolution again afterwards."""
-    hg = _module()
+    hg = load_benchmark("head_grad")
     from segcft.models import hvae
     from segcft.models.hvae_blocks import pointwise_conv
 

@@ -3,27 +3,13 @@ and puts each guide's time under its own label."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _step_module():
-    spec = importlib.util.spec_from_file_location("segcft_step_bench", ROOT / "benchmarks" / "step.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch):
-    step = _step_module()
+def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch, load_benchmark):
+    step = load_benchmark("step")
     import segcft.ops as ops
 
     monkeypatch.setattr(ops, "area_loss", ops.area_loss)  # the benchmark labels it in place
@@ -40,7 +26,7 @@ def test_3d_step_profile_groups_each_guide_and_sum_to_the_step(monkeypatch):
         assert r["first_loss"] == r["first_loss"] and r["step_cpu_s"] > 0
 
 
-def test_gpu_profile_sums_device_events_per_kernel():
+def test_gpu_profile_sums_device_events_per_kernel(load_benchmark):
     """_device_ms keeps only device (CUDA) kernel events, not the step's labels mirrored onto the
     GPU timeline, sums each name's durations and lists the costliest first: what the GPU
     profile's busy time and top kernels are made of."""
@@ -48,7 +34,7 @@ def test_gpu_profile_sums_device_events_per_kernel():
 
     from torch.autograd import DeviceType
 
-    step = _step_module()
+    step = load_benchmark("step")
 
     def event(name, device, us, label=False):
         return SimpleNamespace(
