@@ -1,10 +1,12 @@
 """The built-in regressor: a small CNN predicting every variable of the dataset from the image
 and, with ``condition`` (the default), from the variable's causal parents: q(v | x, pa_v).
 
-Conditioning is what makes a structure's head read the structure: given its causal parents (on
-the phantoms age, sex and body size), what is left of an area's variance shows only in the
-structure itself, whereas an image-only head predicts it from global cues that an intervention
-on the area leaves unchanged. Continuous variables get a Gaussian (loc, scale) in normalised
+Conditioning follows causal-gen's anti-causal predictors and is how Reg-CFT asks the regressor:
+given the counterfactual parents. Neither form reads an area from the structure alone: both also
+use cues that go with the area in the training images (the thorax's outline and brightness), which
+an intervention on the area leaves unchanged, so on cxr-phantom's exact counterfactuals their
+predicted areas follow the true change with slopes of 0.5-0.8 (benchmarks/REPRODUCTION.md,
+"Regressor probe" and after). Continuous variables get a Gaussian (loc, scale) in normalised
 units, binary ones a Bernoulli logit. GroupNorm only: the frozen regressor used during
 fine-tuning behaves the same whatever the batch, because it never depends on batch statistics.
 """
