@@ -14,6 +14,10 @@ Samples per CPU second (one thread) is the figure to compare on a shared machine
 
     python benchmarks/step.py --volumes 64x32x32 128x64x64 [--modes none reg seg pos-seg] [--profile] [--peak]
 
+Either form takes --cudnn-benchmark (on a GPU, cuDNN picks each convolution's algorithm by timing
+it on the first step; off by default, as in training, where it would let the same seed pick
+other algorithms from run to run).
+
 The 3D fine-tuning step (ccta-phantom at each DxHxW size, same anatomy and field of view, the
 voxel spacing scaled; generator preset "3d"): every mode is built once in one process, from the
 same weights, and the modes' steps are interleaved rep by rep (CPU seconds, median; min and max
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cudnn-benchmark",
         action="store_true",
-        help="3D on a GPU: let cuDNN time its convolution algorithms on the first step and keep the fastest",
+        help="on a GPU: let cuDNN time its convolution algorithms on the first step and keep the fastest",
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -517,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.threads),
                 "--device",
                 args.device,
+                *(["--cudnn-benchmark"] if args.cudnn_benchmark else []),
             ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
