@@ -280,3 +280,24 @@ def test_an_imported_segmentor_goes_through_the_gate(tmp_path):
     run_training(warn, tmp_path / "warned", only=["segmentor"], segmentor_checkpoint=path)
     assert (tmp_path / "warned" / "checkpoints" / "segmentor.pt").exists()
     assert json.loads((tmp_path / "warned" / "gates.json").read_text())["segmentor"]["status"] == "not learned"
+
+
+@pytest.mark.timeout(400)
+def test_eval_steps_train_the_evaluation_segmentor_alone_longer(tmp_path):
+    """train.segmentor.eval_steps sets the evaluation segmentor's steps (its retry doubles them),
+    the guide keeps train.segmentor.steps, and the time estimate counts each stage's own steps."""
+    res = _train(tmp_path, "--only", "segmentor", "--only", "eval_segmentor", "--set", "train.segmentor.gate=warn",
+                 "--set", "train.segmentor.eval_steps=3")  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    gates = json.loads((tmp_path / "gates.json").read_text())
+    assert [a["steps"] for a in gates["segmentor"]["attempts"]] == [1, 2]
+    assert [a["steps"] for a in gates["eval_segmentor"]["attempts"]] == [3, 6]
+
+    from segcft.config import load_run_config
+    from segcft.train.progress import stage_units
+
+    cfg = load_run_config(tmp_path / "config.yaml")
+    assert cfg.train.segmentor.eval_steps == 3
+    guide, _ = stage_units(cfg, "segmentor", 0)
+    grader, _ = stage_units(cfg, "eval_segmentor", 0)
+    assert grader == pytest.approx(3 * guide)

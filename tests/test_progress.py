@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from segcft.config import SegmentorStageConfig
 from segcft.train import context, progress
 from segcft.train.progress import SAMPLE_COST, SAMPLE_COST_3D, RunClock, stage_units
 
@@ -16,7 +17,7 @@ def _cfg() -> SimpleNamespace:
     step = lambda steps, batch: SimpleNamespace(steps=steps, batch_size=batch)  # noqa: E731
     train = SimpleNamespace(
         mechanisms=step(1000, 256),
-        segmentor=step(100, 16),
+        segmentor=SegmentorStageConfig(steps=100, batch_size=16),
         regressor=step(50, 16),
         generator=step(200, 16),
     )

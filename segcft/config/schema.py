@@ -4,7 +4,7 @@ segcft/config/resolve.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from segcft.models.configs import MechanismsConfig
@@ -84,6 +84,21 @@ class SegmentorStageConfig(StageConfig):
             "le": 8,
         },
     )
+    eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "optimiser steps of the evaluation segmentor (0: steps); the measuring instrument may train "
+            "longer than the guides without slowing fine-tuning",
+            "ge": 0,
+        },
+    )
+
+    def for_stage(self, stage: str) -> SegmentorStageConfig:
+        """These settings as segmentor stage ``stage`` trains with them: ``eval_steps`` (when set)
+        replaces ``steps`` for ``eval_segmentor``."""
+        if stage == "eval_segmentor" and self.eval_steps:
+            return replace(self, steps=self.eval_steps)
+        return self
 
 
 @dataclass

@@ -37,7 +37,7 @@ class SegmentorNotLearned(UserError):
 def gated_segmentor(ctx: StageContext, stage: str, seed: int, train: Train) -> tuple[nn.Module, int]:
     """Train the segmentor of ``stage`` through its quality gate; returns the model kept and its
     seed, and records the gate (thresholds, every attempt's quality, the floors) in gates.json."""
-    sc: SegmentorStageConfig = ctx.cfg.train.segmentor
+    sc: SegmentorStageConfig = ctx.cfg.train.segmentor.for_stage(stage)
     model = train(stage, seed, sc)
     val = _validation_split(ctx, stage)
     if val is None:

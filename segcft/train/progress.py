@@ -47,7 +47,9 @@ def _schedule(cfg: Any, stage: str) -> Any:
     stage without one)."""
     if stage.startswith("cft-"):
         return cfg.cft
-    return getattr(cfg.train, "segmentor" if "segmentor" in stage else stage, None)
+    if "segmentor" in stage:
+        return cfg.train.segmentor.for_stage(stage)
+    return getattr(cfg.train, stage, None)
 
 
 def sample_cost(stage: str, dims: int = 2) -> float:
