@@ -30,6 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+import step  # noqa: E402  (benchmarks/step.py: the 3D step and its volume parser)
+
+from segcft.models.hvae_blocks import pointwise_conv  # noqa: E402
+
 ROUTES = ("conv", "product-sum")
 
 
@@ -40,7 +45,7 @@ class ProductSumConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias)
+        return pointwise_conv(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -63,8 +68,6 @@ def product_sum_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def _route(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    from segcft.models.hvae_blocks import pointwise_conv
-
     return pointwise_conv if name == "conv" else product_sum_conv
 
 
@@ -90,7 +93,7 @@ def _time_ms(fn: Callable[[], None], device: str, n: int) -> list[float]:
 
 def head_rows(channels: int, volume: str, batch: int, device: str, n: int) -> list[dict[str, object]]:
     """The head alone, fwd+bwd in float32 on each route, with its errors against float64."""
-    depth, side = (int(v) for v in volume.split("x")[:2])
+    depth, side = step._volume(volume)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, channels, depth, side, side, generator=gen).to(device).requires_grad_()
     w = torch.randn(2, channels, 1, 1, 1, generator=gen).to(device).requires_grad_()
@@ -126,9 +129,6 @@ def head_rows(channels: int, volume: str, batch: int, device: str, n: int) -> li
 def step_rows(volume: str, batch: int, reps: int, rounds: int, device: str) -> list[dict[str, object]]:
     """The 3D step with the head on each route: ``rounds`` rounds, the routes alternating, each
     a ``step.bench_3d`` of reg:bf16 and pos-seg; the median over rounds of each round's median."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import step
-
     from segcft.models import hvae
 
     specs = ["reg:bf16", "pos-seg"]
@@ -158,10 +158,16 @@ def step_rows(volume: str, batch: int, reps: int, rounds: int, device: str) -> l
     ]
 
 
+def _volume_arg(spec: str) -> str:
+    """--volume as given, once ``step._volume`` has read it (a bad one is a usage error, exit 2)."""
+    step._volume(spec)
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--volume", default="128x64x64", help="DxHxW of the 3D step (ccta-phantom)")
+    p.add_argument("--volume", default="128x64x64", type=_volume_arg, help="DxSxS of the 3D step (ccta-phantom)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=5, help="timed steps per route and round")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the step, the routes alternating")

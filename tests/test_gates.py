@@ -291,6 +291,7 @@ def test_eval_steps_train_the_evaluation_segmentor_alone_longer(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     gates = json.loads((tmp_path / "gates.json").read_text())
     assert [a["steps"] for a in gates["segmentor"]["attempts"]] == [1, 2]
+    # a 3-step segmentor has not learned the smoke data either: retried with twice its own steps
     assert [a["steps"] for a in gates["eval_segmentor"]["attempts"]] == [3, 6]
 
     from segcft.config import load_run_config
