@@ -7,7 +7,8 @@ one process: the speed-up of a change that keeps the maths.
 The earlier revision's ``segcft/models/hvae.py`` and ``hvae_blocks.py`` are taken from git
 (``git archive``) and loaded as separate modules; their forward methods (``HVAE._decode`` and
 ``_likelihood``, ``DecoderBlock``'s and ``Block``'s) are bound to a deep copy of this checkout's
-model. Both models then hold the same weights, see the same batch and the same noise (the seed is
+model, and its 2D 3x3 convolutions run as ``nn.Conv2d`` when the revision predates
+``segcft.ops.Conv3x3``. Both models then hold the same weights, see the same batch and the same noise (the seed is
 reset before each step), and train with their own FlatAdamW. Steps alternate (A B, B A, ...), so
 load on a shared machine hits both alike; the figure is the median CPU time of the thread over
 ``--reps`` steps each. ``--against HEAD`` is the A/A control: its ratio shows the noise floor.
@@ -63,7 +64,11 @@ def _bind(model: torch.nn.Module, blocks: types.ModuleType, hvae: types.ModuleTy
     for name in ("_decode", "_likelihood"):
         setattr(model, name, types.MethodType(getattr(hvae.HVAE, name), model))
     methods = {"DecoderBlock": ("forward", "_deterministic", "_posterior", "activate"), "Block": ("forward", "hidden")}
+    from segcft.ops import Conv3x3
+
     for module in model.modules():
+        if isinstance(module, Conv3x3) and not hasattr(blocks, "Conv3x3"):  # built as nn.Conv2d then
+            module.forward = types.MethodType(torch.nn.Conv2d.forward, module)
         for name in methods.get(type(module).__name__, ()):
             if hasattr(getattr(blocks, type(module).__name__), name):
                 setattr(module, name, types.MethodType(getattr(getattr(blocks, type(module).__name__), name), module))

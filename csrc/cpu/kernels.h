@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "../soft_area.h"
 
@@ -38,6 +39,21 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 // Elements per chunk of the element-wise kernels (fixed, so results never depend on threads).
 constexpr int64_t kElementChunk = 16384;
 
+// A 3x3 convolution (stride 1, zero padding 1) of one channels-last float32 image of h x w
+// pixels, ci input and co output channels (conv3x3_impl.h).
+struct Conv3x3 {
+  int64_t ci, co, h, w;
+};
+// Channel counts the 3x3 kernels are built for (ci == co): where they beat oneDNN.
+inline bool conv3x3_supported(int64_t ci, int64_t co) { return ci == co && (ci == 4 || ci == 8); }
+// Floats per row of a padded channel plane: room for w + 2 columns and for two 16-lane loads
+// that start at any column below w.
+inline int64_t conv3x3_row_stride(int64_t w) { return (w + 31) / 32 * 32 + 32; }
+// Bytes of scratch one worker needs for one image, forward or backward.
+inline std::size_t conv3x3_scratch_bytes(const Conv3x3& g) {
+  return sizeof(float) * static_cast<std::size_t>((2 * g.ci + g.co) * (g.h + 2) * conv3x3_row_stride(g.w));
+}
+
 struct KernelTable {
   const char* name;
   // Bytes of 64-byte-aligned scratch one worker needs for problem p.
@@ -53,6 +69,13 @@ struct KernelTable {
                          void* scratch);
   // y = GELU(x) = x Phi(x) and dydx = Phi(x) + x phi(x) for n float32 values.
   void (*gelu_chunk)(const float* x, float* y, float* dydx, int64_t n);
+  // y = conv3x3(x, wt) + bias for one image (bias may be null); false for unsupported channels.
+  bool (*conv3x3_forward)(const Conv3x3& g, const float* x, const float* wt, const float* bias, float* y,
+                          void* scratch);
+  // For one image and output gradient gy: the input gradient into gx (skipped when null) and this
+  // image's weight and bias gradients into dw [co][ci][3][3] and db [co] (overwritten).
+  bool (*conv3x3_backward)(const Conv3x3& g, const float* x, const float* wt, const float* gy, float* gx,
+                           float* dw, float* db, void* scratch);
 };
 
 KernelTable scalar_kernels();

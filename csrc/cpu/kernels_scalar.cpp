@@ -156,6 +156,7 @@ struct Vec1 {
 };
 
 #include "kernels_impl.h"
+#include "conv3x3_impl.h"
 
 using VecF = Vec1<float>;
 using VecD = Vec1<double>;
@@ -180,7 +181,8 @@ void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, int
 }  // namespace
 
 KernelTable scalar_kernels() {
-  return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk, &gelu_chunk_impl<VecF>};
+  return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk, &gelu_chunk_impl<VecF>,
+          &conv3x3_forward_impl<VecF>, &conv3x3_backward_impl<VecF>};
 }
 
 }  // namespace cpu

@@ -1,0 +1,105 @@
+"""3x3 convolutions of channels-last float32 images with 4 or 8 channels, on segcft's CPU kernel.
+
+The HVAE's bottleneck blocks run two such convolutions per block at the highest resolutions
+(4 channels at 64 x 64 and 8 at 32 x 32 in the quick preset), and oneDNN runs them far below the
+FMA peak: its blocked kernels pad the channel axis to a whole vector. The kernel transposes each
+image into zero-padded channel planes, so every vector lane holds a pixel (csrc/cpu/conv3x3_impl.h).
+Same maths as ``F.conv2d`` up to float rounding; the weight gradient is summed image by image in
+order, so it does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcft.ops import _backend
+
+CHANNELS = (4, 8)
+"""Channel counts (in = out) with a kernel; csrc/cpu/kernels.h ``conv3x3_supported`` agrees."""
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        module = _backend.cpu_backend().module
+        assert module is not None  # checked by conv3x3_applies()
+        b, c, h, w = x.shape
+        o = weight.shape[0]
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous()
+        y = torch.empty((b, o, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        ok = module.conv3x3_forward(
+            b, c, o, h, w, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
+        )
+        assert ok, f"no 3x3 kernel for {c} -> {o} channels"  # CHANNELS mirrors the C++ check
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        module = _backend.cpu_backend().module
+        assert module is not None
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        o = weight.shape[0]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(weight)
+        db = torch.empty(o, dtype=weight.dtype)
+        module.conv3x3_backward(
+            b,
+            c,
+            o,
+            h,
+            w,
+            x.data_ptr(),
+            weight.data_ptr(),
+            grad.data_ptr(),
+            gx.data_ptr() if gx is not None else 0,
+            dw.data_ptr(),
+            db.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return gx, dw, db if ctx.has_bias else None
+
+
+def conv3x3_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`conv3x3` runs the kernel for this input and weight (else ``F.conv2d``)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 4
+        and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
+        and weight.shape[0] == x.shape[1]
+        and x.shape[1] in CHANNELS
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
+        and _backend.cpu_backend().module is not None
+    )
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a (C, C, 3, 3) weight: on the CPU kernel for a
+    channels-last float32 x with C in :data:`CHANNELS` outside autocast, through torch otherwise."""
+    if conv3x3_applies(x, weight):
+        return _Conv3x3.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, 3, padding=1)`` computed by :func:`conv3x3` (the same
+    parameters and state-dict keys)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3x3(x, self.weight, self.bias)

@@ -1,0 +1,136 @@
+"""segcft.ops.conv3x3: the small-channel 3x3 kernel against float64 convolutions on every
+instruction set, shape and thread count; where it falls back to torch; and the HVAE's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcft import ops
+from segcft.models.hvae_blocks import conv
+from segcft.ops._conv3x3 import conv3x3_applies
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ISAS = ["scalar", "avx2", "avx512"]
+needs_kernel = pytest.mark.skipif(ops.cpu_backend().module is None, reason="segcft._C is not built")
+
+
+def _case(b: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, c, 3, 3, generator=g) / 3
+    bias = torch.randn(c, generator=g)
+    grad = torch.randn(b, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, weight, bias, grad
+
+
+def _run(fn, x, weight, bias, grad, input_grad: bool = True) -> tuple[torch.Tensor | None, ...]:
+    x = x.detach().clone().requires_grad_(input_grad)
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_() if bias is not None else None
+    y = fn(x, weight, bias)
+    y.backward(grad.to(y.dtype))
+    return y.detach(), x.grad, weight.grad, bias.grad if bias is not None else None
+
+
+def _float64(x, weight, bias, grad) -> tuple[torch.Tensor | None, ...]:
+    return _run(
+        lambda a, w, b: F.conv2d(a, w, b, padding=1),
+        x.double(),
+        weight.double(),
+        bias.double() if bias is not None else None,
+        grad,
+    )
+
+
+SHAPES = [(2, 4, 16, 16), (3, 4, 5, 7), (2, 8, 9, 20), (1, 8, 33, 1), (1, 4, 1, 40), (4, 8, 32, 32)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_values_and_gradients_match_float64(isa, shape, monkeypatch):
+    monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
+    x, weight, bias, grad = _case(*shape)
+    assert conv3x3_applies(x, weight)
+    got = _run(ops.conv3x3, x, weight, bias, grad)
+    ref = _float64(x, weight, bias, grad)
+    for name, a, r in zip(("y", "dx", "dw", "db"), got, ref):
+        assert a is not None and r is not None
+        assert a.dtype == torch.float32, name
+        # float32 sums of 9 C terms (y, dx) or B H W terms (dw, db): 1e-5 of the largest value
+        tol = 1e-5 * float(r.abs().max()) + 1e-6
+        assert float((a.double() - r).abs().max()) < tol, (name, float((a.double() - r).abs().max()), tol)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1] is not None and got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+def test_without_bias_or_input_gradient():
+    x, weight, _, grad = _case(2, 8, 12, 10, seed=1)
+    got = _run(ops.conv3x3, x, weight, None, grad, input_grad=False)
+    ref = _float64(x, weight, None, grad)
+    assert got[1] is None and got[3] is None
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_weight_gradient_does_not_depend_on_threads():
+    x, weight, bias, grad = _case(6, 4, 20, 24, seed=2)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(ops.conv3x3, x, weight, bias, grad)
+        torch.set_num_threads(2)
+        two = _run(ops.conv3x3, x, weight, bias, grad)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(one, two):
+        assert a is not None and b is not None
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_instruction_sets_agree(monkeypatch):
+    outs = {}
+    for isa in ISAS:
+        monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
+        outs[isa] = _run(ops.conv3x3, *_case(3, 8, 16, 16, seed=3))
+    for isa in ISAS[1:]:
+        for a, b in zip(outs[isa], outs["scalar"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["16 channels", "4 -> 8 channels", "contiguous layout", "float64", "autocast"],
+)
+def test_falls_back_to_torch(why):
+    c, o = (16, 16) if why == "16 channels" else (4, 8) if why == "4 -> 8 channels" else (4, 4)
+    x = torch.randn(2, c, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(o, c, 3, 3)
+    if why == "contiguous layout":
+        x = x.contiguous()
+    if why == "float64":
+        x, weight = x.double(), weight.double()
+    if why == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv3x3_applies(x, weight)
+            y = ops.conv3x3(x, weight, None)
+        assert y.dtype == torch.bfloat16
+        return
+    assert not conv3x3_applies(x, weight)
+    torch.testing.assert_close(ops.conv3x3(x, weight, None), F.conv2d(x, weight, None, padding=1))
+
+
+def test_hvae_layer_is_a_conv2d_with_the_same_state_dict():
+    layer = conv(2, 4, 4, 3)
+    assert isinstance(layer, ops.Conv3x3) and isinstance(layer, torch.nn.Conv2d)
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1)
+    layer.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert not isinstance(conv(3, 4, 4, 3), ops.Conv3x3) and not isinstance(conv(2, 4, 4, 1), ops.Conv3x3)
