@@ -4,17 +4,17 @@ one process: the speed-up of a change that keeps the maths.
     OMP_NUM_THREADS=1 python benchmarks/paired_step.py --against GIT_REV [--shape 64|3d]
         [--reps 30] [--warmup 3]
 
-The earlier revision's ``segcft/models/hvae.py`` and ``hvae_blocks.py`` are taken from git
-(``git archive``) and loaded as separate modules; their forward methods (``HVAE._decode`` and
+The earlier revision's ``segcft/models/hvae.py`` and ``hvae_blocks.py`` are taken from git (``git
+archive``) and loaded as separate modules; their forward methods (``HVAE._decode`` and
 ``_likelihood``, ``DecoderBlock``'s and ``Block``'s) are bound to a deep copy of this checkout's
-model, and its 2D 3x3 convolutions run as ``nn.Conv2d`` when the revision predates
-``segcft.ops.Conv3x3``. Both models then hold the same weights, see the same batch and the same noise (the seed is
-reset before each step), and train with their own FlatAdamW. Steps alternate (A B, B A, ...), so
-load on a shared machine hits both alike; the figure is the median CPU time of the thread over
-``--reps`` steps each. ``--against HEAD`` is the A/A control: its ratio shows the noise floor.
-The losses of the last step are printed too: a change that keeps the maths agrees to float
-rounding. Only methods of those classes are swapped, so a revision that changed their
-signatures or other modules cannot be paired this way.
+model, and its 3x3 (3x3x3) convolutions run as ``nn.Conv2d`` (``nn.Conv3d``) when the revision
+predates ``segcft.ops.Conv3x3`` (``Conv3x3x3``). Both models then hold the same weights, see the
+same batch and the same noise (the seed is reset before each step), and train with their own
+FlatAdamW. Steps alternate (A B, B A, ...), so load on a shared machine hits both alike; the figure
+is the median CPU time of the thread over ``--reps`` steps each. ``--against HEAD`` is the A/A
+control: its ratio shows the noise floor. The losses of the last step are printed too: a change
+that keeps the maths agrees to float rounding. Only methods of those classes are swapped, so a
+revision that changed their signatures or other modules cannot be paired this way.
 """
 
 from __future__ import annotations
@@ -64,11 +64,12 @@ def _bind(model: torch.nn.Module, blocks: types.ModuleType, hvae: types.ModuleTy
     for name in ("_decode", "_likelihood"):
         setattr(model, name, types.MethodType(getattr(hvae.HVAE, name), model))
     methods = {"DecoderBlock": ("forward", "_deterministic", "_posterior", "activate"), "Block": ("forward", "hidden")}
-    from segcft.ops import Conv3x3
+    from segcft.ops import Conv3x3, Conv3x3x3
 
     for module in model.modules():
-        if isinstance(module, Conv3x3) and not hasattr(blocks, "Conv3x3"):  # built as nn.Conv2d then
-            module.forward = types.MethodType(torch.nn.Conv2d.forward, module)
+        for cls, base in ((Conv3x3, torch.nn.Conv2d), (Conv3x3x3, torch.nn.Conv3d)):
+            if isinstance(module, cls) and not hasattr(blocks, cls.__name__):  # built as the base then
+                module.forward = types.MethodType(base.forward, module)
         for name in methods.get(type(module).__name__, ()):
             if hasattr(getattr(blocks, type(module).__name__), name):
                 setattr(module, name, types.MethodType(getattr(getattr(blocks, type(module).__name__), name), module))

@@ -134,16 +134,19 @@ void soft_area_backward(const Problem& p, int num_threads, int64_t* id_range = n
 // y = GELU(x) (exact, erf form) and dydx = GELU'(x) for n contiguous float32 values.
 void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_threads);
 
-// 3x3 convolution, stride 1, zero padding 1, of a channels-last float32 batch x [batch][h][w][ci]
-// with weight [co][ci][3][3] and bias [co] (may be null) into y [batch][h][w][co]. Returns false
-// (and writes nothing) when the channel counts have no kernel (conv3x3_supported).
-bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t h, int64_t w, const float* x, const float* weight,
-                     const float* bias, float* y, int num_threads);
-// Gradients of conv3x3_forward for the output gradient gy (channels-last like y): gx (skipped when
-// null), dw [co][ci][3][3] and db [co], the batch summed image by image in order (the same values
+// 3x3 convolution (3x3x3 when d3), stride 1, zero padding 1, of a float32 batch x
+// [batch][d][h][w][ci] (channels_last) or [batch][ci][d][h][w] (d = 1 in 2D) with weight
+// [co][ci][(3)][3][3] and bias [co] (may be null) into y, laid out as x. Returns false (and writes
+// nothing) when the channel counts have no kernel (conv3x3_supported).
+bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
+                     bool channels_last, const float* x, const float* weight, const float* bias, float* y,
+                     int num_threads);
+// Gradients of conv3x3_forward for the output gradient gy (laid out as y): gx (skipped when null),
+// dw [co][ci][(3)][3][3] and db [co], the batch summed image by image in order (the same values
 // for any thread count).
-bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t h, int64_t w, const float* x,
-                      const float* weight, const float* gy, float* gx, float* dw, float* db, int num_threads);
+bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
+                      bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
+                      float* db, int num_threads);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

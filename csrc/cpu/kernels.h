@@ -39,19 +39,22 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 // Elements per chunk of the element-wise kernels (fixed, so results never depend on threads).
 constexpr int64_t kElementChunk = 16384;
 
-// A 3x3 convolution (stride 1, zero padding 1) of one channels-last float32 image of h x w
-// pixels, ci input and co output channels (conv3x3_impl.h).
+// A 3x3 (2D) or 3x3x3 (3D, d3) convolution, stride 1, zero padding 1, of one float32 image of
+// d x h x w voxels (d = 1 in 2D), ci input and co output channels, channels-last ([d][h][w][c])
+// or channels-first ([c][d][h][w]) in and out (conv3x3_impl.h).
 struct Conv3x3 {
-  int64_t ci, co, h, w;
+  int64_t ci, co, d, h, w;
+  bool d3, channels_last;
 };
-// Channel counts the 3x3 kernels are built for (ci == co): where they beat oneDNN.
-inline bool conv3x3_supported(int64_t ci, int64_t co) { return ci == co && (ci == 4 || ci == 8); }
+// Channel counts the kernels are built for (ci == co): where they beat oneDNN.
+inline bool conv3x3_supported(int64_t ci, int64_t co) { return ci == co && (ci == 2 || ci == 4 || ci == 8); }
 // Floats per row of a padded channel plane: room for w + 2 columns and for two 16-lane loads
 // that start at any column below w.
-inline int64_t conv3x3_row_stride(int64_t w) { return (w + 31) / 32 * 32 + 32; }
+inline int64_t conv3x3_row_stride(int64_t w) { return (w + 31) / 32 * 32 + 16; }
 // Bytes of scratch one worker needs for one image, forward or backward.
 inline std::size_t conv3x3_scratch_bytes(const Conv3x3& g) {
-  return sizeof(float) * static_cast<std::size_t>((2 * g.ci + g.co) * (g.h + 2) * conv3x3_row_stride(g.w));
+  const int64_t slabs = g.d + (g.d3 ? 2 : 0);
+  return sizeof(float) * static_cast<std::size_t>((2 * g.ci + g.co) * slabs * (g.h + 2) * conv3x3_row_stride(g.w));
 }
 
 struct KernelTable {
@@ -69,11 +72,12 @@ struct KernelTable {
                          void* scratch);
   // y = GELU(x) = x Phi(x) and dydx = Phi(x) + x phi(x) for n float32 values.
   void (*gelu_chunk)(const float* x, float* y, float* dydx, int64_t n);
-  // y = conv3x3(x, wt) + bias for one image (bias may be null); false for unsupported channels.
+  // y = conv3x3(x, wt) + bias (3x3x3 when g.d3) for one image (bias may be null); false for
+  // unsupported channels.
   bool (*conv3x3_forward)(const Conv3x3& g, const float* x, const float* wt, const float* bias, float* y,
                           void* scratch);
   // For one image and output gradient gy: the input gradient into gx (skipped when null) and this
-  // image's weight and bias gradients into dw [co][ci][3][3] and db [co] (overwritten).
+  // image's weight and bias gradients into dw [co][ci][(3)][3][3] and db [co] (overwritten).
   bool (*conv3x3_backward)(const Conv3x3& g, const float* x, const float* wt, const float* gy, float* gx,
                            float* dw, float* db, void* scratch);
 };

@@ -270,36 +270,40 @@ void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_thre
   });
 }
 
-bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t h, int64_t w, const float* x, const float* weight,
-                     const float* bias, float* y, int num_threads) {
+bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
+                     bool channels_last, const float* x, const float* weight, const float* bias, float* y,
+                     int num_threads) {
   if (!conv3x3_supported(ci, co)) return false;
-  if (batch <= 0 || h <= 0 || w <= 0) return true;
+  if (batch <= 0 || d <= 0 || h <= 0 || w <= 0) return true;
   const KernelTable table = select_table(DType::Float32);
-  const Conv3x3 g{ci, co, h, w};
+  const Conv3x3 g{ci, co, d, h, w, d3, channels_last};
+  const int64_t n = d * h * w;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
   run_chunks(static_cast<std::size_t>(batch), threads, conv3x3_scratch_bytes(g), [&](std::size_t b, void* scratch) {
     const int64_t i = static_cast<int64_t>(b);
-    table.conv3x3_forward(g, x + i * h * w * ci, weight, bias, y + i * h * w * co, scratch);
+    table.conv3x3_forward(g, x + i * n * ci, weight, bias, y + i * n * co, scratch);
   });
   return true;
 }
 
-bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t h, int64_t w, const float* x,
-                      const float* weight, const float* gy, float* gx, float* dw, float* db, int num_threads) {
+bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
+                      bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
+                      float* db, int num_threads) {
   if (!conv3x3_supported(ci, co)) return false;
-  const int64_t nw = co * ci * 9;
+  const int64_t nw = co * ci * (d3 ? 27 : 9);
   std::fill(dw, dw + nw, 0.0f);
   std::fill(db, db + co, 0.0f);
-  if (batch <= 0 || h <= 0 || w <= 0) return true;
+  if (batch <= 0 || d <= 0 || h <= 0 || w <= 0) return true;
   const KernelTable table = select_table(DType::Float32);
-  const Conv3x3 g{ci, co, h, w};
+  const Conv3x3 g{ci, co, d, h, w, d3, channels_last};
+  const int64_t n = d * h * w;
   std::vector<float> partial(static_cast<std::size_t>(batch * (nw + co)));
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
   run_chunks(static_cast<std::size_t>(batch), threads, conv3x3_scratch_bytes(g), [&](std::size_t b, void* scratch) {
     const int64_t i = static_cast<int64_t>(b);
     float* part = &partial[b * static_cast<std::size_t>(nw + co)];
-    table.conv3x3_backward(g, x + i * h * w * ci, weight, gy + i * h * w * co,
-                           gx != nullptr ? gx + i * h * w * ci : nullptr, part, part + nw, scratch);
+    table.conv3x3_backward(g, x + i * n * ci, weight, gy + i * n * co, gx != nullptr ? gx + i * n * ci : nullptr,
+                           part, part + nw, scratch);
   });
   for (int64_t i = 0; i < batch; ++i) {  // image order: the sums do not depend on the thread count
     const float* part = &partial[static_cast<std::size_t>(i * (nw + co))];

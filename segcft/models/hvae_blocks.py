@@ -14,18 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcft.ops import GELU, Conv3x3
+from segcft.ops import GELU, Conv3x3, Conv3x3x3
 
 LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
 
 
 def conv(dims: int, in_ch: int, out_ch: int, kernel: int) -> nn.Conv2d | nn.Conv3d:
-    """A same-padded convolution of ``dims`` spatial dimensions with a zero-initialised bias (2D
-    3x3 ones as :class:`segcft.ops.Conv3x3`, which runs few channels on segcft's CPU kernel)."""
+    """A same-padded convolution of ``dims`` spatial dimensions with a zero-initialised bias (3x3
+    and 3x3x3 ones as :class:`segcft.ops.Conv3x3` / ``Conv3x3x3``, which run few channels on
+    segcft's CPU kernel)."""
     layer: nn.Conv2d | nn.Conv3d
-    if dims == 2 and kernel == 3:
-        layer = Conv3x3(in_ch, out_ch)
+    if kernel == 3:
+        layer = Conv3x3(in_ch, out_ch) if dims == 2 else Conv3x3x3(in_ch, out_ch)
     else:
         classes: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
         layer = classes[dims](in_ch, out_ch, kernel, padding=kernel // 2)

@@ -16,7 +16,7 @@ import torch
 from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
-from segcft.ops._conv3x3 import Conv3x3, conv3x3
+from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3
 from segcft.ops._gelu import GELU, gelu
 from segcft.ops._validate import OpTypeError, OpValueError
 
@@ -24,6 +24,7 @@ __all__ = [
     "GELU",
     "Backend",
     "Conv3x3",
+    "Conv3x3x3",
     "KernelFallbackWarning",
     "OpTypeError",
     "OpValueError",

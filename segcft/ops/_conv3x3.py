@@ -1,11 +1,13 @@
-"""3x3 convolutions of channels-last float32 images with 4 or 8 channels, on segcft's CPU kernel.
+"""3x3 (2D) and 3x3x3 (3D) convolutions of float32 images with 2, 4 or 8 channels, on segcft's
+CPU kernel (channels-last or contiguous layout).
 
-The HVAE's bottleneck blocks run two such convolutions per block at the highest resolutions
-(4 channels at 64 x 64 and 8 at 32 x 32 in the quick preset), and oneDNN runs them far below the
-FMA peak: its blocked kernels pad the channel axis to a whole vector. The kernel transposes each
-image into zero-padded channel planes, so every vector lane holds a pixel (csrc/cpu/conv3x3_impl.h).
-Same maths as ``F.conv2d`` up to float rounding; the weight gradient is summed image by image in
-order, so it does not depend on the thread count.
+The HVAE's bottleneck blocks run two such convolutions per block at the highest resolutions (4
+channels at 64 x 64 and 8 at 32 x 32 in the 2D quick preset; 2 at 64 x 32 x 32 and 4 at
+32 x 16 x 16 in 3D), and oneDNN runs them far below the FMA peak: its blocked kernels pad the
+channel axis to a whole vector. The kernel transposes each image into zero-padded channel planes,
+so every vector lane holds a pixel (csrc/cpu/conv3x3_impl.h). Same maths as ``F.conv2d`` /
+``F.conv3d`` up to float rounding; the weight gradient is summed image by image in order, so it
+does not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -18,8 +20,26 @@ from torch import nn
 
 from segcft.ops import _backend
 
-CHANNELS = (4, 8)
+CHANNELS = (2, 4, 8)
 """Channel counts (in = out) with a kernel; csrc/cpu/kernels.h ``conv3x3_supported`` agrees."""
+MIN_WIDTH = 16
+"""Rows narrower than this leave most of a 16-lane vector empty: oneDNN is faster there."""
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The channels-last format when x is laid out so, else the contiguous (channels-first) one."""
+    fmt = _FORMATS[x.dim()]
+    return fmt if x.is_contiguous(memory_format=fmt) else torch.contiguous_format
+
+
+def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, bool]:
+    """(batch, channels, d, h, w, 3D) of a 4D (d = 1) or 5D input."""
+    if x.dim() == 4:
+        b, c, h, w = x.shape
+        return b, c, 1, h, w, False
+    b, c, d, h, w = x.shape
+    return b, c, d, h, w, True
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -27,14 +47,16 @@ class _Conv3x3(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         module = _backend.cpu_backend().module
         assert module is not None  # checked by conv3x3_applies()
-        b, c, h, w = x.shape
+        b, c, d, h, w, d3 = _geometry(x)
         o = weight.shape[0]
-        x = x.contiguous(memory_format=torch.channels_last)
+        fmt = _layout(x)
+        x = x.contiguous(memory_format=fmt)
         weight = weight.contiguous()
-        y = torch.empty((b, o, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        y = torch.empty((b, o, *x.shape[2:]), dtype=x.dtype, memory_format=fmt)
         bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        cl = fmt != torch.contiguous_format
         ok = module.conv3x3_forward(
-            b, c, o, h, w, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
+            b, c, o, d, h, w, d3, cl, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
         )
         assert ok, f"no 3x3 kernel for {c} -> {o} channels"  # CHANNELS mirrors the C++ check
         ctx.save_for_backward(x, weight)
@@ -47,9 +69,10 @@ class _Conv3x3(torch.autograd.Function):
         module = _backend.cpu_backend().module
         assert module is not None
         x, weight = ctx.saved_tensors
-        b, c, h, w = x.shape
+        b, c, d, h, w, d3 = _geometry(x)
         o = weight.shape[0]
-        grad = grad.contiguous(memory_format=torch.channels_last)
+        fmt = _layout(x)
+        grad = grad.contiguous(memory_format=fmt)
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dw = torch.empty_like(weight)
         db = torch.empty(o, dtype=weight.dtype)
@@ -57,8 +80,11 @@ class _Conv3x3(torch.autograd.Function):
             b,
             c,
             o,
+            d,
             h,
             w,
+            d3,
+            fmt != torch.contiguous_format,
             x.data_ptr(),
             weight.data_ptr(),
             grad.data_ptr(),
@@ -76,26 +102,39 @@ def conv3x3_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.dim() == 4
-        and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
+        and x.dim() in _FORMATS
+        and tuple(weight.shape[1:]) == (x.shape[1],) + (3,) * (x.dim() - 2)
         and weight.shape[0] == x.shape[1]
         and x.shape[1] in CHANNELS
-        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[-1] >= MIN_WIDTH
         and not torch.is_autocast_enabled("cpu")
         and _backend.cpu_backend().module is not None
     )
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a (C, C, 3, 3) weight: on the CPU kernel for a
-    channels-last float32 x with C in :data:`CHANNELS` outside autocast, through torch otherwise."""
+    """``F.conv2d(x, weight, bias, padding=1)`` for a (C, C, 3, 3) weight (``F.conv3d`` for a
+    (C, C, 3, 3, 3) one): on the CPU kernel for a float32 x with C in :data:`CHANNELS` and rows of
+    at least :data:`MIN_WIDTH` pixels outside autocast, through torch otherwise. The output keeps
+    x's layout (channels-last, or else contiguous)."""
     if conv3x3_applies(x, weight):
         return _Conv3x3.apply(x, weight, bias)
-    return F.conv2d(x, weight, bias, padding=1)
+    return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias, padding=1)
 
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(channels, channels, 3, padding=1)`` computed by :func:`conv3x3` (the same
+    parameters and state-dict keys)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3x3(x, self.weight, self.bias)
+
+
+class Conv3x3x3(nn.Conv3d):
+    """``nn.Conv3d(channels, channels, 3, padding=1)`` computed by :func:`conv3x3` (the same
     parameters and state-dict keys)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
