@@ -256,8 +256,8 @@ def test_cft_optimiser_fields_equal_what_it_used_from_the_generator_stage(preset
     """cft's own optimiser fields default (per preset) to the values it used to take from
     train.generator: weight decay, clipping, logging and checkpoints alike, warm-up
     min(generator warm-up, steps // 10 or 1), and no EMA except in the quick preset, which
-    fine-tunes with an EMA of its own (0.99 over 400 steps in 2D, 0.9 over 240 in 3D), not the
-    generator stage's, and a warm-up of 6 steps in 3D (what its 240 steps were measured with).
+    fine-tunes with an EMA of its own (0.99 over 400 steps in 2D, 0.9 over 480 in 3D), not the
+    generator stage's, and a warm-up of 6 steps in 3D (what its steps were measured with).
     Skipping is the exception: fine-tuning skips only non-finite updates."""
     models = {"generator": "hvae", "segmentor": "unet", "regressor": "cnn"} if preset is None else {}
     for dataset in ("cxr-phantom", "ccta-phantom"):
