@@ -53,7 +53,8 @@ class _Conv3x3(torch.autograd.Function):
         x = x.contiguous(memory_format=fmt)
         weight = weight.contiguous()
         y = torch.empty((b, o, *x.shape[2:]), dtype=x.dtype, memory_format=fmt)
-        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        bias = bias.contiguous() if bias is not None else None  # held: the kernel reads its memory
+        bias_ptr = bias.data_ptr() if bias is not None else 0
         cl = fmt != torch.contiguous_format
         ok = module.conv3x3_forward(
             b, c, o, d, h, w, d3, cl, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
