@@ -248,8 +248,8 @@ void check_conv_dims(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
 }
 
 bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
-                     bool channels_last, std::uintptr_t x_ptr, std::uintptr_t weight_ptr, std::uintptr_t bias_ptr, std::uintptr_t y_ptr,
-                     int num_threads) {
+                     bool channels_last, std::uintptr_t x_ptr, std::uintptr_t weight_ptr, std::uintptr_t bias_ptr,
+                     std::uintptr_t y_ptr, int num_threads) {
   check_conv_dims(batch, ci, co, d, h, w, d3);
   check_ptr(weight_ptr, "weight_ptr");
   if (batch * d * h * w > 0) {
@@ -257,15 +257,15 @@ bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
     check_ptr(y_ptr, "y_ptr");
   }
   py::gil_scoped_release release;
-  return segcft::cpu::conv3x3_forward(batch, ci, co, d, h, w, d3, channels_last, reinterpret_cast<const float*>(x_ptr),
-                                      reinterpret_cast<const float*>(weight_ptr),
+  return segcft::cpu::conv3x3_forward(batch, ci, co, d, h, w, d3, channels_last,
+                                      reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(weight_ptr),
                                       reinterpret_cast<const float*>(bias_ptr), reinterpret_cast<float*>(y_ptr),
                                       num_threads);
 }
 
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
-                      bool channels_last, std::uintptr_t x_ptr, std::uintptr_t weight_ptr, std::uintptr_t gy_ptr, std::uintptr_t gx_ptr,
-                      std::uintptr_t dw_ptr, std::uintptr_t db_ptr, int num_threads) {
+                      bool channels_last, std::uintptr_t x_ptr, std::uintptr_t weight_ptr, std::uintptr_t gy_ptr,
+                      std::uintptr_t gx_ptr, std::uintptr_t dw_ptr, std::uintptr_t db_ptr, int num_threads) {
   check_conv_dims(batch, ci, co, d, h, w, d3);
   check_ptr(weight_ptr, "weight_ptr");
   check_ptr(dw_ptr, "dw_ptr");
@@ -275,7 +275,8 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
     check_ptr(gy_ptr, "gy_ptr");
   }
   py::gil_scoped_release release;
-  return segcft::cpu::conv3x3_backward(batch, ci, co, d, h, w, d3, channels_last, reinterpret_cast<const float*>(x_ptr),
+  return segcft::cpu::conv3x3_backward(batch, ci, co, d, h, w, d3, channels_last,
+                                       reinterpret_cast<const float*>(x_ptr),
                                        reinterpret_cast<const float*>(weight_ptr),
                                        reinterpret_cast<const float*>(gy_ptr), reinterpret_cast<float*>(gx_ptr),
                                        reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr),
@@ -311,13 +312,13 @@ PYBIND11_MODULE(_C, m) {
         "GELU (erf form) of n contiguous float32 values into y, and its derivative into dydx, in one pass.");
   m.def("conv3x3_forward", &conv3x3_forward, py::arg("batch"), py::arg("ci"), py::arg("co"), py::arg("d"),
         py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"),
-        py::arg("bias_ptr"),
-        py::arg("y_ptr"), py::arg("num_threads"),
+        py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("num_threads"),
         "3x3 (d3: 3x3x3) convolution, stride 1, zero padding 1, of a float32 batch, channels-last or "
-        "channels-first (d = 1 in 2D; contiguous weight [co][ci][(3)][3][3], bias_ptr 0 for none); False when (ci, co) has no kernel.");
+        "channels-first (d = 1 in 2D; contiguous weight [co][ci][(3)][3][3], bias_ptr 0 for none); False when "
+        "(ci, co) has no kernel.");
   m.def("conv3x3_backward", &conv3x3_backward, py::arg("batch"), py::arg("ci"), py::arg("co"), py::arg("d"),
-        py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"), py::arg("gy_ptr"), py::arg("gx_ptr"),
-        py::arg("dw_ptr"), py::arg("db_ptr"), py::arg("num_threads"),
+        py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"),
+        py::arg("gy_ptr"), py::arg("gx_ptr"), py::arg("dw_ptr"), py::arg("db_ptr"), py::arg("num_threads"),
         "Input (gx_ptr 0: skipped), weight and bias gradients of conv3x3_forward, summed over the batch in "
         "image order; False when (ci, co) has no kernel.");
   m.def("cpu_isa", &segcft::cpu::active_isa,

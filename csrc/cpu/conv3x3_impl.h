@@ -1,7 +1,7 @@
 // 3x3 (2D) and 3x3x3 (3D) convolutions, stride 1, zero padding 1, of one float32 image or volume
-// (channels-last or channels-first) with few channels, for W lanes. Included by each instruction set's translation
-// unit after its vector type is defined (inside its namespace: std::memset comes from kernels.h);
-// see conv3x3_supported in kernels.h for the channel counts.
+// (channels-last or channels-first) with few channels, for W lanes. Included by each instruction
+// set's translation unit after its vector type is defined (inside its namespace: std::memset comes
+// from kernels.h); see conv3x3_supported in kernels.h for the channel counts.
 //
 // oneDNN runs these at 2-8 channels far below the FMA peak (its blocked kernels pad the channel
 // axis to a vector; a 2-channel 3x3x3 backward ran at 2 GFLOP/s). Here each channel is
@@ -131,7 +131,8 @@ void conv3x3_weight_grad(const float* in, const float* grad, const ConvPlanes& q
               }
             }
           for (int o = 0; o < OB; ++o)
-            for (int dx = 0; dx < 3; ++dx) dw[((ob + o) * CI + c) * taps + (dz * 3 + dy) * 3 + dx] = V::hsum(acc[o][dx]);
+            for (int dx = 0; dx < 3; ++dx)
+              dw[((ob + o) * CI + c) * taps + (dz * 3 + dy) * 3 + dx] = V::hsum(acc[o][dx]);
         }
   for (int o = 0; o < CO; ++o) {
     F acc = V::zero();
