@@ -1,6 +1,6 @@
 """Page faults of a CPU generator step under glibc's default malloc, glibc settings that keep freed
-memory, and torch's huge-page allocation; and whether each lets the heap grow in a plain
-allocate-free loop.
+memory (among them segcft's), and torch's huge-page allocation; and whether each lets the heap grow
+in a plain allocate-free loop.
 
 Each variant runs in a fresh interpreter (allocation settings are per process), with its
 environment variables set as a user would set them:
@@ -33,6 +33,13 @@ VARIANTS: dict[str, dict[str, str]] = {
     "mmap threshold 32 MiB only": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432"},
     # torch's own switch: page-aligned blocks of 2 MiB and more, advised as transparent huge pages
     "torch THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
+    # what segcft.train.context.keep_freed_memory sets through mallopt: no mapped blocks, no trimming
+    "segcft: heap only, no trim": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"},
+    "heap only, no trim + THP": {
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": "2147483647",
+        "THP_MEM_ALLOC_ENABLE": "1",
+    },
 }
 """Each variant's environment, on top of the caller's with every allocation setting removed."""
 

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from segcft.train.context import keep_freed_memory
+
+    keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             modules = _load_revision(args.against, Path(tmp))

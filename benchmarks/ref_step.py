@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
+    from segcft.train.context import keep_freed_memory
+
+    keep_freed_memory()  # as a segcft run sets malloc, for both models (MALLOC_MMAP_MAX_=65536: glibc's default)
     if args.reference is not None and not (args.reference / "src" / "vae.py").is_file():
         p.error(f"--reference {args.reference}: no src/vae.py there (run benchmarks/get_reference.sh DIR)")
     if args.memory:

@@ -495,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from segcft.train.context import keep_freed_memory
+
+    keep_freed_memory()  # as a segcft run sets malloc (MALLOC_MMAP_MAX_=65536 keeps glibc's default)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.one_peak:
         print(json.dumps({"peak_mb": round(peak_3d(args.one_peak[0], args.one_peak[1], args.batch), 1)}))

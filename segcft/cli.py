@@ -9,6 +9,7 @@ segcft/cli_data.py, helpers shared by the command modules in segcft/cli_base.py.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 import warnings
@@ -28,35 +29,18 @@ from segcft.protocols import KINDS
 
 KIND_CHOICES = {f"{kind}s": kind for kind in KINDS}
 
-THP_ENV = "THP_MEM_ALLOC_ENABLE"
-"""torch's switch that places CPU blocks of 2 MiB and more on transparent huge pages."""
 
-THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+def _cpu_memory_report() -> str:
+    """One line for ``segcft doctor``: how CPU runs will allocate memory."""
+    from segcft.train.context import malloc_choice
 
-
-def _huge_pages_by_default() -> None:
-    """Turn torch's huge-page CPU allocation on unless the user set THP_ENV. glibc hands a
-    step's freed activations back and faults them in again, 4 KiB at a time: about 14k faults
-    (26 ms of a 270 ms 2D generator step), 20k a 3D one. With huge pages there are 5x fewer;
-    steps were 6-10 % faster on a quiet machine, about 20 % under load, with no growth of the
-    heap (benchmarks/RESULTS.md, "Page faults"). torch reads the variable once, at its first
-    allocation: this runs before any command imports torch, and lane processes inherit it."""
-    os.environ.setdefault(THP_ENV, "1")
-
-
-def _huge_pages_report() -> str:
-    """One line for ``segcft doctor``: the setting, the kernel's mode and whether torch follows it."""
-    try:
-        mode = THP_SYSFS.read_text().split("[", 1)[1].split("]", 1)[0]
-    except (OSError, IndexError):
-        mode = "unknown"
-    import torch
-
-    # torch page-aligns (and advises) the blocks it places on huge pages; otherwise 64-byte alignment
-    aligned = all(torch.empty(n).data_ptr() % 4096 == 0 for n in (1 << 20, 3 << 20))
-    state = "on" if aligned else "off"
-    kernel = f"kernel mode {mode}" + (": the kernel gives no huge pages" if mode == "never" else "")
-    return f"huge-page CPU allocation: {state} ({THP_ENV}={os.environ.get(THP_ENV, 'unset')}, {kernel})"
+    choice = malloc_choice()
+    if choice is not None:
+        return f"CPU memory: as you set it ({choice}={os.environ[choice]}); CPU runs leave malloc alone"
+    if platform.libc_ver()[0] != "glibc":
+        return "CPU memory: the C library's default (not glibc)"
+    unset = "no MALLOC_*, GLIBC_TUNABLES or THP_MEM_ALLOC_ENABLE set"
+    return f"CPU memory: CPU runs keep freed memory in glibc's heap ({unset})"
 
 
 class SegcftGroup(click.Group):
@@ -101,7 +85,6 @@ class SegcftGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        _huge_pages_by_default()
         from segcft.plugins import PluginWarning
 
         previous = warnings.showwarning
@@ -502,8 +485,6 @@ cli.add_command(data_group)
 @cli.command("doctor")
 def doctor_command() -> None:
     """Report versions, plugins and the kernel backend used on each device."""
-    import platform
-
     from segcft.plugins import get_registry
 
     click.echo(f"segcft {__version__}, Python {platform.python_version()} ({sys.executable})")
@@ -511,7 +492,7 @@ def doctor_command() -> None:
         import torch
 
         click.echo(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-        click.echo(_huge_pages_report())
+        click.echo(_cpu_memory_report())
     except ImportError as exc:
         click.echo(f"torch: not importable ({exc})")
     registry = get_registry()

@@ -1,8 +1,13 @@
-"""The run's time estimate (segcft.train.progress.RunClock) and the CPU thread count chosen from
-the machine (segcft.train.context)."""
+"""The run's time estimate (segcft.train.progress.RunClock), the CPU thread count chosen from
+the machine and the malloc setting of CPU runs (segcft.train.context)."""
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -213,3 +218,46 @@ def test_cacheable_datasets():
     assert context.cacheable(build_dataset(load_run_config(None, "smoke", []), "train"))
     assert context.cacheable(CountingDataset())
     assert not context.cacheable(torch.utils.data.TensorDataset(torch.zeros(3)))  # may draw at random
+
+
+_CHURN = """
+import resource, sys, torch
+from segcft.train.context import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+def churn():  # 48 MiB tensors: above glibc's 32 MiB ceiling for keeping freed blocks by default
+    for _ in range(6):
+        t = torch.empty(48 << 20, dtype=torch.uint8)
+        t.fill_(1)
+        del t
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+from segcft.train.context import release_freed_memory
+release_freed_memory()  # the free pages go back to the kernel: the next round faults them in
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(applied, faults, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _churn(mode: str, env: dict[str, str] | None = None) -> tuple[str, int, int]:
+    """(applied, faults of a round of reallocations, faults of a round after release_freed_memory)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True, env=env, timeout=120
+    )
+    applied, faults, after_release = out.stdout.split()
+    return applied, int(faults), int(after_release)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc's")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in context.MALLOC_VARIABLES}
+    applied, faults, after_release = _churn("keep", clean)
+    pages = (48 << 20) // resource.getpagesize()  # one tensor's
+    assert applied == "True"
+    assert faults < 0.01 * pages, f"{faults} page faults re-allocating 6 x {pages} pages of freed memory"
+    assert after_release > 0.5 * pages, f"{after_release} faults after the release: it released nothing"
+    for choice in ({"MALLOC_ARENA_MAX": "2"}, {"THP_MEM_ALLOC_ENABLE": "1"}):  # the user chose: left alone
+        applied, _, _ = _churn("keep", {**clean, **choice})
+        assert applied == "False", choice

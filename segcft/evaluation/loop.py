@@ -51,6 +51,10 @@ def evaluate_run(run_dir: Path | str, split: str = "test", n: int | None = None)
     if not run_dir.is_dir():
         raise UserError(f"--run: {run_dir} is not a run folder")
     run = load_run(run_dir)
+    if torch.device(run.device).type == "cpu":
+        from segcft.train.context import keep_freed_memory
+
+        keep_freed_memory()
     return evaluate(run, run_dir, split=split, n=n)
 
 

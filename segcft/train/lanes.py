@@ -26,7 +26,7 @@ import torch
 from segcft.distributed import Dist
 from segcft.errors import UserError
 from segcft.run import RunDir
-from segcft.train.context import StageContext
+from segcft.train.context import StageContext, keep_freed_memory
 from segcft.train.progress import ESTIMATE_STEPS, ESTIMATE_WARMUP, stage_units
 from segcft.train.stages import EPS_SAMPLES, run_stage, stage_entry
 
@@ -231,6 +231,7 @@ def _lane_main(job: _LaneJob, channel: Any) -> None:
     parent = os.getppid()
     try:
         torch.set_num_threads(job.threads)
+        keep_freed_memory()
         ctx = StageContext(
             job.cfg, RunDir(job.run_root), Dist(), torch.device("cpu"), job.resume, metrics=_RelayLog(channel)
         )

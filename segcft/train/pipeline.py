@@ -20,7 +20,7 @@ from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
 from segcft.protocols import GUIDES
 from segcft.run import RunDir, guide_stages
-from segcft.train.context import StageContext, set_cpu_threads
+from segcft.train.context import StageContext, keep_freed_memory, set_cpu_threads
 from segcft.train.lanes import Lane, lanes_possible, plan_waves, run_lanes
 from segcft.train.progress import RunClock
 from segcft.train.stages import EPS_SAMPLES, run_stage, stage_entry, stage_names
@@ -304,6 +304,7 @@ def run_training(
             torch.cuda.set_device(device)
         else:
             set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            keep_freed_memory()
         ctx = StageContext(cfg, run, d, device, resuming)
         ctx.segmentor_checkpoint = seg_path
         result = _run_stages(ctx, _prepare(ctx, only, from_stage))
