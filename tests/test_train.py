@@ -146,11 +146,16 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     moved = _weights_init(overrides)
     assert any(not torch.allclose(b[k], moved[k]) for k in b)  # the runs trained
     # Conv biases right before instance normalisation have a zero gradient up to rounding, which
-    # Adam turns into +-lr steps of arbitrary sign: they are excluded. Every other tensor matches.
+    # Adam turns into +-lr steps of arbitrary sign: they are excluded. Every other tensor matches
+    # to within 5 % of how far the weights moved: the ranks sum their gradients in another order,
+    # and Adam's normalisation amplifies that rounding (up to 1.3 % of the move measured on an
+    # Intel Xeon), while ranks that did not average their gradients, like a run on half the
+    # batch, differ by 15-170 % of it in every weight tensor.
     compared = [k for k in a if not k.endswith("conv.bias")]
     assert len(compared) >= 14
     for k in compared:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        move = float((b[k] - moved[k]).abs().max())
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.05 * move, msg=k)
 
 
 def _weights_init(overrides: list[str]) -> dict[str, torch.Tensor]:
