@@ -22,11 +22,12 @@ Timing: both models live in this process and their reps are interleaved (segcft,
 segcft, ...) after warm-up, so that load on a shared machine hits both alike; the figure is the
 median and the spread is the inter-quartile range; with one thread the median CPU time of
 that thread (``*_cpu_ms``, ``speedup_cpu``) is also given, which other jobs on the machine
-barely move. The process runs under segcft's CPU malloc setting (freed memory kept in glibc's heap,
-``segcft.train.context.keep_freed_memory``), so neither model pays page faults for re-allocating
-its activations; ``MALLOC_MMAP_MAX_=65536`` gives both glibc's defaults, under which the
-reference's step faults about three times as many pages as segcft's. Peak memory is the growth of the peak RSS (VmHWM, reset after set-up) over
-set-up in a fresh subprocess per variant. The profile (torch.profiler, one step each) groups
+barely move. The process runs under segcft's CPU malloc setting (freed memory kept in glibc's
+heap, ``segcft.train.context.keep_freed_memory``), so neither model pays page faults for
+re-allocating its activations; ``MALLOC_MMAP_MAX_=65536`` gives both glibc's defaults, under
+which the reference's step faults about three times as many pages as segcft's. Peak memory is
+the growth of the peak RSS (VmHWM, reset after set-up) over set-up in a fresh subprocess per
+variant. The profile (torch.profiler, one step each) groups
 self CPU time into convolutions (forward and backward), normalisation, KL terms (forward),
 likelihood (forward), optimizer, other ops (elementwise, backward glue) and Python overhead
 (wall time not inside any op). The last line is the 2D speed-up.

@@ -52,13 +52,8 @@ def test_help_and_version_do_not_import_torch():
         "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "SEGCFT_LOAD_PLUGINS": ""},
-    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "SEGCFT_LOAD_PLUGINS": ""})
     assert res.returncode == 0, res.stderr
     assert "Commands:" in res.stdout and segcft.__version__ in res.stdout
 
@@ -121,16 +116,8 @@ def trained(monkeypatch):
     calls = []
 
     def run_training(cfg, run_dir, *, resume=None, only=None, from_stage=None, segmentor_checkpoint=None):
-        calls.append(
-            dict(
-                cfg=cfg,
-                run_dir=run_dir,
-                resume=resume,
-                only=only,
-                from_stage=from_stage,
-                segmentor_checkpoint=segmentor_checkpoint,
-            )
-        )
+        calls.append(dict(cfg=cfg, run_dir=run_dir, resume=resume, only=only, from_stage=from_stage,
+                          segmentor_checkpoint=segmentor_checkpoint))
         return Path(run_dir) / "report.md"
 
     fake_module(monkeypatch, "segcft.train", run_training=run_training)
@@ -140,31 +127,9 @@ def trained(monkeypatch):
 def test_train_builds_the_config_and_calls_the_library(trained, tmp_path):
     ckpt = tmp_path / "seg.safetensors"
     ckpt.write_bytes(b"x")
-    res = run(
-        "train",
-        "--preset",
-        "smoke",
-        "--set",
-        "generator.beta=2.5",
-        "--seed",
-        "7",
-        "--device",
-        "cpu",
-        "--cft",
-        "seg",
-        "--cft",
-        "reg",
-        "--run-dir",
-        str(tmp_path / "r"),
-        "--resume",
-        "auto",
-        "--only",
-        "generator",
-        "--only",
-        "cft",
-        "--segmentor-checkpoint",
-        str(ckpt),
-    )
+    res = run("train", "--preset", "smoke", "--set", "generator.beta=2.5", "--seed", "7", "--device", "cpu",
+              "--cft", "seg", "--cft", "reg", "--run-dir", str(tmp_path / "r"), "--resume", "auto",
+              "--only", "generator", "--only", "cft", "--segmentor-checkpoint", str(ckpt))
     assert res.exit_code == 0, res.output
     (call,) = trained
     cfg = call["cfg"]
@@ -203,10 +168,7 @@ def test_missing_library_is_a_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "segcft.train", None)  # the module does not exist
     res = run("train", "--preset", "smoke")
     assert res.exit_code == 2
-    assert (
-        res.output.strip()
-        == "Error: 'segcft train' is not available in this installation: module segcft.train is missing"
-    )
+    assert res.output.strip() == "Error: 'segcft train' is not available in this installation: module segcft.train is missing"
     fake_module(monkeypatch, "segcft.evaluate")  # the module exists, the function does not
     res = run("evaluate", "--run", str(REPO))
     assert res.exit_code == 2 and "segcft.evaluate.evaluate_run is missing" in res.output
@@ -238,41 +200,17 @@ def test_evaluate_and_counterfactual_call_the_library(monkeypatch, tmp_path):
         monkeypatch,
         "segcft.evaluate",
         evaluate_run=lambda run_dir, split="test", n=None: seen.update(evaluate=(run_dir, split, n)) or {},
-        counterfactual=lambda run_dir, input, interventions, out, png=None, particles=1, mode=None, echo=print, diff=None: (
-            seen.update(cf=(run_dir, input, interventions, out, png, particles, mode, diff)) or {}
-        ),
+        counterfactual=lambda run_dir, input, interventions, out, png=None, particles=1, mode=None, echo=print,
+            diff=None: seen.update(cf=(run_dir, input, interventions, out, png, particles, mode, diff)) or {},
     )
     assert run("evaluate", "--run", str(tmp_path), "--split", "val", "--n", "5").exit_code == 0
     assert seen["evaluate"] == (tmp_path, "val", 5)
-    res = run(
-        "counterfactual",
-        "--run",
-        str(tmp_path),
-        "--input",
-        "12",
-        "--do",
-        "heart_area=+20%",
-        "--do",
-        "age=x1.2",
-        "--out",
-        str(tmp_path / "cf.tiff"),
-        "--particles",
-        "4",
-        "--mode",
-        "seg",
-        "--diff",
-        str(tmp_path / "d.tiff"),
-    )
+    res = run("counterfactual", "--run", str(tmp_path), "--input", "12", "--do", "heart_area=+20%",
+              "--do", "age=x1.2", "--out", str(tmp_path / "cf.tiff"), "--particles", "4", "--mode", "seg",
+              "--diff", str(tmp_path / "d.tiff"))
     assert res.exit_code == 0, res.output
     assert seen["cf"] == (
-        tmp_path,
-        "12",
-        ["heart_area=+20%", "age=x1.2"],
-        tmp_path / "cf.tiff",
-        None,
-        4,
-        "seg",
-        tmp_path / "d.tiff",
+        tmp_path, "12", ["heart_area=+20%", "age=x1.2"], tmp_path / "cf.tiff", None, 4, "seg", tmp_path / "d.tiff"
     )
     bad = run("counterfactual", "--run", str(tmp_path), "--input", "1", "--do", "age", "--out", "x.tiff")
     assert bad.exit_code == 2 and "expected VAR=VALUE" in bad.output
@@ -299,18 +237,13 @@ def test_data_commands_call_the_library(monkeypatch, tmp_path):
     assert res.exit_code == 2 and "label 7 is not declared" in res.output
     assert run("data", "measure", str(tmp_path), "--out", str(tmp_path / "m.csv")).exit_code == 0
     assert seen["measure"] == ("tiff", str(tmp_path.resolve()), tmp_path / "m.csv")
-    res = run(
-        "data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "e"), "--n", "3", "--set", "size=48"
-    )
+    res = run("data", "export", "--dataset", "cxr-phantom", "--out", str(tmp_path / "e"), "--n", "3", "--set", "size=48")
     assert res.exit_code == 0, res.output
     assert f"wrote {tmp_path / 'e'}: 3 samples (train 1, val 1, test 1)" in res.output
     name, config, out, n, fmt = seen["export"]
     assert (name, config.size, out, n, fmt) == ("cxr-phantom", 48, tmp_path / "e", 3, "tiff")
     bad = run("data", "export", "--dataset", "cxr-phantm", "--out", str(tmp_path / "e"), "--n", "3")
-    assert (
-        bad.exit_code == 2
-        and "Error: --dataset: unknown dataset 'cxr-phantm'; did you mean 'cxr-phantom'" in bad.output
-    )
+    assert bad.exit_code == 2 and "Error: --dataset: unknown dataset 'cxr-phantm'; did you mean 'cxr-phantom'" in bad.output
     assert run("data", "show", "tiff", "--out", str(tmp_path / "s.png")).exit_code == 0
     assert seen["show"] == ("tiff", tmp_path / "s.png", "tiff")
 
@@ -356,13 +289,8 @@ def test_plugins_add_commands():
 
 
 def test_shell_completion_of_component_names():
-    env = {
-        **os.environ,
-        "SEGCFT_LOAD_PLUGINS": "",
-        "_SEGCFT_COMPLETE": "bash_complete",
-        "COMP_WORDS": "segcft train --generator h",
-        "COMP_CWORD": "3",
-    }
+    env = {**os.environ, "SEGCFT_LOAD_PLUGINS": "", "_SEGCFT_COMPLETE": "bash_complete",
+           "COMP_WORDS": "segcft train --generator h", "COMP_CWORD": "3"}
     code = "import sys; sys.argv[0] = 'segcft'; from segcft.cli import main; main()"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert res.stdout.split() == ["plain,hvae"]

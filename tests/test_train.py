@@ -150,7 +150,7 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     # to within 5 % of how far the weights moved: the ranks sum their gradients in another order,
     # and Adam's normalisation amplifies that rounding (up to 1.3 % of the move measured on an
     # Intel Xeon), while ranks that did not average their gradients, like a run on half the
-    # batch, differ by 15-170 % of it in every weight tensor.
+    # batch, differ by 15-170 % of it in every convolution weight.
     compared = [k for k in a if not k.endswith("conv.bias")]
     assert len(compared) >= 14
     for k in compared:

@@ -75,7 +75,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 MALLOC_VARIABLES = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
 """Variables (besides glibc's ``MALLOC_*``) by which a user chooses how CPU memory is allocated."""
 
-_kept = False
+_libc: ctypes.CDLL | None = None
+"""glibc, once :func:`keep_freed_memory` applied its setting."""
 
 
 def malloc_choice() -> str | None:
@@ -91,17 +92,18 @@ def keep_freed_memory() -> bool:
     and up to a third of a 3D fine-tuning step's time (benchmarks/RESULTS.md, "Page faults").
     :func:`release_freed_memory` bounds what a fragmented heap keeps resident. Skipped when the
     user chose (:func:`malloc_choice`) or the C library is not glibc; returns whether it applied."""
-    global _kept
-    if _kept:
+    global _libc
+    if _libc is not None:
         return True
     if malloc_choice() is not None:
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        applied = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     except (OSError, AttributeError):
         return False
-    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    return _kept
+    _libc = libc if applied else None
+    return _libc is not None
 
 
 def release_freed_memory() -> None:
@@ -109,8 +111,8 @@ def release_freed_memory() -> None:
     :func:`keep_freed_memory` applied: the training loop calls it every ``RELEASE_EVERY`` steps
     and at the end of a stage, so memory that fragmentation left unused does not stay resident.
     The next step faults its working set in once."""
-    if _kept:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 class CachedSamples(torch.utils.data.Dataset):
