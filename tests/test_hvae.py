@@ -203,6 +203,53 @@ def test_prior_decides_what_counterfactual_latents_keep(prior: str) -> None:
         assert moved < 1e-6
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_parent_maps_start_at_zero_and_give_parents_a_spatial_path(dims: int) -> None:
+    """``parent_maps``: the maps start at zero (the model computes what the one without them
+    does, from the same seed), they are trained by the ELBO, and once non-zero they move a
+    counterfactual even with every other parent path of the decoder cut, by a change that
+    varies over positions."""
+    from segcft.models.hvae_blocks import broadcast
+
+    config, shape = (SMALL_2D, (32, 32)) if dims == 2 else (SMALL_3D, (16, 8, 8))
+    plain, mapped = _model(config, shape), _model(replace(config, parent_maps=True), shape)
+    maps = [m.pa_maps for m in mapped.modules() if getattr(m, "pa_maps", None) is not None]
+    assert len(maps) == sum(mapped.config.dec_blocks)
+    assert mapped.num_parameters() - plain.num_parameters() == sum(t.numel() for t in maps)
+    x, pa = _batch(shape)
+    torch.manual_seed(3)
+    ref = plain.elbo(x, pa)["loss"]
+    torch.manual_seed(3)
+    loss = mapped.elbo(x, pa)["loss"]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)  # the parents' term is summed otherwise
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in maps)
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in mapped.modules():
+            if hasattr(block, "pa_proj"):
+                block.pa_proj.weight.zero_()
+        for t in maps:
+            t.copy_(0.5 * torch.randn(t.shape, generator=g))
+    block = next(m for m in mapped.modules() if getattr(m, "pa_maps", None) is not None)
+    with torch.no_grad():  # the fused product is the broadcast term plus sum_p pa_p M_p
+        want = broadcast(block.pa_proj(pa), dims) + torch.einsum("bp,p...c->bc...", pa, block.pa_maps)
+        torch.testing.assert_close(block._parent_term(pa), want, rtol=1e-5, atol=1e-5)
+    latents = mapped.abduct(x, pa)
+    with torch.no_grad():
+        loc, _ = mapped.decode(latents, pa)
+        loc_cf, _ = mapped.decode(latents, pa + 1.0)
+        for t in maps:
+            t.zero_()
+        loc_zero, _ = mapped.decode(latents, pa + 1.0)
+    moved = (loc_cf - loc).abs()
+    assert moved.mean() > 1e-3 and moved.flatten(1).std(1).min() > 1e-4
+    assert (loc_zero - loc).abs().max() > 1e-3  # loc was decoded with the maps on
+    with torch.no_grad():
+        assert (loc_zero - mapped.decode(latents, pa)[0]).abs().max() < 1e-6  # no path left
+
+
 def test_training_decreases_nelbo(trained) -> None:
     _, before, after = trained
     assert before > NELBO_INIT_MIN

@@ -69,6 +69,14 @@ class HVAEConfig:
             "counterfactual parents",
         },
     )
+    parent_maps: bool = field(
+        default=False,
+        metadata={
+            "help": "every decoder block also adds sum_p pa_p * M_p, a learned map per parent over the stage's "
+            "positions and channels (zero at init): parents can move intensity where a structure's border lies, "
+            "not only through vectors broadcast over space",
+        },
+    )
     std_init: float = field(
         default=0.0,
         metadata={

@@ -242,7 +242,17 @@ class HVAE(nn.Module):
         self.dec_stages = nn.ModuleList(
             nn.ModuleList(
                 DecoderBlock(
-                    dims, s.width, m, cfg.z_dim, num_parents, cfg.block, s.kernel, s.stochastic, n_dec, conditional
+                    dims,
+                    s.width,
+                    m,
+                    cfg.z_dim,
+                    num_parents,
+                    cfg.block,
+                    s.kernel,
+                    s.stochastic,
+                    n_dec,
+                    conditional,
+                    s.size if cfg.parent_maps else None,
                 )
                 for _ in range(s.dec_blocks)
             )

@@ -265,6 +265,8 @@ class DecoderBlock(nn.Module):
     """One top-down block: prior p(z | z_<) from the prior path ``p`` (and the parents when
     ``conditional``), posterior q(z | z_<, x, pa) from (decoder state, encoder activation,
     parents), then the state update h += prior features + proj(concat(z, pa)) and a residual block.
+    With ``map_size`` (``parent_maps``) the update adds sum_p pa_p M_p too: a learned map per
+    parent over the positions and channels, zero at init, a parent's own pattern in the image.
 
     The block's exogenous noise is z itself for a parent-free prior and the standardised
     eps = (z - mu_p) / sigma_p for a conditional one: fixed noise decoded under other parents then
@@ -283,6 +285,7 @@ class DecoderBlock(nn.Module):
         stochastic: bool,
         num_blocks: int,
         conditional: bool = False,
+        map_size: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.dims = dims
@@ -309,6 +312,9 @@ class DecoderBlock(nn.Module):
         # z_proj + pa_proj is a 1x1 convolution over concat(z, tiled pa), with pa broadcast.
         self.z_proj = conv(dims, z_dim, width, 1)
         self.pa_proj = nn.Linear(num_parents, width)
+        # parent maps: sum_p pa_p M_p, one map per parent, zero at init, stored (P, *map_size, width)
+        # so that the parents' term comes out in the channels-last order of the decoder state
+        self.pa_maps = nn.Parameter(torch.zeros(num_parents, *map_size, width)) if map_size is not None else None
         self.prior_z_proj = conv(dims, z_dim, width, 1)
         self.resnet = Block(dims, width, mid_width, width, kind, kernel, residual=True, last_scale=scale)
         with torch.no_grad():
@@ -350,7 +356,7 @@ class DecoderBlock(nn.Module):
         if noise is None:
             noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
         # the sums accumulate into the fresh projection outputs, which nothing saves
-        update = add_into(add_into(add_into(self.z_proj(z), h), p_feat), broadcast(self.pa_proj(pa), self.dims))
+        update = add_into(add_into(add_into(self.z_proj(z), h), p_feat), self._parent_term(pa))
         h = self.resnet(update)
         p_out = add_into(add_into(self.prior_z_proj(z), p), p_feat) if need_prior else None
         return h, p_out, noise, kl
@@ -402,5 +408,17 @@ class DecoderBlock(nn.Module):
             bias = b_feat + w_proj @ b_loc + proj.bias
             out.append(conv_fn(g, weight, bias, padding=last.padding))
         # the convolution outputs are fresh and saved by nothing: the sums accumulate into them
-        h = self.resnet(add_into(add_into(out[0], h), broadcast(self.pa_proj(pa), self.dims)))
+        h = self.resnet(add_into(add_into(out[0], h), self._parent_term(pa)))
         return h, add_into(out[1], p) if need_prior else None
+
+    def _parent_term(self, pa: torch.Tensor) -> torch.Tensor:
+        """What the parents add to the decoder state: Linear(pa) broadcast over space, plus
+        sum_p pa_p M_p with parent maps. With maps, both are one matrix product, pa @ (M + W^T)
+        + b, whose (B, *size, C) result is returned as a channels-last (B, C, *size) view: one
+        full-size tensor, laid out as the 2D decoder state is."""
+        if self.pa_maps is None:
+            return broadcast(self.pa_proj(pa), self.dims)
+        maps, weight, bias = self.pa_maps, self.pa_proj.weight, self.pa_proj.bias
+        per_parent = maps + weight.t().reshape(maps.shape[0], *([1] * self.dims), maps.shape[-1])
+        term = torch.addmm(bias.repeat(per_parent[0].numel() // bias.numel()), pa.to(maps.dtype), per_parent.flatten(1))
+        return term.view(pa.shape[0], *maps.shape[1:]).movedim(-1, 1)
