@@ -17,7 +17,9 @@ from segcft.models.hvae import HVAE, PRESETS, Latents, build, plan_stages, resol
 from segcft.optim import GuardedStepper, build_optimizer
 from segcft.protocols import Generator
 
-SMALL_2D = HVAEConfig(widths=(16, 32, 48, 64), enc_blocks=(1, 1, 1, 1), dec_blocks=(1, 1, 2, 1), pool=(2, 2, 8), z_max_res=16, z_dim=8)
+SMALL_2D = HVAEConfig(
+    widths=(16, 32, 48, 64), enc_blocks=(1, 1, 1, 1), dec_blocks=(1, 1, 2, 1), pool=(2, 2, 8), z_max_res=16, z_dim=8
+)
 SMALL_3D = HVAEConfig(widths=(8, 16, 16), enc_blocks=(1, 1, 1), dec_blocks=(1, 1, 1), pool=(2, 2), z_max_res=8, z_dim=4)
 
 # ``trained`` below, measured for initialisation seeds 0-2 with torch's AVX-512 and AVX2 kernels
@@ -103,7 +105,8 @@ def test_presets() -> None:
     sizes = [s.size for s in plan_stages(resolve_config(HVAEConfig(preset="3d")), (64, 32, 32))]
     assert sizes == [(64, 32, 32), (32, 16, 16), (16, 8, 8), (8, 4, 4), (4, 2, 2)]
     stages = plan_stages(resolve_config(HVAEConfig(preset="192")), (192, 192))
-    assert [s.res for s in stages] == [192, 96, 48, 24, 12, 6, 1] and [s.stochastic for s in stages][:2] == [False, True]
+    assert [s.res for s in stages] == [192, 96, 48, 24, 12, 6, 1]
+    assert [s.stochastic for s in stages][:2] == [False, True]
     default = HVAE(HVAEConfig(), (64, 64), 5)
     assert default.config.preset == "64" and 500_000 <= default.num_parameters() <= 1_500_000
     override = resolve_config(HVAEConfig(z_dim=4, widths=(8, 8, 8, 8, 8)), (64, 64))
@@ -334,7 +337,8 @@ def test_add_into_accumulates_in_place_without_lowering_precision():
 
 
 @pytest.mark.parametrize(
-    "dims,conditional,kind", [(2, False, "bottleneck"), (2, True, "bottleneck"), (3, False, "bottleneck"), (2, False, "light")]
+    "dims,conditional,kind",
+    [(2, False, "bottleneck"), (2, True, "bottleneck"), (3, False, "bottleneck"), (2, False, "light")],
 )
 def test_deterministic_block_folds_the_prior_mean_into_two_convolutions(dims, conditional, kind) -> None:
     """A deterministic decoder block (z = prior mean) computes h and p with composed weights; the
@@ -395,7 +399,8 @@ def test_posterior_splits_its_first_convolution_over_state_and_encoder_activatio
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
     inputs = [h, act, *blk.posterior.parameters()]
-    for a, b in zip(torch.autograd.grad((out * weight).sum(), inputs), torch.autograd.grad((ref * weight).sum(), inputs)):
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    for a, b in zip(grads, torch.autograd.grad((ref * weight).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
