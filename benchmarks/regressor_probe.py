@@ -6,7 +6,10 @@ on val, never on test):
 - slope: for every structure variable, the least-squares slope of the predicted change against
   the true change (normalised units) between each subject's image and its exact counterfactual
   (the phantom re-rendered with the same exogenous noise and a permuted area). 1 means the
-  regressor's area follows the structure, 0 that it reads only global cues.
+  regressor's area follows the structure, 0 that it reads only global cues;
+- bright: for every structure variable, the mean change of its predicted value (normalised
+  units) when every pixel of the image is raised by 0.1 (13/255), nothing else changed: how far
+  Reg-CFT can move an area by brightening the whole image. 0 means the head ignores brightness.
 
 The regressor is asked for each variable given the image and the other parents as the frozen
 guide of Reg-CFT is (the counterfactual parents). Run from the repository root:
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +68,10 @@ def probe(reg: torch.nn.Module, dataset: object, info: DatasetInfo, n: int, seed
         pa_cf = info.normalise(phys_cf.double()).float()
         pred_cf = predict(reg, image_cf, pa_cf)
         out[f"slope:{v.name}"] = slope(pa_cf[:, j] - pa[:, j], pred_cf[:, j] - pred[:, j])
+    brighter = predict(reg, (image + 0.1).clamp(-1.0, 1.0), pa)
+    for v in info.structure_variables:
+        j = info.index(v.name)
+        out[f"bright:{v.name}"] = float((brighter[:, j] - pred[:, j]).mean())
     return out
 
 
@@ -73,6 +81,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="subjects probed")
     ap.add_argument("--split", choices=("val", "test"), default="val", help="split probed")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--keep", type=Path, help="copy each seed's regressor checkpoint to KEEP/regressor-seedS.pt")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
@@ -89,6 +98,9 @@ def main() -> None:
             load_model_state(reg, load_checkpoint(path), path, "regressor")
             reg.eval()
             res = probe(reg, probed, info, args.n, seed)
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, args.keep / f"regressor-seed{seed}.pt")
         res["seconds"] = seconds
         rows.append(res)
         print(f"seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
