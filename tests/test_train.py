@@ -210,39 +210,9 @@ def test_segmentor_intensity_augmentation_scales_and_shifts_each_image():
     assert torch.equal(seen[-1], x)
 
 
-def test_regressor_intensity_augments_the_structure_heads_only():
-    from segcft.config import IntensityAugmentConfig
-    from segcft.train.losses import RegressorLoss
-
-    class Probe(torch.nn.Module):
-        """Per-variable 'loss' (B, 3): the image's mean, its maximum and the parents' sum."""
-
-        def loss(self, x, parents):
-            flat = x.flatten(1)
-            return torch.stack([flat.mean(1), flat.amax(1), parents.sum(1)], dim=1)
-
-    x = torch.linspace(-0.8, 0.6, 6 * 16).view(6, 1, 4, 4)
-    parents = torch.randn(6, 3)
-    plain = Probe().loss(x, parents).sum(1).mean()
-    structures = torch.tensor([True, False, False])
-    rng = torch.Generator().manual_seed(0)
-    aug = RegressorLoss(Probe(), IntensityAugmentConfig(shift=0.2, scale=0.2), structures, rng)
-    out = aug({"image": x, "parents": parents})["loss"]
-    # only column 0 (a structure head) sees the changed image: columns 1 and 2 are as without it
-    flat = x.flatten(1)
-    rest = (flat.amax(1) + parents.sum(1)).mean()
-    assert not torch.isclose(out, plain)
-    assert float((out - rest).abs()) <= 0.2 * 1.6 + 0.2 + 1e-5  # |a - 1| (x + 1) + |b| bounds the mean's change
-    # off (the default): one pass over the image as it is
-    off = RegressorLoss(Probe(), IntensityAugmentConfig(shift=0.0, scale=0.0), structures, rng)
-    torch.testing.assert_close(off({"image": x, "parents": parents})["loss"], plain)
-    assert load_run_config(preset="quick").train.regressor_intensity.shift >= 0
-
-
-def test_guide_intensity_bad_values_are_config_errors():
-    for key in ("segmentor_intensity", "regressor_intensity"):
-        with pytest.raises(ConfigError, match=key):
-            load_run_config(preset="smoke", overrides=[f"train.{key}.scale=1.5"])
+def test_segmentor_intensity_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="segmentor_intensity"):
+        load_run_config(preset="smoke", overrides=["train.segmentor_intensity.scale=1.5"])
 
 
 @pytest.mark.parametrize(("overrides", "amp"), [([], False), (["cpu_bf16=true"], True)])

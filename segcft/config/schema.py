@@ -116,11 +116,10 @@ class MechanismsStageConfig:
 
 @dataclass
 class IntensityAugmentConfig:
-    """Random global intensity changes of a guide's training images,
+    """Random global intensity changes of the segmentors' training images,
     x -> clamp(a (x + 1) - 1 + b, -1, 1) with |a - 1| <= scale and |b| <= shift per image, so
-    that soft areas (the segmentors) and predicted areas (the regressor's structure heads) follow
-    shape, not brightness: fine-tuning otherwise learns to move a guide's areas by shifting the
-    whole image's intensity."""
+    that soft areas follow shape, not brightness: fine-tuning otherwise learns to move a guide's
+    areas by shifting the whole image's intensity."""
 
     shift: float = field(default=0.1, metadata={"help": "largest |b| (images in [-1, 1]; 0: off)", "ge": 0})
     scale: float = field(default=0.1, metadata={"help": "largest |a - 1| (0: off)", "ge": 0, "lt": 1})
@@ -129,17 +128,13 @@ class IntensityAugmentConfig:
 @dataclass
 class TrainConfig:
     """The settings of each pre-training stage, in pipeline order (the evaluation segmentor uses
-    ``segmentor``'s), and the guides' intensity augmentation (the regressor's applies to the
-    heads of the structure variables only)."""
+    ``segmentor``'s), and the segmentors' intensity augmentation."""
 
     mechanisms: MechanismsStageConfig = field(default_factory=MechanismsStageConfig)
     segmentor: SegmentorStageConfig = field(default_factory=SegmentorStageConfig)
     regressor: StageConfig = field(default_factory=StageConfig)
     generator: StageConfig = field(default_factory=lambda: StageConfig(grad_skip=500.0, ema=0.999))
     segmentor_intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
-    regressor_intensity: IntensityAugmentConfig = field(
-        default_factory=lambda: IntensityAugmentConfig(shift=0.0, scale=0.0)
-    )
 
 
 @dataclass

@@ -31,20 +31,6 @@ class MechanismsLoss(nn.Module):
         return {"nll": self.last, "loss": nll}
 
 
-def intensity_augment(x: torch.Tensor, shift: float, scale: float, rng: torch.Generator) -> torch.Tensor:
-    """``x`` with each image's global intensity scaled and shifted at random
-    (``IntensityAugmentConfig``). The draws cover the whole global batch and each rank takes
-    its share as the sampler interleaves it, so the same images get the same changes with any
-    number of ranks."""
-    ddp = dist.is_available() and dist.is_initialized()
-    world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
-    u = torch.rand((2, x.shape[0] * world), device=x.device, generator=rng)[:, rank::world]
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    a = (1.0 + scale * (2.0 * u[0] - 1.0)).view(shape)
-    b = (shift * (2.0 * u[1] - 1.0)).view(shape)
-    return (a * (x + 1.0) - 1.0 + b).clamp(-1.0, 1.0)
-
-
 class SegmentorLoss(nn.Module):
     """The segmentor's own ``loss`` (else Dice + cross-entropy) of its logits against the label
     mask, on images whose global intensity is randomly scaled and shifted (``IntensityAugmentConfig``)."""
@@ -58,7 +44,15 @@ class SegmentorLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batch["image"]
         if self.shift > 0 or self.scale > 0:
-            x = intensity_augment(x, self.shift, self.scale, self.rng)
+            # draws for the whole global batch, this rank's share taken as the sampler interleaves
+            # it: the same images get the same changes with any number of ranks
+            ddp = dist.is_available() and dist.is_initialized()
+            world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+            u = torch.rand((2, x.shape[0] * world), device=x.device, generator=self.rng)[:, rank::world]
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            a = (1.0 + self.scale * (2.0 * u[0] - 1.0)).view(shape)
+            b = (self.shift * (2.0 * u[1] - 1.0)).view(shape)
+            x = (a * (x + 1.0) - 1.0 + b).clamp(-1.0, 1.0)
         loss_fn = getattr(self.seg, "loss", None)  # a segmentor's own training loss, else Dice + CE
         logits = self.seg(x)
         return {
@@ -68,32 +62,15 @@ class SegmentorLoss(nn.Module):
 
 class RegressorLoss(nn.Module):
     """Summed per-variable training loss of the normalised parents: the regressor's own ``loss``
-    when it has one (the built-in cnn's beta-NLL), else its negative log-likelihood. With an
-    intensity augmentation, the structure variables' columns are taken from a second pass over
-    the augmented image (``structures``: (P,) bool), so their heads cannot read an area from global
-    brightness, while the other variables keep the brightness the data give them."""
+    when it has one (the built-in cnn's beta-NLL), else its negative log-likelihood."""
 
-    def __init__(
-        self,
-        reg: nn.Module,
-        intensity: Any = None,
-        structures: torch.Tensor | None = None,
-        rng: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, reg: nn.Module) -> None:
         super().__init__()
         self.reg: Any = reg  # a Regressor (segcft.protocols)
-        self.shift = float(intensity.shift) if intensity is not None else 0.0
-        self.scale = float(intensity.scale) if intensity is not None else 0.0
-        self.structures, self.rng = structures, rng
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         per_variable = getattr(self.reg, "loss", None) or self.reg.nll
-        x, parents = batch["image"], batch["parents"]
-        loss = per_variable(x, parents).float()
-        if (self.shift > 0 or self.scale > 0) and self.structures is not None and self.rng is not None:
-            aug = per_variable(intensity_augment(x, self.shift, self.scale, self.rng), parents).float()
-            loss = torch.where(self.structures.to(loss.device), aug, loss)
-        return {"loss": loss.sum(1).mean()}
+        return {"loss": per_variable(batch["image"], batch["parents"]).float().sum(1).mean()}
 
 
 class GeneratorLoss(nn.Module):

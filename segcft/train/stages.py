@@ -130,10 +130,7 @@ def stage_regressor(ctx: StageContext, stage: str) -> None:
     seed = ctx.cfg.seed + 2
     torch.manual_seed(seed)
     reg = build_component("regressor", ctx.cfg.regressor, ctx.info).to(ctx.device)
-    structures = torch.tensor([v.measure is not None for v in ctx.info.variables], device=ctx.device)
-    rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
-    loss = RegressorLoss(reg, ctx.cfg.train.regressor_intensity, structures, rng)
-    trained = fit(ctx, stage, reg, loss, ctx.cfg.train.regressor, seed, rng=rng)
+    trained = fit(ctx, stage, reg, RegressorLoss(reg), ctx.cfg.train.regressor, seed)
     ctx.save_final(stage, {"model": trained.state_dict()})
 
 
