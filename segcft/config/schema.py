@@ -202,7 +202,7 @@ class EvaluateConfig:
         },
     )
     responsiveness_n: int = field(
-        default=4,
+        default=16,
         metadata={"help": "test images abducted per structure for the responsiveness check (0: no check)", "ge": 0},
     )
 
