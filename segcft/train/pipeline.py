@@ -309,6 +309,9 @@ def run_training(
         ctx.segmentor_checkpoint = seg_path
         result = _run_stages(ctx, _prepare(ctx, only, from_stage))
         ctx.metrics.close()
+        # every rank reaches the teardown together: a rank that destroys its gloo group and exits
+        # while another is still talking to it can abort that one ("terminate called ...")
+        d.barrier()
         if d.main and run.report.is_file():
             if not result and run.metrics_json.is_file():
                 result = run.read_metrics()
