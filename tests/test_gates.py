@@ -202,6 +202,33 @@ def test_responsiveness_separates_a_generator_that_follows_from_one_that_ignores
     assert evaluate(toy_run, tmp_path / "off", figures=False)["responsiveness"] == {}
 
 
+def test_responsiveness_goes_through_the_models_one_evaluation_batch_at_a_time(tmp_path, toy_run):
+    """Sixteen subjects of 3D volumes at once can exhaust memory: the check abducts and decodes
+    no more subjects at a time than the evaluation's batch, with the same slopes."""
+    from segcft.evaluation import evaluate
+
+    seen: list[int] = []
+    gens = _prior_mean_generators()
+    for g in gens.values():
+        for name in ("abduct", "decode", "sample"):
+            f = getattr(g, name)
+            setattr(g, name, lambda *a, _f=f, **k: (seen.append(int(a[0].shape[0])), _f(*a, **k))[1])
+    toy_run.generators = gens
+    toy_run.config.evaluate.responsiveness_n = 12
+    toy_run.config.cft.batch_size = 64
+    whole = evaluate(toy_run, tmp_path / "whole", figures=False)["responsiveness"]
+    assert max(seen) >= 12
+    seen.clear()
+    toy_run.config.cft.batch_size = 5
+    chunked = evaluate(toy_run, tmp_path / "chunked", figures=False)["responsiveness"]
+    assert seen and max(seen) <= 5
+    for mode, entry in whole.items():
+        for name, r in entry.items():
+            assert chunked[mode][name]["images"] == r["images"] == 12
+            for kind in ("abducted", "prior_mean"):
+                assert chunked[mode][name][kind] == pytest.approx(r[kind], abs=1e-9)
+
+
 def test_regressor_section_correlation_and_exact_slope(tmp_path, toy_run):
     from segcft.evaluation import evaluate
 

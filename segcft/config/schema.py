@@ -203,7 +203,7 @@ class EvaluateConfig:
     )
     responsiveness_n: int = field(
         default=16,
-        metadata={"help": "test images abducted per structure for the responsiveness check (0: no check)", "ge": 0},
+        metadata={"help": "subjects of the evaluated split in the responsiveness check (0: no check)", "ge": 0},
     )
 
 

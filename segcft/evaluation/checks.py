@@ -48,38 +48,56 @@ def responsiveness(
     data: Mapping[str, torch.Tensor],
     split_parents: torch.Tensor,
     seed: int,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Per mode and structure variable, the within-subject slope of the area measured by ``seg``
     (the guide) against the intervened area, over the ``QUANTILES`` of the split's values, for
     (i) ``prior_mean`` decodes (``generator.sample(pa, temperature=0)``: z at its prior mean, the
     parents of each subject of the batch ``data`` with the structure set) and (ii) ``abducted``
     counterfactuals of those subjects; ``split_parents`` (N, P) gives the quantiles. 1 follows
-    the parent exactly, 0 ignores it; None where a slope is undefined (no ``sample``)."""
+    the parent exactly, 0 ignores it; None where a slope is undefined (no ``sample``). Subjects
+    go through the models ``batch_size`` at a time (all at once when None), so that the check
+    needs no more memory than the evaluation's own batches."""
     meas, out = Measurer(info), {}
     device = next(iter(data.values())).device if data else torch.device("cpu")
-    x, pa = data["image"].float(), data["parents"].float()
-    regions = data["regions"].long() if "regions" in data else None
+    n = int(data["image"].shape[0])
+    step = n if not batch_size else max(1, int(batch_size))
+    chunks = [{k: v[s : s + step] for k, v in data.items()} for s in range(0, n, step)]
     q = torch.tensor(QUANTILES, dtype=torch.float64)
+    values = {
+        var.name: torch.quantile(split_parents[:, info.index(var.name)].double().cpu(), q).float().to(device)
+        for var in info.structure_variables
+    }
     for mode, dscm in dscms.items():
         sample = getattr(dscm.generator, "sample", None)
+        rows: dict[str, dict[str, list[torch.Tensor]]] = {
+            var.name: {"t": [], "abducted": [], "prior": []} for var in info.structure_variables
+        }
         torch.manual_seed(int(seed) * 7 + 3)
-        abduction = dscm.abduct(x, pa)
+        for chunk in chunks:
+            x, pa = chunk["image"].float(), chunk["parents"].float()
+            regions = chunk["regions"].long() if "regions" in chunk else None
+            abduction = dscm.abduct(x, pa)
+            for var in info.structure_variables:
+                j, r = info.index(var.name), rows[var.name]
+                pa_cf = [
+                    dscm.parents_counterfactual(pa, {var.name: torch.full_like(pa[:, j], float(v))})
+                    for v in values[var.name]
+                ]
+                r["t"].append(torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1))
+                measured = [meas(seg(abduction.under(p)), regions)[:, j] for p in pa_cf]
+                r["abducted"].append(torch.stack(measured, 1))
+                if callable(sample):
+                    measured = [meas(seg(sample(p, temperature=0.0)), regions)[:, j] for p in pa_cf]
+                    r["prior"].append(torch.stack(measured, 1))
         entry = {}
         for var in info.structure_variables:
-            j = info.index(var.name)
-            values = torch.quantile(split_parents[:, j].double().cpu(), q).float().to(device)
-            pa_cf = [dscm.parents_counterfactual(pa, {var.name: torch.full_like(pa[:, j], float(v))}) for v in values]
-            t = torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1)
-            abducted = torch.stack([meas(seg(abduction.under(p)), regions)[:, j] for p in pa_cf], 1)
-            prior = None
-            if callable(sample):  # one batch of every value, (value, subject) order
-                x_prior = sample(torch.cat(pa_cf), temperature=0.0)
-                tiled = None if regions is None else regions.repeat(len(pa_cf), *([1] * (regions.dim() - 1)))
-                prior = meas(seg(x_prior), tiled)[:, j].reshape(len(pa_cf), -1).T
+            r = rows[var.name]
+            t = torch.cat(r["t"])
             entry[var.name] = {
-                "abducted": _slope(t, abducted),
-                "prior_mean": _slope(t, prior) if prior is not None else None,
-                "images": int(x.shape[0]),
+                "abducted": _slope(t, torch.cat(r["abducted"])),
+                "prior_mean": _slope(t, torch.cat(r["prior"])) if r["prior"] else None,
+                "images": n,
                 "values": [float(a) for a in t.mean(0)],
             }
         out[mode] = entry

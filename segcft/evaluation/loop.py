@@ -176,7 +176,7 @@ class _Evaluation:
         if self.guide is not None and self.responsiveness_n > 0:
             first = _to_device(self.data, slice(0, self.responsiveness_n), self.device)
             self.responsiveness = responsiveness(
-                self.info, self.dscms, self.guide, first, self.data["parents"], self.seed
+                self.info, self.dscms, self.guide, first, self.data["parents"], self.seed, self.batch_size
             )
 
     def _regressor(self, b: Mapping[str, torch.Tensor], shared: list[_Intervention]) -> None:
