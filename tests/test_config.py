@@ -202,7 +202,9 @@ def test_quick_3d_overlay_applies_only_to_3d_datasets(tmp_path):
                 assert {k: resolved["cft"][key][mode][k] for k in settings} == settings, (key, mode)
         else:
             assert resolved["cft"][key] == value, key
-    assert volume.evaluate.n == overlay["evaluate"]["n"] != flat.evaluate.n
+    # 3D evaluates as many subjects as 2D: one fine-tuning run's per-region MAPE read on 16 volumes
+    # differed from 64 by up to 11 points (benchmarks/REPRODUCTION.md, session 22).
+    assert "evaluate" not in overlay and volume.evaluate.n == flat.evaluate.n == 64
     # The 2D run keeps the preset's conditional prior and Seg-CFT locality; 3D sets both back.
     assert (flat.generator.params.prior, flat.cft.objectives["seg"].locality) == ("conditional", 100.0)
     assert (volume.generator.params.prior, volume.cft.objectives["seg"].locality) == ("exogenous", 0.0)
