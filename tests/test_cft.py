@@ -273,6 +273,12 @@ def test_soft_labels_use_factual_measurements_for_untouched_terms(setup):
     _, logs_hard = hard.guide_loss(x_cf, pa_cf, batch, do.variable)
     assert logs_soft["seg"] < 1e-5 < logs_hard["seg"]
     assert "reg" in logs_soft  # sex is a subject-level variable: regressor term present
+    # "regressor": the regressor's untouched terms read x as with True, the area terms keep pa*.
+    reg_only = build_objective("seg", info, cfg(soft_labels="regressor"), eps=1e3, segmentor=seg, regressor=reg)
+    _, logs_reg_only = reg_only.guide_loss(x_cf, pa_cf, batch, do.variable)
+    assert logs_reg_only["seg"] == pytest.approx(logs_hard["seg"])
+    assert logs_reg_only["reg"] == pytest.approx(logs_soft["reg"])
+    assert logs_reg_only["reg"] < logs_hard["reg"]
 
 
 class IdentityGenerator(nn.Module):

@@ -92,6 +92,7 @@ def test_set_values_are_typed():
     assert cfg.segmentor.params.channels == (4, 8)
     assert cfg.evaluate.n is None and cfg.train.generator.grad_clip == 10.0
     assert isinstance(cfg.train.generator.grad_clip, float)
+    assert load_run_config(overrides=["cft.soft_labels=regressor"]).cft.soft_labels == "regressor"
 
 
 def test_changing_a_component_resets_its_params(tmp_path):
@@ -115,7 +116,8 @@ def test_param_without_name_in_empty_section_is_an_error():
                             r"\(valid keys: preset, .*beta"),
         ("generator.beta=abc", r"generator.beta: expected float, got 'abc'"),
         ("train.generator.steps=1.5", r"train.generator.steps: expected int, got 1.5"),
-        ("cft.soft_labels=1", r"cft.soft_labels: expected bool, got 1"),
+        ("cft.soft_labels=1", r"cft.soft_labels: expected bool or one of 'regressor', got 1"),
+        ("cft.soft_labels=reg", r"cft.soft_labels: expected bool or one of 'regressor', got 'reg'"),
         ("cft.penalty=l3", r"cft.penalty: expected one of 'l1', 'l2', 'huber', got 'l3'"),
         ("cft.modes=[seg, sge]", r"cft.modes\[1\]: expected one of 'none', 'reg', 'seg', 'pos-seg', got 'sge'"),
         ("segmentor.channels=4", r"segmentor.channels: expected a list of int, got 4"),

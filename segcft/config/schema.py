@@ -175,8 +175,13 @@ class CFTConfig:
     lambda_init: float = field(default=0.0, metadata={"help": "initial Lagrange multiplier (>= 0)", "ge": 0})
     penalty: Literal["l1", "l2", "huber"] = field(default="l1", metadata={"help": "rho of the area loss"})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold (normalised units)", "gt": 0})
-    soft_labels: bool = field(
-        default=False, metadata={"help": "measure non-intervened variables on x (amplification fix)"}
+    soft_labels: bool | Literal["regressor"] = field(
+        default=False,
+        metadata={
+            "help": "targets of the variables an intervention leaves untouched, read by the frozen guides on x "
+            "(the attribute-amplification fix): true for every term, 'regressor' for the regressor's terms "
+            "only (area terms keep pa* as their target), false for none"
+        },
     )
     seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms", "gt": 0})
     reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms", "gt": 0})

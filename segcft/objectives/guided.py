@@ -129,7 +129,7 @@ class GuidedObjective(CFTObjective):
         device = x_cf.device
         index, scale = terms.index.to(device), terms.scale.to(device)
         targets = terms.targets(self.info, pa_cf).to(device)
-        if self.cfg.soft_labels:
+        if self.cfg.soft_labels is True:  # "regressor" leaves the area terms' targets at pa*
             with torch.no_grad():
                 areas = soft_area(
                     segmentor(batch["image"]),
@@ -178,7 +178,7 @@ class GuidedObjective(CFTObjective):
         assert regressor is not None
         targets = pa_cf.float()
         binary = torch.tensor([v.type == "binary" for v in self.info.variables], device=targets.device)
-        if self.cfg.soft_labels:
+        if self.cfg.soft_labels:  # True or "regressor"
             with torch.no_grad():
                 pred = regressor(batch["image"], batch["parents"])["loc"].float()
             soft = torch.where(binary, torch.sigmoid(pred), pred)
