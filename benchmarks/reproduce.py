@@ -55,8 +55,10 @@ DATASETS: dict[str, dict[str, Any]] = {
     # change outside the structure and its error against the exact counterfactual for every
     # structure, and halved the gap between the guide's reading and the evaluation segmentor's
     # (REPRODUCTION.md, "2D: a guide ensemble at reproduce.py's budget"). The claims table of
-    # 2026-12-05 is the first with the quick preset's parent maps (every claim held on the mean over
-    # three seeds; about 2 h a seed with three seeds side by side on 2 cores).
+    # 2026-12-05 is the first with the quick preset's parent maps (about 2 h a seed with three seeds
+    # side by side on 2 cores) and, regenerated that day, with its soft labels for the regressor's
+    # terms (every Seg-CFT claim held in 3/3 seeds; Reg-CFT's lungs on its 0.8 x none line;
+    # REPRODUCTION.md, "The cxr-phantom claims with soft labels").
     "cxr-phantom": {
         "modes": ["none", "reg", "seg"],
         "overrides": [
