@@ -552,6 +552,37 @@ def test_locality_interior_is_a_mean_over_the_shared_interior_alone(setup):
     assert logs["locality_interior"] == 0.0
 
 
+def test_the_guide_measures_the_factual_batch_once_a_step(setup):
+    """Soft area targets and the locality masks both need the guide's reading of x: one forward
+    pass of the guide on x and one on x_cf per step, whichever of the two are on, and the loss
+    the same as with a separate pass for each."""
+    from segcft.objectives.base import ObjectiveContext
+    from segcft.objectives.configs import SegSettings
+    from segcft.objectives.guided import build_seg
+
+    info = setup[0]
+    x = torch.full((2, 1, S, S), -0.8)
+    x[:, :, 4:8, 4:8] = 0.9
+    batch = {"image": x, "parents": make_batch(info, b=2)["parents"]}
+    x_cf = x.clone()
+    x_cf[:, :, 8:10, 4:8] = 0.9  # the lung grows
+    x_cf[:, :, 12:14, 12:14] = -0.4  # and something changes far from it
+    for soft, locality in ((True, 1.0), (True, 0.0), (False, 1.0)):
+        seg = SharpSegmentor()
+        calls: list[int] = []
+        seg.register_forward_hook(lambda *_: calls.append(1))
+        obj = build_seg(SegSettings(locality=locality), ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, seg, None))
+        loss, logs = obj.guide_loss(x_cf.clone().requires_grad_(True), batch["parents"], batch, "lung")
+        assert len(calls) == 2, (soft, locality)
+        apart = SharpSegmentor()  # the same guide, its reading of x taken afresh by each part
+        obj2 = build_seg(SegSettings(locality=locality), ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, apart, None))
+        obj2._on_factual = lambda x, measured: obj2.segmentor(x).detach()  # type: ignore[method-assign]
+        loss2, logs2 = obj2.guide_loss(x_cf.clone().requires_grad_(True), batch["parents"], batch, "lung")
+        assert torch.equal(loss, loss2) and logs == logs2
+        if locality:
+            assert logs["locality"] > 0
+
+
 def test_locality_settings_are_checked(setup):
     from segcft.objectives.configs import SegSettings
     from segcft.objectives.guided import GuidedObjective

@@ -68,12 +68,13 @@ class GuidedObjective(CFTObjective):
         changed = affected_mask(self.info, intervened, device=pa_cf.device)
         total = x_cf.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
+        measured: dict[str, torch.Tensor] = {}
         if self.terms is not None:
-            seg, logits = self._seg_loss(x_cf, pa_cf, batch, changed)
+            seg, logits = self._seg_loss(x_cf, pa_cf, batch, changed, measured)
             total = total + self.cfg.seg_weight * seg
             logs["seg"] = float(seg.detach())
             if self.locality > 0 or self.locality_interior > 0:
-                local, interior = self._locality(x_cf, batch["image"], logits, intervened, changed)
+                local, interior = self._locality(x_cf, batch["image"], logits, intervened, changed, measured)
                 if self.locality > 0:
                     total = total + self.locality * local
                     logs["locality"] = float(local.detach())
@@ -86,22 +87,36 @@ class GuidedObjective(CFTObjective):
             logs["reg"] = float(reg.detach())
         return total, logs
 
+    def _on_factual(self, x: torch.Tensor, measured: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The guide's logits on the factual batch, without gradient, measured at most once a step
+        (``measured`` holds them) and shared by the soft area targets and the locality masks."""
+        if "x" not in measured:
+            assert self.segmentor is not None
+            with torch.no_grad():
+                measured["x"] = self.segmentor(x)
+        return measured["x"]
+
     def _locality(
-        self, x_cf: torch.Tensor, x: torch.Tensor, logits_cf: torch.Tensor, intervened: str, changed: torch.Tensor
+        self,
+        x_cf: torch.Tensor,
+        x: torch.Tensor,
+        logits_cf: torch.Tensor,
+        intervened: str,
+        changed: torch.Tensor,
+        measured: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The locality penalties when a structure variable is intervened on: mean |x_cf - x|
         outside the dilated guide masks of the structures whose terms change, on x and on x_cf
         (with ``locality_band``, also inside the interior both share), and mean |x_cf - x| over
         that shared interior alone (computed only when ``locality_interior`` is on). Zero for
         other interventions (a subject-level variable may change the whole image)."""
-        terms, segmentor = self.terms, self.segmentor
-        assert terms is not None and segmentor is not None
+        terms = self.terms
+        assert terms is not None
         zero = x_cf.new_zeros((), dtype=torch.float32)
         if not self.info.variable(intervened).is_structure:
             return zero, zero
         classes = sorted({int(c) for c in terms.index[terms.affected(changed.cpu()), 0].tolist()})
-        with torch.no_grad():
-            probs_x = torch.softmax(segmentor(x).float(), dim=1)
+        probs_x = torch.softmax(self._on_factual(x, measured).float(), dim=1)
         probs_cf = torch.softmax(logits_cf.detach().float(), dim=1)
         local = zero
         if self.locality > 0:
@@ -113,7 +128,12 @@ class GuidedObjective(CFTObjective):
         return local, interior
 
     def _seg_loss(
-        self, x_cf: torch.Tensor, pa_cf: torch.Tensor, batch: dict[str, torch.Tensor], changed: torch.Tensor
+        self,
+        x_cf: torch.Tensor,
+        pa_cf: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        changed: torch.Tensor,
+        measured: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The area loss and the guide's logits on x_cf (detached, in x_cf's frame). With
         ``guide_shift`` or ``guide_noise`` the guide measures a randomly translated or noisy copy of
@@ -132,7 +152,7 @@ class GuidedObjective(CFTObjective):
         if self.cfg.soft_labels is True:  # "regressor" leaves the area terms' targets at pa*
             with torch.no_grad():
                 areas = soft_area(
-                    segmentor(batch["image"]),
+                    self._on_factual(batch["image"], measured),
                     spacing=tuple(self.info.spacing),
                     regions=regions,
                     num_regions=num_regions,
