@@ -571,11 +571,12 @@ def test_the_guide_measures_the_factual_batch_once_a_step(setup):
         seg = SharpSegmentor()
         calls: list[int] = []
         seg.register_forward_hook(lambda *_: calls.append(1))
-        obj = build_seg(SegSettings(locality=locality), ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, seg, None))
+        settings = SegSettings(locality=locality)
+        obj = build_seg(settings, ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, seg, None))
         loss, logs = obj.guide_loss(x_cf.clone().requires_grad_(True), batch["parents"], batch, "lung")
         assert len(calls) == 2, (soft, locality)
         apart = SharpSegmentor()  # the same guide, its reading of x taken afresh by each part
-        obj2 = build_seg(SegSettings(locality=locality), ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, apart, None))
+        obj2 = build_seg(settings, ObjectiveContext("seg", info, cfg(soft_labels=soft), 1.0, apart, None))
         obj2._on_factual = lambda x, measured: obj2.segmentor(x).detach()  # type: ignore[method-assign]
         loss2, logs2 = obj2.guide_loss(x_cf.clone().requires_grad_(True), batch["parents"], batch, "lung")
         assert torch.equal(loss, loss2) and logs == logs2
