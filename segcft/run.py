@@ -208,6 +208,7 @@ class Run:
     regressor: nn.Module | None
     generators: dict[str, nn.Module]
     eps: float
+    regressor_calibration: dict[str, torch.Tensor] | None = None  # its stage's fit (models.calibration)
     _datasets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def dataset(self, split: str) -> Any:
@@ -272,7 +273,39 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
         regressor=optional("regressor", "regressor"),
         generators=generators,
         eps=float(gen_state["eps"]),
+        regressor_calibration=_calibration(rd.final("regressor")),
     )
+
+
+def _calibration(path: Path) -> dict[str, torch.Tensor] | None:
+    """The calibration a regressor checkpoint stores; None when there is no checkpoint or it
+    predates calibrations."""
+    if not path.is_file():
+        return None
+    calibration = load_checkpoint(path).get("calibration")
+    return calibration if isinstance(calibration, dict) else None
+
+
+def regressor_reader(module: nn.Module, state: dict[str, Any], cfg: Any, info: DatasetInfo, path: Path) -> nn.Module:
+    """The regressor as the fine-tuning objectives read it: through the calibration its stage
+    stored (segcft.models.calibration) when ``cft.calibrate_regressor`` is on, else as trained;
+    on, a checkpoint without one is an error that says what to do."""
+    if not cfg.cft.calibrate_regressor:
+        return module
+    calibration = state.get("calibration")
+    if not isinstance(calibration, dict):
+        raise UserError(
+            f"{path} has no calibration (a regressor trained before segcft calibrated them): "
+            "retrain it with --only regressor, or read it as trained with --set cft.calibrate_regressor=false"
+        )
+    from segcft.models.calibration import CALIBRATION_KEYS, CalibratedRegressor
+
+    missing = [k for k in CALIBRATION_KEYS if k not in calibration]
+    if missing:
+        raise UserError(
+            f"{path}: the regressor's calibration lacks {', '.join(missing)}; retrain it with --only regressor"
+        )
+    return CalibratedRegressor(module, calibration, info)
 
 
 def generator_state(path: Path) -> dict[str, Any]:

@@ -183,6 +183,14 @@ class CFTConfig:
             "only (area terms keep pa* as their target), false for none"
         },
     )
+    calibrate_regressor: bool = field(
+        default=False,
+        metadata={
+            "help": "read the frozen regressor through the calibration its stage fitted on the validation split "
+            "(prediction minus what the parents predict, divided by the attenuation: slope 1 on the true value); "
+            "false (the default, as in the paper) reads its raw prediction"
+        },
+    )
     seg_weight: float = field(default=1.0, metadata={"help": "weight of the segmentor (area) terms", "gt": 0})
     reg_weight: float = field(default=1.0, metadata={"help": "weight of the regressor terms", "gt": 0})
 

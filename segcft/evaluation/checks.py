@@ -14,6 +14,7 @@ import torch
 
 from segcft.data.variables import DatasetInfo
 from segcft.evaluation.measure import Measurer
+from segcft.models.calibration import MIN_ATTENUATION
 
 __all__ = [
     "DAGGER",
@@ -116,24 +117,36 @@ def _slope(x: torch.Tensor, y: torch.Tensor) -> float | None:
 # -- regressor ------------------------------------------------------------------------------------
 class RegressorCheck:
     """The regressor's predictions (``loc``, normalised units) on factual images against the
-    recorded parents, and on exact counterfactuals against the intervened values."""
+    recorded parents, and on exact counterfactuals against the intervened values; with a
+    calibration (``calibration``: its per-variable summary) also the calibrated reading's slope
+    and the attenuation. ``reg_cft_reads`` says which of the two Reg-CFT acted on."""
 
-    def __init__(self, info: DatasetInfo) -> None:
+    def __init__(
+        self, info: DatasetInfo, calibration: Mapping[str, Any] | None = None, reg_cft_reads: str = "raw"
+    ) -> None:
         self.info = info
+        self.calibration = dict(calibration or {})
+        self.reg_cft_reads = reg_cft_reads
         self.pred: list[torch.Tensor] = []
         self.true: list[torch.Tensor] = []
         self.exact: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.exact_calibrated: dict[str, list[torch.Tensor]] = {}
 
     def factual(self, pred: torch.Tensor, pa: torch.Tensor) -> None:
         self.pred.append(pred.double().cpu())
         self.true.append(pa.double().cpu())
 
-    def counterfactual(self, name: str, d_pred: torch.Tensor, d_value: torch.Tensor) -> None:
-        """Changes of the prediction for ``name`` between the factual image and its exact
-        counterfactual, against the changes of the intervened value."""
+    def counterfactual(
+        self, name: str, d_pred: torch.Tensor, d_value: torch.Tensor, d_calibrated: torch.Tensor | None = None
+    ) -> None:
+        """Changes of the prediction for ``name`` (``d_calibrated``: of the calibrated reading)
+        between the factual image and its exact counterfactual, against the changes of the
+        intervened value."""
         dx, dy = self.exact.setdefault(name, ([], []))
         dx.append(d_value.double().cpu())
         dy.append(d_pred.double().cpu())
+        if d_calibrated is not None:
+            self.exact_calibrated.setdefault(name, []).append(d_calibrated.double().cpu())
 
     def summary(self, split: str) -> dict[str, Any]:
         pred, true = torch.cat(self.pred), torch.cat(self.true)
@@ -144,7 +157,14 @@ class RegressorCheck:
                 dx, dy = (torch.cat(t) for t in self.exact[var.name])
                 den = float((dx**2).sum())
                 entry["exact_slope"] = float((dx * dy).sum()) / den if den > 0 else None
+                if var.name in self.exact_calibrated:
+                    dc = torch.cat(self.exact_calibrated[var.name])
+                    entry["calibrated_exact_slope"] = float((dx * dc).sum()) / den if den > 0 else None
+            if var.name in self.calibration:
+                entry.update(self.calibration[var.name])
             out["variables"][var.name] = entry
+        out["calibration"] = bool(self.calibration)
+        out["reg_cft_reads"] = self.reg_cft_reads
         return out
 
 
@@ -238,8 +258,34 @@ def sections(result: Mapping[str, Any]) -> list[str]:
             "counterfactuals (phantoms; 1: follows the variable)."
         )
         L.append("")
-        rows = [[name, _num(e.get("correlation")), _num(e.get("exact_slope"))] for name, e in reg["variables"].items()]
-        L += _table(["variable", "correlation", "slope on exact counterfactuals"], rows)
+        if reg.get("calibration"):
+            reads = "the calibrated reading" if reg.get("reg_cft_reads") == "calibrated" else "the raw prediction"
+            L.append(
+                "Beside them, the calibrated reading's slope (the prediction minus what the variable's parents "
+                "predict, divided by the attenuation) and the attenuation itself (the prediction's slope on the "
+                "true value with the parents fixed, fitted on the validation split when the regressor was "
+                f"trained; a variable under {MIN_ATTENUATION:g} stays uncalibrated). Reg-CFT acted on {reads} "
+                "(cft.calibrate_regressor)."
+            )
+            L.append("")
+            rows = [
+                [
+                    name,
+                    _num(e.get("correlation")),
+                    _num(e.get("exact_slope")),
+                    _num(e.get("calibrated_exact_slope")) if e.get("calibrated") else "–",
+                    _num(e.get("attenuation")),
+                ]
+                for name, e in reg["variables"].items()
+            ]
+            L += _table(
+                ["variable", "correlation", "slope on exact counterfactuals", "calibrated slope", "attenuation"], rows
+            )
+        else:
+            rows = [
+                [name, _num(e.get("correlation")), _num(e.get("exact_slope"))] for name, e in reg["variables"].items()
+            ]
+            L += _table(["variable", "correlation", "slope on exact counterfactuals"], rows)
         L.append("")
     warn = result.get("warnings") or []
     if warn:

@@ -152,7 +152,22 @@ class _Evaluation:
         self.regressor = getattr(run, "regressor", None)
         if self.regressor is not None:
             self.regressor.to(self.device).eval()
-        self.regressor_check = RegressorCheck(self.info) if self.regressor is not None else None
+        # the regressor read through its stage's calibration, beside its raw prediction (method.md 5.7)
+        calibration = getattr(run, "regressor_calibration", None)
+        self.calibrated = None
+        if self.regressor is not None and calibration is not None:
+            from segcft.models.calibration import CalibratedRegressor
+
+            self.calibrated = CalibratedRegressor(self.regressor, calibration, self.info).to(self.device)
+        self.regressor_check = (
+            RegressorCheck(
+                self.info,
+                self.calibrated.summary() if self.calibrated is not None else None,
+                reg_cft_reads="calibrated" if self.calibrated is not None and cfg.cft.calibrate_regressor else "raw",
+            )
+            if self.regressor is not None
+            else None
+        )
         self.guide = run.segmentor if run.segmentor is not None else eval_seg
         self.responsiveness_n = min(count, int(getattr(ecfg, "responsiveness_n", 0)))
         self.responsiveness: dict[str, Any] = {}
@@ -186,12 +201,17 @@ class _Evaluation:
             return
         pa = b["parents"].float()
         pred = self.regressor(b["image"], pa)["loc"].float()
+        cal = self.calibrated
+        pred_cal = cal(b["image"], pa)["loc"].float() if cal is not None else None
         self.regressor_check.factual(pred, pa)
         for iv in shared:
             if iv.true_image is not None:
                 j = iv.index
                 d_pred = self.regressor(iv.true_image, iv.pa_cf)["loc"].float()[:, j] - pred[:, j]
-                self.regressor_check.counterfactual(iv.var.name, d_pred, iv.pa_cf[:, j] - pa[:, j])
+                d_cal = None
+                if cal is not None and pred_cal is not None:
+                    d_cal = cal(iv.true_image, iv.pa_cf)["loc"].float()[:, j] - pred_cal[:, j]
+                self.regressor_check.counterfactual(iv.var.name, d_pred, iv.pa_cf[:, j] - pa[:, j], d_cal)
 
     def _parents_counterfactuals(self) -> dict[str, torch.Tensor]:
         """Counterfactual parents of every intervention on the whole split, shared by all modes."""

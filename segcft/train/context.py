@@ -214,6 +214,18 @@ class StageContext:
         load_model_state(module, load_checkpoint(path), path, f"{kind} {section.name!r}")
         return module.to(self.device).eval().requires_grad_(False)
 
+    def load_regressor(self) -> nn.Module:
+        """The trained regressor, frozen, read through its calibration unless
+        ``cft.calibrate_regressor`` is off (segcft.models.calibration)."""
+        from segcft.run import regressor_reader
+
+        path = self.run.final("regressor")
+        state = load_checkpoint(path)
+        module = build_component("regressor", self.cfg.regressor, self.info)
+        load_model_state(module, state, path, f"regressor {self.cfg.regressor.name!r}")
+        reader = regressor_reader(module, state, self.cfg, self.info, path)
+        return reader.to(self.device).eval().requires_grad_(False)
+
     def curves(self) -> None:
         """Redraw the training curves from metrics.csv (rank 0)."""
         if self.d.main and self.run.metrics_csv.is_file():

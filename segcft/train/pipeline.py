@@ -19,7 +19,7 @@ from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
 from segcft.protocols import GUIDES
-from segcft.run import RunDir, guide_stages
+from segcft.run import RunDir, guide_stages, regressor_reader
 from segcft.train.context import StageContext, keep_freed_memory, set_cpu_threads
 from segcft.train.lanes import Lane, lanes_possible, plan_waves, run_lanes
 from segcft.train.progress import RunClock
@@ -84,7 +84,10 @@ def _check_checkpoints(ctx: StageContext, stages: list[str]) -> None:
         else:
             section = getattr(cfg, kind)
             module, what = build_component(kind, section, ctx.info), f"{kind} {section.name!r}"
-        load_model_state(module, load_checkpoint(path), path, what)
+        state = load_checkpoint(path)
+        load_model_state(module, state, path, what)
+        if kind == "regressor" and path == run.final(stage):  # read by fine-tuning: its calibration too
+            regressor_reader(module, state, cfg, ctx.info, path)
 
 
 def _check_classes(ctx: StageContext, seg: nn.Module, what: str) -> None:

@@ -126,12 +126,35 @@ def stage_segmentor(ctx: StageContext, stage: str) -> None:
 
 
 def stage_regressor(ctx: StageContext, stage: str) -> None:
-    """The parent regressor (reg mode's guide)."""
+    """The parent regressor (reg mode's guide), then its calibration on the validation split:
+    each continuous variable's attenuation (how far its prediction follows the true value with
+    the variable's parents held fixed), logged and stored beside the weights."""
+    from segcft.components import build_dataset
+    from segcft.models.calibration import CALIBRATION_SAMPLES, fit_calibration
+
     seed = ctx.cfg.seed + 2
     torch.manual_seed(seed)
     reg = build_component("regressor", ctx.cfg.regressor, ctx.info).to(ctx.device)
     trained = fit(ctx, stage, reg, RegressorLoss(reg), ctx.cfg.train.regressor, seed)
-    ctx.save_final(stage, {"model": trained.state_dict()})
+    val = build_dataset(ctx.cfg, "val")
+    calibration = fit_calibration(trained, val, ctx.info, ctx.device)
+    fitted = [
+        (v.name, float(calibration["attenuation"][j]))
+        for j, v in enumerate(ctx.info.variables)
+        if bool(calibration["fitted"][j])
+    ]
+    if ctx.d.main:
+        if fitted:
+            shown = ", ".join(f"{name} {s:.2f}" for name, s in fitted)
+            print(
+                f"[{stage}] attenuation on {min(len(val), CALIBRATION_SAMPLES)} validation subjects (the "
+                f"prediction's slope on the true value, parents fixed; 1: follows it): {shown}",
+                flush=True,
+            )
+        else:
+            print(f"[{stage}] no calibration: the validation split is empty or too small", flush=True)
+    ctx.metrics.log(stage, ctx.cfg.train.regressor.steps, {f"attenuation/{name}": s for name, s in fitted})
+    ctx.save_final(stage, {"model": trained.state_dict(), "calibration": calibration})
 
 
 def stage_generator(ctx: StageContext, stage: str) -> None:
@@ -187,7 +210,7 @@ def stage_cft(ctx: StageContext, stage: str) -> None:
     guides = {
         kind: guide_from([ctx.load_frozen(kind, s) for s in guide_stages(cfg)])
         if kind == "segmentor"
-        else ctx.load_frozen(kind, kind)
+        else ctx.load_regressor()
         for kind in objective_guides(mode, cfg)
     }
     objective = build_objective(mode, ctx.info, cfg.cft, float(gen_state["eps"]), **guides).to(ctx.device)
@@ -283,7 +306,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         "regressor",
-        "checkpoints/regressor.pt (weights)",
+        "checkpoints/regressor.pt (weights, calibration)",
         stage_regressor,
         instances=lambda cfg: ["regressor"] if cfg.regressor.name else [],
         side_by_side=True,
