@@ -273,17 +273,24 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
         regressor=optional("regressor", "regressor"),
         generators=generators,
         eps=float(gen_state["eps"]),
-        regressor_calibration=_calibration(rd.final("regressor")),
+        regressor_calibration=_calibration(rd.final("regressor"), info) if cfg.regressor.name else None,
     )
 
 
-def _calibration(path: Path) -> dict[str, torch.Tensor] | None:
+def _calibration(path: Path, info: DatasetInfo) -> dict[str, torch.Tensor] | None:
     """The calibration a regressor checkpoint stores; None when there is no checkpoint or it
     predates calibrations."""
+    from segcft.models.calibration import calibration_problem
+
     if not path.is_file():
         return None
     calibration = load_checkpoint(path).get("calibration")
-    return calibration if isinstance(calibration, dict) else None
+    if calibration is None:
+        return None
+    problem = calibration_problem(calibration, len(info.variables))
+    if problem is not None:
+        raise UserError(f"{path}: {problem}; retrain the regressor with --only regressor")
+    return dict(calibration)
 
 
 def regressor_reader(module: nn.Module, state: dict[str, Any], cfg: Any, info: DatasetInfo, path: Path) -> nn.Module:
@@ -292,19 +299,17 @@ def regressor_reader(module: nn.Module, state: dict[str, Any], cfg: Any, info: D
     on, a checkpoint without one is an error that says what to do."""
     if not cfg.cft.calibrate_regressor:
         return module
+    from segcft.models.calibration import CalibratedRegressor, calibration_problem
+
     calibration = state.get("calibration")
-    if not isinstance(calibration, dict):
+    if calibration is None:
         raise UserError(
             f"{path} has no calibration (a regressor trained before segcft calibrated them): "
             "retrain it with --only regressor, or read it as trained with --set cft.calibrate_regressor=false"
         )
-    from segcft.models.calibration import CALIBRATION_KEYS, CalibratedRegressor
-
-    missing = [k for k in CALIBRATION_KEYS if k not in calibration]
-    if missing:
-        raise UserError(
-            f"{path}: the regressor's calibration lacks {', '.join(missing)}; retrain it with --only regressor"
-        )
+    problem = calibration_problem(calibration, len(info.variables))
+    if problem is not None:
+        raise UserError(f"{path}: {problem}; retrain the regressor with --only regressor")
     return CalibratedRegressor(module, calibration, info)
 
 

@@ -12,7 +12,7 @@ from segcft.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from segcft.components import build_component, build_dataset
 from segcft.config import load_run_config
 from segcft.errors import UserError
-from segcft.models.calibration import MIN_ATTENUATION, CalibratedRegressor, fit_calibration
+from segcft.models.calibration import MIN_ATTENUATION, CalibratedRegressor, calibration_problem, fit_calibration
 from segcft.run import regressor_reader
 from segcft.train import run_training
 
@@ -166,3 +166,11 @@ def test_the_calibrated_reader_scores_targets_by_its_own_gaussian():
     out = reader(x, pa)
     expected = torch.distributions.Normal(out["loc"], out["scale"]).log_prob(pa)
     torch.testing.assert_close(reader.nll(x, pa), -expected)
+
+
+def test_a_calibration_that_does_not_fit_the_variables_is_named():
+    good = fit_calibration(ShrinkingRegressor(s=0.5, s_spot=0.5), ToyPhantom("val", n=40), INFO, torch.device("cpu"))
+    assert calibration_problem(good, 3) is None
+    assert calibration_problem(None, 3) == "it has no calibration"
+    assert "lacks bias" in calibration_problem({k: v for k, v in good.items() if k != "bias"}, 3)
+    assert "expected" in calibration_problem(good, 4)

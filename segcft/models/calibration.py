@@ -27,7 +27,14 @@ from torch import nn
 
 from segcft.data.variables import DatasetInfo
 
-__all__ = ["CALIBRATION_KEYS", "CALIBRATION_SAMPLES", "MIN_ATTENUATION", "CalibratedRegressor", "fit_calibration"]
+__all__ = [
+    "CALIBRATION_KEYS",
+    "CALIBRATION_SAMPLES",
+    "MIN_ATTENUATION",
+    "CalibratedRegressor",
+    "calibration_problem",
+    "fit_calibration",
+]
 
 CALIBRATION_KEYS = ("attenuation", "weight", "bias", "fitted", "calibrated")
 """The tensors of a calibration, as the regressor stage's checkpoint stores them."""
@@ -95,6 +102,20 @@ def fit_calibration(
         out["fitted"][j] = True
         out["calibrated"][j] = float(coef[0]) >= MIN_ATTENUATION
     return out
+
+
+def calibration_problem(calibration: Any, num: int) -> str | None:
+    """What is wrong with a stored calibration for ``num`` variables, or None when it fits."""
+    if not isinstance(calibration, dict):
+        return "it has no calibration"
+    missing = [k for k in CALIBRATION_KEYS if not isinstance(calibration.get(k), torch.Tensor)]
+    if missing:
+        return f"its calibration lacks {', '.join(missing)}"
+    shapes = {k: tuple(calibration[k].shape) for k in CALIBRATION_KEYS}
+    expected = {k: (num, num) if k == "weight" else (num,) for k in CALIBRATION_KEYS}
+    if shapes != expected:
+        return f"its calibration has shapes {shapes}, expected {expected} for {num} variables"
+    return None
 
 
 class CalibratedRegressor(nn.Module):

@@ -215,8 +215,8 @@ class StageContext:
         return module.to(self.device).eval().requires_grad_(False)
 
     def load_regressor(self) -> nn.Module:
-        """The trained regressor, frozen, read through its calibration unless
-        ``cft.calibrate_regressor`` is off (segcft.models.calibration)."""
+        """The trained regressor, frozen, read through its calibration when
+        ``cft.calibrate_regressor`` is on (segcft.models.calibration)."""
         from segcft.run import regressor_reader
 
         path = self.run.final("regressor")
