@@ -280,11 +280,15 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
 def _calibration(path: Path, info: DatasetInfo) -> dict[str, torch.Tensor] | None:
     """The calibration a regressor checkpoint stores; None when there is no checkpoint or it
     predates calibrations."""
+    return stored_calibration(load_checkpoint(path), info, path) if path.is_file() else None
+
+
+def stored_calibration(state: dict[str, Any], info: DatasetInfo, path: Path) -> dict[str, torch.Tensor] | None:
+    """The calibration in a regressor checkpoint's ``state`` (None when it predates
+    calibrations); one that does not fit the run's variables is a UserError naming ``path``."""
     from segcft.models.calibration import calibration_problem
 
-    if not path.is_file():
-        return None
-    calibration = load_checkpoint(path).get("calibration")
+    calibration = state.get("calibration")
     if calibration is None:
         return None
     problem = calibration_problem(calibration, len(info.variables))
@@ -299,17 +303,14 @@ def regressor_reader(module: nn.Module, state: dict[str, Any], cfg: Any, info: D
     on, a checkpoint without one is an error that says what to do."""
     if not cfg.cft.calibrate_regressor:
         return module
-    from segcft.models.calibration import CalibratedRegressor, calibration_problem
+    from segcft.models.calibration import CalibratedRegressor
 
-    calibration = state.get("calibration")
+    calibration = stored_calibration(state, info, path)
     if calibration is None:
         raise UserError(
             f"{path} has no calibration (a regressor trained before segcft calibrated them): "
             "retrain it with --only regressor, or read it as trained with --set cft.calibrate_regressor=false"
         )
-    problem = calibration_problem(calibration, len(info.variables))
-    if problem is not None:
-        raise UserError(f"{path}: {problem}; retrain the regressor with --only regressor")
     return CalibratedRegressor(module, calibration, info)
 
 

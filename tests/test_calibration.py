@@ -157,17 +157,6 @@ def test_evaluation_reports_the_calibrated_reading_beside_the_raw_one(tmp_path):
     assert evaluate(toy_run, tmp_path / "on", figures=False)["regressor"]["reg_cft_reads"] == "calibrated"
 
 
-def test_the_calibrated_reader_scores_targets_by_its_own_gaussian():
-    reg = ShrinkingRegressor(s=0.5, s_spot=0.5)
-    reader = CalibratedRegressor(reg, fit_calibration(reg, ToyPhantom("val", n=120), INFO, torch.device("cpu")), INFO)
-    test = ToyPhantom("test", n=8)
-    x = torch.stack([test[i]["image"] for i in range(8)])
-    pa = torch.stack([test[i]["parents"] for i in range(8)])
-    out = reader(x, pa)
-    expected = torch.distributions.Normal(out["loc"], out["scale"]).log_prob(pa)
-    torch.testing.assert_close(reader.nll(x, pa), -expected)
-
-
 def test_a_calibration_that_does_not_fit_the_variables_is_named():
     good = fit_calibration(ShrinkingRegressor(s=0.5, s_spot=0.5), ToyPhantom("val", n=40), INFO, torch.device("cpu"))
     assert calibration_problem(good, 3) is None

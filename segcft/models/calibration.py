@@ -18,11 +18,9 @@ fits it on the validation split.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segcft.data.variables import DatasetInfo
@@ -48,7 +46,6 @@ multiply the reading's noise by more than 5, and a regressor that moves its pred
 fifth of the truth does not read the variable from the image."""
 
 _BATCH = 64
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @torch.no_grad()
@@ -87,10 +84,12 @@ def fit_calibration(
         if var.type != "continuous":
             continue
         cols = [names.index(p) for p in var.parents]
+        if n < len(cols) + 8:  # too few subjects for the fit
+            continue
         others = torch.cat([true[:, cols], torch.ones(n, 1, dtype=torch.float64)], dim=1)
-        # v's own variation with its parents held fixed; none left (or too few subjects): no fit
+        # v's own variation with its parents held fixed; none left: nothing to fit
         resid = true[:, j] - others @ torch.linalg.lstsq(others, true[:, j : j + 1]).solution[:, 0]
-        if n < len(cols) + 8 or float(resid.std()) < 1e-6 * max(float(true[:, j].std()), 1e-12):
+        if float(resid.std()) < 1e-6 * max(float(true[:, j].std()), 1e-12):
             continue
         design = torch.cat([true[:, j : j + 1], others], dim=1)
         coef = torch.linalg.lstsq(design, pred[:, j : j + 1]).solution[:, 0]
@@ -119,10 +118,10 @@ def calibration_problem(calibration: Any, num: int) -> str | None:
 
 
 class CalibratedRegressor(nn.Module):
-    """A frozen regressor read through its calibration: ``loc`` (pred - b . pa_v - c) / s and
-    ``scale`` / s for the calibrated variables, everything else as the regressor gives it. The
-    parents are those the caller passes (Reg-CFT: the counterfactual ones), else the regressor's
-    own point estimates."""
+    """A frozen regressor read through its calibration, as a fine-tuning guide reads it (forward
+    only): ``loc`` (pred - b . pa_v - c) / s and ``scale`` / s for the calibrated variables,
+    everything else as the regressor gives it. The parents are those the caller passes (Reg-CFT:
+    the counterfactual ones), else the regressor's own point estimates."""
 
     attenuation: torch.Tensor  # (P,) s of every fitted variable, 1 elsewhere
     fitted: torch.Tensor  # (P,) bool
@@ -160,15 +159,6 @@ class CalibratedRegressor(nn.Module):
             "loc": torch.where(self.calibrated, read, loc),
             "scale": torch.where(self.calibrated, scale / self.divisor, scale),
         }
-
-    def nll(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-variable negative log-likelihood (B, P) of normalised targets under the calibrated
-        reading (Gaussian for continuous variables, Bernoulli for binary ones)."""
-        out = self(x, targets)
-        z = (targets - out["loc"]) / out["scale"]
-        gaussian = 0.5 * z * z + torch.log(out["scale"]) + _LOG_SQRT_2PI
-        bern = F.binary_cross_entropy_with_logits(out["loc"], targets.clamp(0, 1), reduction="none")
-        return torch.where(self.binary, bern, gaussian)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per fitted variable: its attenuation and whether the reading divides by it."""

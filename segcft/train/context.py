@@ -208,23 +208,24 @@ class StageContext:
 
     def load_frozen(self, kind: str, stage: str) -> nn.Module:
         """The ``kind`` component trained by ``stage``, on the device, in eval mode, frozen."""
-        section = getattr(self.cfg, kind)
-        module = build_component(kind, section, self.info)
-        path = self.run.final(stage)
-        load_model_state(module, load_checkpoint(path), path, f"{kind} {section.name!r}")
-        return module.to(self.device).eval().requires_grad_(False)
+        return self._load_frozen(kind, stage)[0]
 
     def load_regressor(self) -> nn.Module:
         """The trained regressor, frozen, read through its calibration when
         ``cft.calibrate_regressor`` is on (segcft.models.calibration)."""
         from segcft.run import regressor_reader
 
-        path = self.run.final("regressor")
-        state = load_checkpoint(path)
-        module = build_component("regressor", self.cfg.regressor, self.info)
-        load_model_state(module, state, path, f"regressor {self.cfg.regressor.name!r}")
-        reader = regressor_reader(module, state, self.cfg, self.info, path)
+        module, state = self._load_frozen("regressor", "regressor")
+        reader = regressor_reader(module, state, self.cfg, self.info, self.run.final("regressor"))
         return reader.to(self.device).eval().requires_grad_(False)
+
+    def _load_frozen(self, kind: str, stage: str) -> tuple[nn.Module, dict[str, Any]]:
+        section = getattr(self.cfg, kind)
+        module = build_component(kind, section, self.info)
+        path = self.run.final(stage)
+        state = load_checkpoint(path)
+        load_model_state(module, state, path, f"{kind} {section.name!r}")
+        return module.to(self.device).eval().requires_grad_(False), state
 
     def curves(self) -> None:
         """Redraw the training curves from metrics.csv (rank 0)."""
