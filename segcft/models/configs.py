@@ -77,6 +77,14 @@ class HVAEConfig:
             "not only through vectors broadcast over space",
         },
     )
+    parent_maps_max_res: int = field(
+        default=0,
+        metadata={
+            "help": "with parent_maps: maps only in the stages whose longest axis is at most this, coarse maps "
+            "that say where a parent acts and leave the fine detail to the decoder (0: every stage)",
+            "ge": 0,
+        },
+    )
     std_init: float = field(
         default=0.0,
         metadata={

@@ -184,6 +184,23 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
     return stages
 
 
+def parent_map_stages(config: HVAEConfig, stages: list[Stage]) -> list[Stage]:
+    """The stages whose decoder blocks get parent maps: none without ``parent_maps``, else those
+    up to ``parent_maps_max_res`` (0: all). A cap without maps, or one below every stage, is a
+    ConfigError: it would change nothing."""
+    cap = config.parent_maps_max_res
+    if not config.parent_maps:
+        if cap:
+            raise ConfigError(f"generator.parent_maps_max_res: {cap} needs generator.parent_maps=true")
+        return []
+    mapped = [s for s in stages if not cap or s.res <= cap]
+    if not mapped:
+        raise ConfigError(
+            f"generator.parent_maps_max_res: {cap} is below every stage size {[s.size for s in stages]}; no maps"
+        )
+    return mapped
+
+
 @dataclass
 class Latents:
     """The exogenous noise of z ~ q(z | x, pa), one tensor per stochastic decoder block, top-down:
@@ -238,6 +255,7 @@ class HVAE(nn.Module):
         )
         self.enc_transitions = nn.ModuleList(conv(dims, a.width, b.width, 1) for a, b in itertools.pairwise(stages))
 
+        mapped = parent_map_stages(cfg, stages)
         n_dec = sum(s.dec_blocks for s in stages)
         self.dec_stages = nn.ModuleList(
             nn.ModuleList(
@@ -252,7 +270,7 @@ class HVAE(nn.Module):
                     s.stochastic,
                     n_dec,
                     conditional,
-                    s.size if cfg.parent_maps else None,
+                    s.size if s in mapped else None,
                 )
                 for _ in range(s.dec_blocks)
             )
