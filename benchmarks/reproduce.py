@@ -86,6 +86,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     # 3600, so fine-tuning is unchanged): the exact counterfactual's plaque MAPE on val 9.4 / 9.8 / 10.1
     # and 7.6 / 9.0 / 8.6 % against 10.4 / 10.7 / 12.4 and 9.0 / 10.0 / 9.9 at 3600 (REPRODUCTION.md,
     # "ccta-phantom segmentors at 7200 steps"). About 12-18 more minutes per seed on one core.
+    # The generator is the quick preset's: since 2026-12-06 with parent maps up to 16 x 8 x 8
+    # (REPRODUCTION.md, "3D: parent maps again, and maps kept to the coarse stages"); the claims table
+    # of 2026-12-04 predates them.
     "ccta-phantom": {
         "modes": ["none", "reg", "seg", "pos-seg"],
         "overrides": [
