@@ -208,15 +208,16 @@ def test_prior_decides_what_counterfactual_latents_keep(prior: str) -> None:
 
 def test_parent_maps_max_res_keeps_maps_to_the_coarse_stages() -> None:
     """``parent_maps_max_res``: maps only in the decoder blocks of stages whose longest axis is at
-    most the cap; a cap without maps, or below every stage, is a ConfigError."""
+    most the cap; without maps the cap changes nothing (a preset's cap does not stop a user turning
+    the maps off); a cap below every stage is a ConfigError."""
     shape = (16, 8, 8)  # SMALL_3D stages 16x8x8, 8x4x4, 4x2x2, one decoder block each
     capped = _model(replace(SMALL_3D, parent_maps=True, parent_maps_max_res=8), shape)
     sizes = [tuple(m.pa_maps.shape[1:-1]) for m in capped.modules() if getattr(m, "pa_maps", None) is not None]
     assert sorted(sizes) == [(4, 2, 2), (8, 4, 4)]
     everywhere = _model(replace(SMALL_3D, parent_maps=True), shape)
     assert everywhere.num_parameters() - capped.num_parameters() == 3 * 16 * 8 * 8 * 8  # parents x 16x8x8 x width 8
-    with pytest.raises(ConfigError, match="parent_maps_max_res: 8 needs generator.parent_maps=true"):
-        _model(replace(SMALL_3D, parent_maps_max_res=8), shape)
+    plain = _model(replace(SMALL_3D, parent_maps_max_res=8), shape)
+    assert not any(getattr(m, "pa_maps", None) is not None for m in plain.modules())
     with pytest.raises(ConfigError, match="below every stage size"):
         _model(replace(SMALL_3D, parent_maps=True, parent_maps_max_res=2), shape)
 

@@ -81,7 +81,8 @@ class HVAEConfig:
         default=0,
         metadata={
             "help": "with parent_maps: maps only in the stages whose longest axis is at most this, coarse maps "
-            "that say where a parent acts and leave the fine detail to the decoder (0: every stage)",
+            "that say where a parent acts and leave the fine detail to the decoder (0: every stage; "
+            "no effect without parent_maps)",
             "ge": 0,
         },
     )

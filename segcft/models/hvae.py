@@ -185,13 +185,11 @@ def plan_stages(config: HVAEConfig, shape: tuple[int, ...]) -> list[Stage]:
 
 
 def parent_map_stages(config: HVAEConfig, stages: list[Stage]) -> list[Stage]:
-    """The stages whose decoder blocks get parent maps: none without ``parent_maps``, else those
-    up to ``parent_maps_max_res`` (0: all). A cap without maps, or one below every stage, is a
-    ConfigError: it would change nothing."""
+    """The stages whose decoder blocks get parent maps: none without ``parent_maps`` (whatever the
+    cap, so that ``--set generator.parent_maps=false`` turns off a preset's capped maps), else those
+    up to ``parent_maps_max_res`` (0: all). A cap below every stage is a ConfigError."""
     cap = config.parent_maps_max_res
     if not config.parent_maps:
-        if cap:
-            raise ConfigError(f"generator.parent_maps_max_res: {cap} needs generator.parent_maps=true")
         return []
     mapped = [s for s in stages if not cap or s.res <= cap]
     if not mapped:
