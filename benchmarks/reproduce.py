@@ -216,6 +216,13 @@ def reference_cell(results: list[dict[str, Any]], var: str, ref: str, metric: st
     return Cell([_path(r, "interventions", var, "references", ref, *METRICS[metric]) for r in results])
 
 
+def descendant_cell(results: list[dict[str, Any]], var: str, mode: str, child: str) -> Cell:
+    """MAPE % (evaluation segmentor) of structure ``child`` against its counterfactual value under do(var):
+    how far a descendant followed the intervention through its mechanism."""
+    path = ("leakage", "per_variable", child, "eval", "mape")
+    return Cell([_path(r, "interventions", var, "modes", mode, *path) for r in results])
+
+
 def constant_cell(value: float, seeds: int) -> Cell:
     """A fixed bound (a target in the metric's units) as a cell with the same value in every seed."""
     return Cell([{"mean": value, "lo": value, "hi": value}] * seeds)
@@ -302,6 +309,9 @@ def ccta_claims(results: list[dict[str, Any]]) -> list[Claim]:
                   [("none", c("none", "MAPE %"), 0.5)]),
             Claim("ccta-phantom", "Pos-Seg-CFT change outside the intervened region <= Reg-CFT", var,
                   c("pos-seg", "outside region"), [("reg", c("reg", "outside region"), 1.0)]),
+            Claim("ccta-phantom", "Pos-Seg-CFT's lumen follows the plaque (lumen MAPE below none's)", var,
+                  descendant_cell(results, var, "pos-seg", "lumen_volume"),
+                  [("none", descendant_cell(results, var, "none", "lumen_volume"), 1.0)], strict=True),
         ]
     return claims
 

@@ -178,6 +178,9 @@ def test_evaluate_known_answers(tmp_path, toy_run):
         for who in ("eval", "guide"):
             assert refs[ref]["effectiveness"][who]["mape"] == gen["effectiveness"][who]["mape"]
             assert refs[ref]["leakage"]["mape_mean"][who] == gen["leakage"]["mape_mean"][who]
+            assert refs[ref]["leakage"]["per_variable"] == {
+                s: {w: gen["leakage"]["per_variable"][s][w] for w in ("eval", "guide")} for s in ("spot_area",)
+            }
     assert res["interventions"]["age"]["references"] == {}
     # files
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -186,6 +189,9 @@ def test_evaluate_known_answers(tmp_path, toy_run):
     assert report.startswith("# Evaluation: toy")
     assert "## Headline" in report and "### do(blob_area)" not in report and "## do(blob_area)" in report
     assert "| (unchanged) |" in report and "| (exact) |" in report and "Reference rows:" in report
+    leak_table = report[report.index("Leakage: MAPE", report.index("## do(blob_area)")):]
+    spot_exact = refs["exact"]["leakage"]["per_variable"]["spot_area"]["eval"]["mape"]
+    assert f"| (exact) | {spot_exact['mean']:.2f} [" in leak_table.split("\n\n")[1]
     assert (tmp_path / "figures" / "cf_blob_area.png").stat().st_size > 1000
 
 

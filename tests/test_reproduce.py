@@ -88,3 +88,39 @@ def test_blocks_missing_from_a_file_go_after_the_blocks_before_them(reproduce):
     text = reproduce.merge("intro\n" + reproduce._wrap("claims cxr-phantom", "A") + "\n\nhand\n", blocks)
     assert text.index("A") < text.index("\nC\n") < text.index("hand") and text.index("\nT\n") > text.index("\nC\n")
     assert reproduce.merge("", [("header", "H")]).startswith(reproduce.BEGIN.format("header"))
+
+
+def _ccta_metrics(pos_seg_mape: float, lumen: dict[str, float]) -> dict:
+    """One plaque intervention: none at 40 %, the exact counterfactual at 8 %; ``lumen`` is each
+    mode's MAPE of the descendant lumen volume against its counterfactual value."""
+
+    def mode(mape: float, outside_region: float, lumen_mape: float) -> dict:
+        return {
+            "effectiveness": {"eval": {"mape": _ci(mape)}},
+            "locality": {"outside_region": _ci(outside_region)},
+            "leakage": {"per_variable": {"lumen_volume": {"eval": {"mape": _ci(lumen_mape)}}}},
+        }
+
+    modes = {"none": mode(40.0, 0.2, lumen["none"]), "reg": mode(30.0, 0.9, lumen["reg"]),
+             "pos-seg": mode(pos_seg_mape, 0.5, lumen["pos-seg"])}
+    refs = {"exact": {"effectiveness": {"eval": {"mape": _ci(8.0)}}}}
+    entry = {"structure": True, "region": "proximal", "references": refs, "modes": modes}
+    return {"interventions": {"plaque_proximal": entry}}
+
+
+def test_ccta_claims_judge_the_region_and_the_lumen_that_follows_it(reproduce):
+    held = {c.text: c.held for c in reproduce.ccta_claims([_ccta_metrics(18.0, {"none": 4.0, "reg": 5.0,
+                                                                                 "pos-seg": 3.5})])}
+    assert held == {
+        "exact counterfactual's per-region MAPE <= 10 (the segmentors resolve plaque)": True,  # 8 <= 10
+        "Pos-Seg-CFT per-region MAPE <= 0.5 x none": True,  # 18 <= 20
+        "Pos-Seg-CFT change outside the intervened region <= Reg-CFT": True,  # 0.5 <= 0.9
+        "Pos-Seg-CFT's lumen follows the plaque (lumen MAPE below none's)": True,  # 3.5 < 4.0
+    }
+    # a lumen left where it was scores like none's: the claim is strict, so it does not hold
+    claims = reproduce.ccta_claims([_ccta_metrics(22.0, {"none": 4.0, "reg": 5.0, "pos-seg": 4.0})] * 2)
+    held = {c.text: (c.held, c.seeds_held()) for c in claims}
+    assert held["Pos-Seg-CFT per-region MAPE <= 0.5 x none"] == (False, (0, 2))  # 22 > 20
+    assert held["Pos-Seg-CFT's lumen follows the plaque (lumen MAPE below none's)"] == (False, (0, 2))
+    line = next(c for c in claims if "lumen" in c.text).numbers()
+    assert line == "4.00 < none 4.00"

@@ -105,7 +105,7 @@ def summarise(scores: Scores, ctx: Context) -> dict[str, Any]:
     inter: dict[str, Any] = {}
     for var in info.variables:
         inter[var.name] = {
-            "references": _references(boot, scores, var.name, whos),
+            "references": _references(boot, scores, var.name, whos, structures),
             "type": var.type,
             "unit": var.unit,
             "structure": var.is_structure,
@@ -149,12 +149,20 @@ def _mode_entry(
     return entry
 
 
-def _references(boot: Bootstrap, scores: Scores, name: str, whos: list[str]) -> dict[str, Any]:
-    """Effectiveness and leakage of the reference images scored for do(name)."""
+def _references(boot: Bootstrap, scores: Scores, name: str, whos: list[str], structures: list[str]) -> dict[str, Any]:
+    """Effectiveness and leakage of the reference images scored for do(name); per variable too, so
+    that a descendant's error in a mode reads against the unchanged image (not following) and the
+    exact counterfactual (the floor)."""
+    others = [s for s in structures if s != name]
     return {
         ref: {
             "effectiveness": {w: boot.errors(AreaError(name, f"ref:{ref}", w, name, "")) for w in whos},
-            "leakage": {"mape_mean": {w: boot.mean(Leakage(name, f"ref:{ref}", w)) for w in whos}},
+            "leakage": {
+                "mape_mean": {w: boot.mean(Leakage(name, f"ref:{ref}", w)) for w in whos},
+                "per_variable": {
+                    s: {w: boot.errors(AreaError(name, f"ref:{ref}", w, s, "")) for w in whos} for s in others
+                },
+            },
         }
         for ref in REFERENCES
         if whos and scores.get(AreaError(name, f"ref:{ref}", whos[0], name, "ape")) is not None
@@ -448,15 +456,14 @@ def _variable_section(name: str, result: Mapping[str, Any], level: str) -> list[
         label = "Leakage" if entry["structure"] else "Structures"
         L.append(f"{label}: MAPE % (eval) of each other structure variable against its counterfactual value.")
         L.append("")
+        sources = [(m, entry["modes"][m]) for m in modes] + [(f"({ref})", e) for ref, e in refs.items()]
         rows = [
-            [m]
+            [label]
             + [
-                _marked(
-                    fmt(get(entry["modes"][m], "leakage", "per_variable", s, "eval", "mape")), mark(result, "eval", s)
-                )
+                _marked(fmt(get(e, "leakage", "per_variable", s, "eval", "mape")), mark(result, "eval", s))
                 for s in others
             ]
-            for m in modes
+            for label, e in sources
         ]
         L += _table(["mode", *others], rows)
         L.append("")
