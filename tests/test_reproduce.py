@@ -124,3 +124,33 @@ def test_ccta_claims_judge_the_region_and_the_lumen_that_follows_it(reproduce):
     assert held["Pos-Seg-CFT's lumen follows the plaque (lumen MAPE below none's)"] == (False, (0, 2))
     line = next(c for c in claims if "lumen" in c.text).numbers()
     assert line == "4.00 < none 4.00"
+
+
+def test_jobs_run_side_by_side_with_the_cpus_split_and_report_failures(tmp_path, reproduce, monkeypatch):
+    """--jobs: one process per (dataset, seed), at most ``jobs`` at a time, each told its share of
+    the CPUs; a failed run is reported by folder, the others' times are kept."""
+    import sys
+
+    monkeypatch.setattr("segcft.train.context.available_cpus", lambda: 4)
+    script = (
+        "import os, sys, time, pathlib\n"
+        "run = pathlib.Path(sys.argv[1]); seed = int(sys.argv[2])\n"
+        "(run / 'started').write_text(str(time.time()))\n"
+        "time.sleep(1.5)\n"
+        "(run / 'threads').write_text(os.environ['OMP_NUM_THREADS'])\n"
+        "(run / 'ended').write_text(str(time.time()))\n"
+        "sys.exit(3 if seed == 2 else 0)\n"
+    )
+
+    def worker(name, seed, runs, device, extra):
+        return [sys.executable, "-c", script, str(reproduce.run_dir_for(runs, name, seed)), str(seed)]
+
+    timings, failed = reproduce.train_parallel(["cxr-phantom"], [0, 1, 2], tmp_path, "cpu", [], 2, worker=worker)
+    runs = [reproduce.run_dir_for(tmp_path, "cxr-phantom", s) for s in (0, 1, 2)]
+    assert sorted(timings) == [str(runs[0]), str(runs[1])]
+    assert len(failed) == 1 and str(runs[2]) in failed[0] and "exit 3" in failed[0]
+    assert all((r / "threads").read_text() == "2" for r in runs)  # 4 CPUs over 2 jobs
+    start = {r: float((r / "started").read_text()) for r in runs}
+    end = {r: float((r / "ended").read_text()) for r in runs}
+    assert start[runs[1]] < end[runs[0]]  # the first two overlapped
+    assert start[runs[2]] >= min(end[runs[0]], end[runs[1]])  # the third waited for a free slot
