@@ -172,29 +172,35 @@ def train_parallel(
     running: list[tuple[subprocess.Popen[bytes], Path, float]] = []
     timings: dict[str, float] = {}
     failed: list[str] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, seed = pending.pop(0)
-            run_dir = run_dir_for(runs, name, seed)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = worker(name, seed, runs, device, extra)
-            with open(run_dir / "reproduce.log", "ab") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            print(f"== {name} seed {seed} -> {run_dir} ({threads} thread(s), log {run_dir / 'reproduce.log'})",
-                  flush=True)
-            running.append((proc, run_dir, time.perf_counter()))
-        time.sleep(1.0)
-        for item in list(running):
-            proc, run_dir, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode == 0:
-                timings[str(run_dir)] = time.perf_counter() - t0
-                print(f"== {run_dir} finished in {timings[str(run_dir)] / 60:.1f} min", flush=True)
-            else:
-                failed.append(f"{run_dir} (exit {proc.returncode}; see {run_dir / 'reproduce.log'})")
-                print(f"== {failed[-1]}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, seed = pending.pop(0)
+                run_dir = run_dir_for(runs, name, seed)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cmd = worker(name, seed, runs, device, extra)
+                with open(run_dir / "reproduce.log", "ab") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                print(f"== {name} seed {seed} -> {run_dir} ({threads} thread(s), log {run_dir / 'reproduce.log'})",
+                      flush=True)
+                running.append((proc, run_dir, time.perf_counter()))
+            time.sleep(1.0)
+            for item in list(running):
+                proc, run_dir, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode == 0:
+                    timings[str(run_dir)] = time.perf_counter() - t0
+                    print(f"== {run_dir} finished in {timings[str(run_dir)] / 60:.1f} min", flush=True)
+                else:
+                    failed.append(f"{run_dir} (exit {proc.returncode}; see {run_dir / 'reproduce.log'})")
+                    print(f"== {failed[-1]}", flush=True)
+    finally:  # interrupted: no worker outlives this script
+        for proc, _, _ in running:
+            proc.terminate()
+        for proc, _, _ in running:
+            proc.wait(timeout=30)
     return timings, failed
 
 

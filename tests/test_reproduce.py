@@ -136,7 +136,7 @@ def test_jobs_run_side_by_side_with_the_cpus_split_and_report_failures(tmp_path,
         "import os, sys, time, pathlib\n"
         "run = pathlib.Path(sys.argv[1]); seed = int(sys.argv[2])\n"
         "(run / 'started').write_text(str(time.time()))\n"
-        "time.sleep(1.5)\n"
+        "time.sleep(2.5)\n"
         "(run / 'threads').write_text(os.environ['OMP_NUM_THREADS'])\n"
         "(run / 'ended').write_text(str(time.time()))\n"
         "sys.exit(3 if seed == 2 else 0)\n"
@@ -154,3 +154,30 @@ def test_jobs_run_side_by_side_with_the_cpus_split_and_report_failures(tmp_path,
     end = {r: float((r / "ended").read_text()) for r in runs}
     assert start[runs[1]] < end[runs[0]]  # the first two overlapped
     assert start[runs[2]] >= min(end[runs[0]], end[runs[1]])  # the third waited for a free slot
+
+
+def test_an_interrupted_jobs_run_leaves_no_worker_behind(tmp_path, reproduce, monkeypatch):
+    import os
+    import sys
+    import time
+
+    script = "import os, sys, time, pathlib\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+
+    def worker(name, seed, runs, device, extra):
+        return [sys.executable, "-c", script, str(tmp_path / f"pid{seed}")]
+
+    real_sleep, calls = time.sleep, []
+
+    def interrupted(seconds):  # the first sleep of the loop is interrupted (later ones: Popen.wait's)
+        calls.append(seconds)
+        while not all((tmp_path / f"pid{s}").exists() for s in (0, 1)):
+            real_sleep(0.05)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(reproduce.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.train_parallel(["cxr-phantom"], [0, 1], tmp_path, "cpu", [], 2, worker=worker)
+    for s in (0, 1):
+        assert not os.path.exists(f"/proc/{(tmp_path / f'pid{s}').read_text()}")  # terminated and reaped

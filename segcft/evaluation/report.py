@@ -458,12 +458,12 @@ def _variable_section(name: str, result: Mapping[str, Any], level: str) -> list[
         L.append("")
         sources = [(m, entry["modes"][m]) for m in modes] + [(f"({ref})", e) for ref, e in refs.items()]
         rows = [
-            [label]
+            [row]
             + [
                 _marked(fmt(get(e, "leakage", "per_variable", s, "eval", "mape")), mark(result, "eval", s))
                 for s in others
             ]
-            for label, e in sources
+            for row, e in sources
         ]
         L += _table(["mode", *others], rows)
         L.append("")
