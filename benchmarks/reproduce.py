@@ -92,9 +92,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     # "ccta-phantom segmentors at 7200 steps"). About 12-18 more minutes per seed on one core.
     # The generator is the quick preset's: since 2026-12-06 with parent maps up to 16 x 8 x 8
     # (REPRODUCTION.md, "3D: parent maps again, and maps kept to the coarse stages"). With them and the
-    # soft labels, seeds 0 and 1 meet every Pos-Seg-CFT claim in every region (0.36 / 0.35 / 0.31 x
-    # none; REPRODUCTION.md, "3D: the claims at reproduce.py's setting with soft labels and coarse
-    # parent maps"), about 111 minutes per seed on one core.
+    # soft labels, seeds 0, 1 and 2 meet every Pos-Seg-CFT plaque claim in every region (0.34 / 0.34 /
+    # 0.30 x none; REPRODUCTION.md, "3D: the claims at reproduce.py's setting with soft labels and
+    # coarse parent maps"), about 111 minutes per seed on one core.
     "ccta-phantom": {
         "modes": ["none", "reg", "seg", "pos-seg"],
         "overrides": [

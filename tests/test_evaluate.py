@@ -222,6 +222,34 @@ def test_evaluate_particles_average_the_same_counterfactuals(tmp_path, toy_run):
             assert flat_three[key] == (pytest.approx(v, abs=1e-4, nan_ok=True) if isinstance(v, float) else v), key
 
 
+def test_composition_to_ten_cycles_on_the_first_subjects_only(tmp_path, toy_run):
+    """evaluate.composition_n bounds the subjects followed to m = 10 (nine more abductions and
+    decodes each); m = 1 and every other metric are measured on all subjects, unchanged."""
+    from dataclasses import replace
+
+    from segcft.evaluate import evaluate
+
+    def with_n(k):
+        cfg = replace(toy_run.config, evaluate=replace(toy_run.config.evaluate, composition_n=k))
+        return evaluate(replace(toy_run, config=cfg), tmp_path / f"c{k}", n=12, figures=False)
+
+    every, first5, none = with_n(12), with_n(5), with_n(0)
+    for res, n10 in ((every, 12), (first5, 5)):
+        for mode in res["modes"]:
+            assert res["composition"][mode]["m1"]["n"] == 12
+            assert res["composition"][mode]["m10"]["n"] == n10
+    assert all(none["composition"][m]["m10"] is None for m in none["modes"])
+    flat = {k: v for k, v in _flatten(every).items() if not k.startswith("composition/")}
+    for other in (first5, none):
+        assert {k: v for k, v in _flatten(other).items() if not k.startswith("composition/")} == flat
+    assert "m=10 on the first 5 subjects" in (tmp_path / "c5" / "report.md").read_text()
+    assert "m=10 on the first" not in (tmp_path / "c12" / "report.md").read_text()
+    assert "m=10 not measured" in (tmp_path / "c0" / "report.md").read_text()
+    lines = (tmp_path / "c0" / "report.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| identity |"))  # the composition table's
+    assert row.split("|")[3].strip() == "–"
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():

@@ -214,6 +214,14 @@ class EvaluateConfig:
             "ge": 0,
         },
     )
+    composition_n: int = field(
+        default=16,
+        metadata={
+            "help": "subjects of the evaluated split on which composition is followed to m = 10 null "
+            "interventions (m = 1 is measured on every subject; 0: m = 1 only)",
+            "ge": 0,
+        },
+    )
     responsiveness_n: int = field(
         default=16,
         metadata={"help": "subjects of the evaluated split in the responsiveness check (0: no check)", "ge": 0},

@@ -170,6 +170,8 @@ class _Evaluation:
         )
         self.guide = run.segmentor if run.segmentor is not None else eval_seg
         self.responsiveness_n = min(count, int(getattr(ecfg, "responsiveness_n", 0)))
+        # m = 10 costs nine abductions and decodes per subject and mode, a third of a 3D evaluation
+        self.composition_n = min(count, int(getattr(ecfg, "composition_n", count)))
         self.responsiveness: dict[str, Any] = {}
 
     def run(self, fig_store: dict[str, dict[str, Any]] | None) -> None:
@@ -299,12 +301,17 @@ class _ModeScorer:
         _seed_all(ev.seed, self.start, 0)
         factual = self.dscm.abduct(x, pa, ev.particles)
         x_m = factual.null()
-        _seed_all(ev.seed, self.start, 1)
-        for cycle in range(1, max(COMPOSITION_CYCLES) + 1):
-            if cycle > 1:
-                x_m = self.dscm.abduct(x_m, pa, ev.particles).null()
-            if cycle in COMPOSITION_CYCLES:
-                ev.scores.add(Composition(self.mode, cycle), to_255(masked_mean_abs(x_m, x)))
+        ev.scores.add(Composition(self.mode, 1), to_255(masked_mean_abs(x_m, x)))
+        # further cycles on the subjects among the first evaluate.composition_n; under() draws
+        # nothing, so what follows does not depend on how many cycles ran
+        k = max(0, min(x.shape[0], ev.composition_n - self.start))
+        if k > 0:
+            _seed_all(ev.seed, self.start, 1)
+            x_m, x_k, pa_k = x_m[:k], x[:k], pa[:k]
+            for cycle in range(2, max(COMPOSITION_CYCLES) + 1):
+                x_m = self.dscm.abduct(x_m, pa_k, ev.particles).null()
+                if cycle in COMPOSITION_CYCLES:
+                    ev.scores.add(Composition(self.mode, cycle), to_255(masked_mean_abs(x_m, x_k)))
         for iv in interventions:
             x_cf = factual.under(iv.pa_cf)
             cf_labels = self._areas(iv, x_cf)

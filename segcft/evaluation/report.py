@@ -360,8 +360,14 @@ def _headline_section(result: Mapping[str, Any]) -> list[str]:
 
 
 def _composition_section(result: Mapping[str, Any]) -> list[str]:
-    """Composition after 1 and 10 null interventions, reversibility averaged over interventions."""
-    L = ["Composition and reversibility (mean |difference|, 0-255):", ""]
+    """Composition after 1 and 10 null interventions (m = 10 on the first evaluate.composition_n
+    subjects), reversibility averaged over interventions."""
+    counts = {get(result, "composition", m, "m10", "n") for m in result["modes"]} - {None}
+    if not counts:
+        subset = "; m=10 not measured, evaluate.composition_n = 0"
+    else:
+        subset = f"; m=10 on the first {min(counts)} subjects" if min(counts) < result["n"] else ""
+    L = [f"Composition and reversibility (mean |difference|, 0-255{subset}):", ""]
     rows = []
     for m in result["modes"]:
         revs = [
