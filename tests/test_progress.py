@@ -136,6 +136,15 @@ def test_stage_units_follow_steps_and_batch():
     assert stage_units(cfg, "eval_segmentor", 0) == stage_units(cfg, "segmentor", 0)  # trained like the guide
 
 
+def test_evaluation_counts_the_pretrained_generator_once():
+    """`--cft pos-seg` evaluates none and pos-seg: two modes, as many as modes [none, pos-seg]."""
+    cfg = _cfg()
+    cfg.cft.modes = ["pos-seg"]
+    one = stage_units(cfg, "evaluate", 0)
+    cfg.cft.modes = ["none", "pos-seg"]
+    assert one == stage_units(cfg, "evaluate", 0) == (progress.EVAL_COST[2] * cfg.evaluate.n * 2, 0.0)
+
+
 def test_volumes_use_their_own_sample_costs(monkeypatch):
     """A 3D run's estimate converts the segmentor's rate with the 3D costs: the generator stage of
     the same config is estimated SAMPLE_COST_3D / SAMPLE_COST times shorter from the same timing."""

@@ -17,19 +17,19 @@ after another with 2 threads, benchmarks/RESULTS.md, "Stages side by side"; the 
 the regressor's raised by 1/0.89 since the one-pass GELU made the HVAE's passes, in the
 generator, fine-tuning and evaluation alike, 11 % cheaper). Volumes use SAMPLE_COST_3D."""
 
-SAMPLE_COST_3D = {"segmentor": 0.31, "eval_segmentor": 0.31, "regressor": 0.23, "generator": 1.0, "cft": 1.85}
-"""The same for volumes (64 x 32 x 32, batches of 4): the quick 3D run's stage times (benchmarks/
-RESULTS.md, "3D quick run", run 5). A 3D segmentor sample costs more next to a generator sample
-than in 2D, and its first steps, which the estimate is calibrated on, render the phantom (the
-training split is cached after the first epoch): at 2D's 0.19 the generator and fine-tuning stages
-were estimated 1.5-1.7 times too long."""
+SAMPLE_COST_3D = {"segmentor": 0.39, "eval_segmentor": 0.39, "regressor": 0.47, "generator": 1.0, "cft": 1.85}
+"""The same for volumes (64 x 32 x 32, batches of 4), from three quick 3D runs under emulated AVX2
+(benchmarks/RESULTS.md, "End to end", 2026-12-06: the segmentors' first timed steps against each
+later stage's time). A 3D segmentor sample costs more next to a generator sample than in 2D, and
+its first steps, which the estimate is calibrated on, render the phantom (the training split is
+cached after the first epoch): at 0.31 the 3D runs were estimated at 26 minutes for 19.5-20."""
 
 EPS_COST = 0.3
 """Cost of one sample of the generator stage's eps pass (forward only) in generator samples."""
 
-EVAL_COST = {2: 12.0, 3: 15.0}
+EVAL_COST = {2: 12.0, 3: 12.0}
 """Cost of evaluating one test sample in one mode in generator samples, per number of spatial
-dimensions."""
+dimensions (3D: 15 until composition's ten cycles ran on every subject; evaluate.composition_n)."""
 
 MECHANISMS_STEP_S = 0.005
 """Seconds per step of the parent mechanisms (a small MLP; independent of the image size)."""
@@ -64,7 +64,9 @@ def stage_units(cfg: Any, stage: str, eps_samples: int, dims: int = 2) -> tuple[
     if stage == "mechanisms":
         return 0.0, cfg.train.mechanisms.steps * MECHANISMS_STEP_S
     if stage == "evaluate":
-        return EVAL_COST[3 if dims == 3 else 2] * cfg.evaluate.n * len(cfg.cft.modes), 0.0
+        # the evaluation scores the pre-trained generator ("none") whether or not modes lists it
+        modes = 1 + len([m for m in cfg.cft.modes if m != "none"])
+        return EVAL_COST[3 if dims == 3 else 2] * cfg.evaluate.n * modes, 0.0
     sc = _schedule(cfg, stage)
     if sc is None:
         return 0.0, 0.0
