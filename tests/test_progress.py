@@ -145,6 +145,24 @@ def test_evaluation_counts_the_pretrained_generator_once():
     assert one == stage_units(cfg, "evaluate", 0) == (progress.EVAL_COST[2] * cfg.evaluate.n * 2, 0.0)
 
 
+def test_an_evaluation_of_the_whole_split_is_estimated_from_its_size(monkeypatch):
+    """evaluate.n null (the paper preset) reads the whole split: the estimate takes the split's
+    size from the run, and without it leaves the evaluation out instead of failing."""
+    cfg = _cfg()
+    cfg.evaluate.n = None
+    assert stage_units(cfg, "evaluate", 0) == (0.0, 0.0)
+    assert stage_units(cfg, "evaluate", 0, eval_n=30) == (progress.EVAL_COST[2] * 30 * 2, 0.0)
+    monkeypatch.setattr(progress.time, "perf_counter", FakeTime())
+    totals = {}
+    for n in (None, 30):
+        clock = RunClock(cfg, ["segmentor", "evaluate"], enabled=False, eps_samples=0, eval_n=n)
+        for step in range(1, 101):
+            clock.observe("segmentor", step, 0, 100, 0.0, now=step * 0.5)
+        assert clock.estimate is not None
+        totals[n] = clock.estimate
+    assert totals[30] > totals[None] == pytest.approx(100 * 0.5)
+
+
 def test_volumes_use_their_own_sample_costs(monkeypatch):
     """A 3D run's estimate converts the segmentor's rate with the 3D costs: the generator stage of
     the same config is estimated SAMPLE_COST_3D / SAMPLE_COST times shorter from the same timing."""

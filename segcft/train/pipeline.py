@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from segcft.checkpoint import load_checkpoint, load_model_state
-from segcft.components import build_component, registry_entry
+from segcft.components import build_component, build_dataset, registry_entry
 from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
@@ -243,7 +243,10 @@ def _run_stages(ctx: StageContext, stages: list[str]) -> dict[str, Any]:
         for wave in plan_waves(ctx.cfg, stage_names(ctx.cfg), threads, lanes)
     ]
     todo = [s for s in stages if not ctx.run.done(s)]
-    ctx.clock = RunClock(ctx.cfg, todo, ctx.d.main, EPS_SAMPLES, waves, dims=ctx.info.spatial_dims)
+    eval_n = ctx.cfg.evaluate.n
+    if eval_n is None and "evaluate" in todo:  # null: the whole split
+        eval_n = len(build_dataset(ctx.cfg, ctx.cfg.evaluate.split))
+    ctx.clock = RunClock(ctx.cfg, todo, ctx.d.main, EPS_SAMPLES, waves, dims=ctx.info.spatial_dims, eval_n=eval_n)
     for wave in waves:
         for stage in (s for lane in wave for s in lane.stages if ctx.run.done(s)):
             if ctx.d.main:

@@ -57,16 +57,20 @@ def sample_cost(stage: str, dims: int = 2) -> float:
     return (SAMPLE_COST_3D if dims == 3 else SAMPLE_COST).get(_kind(stage), 1.0)
 
 
-def stage_units(cfg: Any, stage: str, eps_samples: int, dims: int = 2) -> tuple[float, float]:
+def stage_units(
+    cfg: Any, stage: str, eps_samples: int, dims: int = 2, eval_n: int | None = None
+) -> tuple[float, float]:
     """(generator-sample units, fixed seconds) of ``stage`` under the run config for data of
     ``dims`` spatial dimensions; the generator stage includes its eps pass over ``eps_samples``
-    samples."""
+    samples. The evaluation reads ``evaluate.n`` samples, or ``eval_n`` (the split's size) where
+    that is null (the whole split); nothing when neither is known."""
     if stage == "mechanisms":
         return 0.0, cfg.train.mechanisms.steps * MECHANISMS_STEP_S
     if stage == "evaluate":
         # the evaluation scores the pre-trained generator ("none") whether or not modes lists it
         modes = 1 + len([m for m in cfg.cft.modes if m != "none"])
-        return EVAL_COST[3 if dims == 3 else 2] * cfg.evaluate.n * modes, 0.0
+        n = cfg.evaluate.n if cfg.evaluate.n is not None else eval_n
+        return (EVAL_COST[3 if dims == 3 else 2] * n * modes if n is not None else 0.0), 0.0
     sc = _schedule(cfg, stage)
     if sc is None:
         return 0.0, 0.0
@@ -102,9 +106,10 @@ class RunClock:
         eps_samples: int,
         waves: list[list[Any]] | None = None,
         dims: int = 2,
+        eval_n: int | None = None,
     ) -> None:
         self.cfg, self.stages, self.enabled, self.eps_samples = cfg, list(stages), enabled, eps_samples
-        self.dims = dims
+        self.dims, self.eval_n = dims, eval_n
         # lanes as (threads, stages to run), empty ones left out; without a plan, one after another
         self.waves: list[list[tuple[int, list[str]]]] = []
         plan = [[(lane.threads, lane.stages) for lane in wave] for wave in waves or []]
@@ -164,7 +169,7 @@ class RunClock:
                         seconds += remaining[s]
                         after = True
                     elif after:
-                        units, fixed = stage_units(self.cfg, s, self.eps_samples, self.dims)
+                        units, fixed = stage_units(self.cfg, s, self.eps_samples, self.dims, self.eval_n)
                         remaining[s] = units * unit_s * self._slowdown(s, lane_threads) + fixed
                         seconds += remaining[s]
                 if i == 0 and stage not in lane_stages:  # a lane running beside the timed stage
