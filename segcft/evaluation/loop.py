@@ -170,7 +170,7 @@ class _Evaluation:
         )
         self.guide = run.segmentor if run.segmentor is not None else eval_seg
         self.responsiveness_n = min(count, int(getattr(ecfg, "responsiveness_n", 0)))
-        # m = 10 costs nine abductions and decodes per subject and mode, a third of a 3D evaluation
+        # m = 10 costs nine abductions and decodes per subject and mode: a fifth of a 3D evaluation
         self.composition_n = min(count, int(getattr(ecfg, "composition_n", count)))
         self.responsiveness: dict[str, Any] = {}
 
