@@ -78,6 +78,39 @@ def test_smoke_3d_pos_seg(tmp_path):
     assert run.info.spatial_dims == 3 and set(run.generators) == {"none", "pos-seg"}
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dataset", ["cxr-phantom", "ccta-phantom"])
+def test_segmentor_trains_channels_last_to_the_weights_of_a_contiguous_run(tmp_path, monkeypatch, dataset):
+    """The segmentor stages train in NHWC / NDHWC layout (faster convolutions, the same maths): the
+    weights match a run in the default layout to float tolerance and are saved contiguous."""
+    import segcft.train.loop as loop
+
+    overrides = ["train.segmentor.steps=12", "train.segmentor.gate_dice=0", "train.segmentor.gate_mape=0"]
+    if dataset == "ccta-phantom":
+        overrides += ["dataset.depth=16", "dataset.side=8", "dataset.train_size=32", "dataset.val_size=8"]
+    cfg = smoke(*overrides, components={"dataset": dataset})
+    run_training(cfg, tmp_path / "nhwc", only=["segmentor"])
+    monkeypatch.setattr(loop, "_LAYOUTS", {})
+    run_training(cfg, tmp_path / "default", only=["segmentor"])
+    a = _weights(tmp_path / "nhwc" / "checkpoints" / "segmentor.pt")
+    assert all(t.is_contiguous() for t in a.values())
+    # Compared by their logits: the conv biases in front of instance norm get no true gradient, so
+    # Adam turns their rounding noise into steps of its learning rate, which the norm then removes.
+    from segcft.components import build_component, build_dataset
+
+    info = build_dataset(cfg, "val").info
+
+    def trained(name: str) -> torch.nn.Module:
+        seg = build_component("segmentor", cfg.segmentor, info)
+        seg.load_state_dict(_weights(tmp_path / name / "checkpoints" / "segmentor.pt"))
+        return seg.eval()
+
+    nhwc, default = trained("nhwc"), trained("default")
+    x = torch.rand(2, 1, *((16, 8, 8) if dataset == "ccta-phantom" else (32, 32))) * 2 - 1
+    torch.testing.assert_close(nhwc(x), default(x), rtol=1e-3, atol=1e-3)
+    assert not torch.equal(nhwc(x), default(x)), "the two layouts should round differently"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

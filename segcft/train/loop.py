@@ -45,13 +45,14 @@ def fit(
     when ``sc.ema`` > 0, else ``model``. Resumes from ``<stage>.last.pt`` when asked.
     ``extra_opt`` steps further parameters of ``loss_fn`` (lambda) after every kept update and
     ``rng`` is the loss's own generator (both saved with the resume state). ``channels_last``
-    runs a 2D convolutional model and its images in NHWC layout (faster convolutions on CPUs and
-    GPUs; same maths); the returned model is contiguous again. ``batches`` replaces the default
-    data (the training split in :class:`ResumableSampler` order); ``replicated`` has every rank
-    train on whole batches without DDP (a stage too small to share: the same weights on every
-    rank as in one process). Batches go to the model's device."""
+    runs a convolutional model and its images in NHWC (2D) or NDHWC (3D) layout (faster
+    convolutions on CPUs and GPUs; same maths); the returned model is contiguous again.
+    ``batches`` replaces the default data (the training split in :class:`ResumableSampler`
+    order); ``replicated`` has every rank train on whole batches without DDP (a stage too small
+    to share: the same weights on every rank as in one process). Batches go to the model's
+    device."""
     device = next(model.parameters()).device
-    layout = torch.channels_last if channels_last and ctx.info.spatial_dims == 2 else None
+    layout = _LAYOUTS.get(ctx.info.spatial_dims) if channels_last else None
     if layout is not None:
         model.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack memory_format
     _check_batch(stage, sc, 1 if replicated else ctx.d.world)
@@ -86,6 +87,9 @@ def fit(
         trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
     return trained
 
+
+_LAYOUTS = {2: torch.channels_last, 3: torch.channels_last_3d}
+"""The channels-last memory format of an image batch by spatial dimensions."""
 
 RELEASE_EVERY = 500
 """Steps between hand-backs of the CPU heap's free pages (segcft.train.context.release_freed_memory):
