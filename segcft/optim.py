@@ -28,16 +28,28 @@ def warmup_factor(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup)
 
 
+def cosine_factor(step: int, steps: int) -> float:
+    """Learning-rate multiplier of a cosine decay over ``steps`` optimiser steps: 1 at step 0,
+    falling to 0 at step ``steps`` (and after); 1 throughout when ``steps`` <= 0."""
+    if steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def build_optimizer(
     params: Iterable[nn.Parameter],
     lr: float,
     weight_decay: float = 0.0,
     warmup: int = 0,
     betas: tuple[float, float] = (0.9, 0.9),
+    decay_steps: int = 0,
 ) -> tuple[FlatAdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its linear warm-up schedule (step the schedule once per applied update)."""
+    """AdamW and its schedule: the linear warm-up, times a cosine decay to 0 over ``decay_steps``
+    when that is > 0 (step the schedule once per applied update)."""
     optimizer = FlatAdamW(list(params), lr=lr, weight_decay=weight_decay, betas=betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_factor(step, warmup) * cosine_factor(step, decay_steps)
+    )
     return optimizer, scheduler
 
 
@@ -449,4 +461,4 @@ class GuardedStepper:
         self.counts = {k: int(state.get(k, 0)) for k in self.counts}
 
 
-__all__ = ["EMA", "FlatAdamW", "GuardedStepper", "StepResult", "build_optimizer", "warmup_factor"]
+__all__ = ["EMA", "FlatAdamW", "GuardedStepper", "StepResult", "build_optimizer", "cosine_factor", "warmup_factor"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from segcft.optim import EMA, FlatAdamW, GuardedStepper, build_optimizer, warmup_factor
+from segcft.optim import EMA, FlatAdamW, GuardedStepper, build_optimizer, cosine_factor, warmup_factor
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -29,6 +29,20 @@ def test_warmup_schedule() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+
+
+def test_cosine_decay_times_the_warmup() -> None:
+    assert cosine_factor(0, 0) == 1.0 and cosine_factor(5, 0) == 1.0
+    assert [cosine_factor(s, 4) for s in (0, 2, 4, 6)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    model = _linear()
+    optimizer, scheduler = build_optimizer(model.parameters(), lr=1e-2, warmup=2, decay_steps=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-2 * min(1.0, (k + 1) / 2) * 0.5 * (1 + math.cos(math.pi * min(k, 4) / 4)) for k in range(6)]
+    assert lrs == pytest.approx(expected) and lrs[4] == lrs[5] == 0.0
 
 
 def test_ema_maths() -> None:

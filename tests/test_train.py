@@ -3,6 +3,7 @@ the one-line validation errors."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -109,6 +110,18 @@ def test_segmentor_trains_channels_last_to_the_weights_of_a_contiguous_run(tmp_p
     x = torch.rand(2, 1, *((16, 8, 8) if dataset == "ccta-phantom" else (32, 32))) * 2 - 1
     torch.testing.assert_close(nhwc(x), default(x), rtol=1e-3, atol=1e-3)
     assert not torch.equal(nhwc(x), default(x)), "the two layouts should round differently"
+
+
+@pytest.mark.timeout(60)
+def test_cosine_lr_decay_reaches_zero_at_the_last_step(tmp_path):
+    cfg = smoke(
+        "train.segmentor.steps=12", "train.segmentor.warmup=0", "train.segmentor.log_every=4",
+        "train.segmentor.lr_decay=cosine", "train.segmentor.gate_dice=0", "train.segmentor.gate_mape=0",
+    )
+    run_training(cfg, tmp_path, only=["segmentor"])
+    rows = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()]
+    lr = [float(r[rows[0].index("lr")]) for r in rows[1:] if r[0] == "segmentor"]
+    assert lr == pytest.approx([cfg.train.segmentor.lr * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in (4, 8, 12)])
 
 
 def _free_port() -> int:

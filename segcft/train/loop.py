@@ -138,7 +138,10 @@ def _start(
     params = [p for p in model.parameters() if p.requires_grad]
     if ctx.d.main:
         print(f"[{stage}] {type(model).__name__}: {sum(p.numel() for p in params):,} trainable parameters", flush=True)
-    opt, sched = build_optimizer(params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas)
+    decay = sc.steps if sc.lr_decay == "cosine" else 0
+    opt, sched = build_optimizer(
+        params, lr=sc.lr, weight_decay=sc.weight_decay, warmup=sc.warmup, betas=betas, decay_steps=decay
+    )
     ema = EMA(model, sc.ema) if sc.ema > 0 else None
     stepper = GuardedStepper(params, opt, sched, sc.grad_clip, sc.grad_skip, ema, model)
     ts = TrainState(model, loss_fn, opt, sched, stepper, ema, extra_opt, rng)
