@@ -34,6 +34,13 @@ def derived_seed(value: int) -> int:
     return value % 2**64
 
 
+LR_DECAY_HELP = (
+    "learning rate over the stage: constant after warm-up, or a cosine from lr at the first step to 0 at "
+    "the last (times the warm-up)"
+)
+"""Help of ``lr_decay``, which the train stages and ``cft`` share."""
+
+
 @dataclass
 class StageConfig:
     """Optimisation settings of one training stage (AdamW with linear warm-up, optionally a cosine decay)."""
@@ -43,13 +50,7 @@ class StageConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up", "gt": 0})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
-    lr_decay: Literal["constant", "cosine"] = field(
-        default="constant",
-        metadata={
-            "help": "learning rate over the stage: constant after warm-up, or a cosine from lr at the first "
-            "step to 0 at the last (times the warm-up)"
-        },
-    )
+    lr_decay: Literal["constant", "cosine"] = field(default="constant", metadata={"help": LR_DECAY_HELP})
     grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
     grad_skip: float = field(
         default=0.0,
@@ -162,13 +163,7 @@ class CFTConfig:
     lr: float = field(default=1e-4, metadata={"help": "generator learning rate", "gt": 0})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the generator", "ge": 0})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "ge": 0})
-    lr_decay: Literal["constant", "cosine"] = field(
-        default="constant",
-        metadata={
-            "help": "learning rate over the stage: constant after warm-up, or a cosine from lr at the first "
-            "step to 0 at the last (times the warm-up)"
-        },
-    )
+    lr_decay: Literal["constant", "cosine"] = field(default="constant", metadata={"help": LR_DECAY_HELP})
     grad_clip: float = field(default=350.0, metadata={"help": "gradient-norm clip (0: off)", "ge": 0})
     grad_skip: float = field(
         default=0.0,
