@@ -329,3 +329,39 @@ def test_eval_steps_train_the_evaluation_segmentor_alone_longer(tmp_path):
     guide, _ = stage_units(cfg, "segmentor", 0)
     grader, _ = stage_units(cfg, "eval_segmentor", 0)
     assert grader == pytest.approx(3 * guide)
+
+
+@pytest.mark.timeout(400)
+def test_eval_segmentor_parameters_make_a_wider_instrument_than_the_guide(tmp_path):
+    """``eval_segmentor`` sets the evaluation segmentor's own parameters on top of ``segmentor``'s:
+    it trains, is gated, saved, loaded and evaluated at its width while the guide keeps its own;
+    the time estimate prices it at its width; a key the segmentor lacks is one line naming it."""
+    from segcft.config import load_run_config, segmentor_section
+    from segcft.errors import ConfigError
+    from segcft.run import load_run
+    from segcft.train import run_training
+    from segcft.train.progress import stage_units
+
+    cfg = load_run_config(None, "smoke", ["eval_segmentor.channels=[8,16,32]", "cft.modes=[none]"])
+    assert list(segmentor_section(cfg, "eval_segmentor").params.channels) == [8, 16, 32]
+    assert list(segmentor_section(cfg, "segmentor").params.channels) == [4, 8, 16]
+    run_training(cfg, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+
+    def size(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    assert size(run.eval_segmentor) > 3 * size(run.segmentor)
+    gates = json.loads((tmp_path / "run" / "gates.json").read_text())
+    assert set(gates["eval_segmentor"]["floors"]) == set(gates["segmentor"]["floors"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 4
+    guide, _ = stage_units(cfg, "segmentor", 0)
+    grader, _ = stage_units(cfg, "eval_segmentor", 0)
+    assert grader == pytest.approx(guide * 2**0.585, rel=1e-3)  # twice the channels: 1.5 x the time
+
+    # the stored config reads back with the parameters; a misspelt one names itself
+    assert load_run_config(tmp_path / "run" / "config.yaml", None).eval_segmentor == {"channels": [8, 16, 32]}
+    with pytest.raises(ConfigError, match=r"eval_segmentor: unknown key 'chanels'; did you mean 'channels'"):
+        load_run_config(None, "smoke", ["eval_segmentor.chanels=[8,16,32]"])
+    with pytest.raises(ConfigError, match=r"eval_segmentor\.name: the evaluation segmentor is the segmentor"):
+        load_run_config(None, "smoke", ["eval_segmentor.name=unet"])

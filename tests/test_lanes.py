@@ -51,6 +51,19 @@ def test_plan_puts_independent_stages_side_by_side_and_the_rest_alone():
     plan = plan_waves(cfg3, stage_names(cfg3), threads=4, lanes=2)
     cft = next(w for w in plan if any(s.startswith("cft-") for lane in w for s in lane.stages))
     assert [lane.threads for lane in cft] == [2, 2] and sum(len(lane.stages) for lane in cft) == 3
+    # 3D quick: the wide evaluation segmentor's lane is the long one, and the generator trains in the
+    # other (one thread) instead of alone after the wave; with the guide's width the lanes are even
+    # and it trains alone with both threads, as in 2D above
+    cfg3d = _cfg("dataset.name=ccta-phantom", preset="quick")
+    first = plan_waves(cfg3d, stage_names(cfg3d), threads=2, lanes=2)[0]
+    assert [lane.threads for lane in first] == [1, 1]
+    assert not any({"eval_segmentor", "generator"} <= set(lane.stages) for lane in first)
+    assert "generator" in {s for lane in first for s in lane.stages}
+    even = _cfg("dataset.name=ccta-phantom", "eval_segmentor.channels=[8,16,32,64]", "train.segmentor.eval_steps=0",
+                preset="quick")  # fmt: skip
+    assert [[s for lane in w for s in lane.stages] for w in plan_waves(even, stage_names(even), 2, 2)][1] == [
+        "generator"
+    ]
 
 
 def test_lanes_need_one_cpu_process_and_no_inline_plugins(monkeypatch):

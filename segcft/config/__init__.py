@@ -38,6 +38,7 @@ from segcft.config.resolve import (
     resume_config,
     run_config_from_dict,
     run_config_to_dict,
+    segmentor_section,
 )
 from segcft.config.schema import (
     DEFAULT_PRESET,
@@ -105,4 +106,5 @@ __all__ = [
     "resume_config",
     "run_config_from_dict",
     "run_config_to_dict",
+    "segmentor_section",
 ]

@@ -69,6 +69,8 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
         path = f"{where}: {key}" if where else key
         if key in COMPONENT_KINDS:
             _apply_component(getattr(cfg, key), key, value, path)
+        elif key == "eval_segmentor":
+            _apply_eval_segmentor(cfg, value, path)
         elif key in valid:
             current = getattr(cfg, key)
             if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
@@ -79,6 +81,30 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
                 setattr(cfg, key, coerced)
         else:
             raise _unknown_key(str(key), valid, where or "config")
+
+
+def _apply_eval_segmentor(cfg: RunConfig, values: Any, where: str) -> None:
+    """Merge parameters of the evaluation segmentor into ``cfg.eval_segmentor``; they are checked
+    against the segmentor component once every layer is in (:func:`segmentor_section`)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of the segmentor's parameters, got {_quote(values)}")
+    if "name" in values:
+        raise ConfigError(
+            f"{where}.name: the evaluation segmentor is the segmentor component (segmentor.name) with other "
+            f"parameters; set only those parameters here"
+        )
+    cfg.eval_segmentor = {**cfg.eval_segmentor, **{str(k): v for k, v in values.items()}}
+
+
+def segmentor_section(cfg: RunConfig, stage: str = "segmentor") -> ComponentConfig:
+    """The segmentor component that segmentor stage ``stage`` trains and a run loads: ``segmentor``,
+    with ``eval_segmentor``'s parameters on top for stage ``eval_segmentor``."""
+    if stage != "eval_segmentor" or not cfg.eval_segmentor:
+        return cfg.segmentor
+    if not cfg.segmentor.name or cfg.segmentor.params is None:
+        raise ConfigError("eval_segmentor: sets segmentor parameters, but no segmentor is chosen (segmentor.name)")
+    params = _apply_mapping(copy.deepcopy(cfg.segmentor.params), cfg.eval_segmentor, "eval_segmentor")
+    return ComponentConfig(cfg.segmentor.name, params)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -145,6 +171,9 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
             )
     try:
         _check_ranges(cfg, "")
+        if cfg.eval_segmentor:
+            params = segmentor_section(cfg, "eval_segmentor").params
+            cfg.eval_segmentor = {k: _plain(getattr(params, k)) for k in cfg.eval_segmentor}
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if len(set(cfg.cft.modes)) != len(cfg.cft.modes):

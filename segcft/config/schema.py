@@ -253,14 +253,22 @@ class RunConfig:
         default=2,
         metadata={
             "help": "on the CPU (one process), train stages that need not wait for each other (segmentors, "
-            "regressor, mechanisms; the fine-tuning modes) side by side in up to this many processes, "
-            "the CPU threads split between them (1: one after another)",
+            "regressor, mechanisms, and the generator where that ends sooner; the fine-tuning modes) side by "
+            "side in up to this many processes, the CPU threads split between them (1: one after another)",
             "ge": 1,
         },
     )
     dataset: ComponentConfig = field(default_factory=ComponentConfig)
     generator: ComponentConfig = field(default_factory=ComponentConfig)
     segmentor: ComponentConfig = field(default_factory=ComponentConfig)
+    eval_segmentor: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "parameters of the segmentor component that differ for the evaluation segmentor (e.g. "
+            "channels: a wider measuring instrument than the guide, which fine-tuning runs at every step); "
+            "empty: the same as segmentor"
+        },
+    )
     regressor: ComponentConfig = field(default_factory=ComponentConfig)
     mechanisms: MechanismsConfig = field(default_factory=MechanismsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

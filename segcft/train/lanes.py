@@ -1,7 +1,8 @@
 """Stages side by side on the CPU. A 2-core machine trains two small-batch stages at once
 about 1.2-1.3 times faster than one after the other with both threads each (benchmarks/RESULTS.md,
 "Stages side by side"): the segmentors, regressor and mechanisms need nothing from each other,
-nor do the fine-tuning modes. The stage table is cut into *waves* of such neighbouring stages;
+nor do the fine-tuning modes. The stage table is cut into *waves* of such neighbouring stages
+(the generator joins the wave before it when one lane there is much longer than the others);
 a wave's stages are shared out between up to ``cpu_lanes`` *lanes*, each a spawned process with
 its share of the threads that trains its stages one after another. The plan depends on the run's
 config and thread count only, never on timing or on which stages are already done, so every stage
@@ -27,7 +28,7 @@ from segcft.distributed import Dist
 from segcft.errors import UserError
 from segcft.run import RunDir
 from segcft.train.context import StageContext, keep_freed_memory
-from segcft.train.progress import ESTIMATE_STEPS, ESTIMATE_WARMUP, stage_units
+from segcft.train.progress import ESTIMATE_STEPS, ESTIMATE_WARMUP, lane_slowdown, stage_units
 from segcft.train.stages import EPS_SAMPLES, run_stage, stage_entry
 
 __all__ = ["Lane", "plan_waves", "run_lanes"]
@@ -52,7 +53,9 @@ def plan_waves(cfg: Any, stages: list[str], threads: int, lanes: int) -> list[li
     """The run's ``stages`` (all of them, in table order) as waves of lanes. Neighbouring
     side-by-side stages that do not read each other form one wave, shared out between
     ``min(lanes, threads, len(wave))`` lanes of ``threads // that`` threads each, longest stage
-    first onto the least loaded lane; every other stage is a wave of one lane with all threads."""
+    first onto the least loaded lane; a stage that may join a wave (the generator) joins the one
+    before it when the stages' nominal costs say that the wave then ends sooner than the wave and
+    the stage one after the other; every other stage is a wave of one lane with all threads."""
     waves: list[list[Lane]] = []
     group: list[str] = []
 
@@ -63,7 +66,11 @@ def plan_waves(cfg: Any, stages: list[str], threads: int, lanes: int) -> list[li
 
     for stage in stages:
         entry = stage_entry(cfg, stage)
-        if entry.side_by_side and not set(entry.requires(cfg, stage)) & set(group):
+        independent = not set(entry.requires(cfg, stage)) & set(group)
+        if entry.side_by_side and independent:
+            group.append(stage)
+            continue
+        if entry.joins_wave and group and independent and _joining_is_sooner(cfg, group, stage, threads, lanes):
             group.append(stage)
             continue
         close()
@@ -75,11 +82,25 @@ def plan_waves(cfg: Any, stages: list[str], threads: int, lanes: int) -> list[li
     return waves
 
 
+def _joining_is_sooner(cfg: Any, group: list[str], stage: str, threads: int, lanes: int) -> bool:
+    """Whether ``stage`` in a lane of the wave of ``group`` ends sooner (nominally) than the wave
+    followed by ``stage`` alone with all ``threads``."""
+    apart = _wave_seconds(cfg, _share_out(cfg, group, threads, lanes), threads) + _nominal_seconds(cfg, stage)
+    return _wave_seconds(cfg, _share_out(cfg, [*group, stage], threads, lanes), threads) < apart
+
+
+def _wave_seconds(cfg: Any, wave: list[Lane], threads: int) -> float:
+    """Nominal seconds of a wave: its longest lane, each stage slowed to its lane's threads."""
+    return max(
+        sum(_nominal_seconds(cfg, s) * lane_slowdown(s, lane.threads, threads) for s in lane.stages) for lane in wave
+    )
+
+
 def _share_out(cfg: Any, group: list[str], threads: int, lanes: int) -> list[Lane]:
     n = min(lanes, threads, len(group))
     if n <= 1:
         return [Lane(threads, tuple(group))]
-    cost = {s: _nominal_seconds(cfg, s) for s in group}
+    cost = {s: _nominal_seconds(cfg, s) * lane_slowdown(s, threads // n, threads) for s in group}
     loads = [0.0] * n
     members: list[list[str]] = [[] for _ in range(n)]
     for stage in sorted(group, key=lambda s: (-cost[s], group.index(s))):
@@ -90,7 +111,10 @@ def _share_out(cfg: Any, group: list[str], threads: int, lanes: int) -> list[Lan
 
 
 def _nominal_seconds(cfg: Any, stage: str) -> float:
-    units, fixed = stage_units(cfg, stage, EPS_SAMPLES)
+    from segcft.config import is_3d_dataset
+
+    dims = 3 if cfg.dataset.name and is_3d_dataset(cfg.dataset.name, cfg.dataset.params) else 2
+    units, fixed = stage_units(cfg, stage, EPS_SAMPLES, dims)
     return units * NOMINAL_UNIT_S + fixed
 
 

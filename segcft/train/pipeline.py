@@ -15,6 +15,7 @@ from torch import nn
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component, build_dataset, registry_entry
+from segcft.config import segmentor_section
 from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
@@ -82,7 +83,7 @@ def _check_checkpoints(ctx: StageContext, stages: list[str]) -> None:
 
             module, what = ParentSCM(ctx.info, cfg.mechanisms), "parent mechanisms"
         else:
-            section = getattr(cfg, kind)
+            section = segmentor_section(cfg, stage) if kind == "segmentor" else getattr(cfg, kind)
             module, what = build_component(kind, section, ctx.info), f"{kind} {section.name!r}"
         state = load_checkpoint(path)
         load_model_state(module, state, path, what)

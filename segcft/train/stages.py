@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component
-from segcft.config import MechanismsStageConfig, StageConfig, derived_seed
+from segcft.config import MechanismsStageConfig, StageConfig, derived_seed, segmentor_section
 from segcft.dscm import DSCM
 from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
@@ -116,7 +116,7 @@ def stage_segmentor(ctx: StageContext, stage: str) -> None:
 
     def train(name: str, seed: int, sc: StageConfig) -> torch.nn.Module:
         torch.manual_seed(seed)
-        seg = build_component("segmentor", ctx.cfg.segmentor, ctx.info).to(ctx.device)
+        seg = build_component("segmentor", segmentor_section(ctx.cfg, stage), ctx.info).to(ctx.device)
         rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
         loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
         return fit(ctx, name, seg, loss, sc, seed, rng=rng, channels_last=True)
@@ -277,7 +277,8 @@ class Stage:
     ``requires(cfg, stage)`` the stages whose final checkpoints the concrete ``stage`` reads;
     ``run(ctx, stage)`` trains it and writes what ``produces`` says. Neighbouring stages that
     are ``side_by_side`` do not read each other's results: on the CPU they may train at the
-    same time in separate processes (segcft/train/lanes.py)."""
+    same time in separate processes (segcft/train/lanes.py); a stage that ``joins_wave`` may
+    train beside the side-by-side stages before it when that ends sooner (uneven lanes)."""
 
     name: str
     produces: str
@@ -285,6 +286,7 @@ class Stage:
     requires: Callable[[Any, str], tuple[str, ...]] = lambda cfg, stage: ()
     instances: Callable[[Any], list[str]] | None = None
     side_by_side: bool = False
+    joins_wave: bool = False
 
     def concrete(self, cfg: Any) -> list[str]:
         """The concrete stages of this entry in the run of ``cfg``, in order."""
@@ -324,7 +326,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         instances=lambda cfg: ["regressor"] if cfg.regressor.name else [],
         side_by_side=True,
     ),
-    Stage("generator", "checkpoints/generator.pt (weights, eps)", stage_generator),
+    Stage("generator", "checkpoints/generator.pt (weights, eps)", stage_generator, joins_wave=True),
     Stage(
         "cft",
         "checkpoints/cft-<mode>.pt per mode but none (weights, eps, lambda)",
