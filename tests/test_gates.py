@@ -365,3 +365,6 @@ def test_eval_segmentor_parameters_make_a_wider_instrument_than_the_guide(tmp_pa
         load_run_config(None, "smoke", ["eval_segmentor.chanels=[8,16,32]"])
     with pytest.raises(ConfigError, match=r"eval_segmentor\.name: the evaluation segmentor is the segmentor"):
         load_run_config(None, "smoke", ["eval_segmentor.name=unet"])
+    # an empty mapping clears what the preset's 3D overlay set: the guide's parameters again
+    plain = load_run_config(None, "quick", ["dataset.name=ccta-phantom", "eval_segmentor={}"])
+    assert plain.eval_segmentor == {} and segmentor_section(plain, "eval_segmentor") is plain.segmentor

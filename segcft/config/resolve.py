@@ -84,8 +84,9 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
 
 
 def _apply_eval_segmentor(cfg: RunConfig, values: Any, where: str) -> None:
-    """Merge parameters of the evaluation segmentor into ``cfg.eval_segmentor``; they are checked
-    against the segmentor component once every layer is in (:func:`segmentor_section`)."""
+    """Merge parameters of the evaluation segmentor into ``cfg.eval_segmentor`` (an empty mapping
+    clears them: the guide's parameters again); they are checked against the segmentor component
+    once every layer is in (:func:`segmentor_section`)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected a mapping of the segmentor's parameters, got {_quote(values)}")
     if "name" in values:
@@ -93,7 +94,7 @@ def _apply_eval_segmentor(cfg: RunConfig, values: Any, where: str) -> None:
             f"{where}.name: the evaluation segmentor is the segmentor component (segmentor.name) with other "
             f"parameters; set only those parameters here"
         )
-    cfg.eval_segmentor = {**cfg.eval_segmentor, **{str(k): v for k, v in values.items()}}
+    cfg.eval_segmentor = {**cfg.eval_segmentor, **{str(k): v for k, v in values.items()}} if values else {}
 
 
 def segmentor_section(cfg: RunConfig, stage: str = "segmentor") -> ComponentConfig:

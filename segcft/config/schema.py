@@ -266,7 +266,7 @@ class RunConfig:
         metadata={
             "help": "parameters of the segmentor component that differ for the evaluation segmentor (e.g. "
             "channels: a wider measuring instrument than the guide, which fine-tuning runs at every step); "
-            "empty: the same as segmentor"
+            "empty (an empty mapping clears what earlier layers set): the same as segmentor"
         },
     )
     regressor: ComponentConfig = field(default_factory=ComponentConfig)
