@@ -16,7 +16,7 @@ from torch import nn
 
 from segcft.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, write_json
 from segcft.components import build_component, build_dataset
-from segcft.config import segmentor_section
+from segcft.config import component_section
 from segcft.data.variables import DatasetInfo, read_dataset_info
 from segcft.distributed import Dist, resolve_device
 from segcft.dscm import DSCM
@@ -242,7 +242,7 @@ def load_run(run_dir: Path | str, device: str | None = None) -> Run:
         return module.to(dev).eval().requires_grad_(False)
 
     def optional(kind: str, stage: str) -> nn.Module | None:
-        section = segmentor_section(cfg, stage) if kind == "segmentor" else getattr(cfg, kind)
+        section = component_section(cfg, kind, stage)
         if not section.name or not rd.final(stage).is_file():
             return None
         return frozen(build_component(kind, section, info), rd.final(stage), f"{kind} {section.name!r}")

@@ -336,15 +336,15 @@ def test_eval_segmentor_parameters_make_a_wider_instrument_than_the_guide(tmp_pa
     """``eval_segmentor`` sets the evaluation segmentor's own parameters on top of ``segmentor``'s:
     it trains, is gated, saved, loaded and evaluated at its width while the guide keeps its own;
     the time estimate prices it at its width; a key the segmentor lacks is one line naming it."""
-    from segcft.config import load_run_config, segmentor_section
+    from segcft.config import component_section, load_run_config
     from segcft.errors import ConfigError
     from segcft.run import load_run
     from segcft.train import run_training
-    from segcft.train.progress import stage_units
+    from segcft.train.progress import WIDTH_COST_EXPONENT, stage_units
 
     cfg = load_run_config(None, "smoke", ["eval_segmentor.channels=[8,16,32]", "cft.modes=[none]"])
-    assert list(segmentor_section(cfg, "eval_segmentor").params.channels) == [8, 16, 32]
-    assert list(segmentor_section(cfg, "segmentor").params.channels) == [4, 8, 16]
+    assert list(component_section(cfg, "segmentor", "eval_segmentor").params.channels) == [8, 16, 32]
+    assert list(component_section(cfg, "segmentor", "segmentor").params.channels) == [4, 8, 16]
     run_training(cfg, tmp_path / "run")
     run = load_run(tmp_path / "run")
 
@@ -357,7 +357,7 @@ def test_eval_segmentor_parameters_make_a_wider_instrument_than_the_guide(tmp_pa
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 4
     guide, _ = stage_units(cfg, "segmentor", 0)
     grader, _ = stage_units(cfg, "eval_segmentor", 0)
-    assert grader == pytest.approx(guide * 2**0.585, rel=1e-3)  # twice the channels: 1.5 x the time
+    assert grader == pytest.approx(guide * 2**WIDTH_COST_EXPONENT, rel=1e-3)  # twice the channels: 1.5 x the time
 
     # the stored config reads back with the parameters; a misspelt one names itself
     assert load_run_config(tmp_path / "run" / "config.yaml", None).eval_segmentor == {"channels": [8, 16, 32]}
@@ -365,6 +365,10 @@ def test_eval_segmentor_parameters_make_a_wider_instrument_than_the_guide(tmp_pa
         load_run_config(None, "smoke", ["eval_segmentor.chanels=[8,16,32]"])
     with pytest.raises(ConfigError, match=r"eval_segmentor\.name: the evaluation segmentor is the segmentor"):
         load_run_config(None, "smoke", ["eval_segmentor.name=unet"])
+    # a value the plugin itself refuses stops the run before any stage trains, naming eval_segmentor
+    with pytest.raises(ConfigError, match=r"eval_segmentor \{'channels': \[8\]\}: .*at least two"):
+        run_training(load_run_config(None, "smoke", ["eval_segmentor.channels=[8]"]), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints" / "segmentor.pt").exists()
     # an empty mapping clears what the preset's 3D overlay set: the guide's parameters again
     plain = load_run_config(None, "quick", ["dataset.name=ccta-phantom", "eval_segmentor={}"])
-    assert plain.eval_segmentor == {} and segmentor_section(plain, "eval_segmentor") is plain.segmentor
+    assert plain.eval_segmentor == {} and component_section(plain, "segmentor", "eval_segmentor") is plain.segmentor

@@ -28,6 +28,7 @@ from segcft.config.resolve import (
     check_modes,
     check_round_trip,
     component_params,
+    component_section,
     config_differences,
     dump_run_config,
     is_3d_dataset,
@@ -38,7 +39,6 @@ from segcft.config.resolve import (
     resume_config,
     run_config_from_dict,
     run_config_to_dict,
-    segmentor_section,
 )
 from segcft.config.schema import (
     DEFAULT_PRESET,
@@ -92,6 +92,7 @@ __all__ = [
     "check_modes",
     "check_round_trip",
     "component_params",
+    "component_section",
     "config_differences",
     "config_fields",
     "derived_seed",
@@ -106,5 +107,4 @@ __all__ = [
     "resume_config",
     "run_config_from_dict",
     "run_config_to_dict",
-    "segmentor_section",
 ]

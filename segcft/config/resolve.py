@@ -86,7 +86,7 @@ def _apply_layer(cfg: RunConfig, layer: Mapping[str, Any], where: str) -> None:
 def _apply_eval_segmentor(cfg: RunConfig, values: Any, where: str) -> None:
     """Merge parameters of the evaluation segmentor into ``cfg.eval_segmentor`` (an empty mapping
     clears them: the guide's parameters again); they are checked against the segmentor component
-    once every layer is in (:func:`segmentor_section`)."""
+    once every layer is in (:func:`component_section`)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected a mapping of the segmentor's parameters, got {_quote(values)}")
     if "name" in values:
@@ -97,11 +97,11 @@ def _apply_eval_segmentor(cfg: RunConfig, values: Any, where: str) -> None:
     cfg.eval_segmentor = {**cfg.eval_segmentor, **{str(k): v for k, v in values.items()}} if values else {}
 
 
-def segmentor_section(cfg: RunConfig, stage: str = "segmentor") -> ComponentConfig:
-    """The segmentor component that segmentor stage ``stage`` trains and a run loads: ``segmentor``,
-    with ``eval_segmentor``'s parameters on top for stage ``eval_segmentor``."""
-    if stage != "eval_segmentor" or not cfg.eval_segmentor:
-        return cfg.segmentor
+def component_section(cfg: RunConfig, kind: str, stage: str = "") -> ComponentConfig:
+    """The ``kind`` component that ``stage`` trains and a run loads: the section of that kind, and for
+    stage ``eval_segmentor`` the ``segmentor`` section with ``eval_segmentor``'s parameters on top."""
+    if kind != "segmentor" or stage != "eval_segmentor" or not cfg.eval_segmentor:
+        return getattr(cfg, kind)
     if not cfg.segmentor.name or cfg.segmentor.params is None:
         raise ConfigError("eval_segmentor: sets segmentor parameters, but no segmentor is chosen (segmentor.name)")
     params = _apply_mapping(copy.deepcopy(cfg.segmentor.params), cfg.eval_segmentor, "eval_segmentor")
@@ -173,7 +173,7 @@ def _check_complete(cfg: RunConfig, where: str) -> RunConfig:
     try:
         _check_ranges(cfg, "")
         if cfg.eval_segmentor:
-            params = segmentor_section(cfg, "eval_segmentor").params
+            params = component_section(cfg, "segmentor", "eval_segmentor").params
             cfg.eval_segmentor = {k: _plain(getattr(params, k)) for k in cfg.eval_segmentor}
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

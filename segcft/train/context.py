@@ -14,7 +14,7 @@ from torch import nn
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component, build_dataset
-from segcft.config import segmentor_section
+from segcft.config import component_section
 from segcft.data.variables import DatasetInfo
 from segcft.distributed import Dist
 from segcft.run import RunDir
@@ -221,7 +221,7 @@ class StageContext:
         return reader.to(self.device).eval().requires_grad_(False)
 
     def _load_frozen(self, kind: str, stage: str) -> tuple[nn.Module, dict[str, Any]]:
-        section = segmentor_section(self.cfg, stage) if kind == "segmentor" else getattr(self.cfg, kind)
+        section = component_section(self.cfg, kind, stage)
         module = build_component(kind, section, self.info)
         path = self.run.final(stage)
         state = load_checkpoint(path)

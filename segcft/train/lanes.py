@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from segcft.config import is_3d_dataset
 from segcft.distributed import Dist
 from segcft.errors import UserError
 from segcft.run import RunDir
@@ -111,8 +112,6 @@ def _share_out(cfg: Any, group: list[str], threads: int, lanes: int) -> list[Lan
 
 
 def _nominal_seconds(cfg: Any, stage: str) -> float:
-    from segcft.config import is_3d_dataset
-
     dims = 3 if cfg.dataset.name and is_3d_dataset(cfg.dataset.name, cfg.dataset.params) else 2
     units, fixed = stage_units(cfg, stage, EPS_SAMPLES, dims)
     return units * NOMINAL_UNIT_S + fixed

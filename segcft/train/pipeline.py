@@ -15,7 +15,7 @@ from torch import nn
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component, build_dataset, registry_entry
-from segcft.config import segmentor_section
+from segcft.config import component_section
 from segcft.distributed import init_distributed, resolve_device
 from segcft.errors import ConfigError, UserError
 from segcft.objectives.modes import check_mode, objective_needs
@@ -65,6 +65,11 @@ def validate(ctx: StageContext, stages: list[str]) -> None:
                 f"segmentor on them (use --segmentor-checkpoint, or a dataset with masks)"
             )
         _check_classes(ctx, build_component("segmentor", cfg.segmentor, info), cfg.segmentor.name)
+        if cfg.eval_segmentor and "eval_segmentor" in must_train:
+            try:  # its own parameters: a plugin's check of them fails now, not after the guide trained
+                build_component("segmentor", component_section(cfg, "segmentor", "eval_segmentor"), info)
+            except UserError as exc:
+                raise ConfigError(f"eval_segmentor {dict(cfg.eval_segmentor)}: {exc}") from None
     _check_checkpoints(ctx, stages)
 
 
@@ -83,7 +88,7 @@ def _check_checkpoints(ctx: StageContext, stages: list[str]) -> None:
 
             module, what = ParentSCM(ctx.info, cfg.mechanisms), "parent mechanisms"
         else:
-            section = segmentor_section(cfg, stage) if kind == "segmentor" else getattr(cfg, kind)
+            section = component_section(cfg, kind, stage)
             module, what = build_component(kind, section, ctx.info), f"{kind} {section.name!r}"
         state = load_checkpoint(path)
         load_model_state(module, state, path, what)

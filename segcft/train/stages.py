@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from segcft.checkpoint import load_checkpoint, load_model_state
 from segcft.components import build_component
-from segcft.config import MechanismsStageConfig, StageConfig, derived_seed, segmentor_section
+from segcft.config import MechanismsStageConfig, StageConfig, component_section, derived_seed
 from segcft.dscm import DSCM
 from segcft.objectives.base import build_objective
 from segcft.objectives.modes import objective_guides, objective_index
@@ -116,7 +116,7 @@ def stage_segmentor(ctx: StageContext, stage: str) -> None:
 
     def train(name: str, seed: int, sc: StageConfig) -> torch.nn.Module:
         torch.manual_seed(seed)
-        seg = build_component("segmentor", segmentor_section(ctx.cfg, stage), ctx.info).to(ctx.device)
+        seg = build_component("segmentor", component_section(ctx.cfg, "segmentor", stage), ctx.info).to(ctx.device)
         rng = torch.Generator(device=ctx.device).manual_seed(seed + 104_729)  # saved with the stage's resume state
         loss = SegmentorLoss(seg, ctx.cfg.train.segmentor_intensity, rng)
         return fit(ctx, name, seg, loss, sc, seed, rng=rng, channels_last=True)
