@@ -241,6 +241,27 @@ void gelu_forward(std::uintptr_t x_ptr, std::uintptr_t y_ptr, std::uintptr_t dyd
                             reinterpret_cast<float*>(dydx_ptr), n, num_threads);
 }
 
+void gelu_pointwise_backward(int64_t rows, int64_t c, int64_t o, std::uintptr_t g_ptr, std::uintptr_t y_ptr,
+                             std::uintptr_t d_ptr, std::uintptr_t w_ptr, std::uintptr_t gx_ptr, std::uintptr_t dw_ptr,
+                             std::uintptr_t db_ptr, int num_threads) {
+  if (rows < 0 || c <= 0 || o <= 0)
+    throw std::invalid_argument("gelu_pointwise_backward: rows must be >= 0 and c, o > 0");
+  check_ptr(w_ptr, "w_ptr");
+  check_ptr(dw_ptr, "dw_ptr");
+  check_ptr(db_ptr, "db_ptr");
+  if (rows > 0) {
+    check_ptr(g_ptr, "g_ptr");
+    check_ptr(y_ptr, "y_ptr");
+    check_ptr(d_ptr, "d_ptr");
+    check_ptr(gx_ptr, "gx_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::gelu_pointwise_backward(rows, c, o, reinterpret_cast<const float*>(g_ptr),
+                                       reinterpret_cast<const float*>(y_ptr), reinterpret_cast<const float*>(d_ptr),
+                                       reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(gx_ptr),
+                                       reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr), num_threads);
+}
+
 void check_conv_dims(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3) {
   if (batch < 0 || ci <= 0 || co <= 0 || d < 0 || h < 0 || w < 0)
     throw std::invalid_argument("conv3x3: the batch and voxel counts must be >= 0 and ci, co > 0");
@@ -310,6 +331,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("gelu_forward", &gelu_forward, py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dydx_ptr"), py::arg("n"),
         py::arg("num_threads"),
         "GELU (erf form) of n contiguous float32 values into y, and its derivative into dydx, in one pass.");
+  m.def("gelu_pointwise_backward", &gelu_pointwise_backward, py::arg("rows"), py::arg("c"), py::arg("o"),
+        py::arg("g_ptr"), py::arg("y_ptr"), py::arg("d_ptr"), py::arg("w_ptr"), py::arg("gx_ptr"), py::arg("dw_ptr"),
+        py::arg("db_ptr"), py::arg("num_threads"),
+        "Backward of conv1x1(GELU(x)) over rows channels-last positions (float32, contiguous): from y = GELU(x), "
+        "d = GELU'(x) [rows][c], the output gradient g [rows][o] and the weight w [o][c], the input gradient "
+        "gx [rows][c], dw [o][c] and db [o] in one pass.");
   m.def("conv3x3_forward", &conv3x3_forward, py::arg("batch"), py::arg("ci"), py::arg("co"), py::arg("d"),
         py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"),
         py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("num_threads"),

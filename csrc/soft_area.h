@@ -147,6 +147,12 @@ bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                       bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
                       float* db, int num_threads);
+// Backward of out = conv1x1(GELU(x)) (weight w [O][C]) over `rows` channels-last positions, from
+// y = GELU(x) and d = GELU'(x) [rows][C] and the output gradient g [rows][O]: the input gradient
+// gx [rows][C], the weight gradient dw [O][C] and the bias gradient db [O], in one pass over the
+// tensors; the sums run over fixed chunks of rows in order (the same values for any thread count).
+void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
+                             const float* w, float* gx, float* dw, float* db, int num_threads);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

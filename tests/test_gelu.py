@@ -132,3 +132,70 @@ def test_split_dense_equals_split(fmt):
     assert torch.equal(a.grad, b.grad)
     if fmt == torch.channels_last:
         assert a.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def _pointwise_case(batch: int, c: int, o: int, size: int, seed: int = 6) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, c, size, size, generator=g) * 2).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(o, c, 1, 1, generator=g) / c**0.5
+    b = torch.randn(o, generator=g)
+    grad = torch.randn(batch, o, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, w, b, grad
+
+
+def _pointwise_grads(x, w, b, grad) -> tuple[torch.Tensor, ...]:
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = ops.gelu_pointwise(x, w, b)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), grad)
+    return out.detach(), gx, gw, gb, out.grad_fn.name()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(16, 16, 4, 16), (3, 32, 8, 7), (2, 48, 5, 13), (5, 16, 2, 9)])
+def test_gelu_pointwise_matches_float64(isa, shape, monkeypatch):
+    """conv1x1(GELU(x)) and its three gradients against float64, on every instruction set, for
+    row counts that do and do not fill the kernel's 256-position chunks and channel counts of one
+    or more whole vectors."""
+    monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
+    x, w, b, grad = _pointwise_case(*shape)
+    out, gx, gw, gb, name = _pointwise_grads(x, w, b, grad)
+    assert name == "_GELUPointwiseBackward"
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    out64 = F.conv2d(F.gelu(x64), w64, b64)
+    rx, rw, rb = torch.autograd.grad(out64, (x64, w64, b64), grad.double())
+    for got, ref in ((out, out64), (gx, rx), (gw, rw), (gb, rb)):
+        scale = ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= 2e-6 * max(scale, 1.0)
+
+
+def test_gelu_pointwise_threads_do_not_change_results():
+    """The weight and bias gradients sum fixed chunks of positions in order: 1 and 2 threads agree
+    bitwise (600 x 16 positions, several chunks per thread)."""
+    case = _pointwise_case(16, 32, 8, 24)
+    one = _pointwise_grads(*case)
+    torch.set_num_threads(2)
+    try:
+        two = _pointwise_grads(*case)
+    finally:
+        torch.set_num_threads(1)
+    for a, b in zip(one[:4], two[:4]):
+        assert torch.equal(a, b)
+
+
+def test_gelu_pointwise_other_cases_are_gelu_then_conv():
+    """Narrow channels, the default layout, no gradient and float64 take torch's route, with the
+    same values."""
+    for x, w, b, _ in (
+        _pointwise_case(2, 8, 4, 6),  # 8 channels: not whole 16-lane vectors
+        tuple(t.contiguous() for t in _pointwise_case(2, 16, 4, 6)),  # channels-first
+    ):
+        xr = x.clone().requires_grad_()
+        out = ops.gelu_pointwise(xr, w, b)
+        assert out.grad_fn.name() != "_GELUPointwiseBackward"
+        assert torch.equal(out, F.conv2d(ops.gelu(xr), w, b))
+    x, w, b, _ = _pointwise_case(2, 16, 4, 6)
+    with torch.no_grad():
+        assert torch.equal(ops.gelu_pointwise(x, w, b), F.conv2d(F.gelu(x), w, b))
+    x64 = x.double().requires_grad_()
+    assert ops.gelu_pointwise(x64, w.double(), b.double()).grad_fn.name() == "ConvolutionBackward0"

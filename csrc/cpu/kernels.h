@@ -80,7 +80,17 @@ struct KernelTable {
   // image's weight and bias gradients into dw [co][ci][(3)][3][3] and db [co] (overwritten).
   bool (*conv3x3_backward)(const Conv3x3& g, const float* x, const float* wt, const float* gy, float* gx,
                            float* dw, float* db, void* scratch);
+  // Backward of out = conv1x1(GELU(x)) over `rows` channels-last rows (one position's channels
+  // each), from y = GELU(x) and d = GELU'(x) [rows][C], the output gradient g [rows][O] and the
+  // weight w [O][C]: gx[m][c] = d[m][c] sum_o g[m][o] w[o][c], and this range's weight and bias
+  // gradients dw[o][c] = sum_m g[m][o] y[m][c], db[o] = sum_m g[m][o] (overwritten, rows in order).
+  void (*gelu_pointwise_backward)(const float* g, const float* y, const float* d, const float* w, float* gx,
+                                  float* dw, float* db, int64_t rows, int64_t C, int64_t O);
 };
+
+// Rows per fixed chunk of gelu_pointwise_backward: partial weight gradients are summed in chunk
+// order, so the result does not depend on the thread count.
+constexpr int64_t kPointwiseRows = 256;
 
 KernelTable scalar_kernels();
 #if defined(SEGCFT_HAVE_X86_KERNELS)

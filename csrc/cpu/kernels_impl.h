@@ -562,6 +562,41 @@ inline void gelu_lanes(typename V::F x, typename V::F& y, typename V::F& d) {
 }
 
 template <class V>
+void gelu_pointwise_backward_impl(const float* g, const float* y, const float* d, const float* w, float* gx,
+                                  float* dw, float* db, int64_t rows, int64_t C, int64_t O) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const int64_t cv = C / W * W;  // channels in whole vectors; the rest one by one
+  for (int64_t k = 0; k < O * C; ++k) dw[k] = 0.0f;
+  for (int64_t o = 0; o < O; ++o) db[o] = 0.0f;
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* gm = g + m * O;
+    const float* ym = y + m * C;
+    const float* dm = d + m * C;
+    float* gxm = gx + m * C;
+    for (int64_t c = 0; c < cv; c += W) {
+      F s = V::zero();
+      const F yv = V::load_s(ym + c);
+      for (int64_t o = 0; o < O; ++o) {
+        const F go = V::set1(gm[o]);
+        s = V::fmadd(go, V::load_s(w + o * C + c), s);
+        V::store_s(dw + o * C + c, V::fmadd(go, yv, V::load_s(dw + o * C + c)));
+      }
+      V::store_s(gxm + c, V::mul(V::load_s(dm + c), s));
+    }
+    for (int64_t c = cv; c < C; ++c) {
+      float s = 0.0f;
+      for (int64_t o = 0; o < O; ++o) {
+        s += gm[o] * w[o * C + c];
+        dw[o * C + c] += gm[o] * ym[c];
+      }
+      gxm[c] = dm[c] * s;
+    }
+    for (int64_t o = 0; o < O; ++o) db[o] += gm[o];
+  }
+}
+
+template <class V>
 void gelu_chunk_impl(const float* x, float* y, float* dydx, int64_t n) {
   constexpr int W = V::W;
   int64_t i = 0;

@@ -313,6 +313,30 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
   return true;
 }
 
+void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
+                             const float* w, float* gx, float* dw, float* db, int num_threads) {
+  std::fill(dw, dw + O * C, 0.0f);
+  std::fill(db, db + O, 0.0f);
+  if (rows <= 0 || C <= 0 || O <= 0) return;
+  const auto kernel = select_table(DType::Float32).gelu_pointwise_backward;
+  const int64_t num_chunks = (rows + kPointwiseRows - 1) / kPointwiseRows;
+  const int64_t stride = O * C + O;
+  std::vector<float> partial(static_cast<std::size_t>(num_chunks * stride));
+  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), num_chunks);
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows * C / kMinElementsPerThread));
+  run_chunks(static_cast<std::size_t>(num_chunks), static_cast<int>(threads), 0, [&](std::size_t i, void*) {
+    const int64_t begin = static_cast<int64_t>(i) * kPointwiseRows;
+    const int64_t len = std::min(kPointwiseRows, rows - begin);
+    float* part = &partial[i * static_cast<std::size_t>(stride)];
+    kernel(g + begin * O, y + begin * C, d + begin * C, w, gx + begin * C, part, part + O * C, len, C, O);
+  });
+  for (int64_t i = 0; i < num_chunks; ++i) {  // chunk order: the sums do not depend on the thread count
+    const float* part = &partial[static_cast<std::size_t>(i * stride)];
+    for (int64_t k = 0; k < O * C; ++k) dw[k] += part[k];
+    for (int64_t k = 0; k < O; ++k) db[k] += part[O * C + k];
+  }
+}
+
 const char* active_isa() { return select_table(DType::Float32).name; }
 
 }  // namespace cpu

@@ -31,7 +31,7 @@ from segcft.models.hvae_blocks import (
     discretised_gaussian_log_prob,
     pointwise_conv,
 )
-from segcft.ops import gelu
+from segcft.ops import gelu, gelu_pointwise
 
 if TYPE_CHECKING:
     from segcft.data.variables import DatasetInfo
@@ -394,11 +394,13 @@ class HVAE(nn.Module):
     def _likelihood(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unclamped loc and floored log-scale (B, 1, *S), computed in float32 under autocast."""
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h = gelu(h.float())
+            h = h.float()
             # both 1-channel heads as one 2-channel convolution: one pass over h, forward and backward
             weight = torch.cat([self.head_loc.weight, self.head_logscale.weight])
             bias = torch.cat([self.head_loc.bias, self.head_logscale.bias])  # type: ignore[list-item]
-            out = pointwise_conv(h, weight, bias)
+            # 2D: GELU and the heads as one op (one kernel pass backward); 3D: the route
+            # benchmarks/head_grad.py times
+            out = gelu_pointwise(h, weight, bias) if h.dim() == 4 else pointwise_conv(gelu(h), weight, bias)
             loc, logscale = out[:, :1], out[:, 1:].clamp_min(self.config.x_logscale_min)
         return loc, logscale
 

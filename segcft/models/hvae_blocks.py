@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcft.ops import GELU, Conv3x3, Conv3x3x3
+from segcft.ops import GELU, Conv3x3, Conv3x3x3, gelu_pointwise
 
 LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
@@ -210,20 +210,30 @@ class Block(nn.Module):
             else:
                 last.weight.mul_(last_scale)
 
+    def act_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """layer(act(x)); a 1x1 convolution after GELU as one op (:func:`segcft.ops.gelu_pointwise`)."""
+        if isinstance(self.act, GELU) and isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
+            return gelu_pointwise(x, layer.weight, layer.bias)
+        return layer(self.act(x))
+
     def hidden(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
         """The activation the last convolution reads: the block up to that convolution."""
-        return self.hidden_from(self.convs[0](self.act(x)), pa)
+        return self.act(self.pre_hidden(x, pa))
 
-    def hidden_from(self, first: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`hidden` from the first convolution's output ``first`` (a fresh tensor: the
+    def pre_hidden(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`hidden` before its activation."""
+        return self.pre_hidden_from(self.act_conv(self.convs[0], x), pa)
+
+    def pre_hidden_from(self, first: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`pre_hidden` from the first convolution's output ``first`` (a fresh tensor: the
         parents' term accumulates into it)."""
         h = add_into(first, broadcast(self.cond(pa), self.dims)) if self.cond is not None else first
         for layer in self.convs[1:-1]:
-            h = layer(self.act(h))
-        return self.act(h)
+            h = self.act_conv(layer, h)
+        return h
 
     def forward(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.convs[-1](self.hidden(x, pa))
+        h = self.act_conv(self.convs[-1], self.pre_hidden(x, pa))
         if not self.residual:
             return h
         return add_into(h, x if self.skip is None else self.skip(x))  # = x + h (addition commutes)
@@ -379,9 +389,12 @@ class DecoderBlock(nn.Module):
         assert isinstance(first, nn.Conv2d | nn.Conv3d)
         conv_fn = F.conv2d if self.dims == 2 else F.conv3d
         width = h.shape[1]
-        t = conv_fn(post.act(h), first.weight[:, :width], first.bias, padding=first.padding)
+        if self.dims == 2 and first.kernel_size == (1, 1) and isinstance(post.act, GELU):
+            t = gelu_pointwise(h, first.weight[:, :width], first.bias)
+        else:
+            t = conv_fn(post.act(h), first.weight[:, :width], first.bias, padding=first.padding)
         t = add_into(t, conv_fn(act, first.weight[:, width:], None, padding=first.padding))
-        return post.convs[-1](post.hidden_from(t, pa))
+        return post.act_conv(post.convs[-1], post.pre_hidden_from(t, pa))
 
     def _deterministic(
         self, h: torch.Tensor, p: torch.Tensor, pa: torch.Tensor, need_prior: bool

@@ -17,7 +17,7 @@ from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
 from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3
-from segcft.ops._gelu import GELU, gelu
+from segcft.ops._gelu import GELU, gelu, gelu_pointwise
 from segcft.ops._validate import OpTypeError, OpValueError
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "cpu_backend",
     "cuda_backend",
     "gelu",
+    "gelu_pointwise",
     "reference",
     "soft_area",
 ]
