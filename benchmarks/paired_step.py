@@ -6,7 +6,7 @@ one process: the speed-up of a change that keeps the maths.
 
 The earlier revision's ``segcft/models/hvae.py`` and ``hvae_blocks.py`` are taken from git (``git
 archive``) and loaded as separate modules; their forward methods (``HVAE._decode`` and
-``_likelihood``, ``DecoderBlock``'s and ``Block``'s) are bound to a deep copy of this checkout's
+``_likelihood``, every method of ``DecoderBlock`` and ``Block``) are bound to a deep copy of this checkout's
 model, and its 3x3 (3x3x3) convolutions run as ``nn.Conv2d`` (``nn.Conv3d``) when the revision
 predates ``segcft.ops.Conv3x3`` (``Conv3x3x3``). Both models then hold the same weights, see the
 same batch and the same noise (the seed is reset before each step), and train with their own
@@ -63,16 +63,20 @@ def _bind(model: torch.nn.Module, blocks: types.ModuleType, hvae: types.ModuleTy
     """Give ``model`` the earlier revision's forward methods."""
     for name in ("_decode", "_likelihood"):
         setattr(model, name, types.MethodType(getattr(hvae.HVAE, name), model))
-    methods = {"DecoderBlock": ("forward", "_deterministic", "_posterior", "activate"), "Block": ("forward", "hidden")}
     from segcft.ops import Conv3x3, Conv3x3x3
+
+    def methods(cls_name: str) -> list[str]:
+        """Every method the revision defines on its Block / DecoderBlock (helpers included)."""
+        if cls_name not in ("Block", "DecoderBlock"):
+            return []
+        return [k for k, f in vars(getattr(blocks, cls_name)).items() if callable(f) and not k.startswith("__")]
 
     for module in model.modules():
         for cls, base in ((Conv3x3, torch.nn.Conv2d), (Conv3x3x3, torch.nn.Conv3d)):
             if isinstance(module, cls) and not hasattr(blocks, cls.__name__):  # built as the base then
                 module.forward = types.MethodType(base.forward, module)
-        for name in methods.get(type(module).__name__, ()):
-            if hasattr(getattr(blocks, type(module).__name__), name):
-                setattr(module, name, types.MethodType(getattr(getattr(blocks, type(module).__name__), name), module))
+        for name in methods(type(module).__name__):
+            setattr(module, name, types.MethodType(getattr(getattr(blocks, type(module).__name__), name), module))
 
 
 def main(argv: list[str] | None = None) -> int:

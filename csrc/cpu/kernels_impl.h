@@ -561,38 +561,67 @@ inline void gelu_lanes(typename V::F x, typename V::F& y, typename V::F& d) {
   d = V::fmadd(V::mul(x, V::set1(kInvSqrt2Pi)), e, cdf);
 }
 
+// dw[o][c..c+W) = sum over the rows of g[m][o] y[m][c..c+W) for NB outputs o0..o0+NB, the NB
+// accumulators held in registers across the rows (rows summed in order).
+template <class V, int NB>
+inline void pointwise_dw_block(const float* g, const float* y, float* dw, int64_t rows, int64_t C, int64_t O,
+                               int64_t o0, int64_t c) {
+  using F = typename V::F;
+  F acc[NB];
+  for (int k = 0; k < NB; ++k) acc[k] = V::zero();
+  for (int64_t m = 0; m < rows; ++m) {
+    const F yv = V::load_s(y + m * C + c);
+    const float* gm = g + m * O + o0;
+    for (int k = 0; k < NB; ++k) acc[k] = V::fmadd(V::set1(gm[k]), yv, acc[k]);
+  }
+  for (int k = 0; k < NB; ++k) V::store_s(dw + (o0 + k) * C + c, acc[k]);
+}
+
 template <class V>
 void gelu_pointwise_backward_impl(const float* g, const float* y, const float* d, const float* w, float* gx,
                                   float* dw, float* db, int64_t rows, int64_t C, int64_t O) {
   using F = typename V::F;
   constexpr int W = V::W;
+  constexpr int kBlock = 8;  // outputs per register block of the weight gradient
   const int64_t cv = C / W * W;  // channels in whole vectors; the rest one by one
-  for (int64_t k = 0; k < O * C; ++k) dw[k] = 0.0f;
-  for (int64_t o = 0; o < O; ++o) db[o] = 0.0f;
-  for (int64_t m = 0; m < rows; ++m) {
+  for (int64_t m = 0; m < rows; ++m) {  // gx = d * (g w), row by row
     const float* gm = g + m * O;
-    const float* ym = y + m * C;
-    const float* dm = d + m * C;
-    float* gxm = gx + m * C;
     for (int64_t c = 0; c < cv; c += W) {
       F s = V::zero();
-      const F yv = V::load_s(ym + c);
-      for (int64_t o = 0; o < O; ++o) {
-        const F go = V::set1(gm[o]);
-        s = V::fmadd(go, V::load_s(w + o * C + c), s);
-        V::store_s(dw + o * C + c, V::fmadd(go, yv, V::load_s(dw + o * C + c)));
-      }
-      V::store_s(gxm + c, V::mul(V::load_s(dm + c), s));
+      for (int64_t o = 0; o < O; ++o) s = V::fmadd(V::set1(gm[o]), V::load_s(w + o * C + c), s);
+      V::store_s(gx + m * C + c, V::mul(V::load_s(d + m * C + c), s));
     }
     for (int64_t c = cv; c < C; ++c) {
       float s = 0.0f;
-      for (int64_t o = 0; o < O; ++o) {
-        s += gm[o] * w[o * C + c];
-        dw[o * C + c] += gm[o] * ym[c];
-      }
-      gxm[c] = dm[c] * s;
+      for (int64_t o = 0; o < O; ++o) s += gm[o] * w[o * C + c];
+      gx[m * C + c] = d[m * C + c] * s;
     }
-    for (int64_t o = 0; o < O; ++o) db[o] += gm[o];
+  }
+  for (int64_t c = 0; c < cv; c += W) {  // dw over the range's rows, which are still in cache
+    for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
+      switch (min64(kBlock, O - o0)) {
+        case 1: pointwise_dw_block<V, 1>(g, y, dw, rows, C, O, o0, c); break;
+        case 2: pointwise_dw_block<V, 2>(g, y, dw, rows, C, O, o0, c); break;
+        case 3: pointwise_dw_block<V, 3>(g, y, dw, rows, C, O, o0, c); break;
+        case 4: pointwise_dw_block<V, 4>(g, y, dw, rows, C, O, o0, c); break;
+        case 5: pointwise_dw_block<V, 5>(g, y, dw, rows, C, O, o0, c); break;
+        case 6: pointwise_dw_block<V, 6>(g, y, dw, rows, C, O, o0, c); break;
+        case 7: pointwise_dw_block<V, 7>(g, y, dw, rows, C, O, o0, c); break;
+        default: pointwise_dw_block<V, kBlock>(g, y, dw, rows, C, O, o0, c); break;
+      }
+    }
+  }
+  for (int64_t c = cv; c < C; ++c) {
+    for (int64_t o = 0; o < O; ++o) {
+      float s = 0.0f;
+      for (int64_t m = 0; m < rows; ++m) s += g[m * O + o] * y[m * C + c];
+      dw[o * C + c] = s;
+    }
+  }
+  for (int64_t o = 0; o < O; ++o) {
+    float s = 0.0f;
+    for (int64_t m = 0; m < rows; ++m) s += g[m * O + o];
+    db[o] = s;
   }
 }
 
