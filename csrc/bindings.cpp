@@ -262,6 +262,49 @@ void gelu_pointwise_backward(int64_t rows, int64_t c, int64_t o, std::uintptr_t 
                                        reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr), num_threads);
 }
 
+const float* opt_ptr(std::uintptr_t ptr) { return reinterpret_cast<const float*>(ptr); }
+
+void check_latent_dims(int64_t batch, int64_t rows, int64_t z, int64_t p) {
+  if (batch < 0 || rows < 0 || z <= 0 || p < 2 * z)
+    throw std::invalid_argument("latent: batch and rows must be >= 0, z > 0 and p >= 2 z");
+}
+
+void latent_forward(int64_t batch, int64_t rows, int64_t z, int64_t p, std::uintptr_t post_ptr,
+                    std::uintptr_t prior_ptr, std::uintptr_t eps_ptr, std::uintptr_t z_ptr, std::uintptr_t feat_ptr,
+                    std::uintptr_t kl_ptr, double t, int num_threads) {
+  check_latent_dims(batch, rows, z, p);
+  if (batch > 0) check_ptr(kl_ptr, "kl_ptr");
+  if (batch * rows > 0) {
+    check_ptr(post_ptr, "post_ptr");
+    check_ptr(prior_ptr, "prior_ptr");
+    check_ptr(eps_ptr, "eps_ptr");
+    check_ptr(z_ptr, "z_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::latent_forward(batch, rows, z, p, opt_ptr(post_ptr), opt_ptr(prior_ptr), opt_ptr(eps_ptr),
+                              reinterpret_cast<float*>(z_ptr), reinterpret_cast<float*>(feat_ptr),
+                              reinterpret_cast<float*>(kl_ptr), static_cast<float>(t), num_threads);
+}
+
+void latent_backward(int64_t batch, int64_t rows, int64_t z, int64_t p, std::uintptr_t post_ptr,
+                     std::uintptr_t prior_ptr, std::uintptr_t eps_ptr, std::uintptr_t gz_ptr, std::uintptr_t gkl_ptr,
+                     std::uintptr_t gfeat_ptr, std::uintptr_t dpost_ptr, std::uintptr_t dprior_ptr, double t,
+                     int num_threads) {
+  check_latent_dims(batch, rows, z, p);
+  if (batch * rows > 0) {
+    check_ptr(post_ptr, "post_ptr");
+    check_ptr(prior_ptr, "prior_ptr");
+    check_ptr(eps_ptr, "eps_ptr");
+    check_ptr(dpost_ptr, "dpost_ptr");
+    check_ptr(dprior_ptr, "dprior_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::latent_backward(batch, rows, z, p, opt_ptr(post_ptr), opt_ptr(prior_ptr), opt_ptr(eps_ptr),
+                               opt_ptr(gz_ptr), opt_ptr(gkl_ptr), opt_ptr(gfeat_ptr),
+                               reinterpret_cast<float*>(dpost_ptr), reinterpret_cast<float*>(dprior_ptr),
+                               static_cast<float>(t), num_threads);
+}
+
 void check_conv_dims(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3) {
   if (batch < 0 || ci <= 0 || co <= 0 || d < 0 || h < 0 || w < 0)
     throw std::invalid_argument("conv3x3: the batch and voxel counts must be >= 0 and ci, co > 0");
@@ -337,6 +380,16 @@ PYBIND11_MODULE(_C, m) {
         "Backward of conv1x1(GELU(x)) over rows channels-last positions (float32, contiguous): from y = GELU(x), "
         "d = GELU'(x) [rows][c], the output gradient g [rows][o] and the weight w [o][c], the input gradient "
         "gx [rows][c], dw [o][c] and db [o] in one pass.");
+  m.def("latent_forward", &latent_forward, py::arg("batch"), py::arg("rows"), py::arg("z"), py::arg("p"),
+        py::arg("post_ptr"), py::arg("prior_ptr"), py::arg("eps_ptr"), py::arg("z_ptr"), py::arg("feat_ptr"),
+        py::arg("kl_ptr"), py::arg("t"), py::arg("num_threads"),
+        "Posterior sample z = q_loc + t exp(q_logscale) eps and per-image KL(q || p) of float32 channels-last "
+        "rows: post [batch][rows][2z], prior [batch][rows][p] (its channels past 2z copied to feat unless "
+        "feat_ptr is 0), eps and z [batch][rows][z], kl [batch].");
+  m.def("latent_backward", &latent_backward, py::arg("batch"), py::arg("rows"), py::arg("z"), py::arg("p"),
+        py::arg("post_ptr"), py::arg("prior_ptr"), py::arg("eps_ptr"), py::arg("gz_ptr"), py::arg("gkl_ptr"),
+        py::arg("gfeat_ptr"), py::arg("dpost_ptr"), py::arg("dprior_ptr"), py::arg("t"), py::arg("num_threads"),
+        "Gradients of latent_forward (gz, gkl, gfeat 0 for zero) into dpost and dprior.");
   m.def("conv3x3_forward", &conv3x3_forward, py::arg("batch"), py::arg("ci"), py::arg("co"), py::arg("d"),
         py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"),
         py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("num_threads"),

@@ -153,6 +153,18 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
 // tensors; the sums run over fixed chunks of rows in order (the same values for any thread count).
 void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
                              const float* w, float* gx, float* dw, float* db, int num_threads);
+// The HVAE's posterior sample and KL for `batch` images of `rows` channels-last positions each:
+// post [batch][rows][2Z] = (q_loc | q_logscale), prior [batch][rows][P] starting with (p_loc |
+// p_logscale), eps [batch][rows][Z]: z = q_loc + t exp(q_logscale) eps into z [batch][rows][Z],
+// each image's KL(q || p) summed over its positions in order into kl [batch], and prior's other
+// P - 2Z channels copied into feat [batch][rows][P - 2Z] when feat is set.
+void latent_forward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const float* post, const float* prior,
+                    const float* eps, float* z, float* feat, float* kl, float t, int num_threads);
+// Gradients of latent_forward from dL/dz gz, dL/dkl gkl [batch] and dL/dfeat gfeat (each may be
+// null: zero): dpost laid out as post, dprior as prior (its other channels take gfeat).
+void latent_backward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const float* post, const float* prior,
+                     const float* eps, const float* gz, const float* gkl, const float* gfeat, float* dpost,
+                     float* dprior, float t, int num_threads);
 // Name of the instruction set the CPU kernels use on this machine: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -86,6 +87,14 @@ struct KernelTable {
   // gradients dw[o][c] = sum_m g[m][o] y[m][c], db[o] = sum_m g[m][o] (overwritten, rows in order).
   void (*gelu_pointwise_backward)(const float* g, const float* y, const float* d, const float* w, float* gx,
                                   float* dw, float* db, int64_t rows, int64_t C, int64_t O);
+  // The HVAE's posterior sample and KL for one image of `rows` channels-last positions (see
+  // latent_forward in soft_area.h); returns the image's KL, summed over its positions in order.
+  double (*latent_forward)(const float* post, const float* prior, const float* eps, float* z, float* feat,
+                           int64_t rows, int64_t Z, int64_t P, float t);
+  // Its gradients for one image (see latent_backward in soft_area.h).
+  void (*latent_backward)(const float* post, const float* prior, const float* eps, const float* gz, float gk,
+                          const float* gfeat, float* dpost, float* dprior, int64_t rows, int64_t Z, int64_t P,
+                          float t);
 };
 
 // Rows per fixed chunk of gelu_pointwise_backward: partial weight gradients are summed in chunk

@@ -150,7 +150,8 @@ KernelTable avx2_kernels() {
   return {"avx2", &scratch_bytes, &forward_chunk_dispatch<Vec256>, &backward_chunk_dispatch<Vec256>,
           &gelu_chunk_impl<Vec256>,
           &conv3x3_forward_impl<Vec256>, &conv3x3_backward_impl<Vec256>,
-          &gelu_pointwise_backward_impl<Vec256>};
+          &gelu_pointwise_backward_impl<Vec256>,
+          &latent_forward_impl<Vec256>, &latent_backward_impl<Vec256>};
 }
 
 }  // namespace cpu

@@ -158,7 +158,8 @@ KernelTable avx512_kernels() {
   return {"avx512", &scratch_bytes, &forward_chunk_dispatch<Vec512>, &backward_chunk_dispatch<Vec512>,
           &gelu_chunk_impl<Vec512>,
           &conv3x3_forward_impl<Vec512>, &conv3x3_backward_impl<Vec512>,
-          &gelu_pointwise_backward_impl<Vec512>};
+          &gelu_pointwise_backward_impl<Vec512>,
+          &latent_forward_impl<Vec512>, &latent_backward_impl<Vec512>};
 }
 
 }  // namespace cpu

@@ -625,6 +625,90 @@ void gelu_pointwise_backward_impl(const float* g, const float* y, const float* d
   }
 }
 
+// Posterior sample z = q_loc + t exp(q_logscale) eps and KL(q || p) = sum of p_logscale -
+// q_logscale + (exp(2 (q_logscale - p_logscale)) + ((q_loc - p_loc) exp(-p_logscale))^2 - 1) / 2
+// over one image's positions: post [rows][2Z] (q_loc | q_logscale), prior [rows][P] starting with
+// (p_loc | p_logscale), its other P - 2Z channels copied to feat when set; eps and z [rows][Z].
+template <class V>
+double latent_forward_impl(const float* post, const float* prior, const float* eps, float* z, float* feat,
+                           int64_t rows, int64_t Z, int64_t P, float t) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const int64_t zv = Z / W * W;  // channels in whole vectors; the rest one by one
+  const int64_t nf = P - 2 * Z;
+  const F half = V::set1(0.5f), tv = V::set1(t);
+  F acc = V::zero();
+  double rest = 0.0;
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* q = post + m * 2 * Z;
+    const float* p = prior + m * P;
+    for (int64_t c = 0; c < zv; c += W) {
+      const F ql = V::load_s(q + c), qs = V::load_s(q + Z + c), pl = V::load_s(p + c), ps = V::load_s(p + Z + c);
+      V::store_s(z + m * Z + c, V::add(ql, V::mul(V::mul(tv, V::exp(qs)), V::load_s(eps + m * Z + c))));
+      const F r = V::exp(V::sub(qs, ps));
+      const F dl = V::mul(V::sub(ql, pl), V::exp(V::sub(V::zero(), ps)));
+      acc = V::add(acc, V::add(V::sub(ps, qs), V::mul(half, V::fmadd(r, r, V::mul(dl, dl)))));
+    }
+    for (int64_t c = zv; c < Z; ++c) {
+      const float ql = q[c], qs = q[Z + c], pl = p[c], ps = p[Z + c];
+      z[m * Z + c] = ql + t * std::exp(qs) * eps[m * Z + c];
+      const float r = std::exp(qs - ps), dl = (ql - pl) * std::exp(-ps);
+      rest += ps - qs + 0.5f * (r * r + dl * dl);
+    }
+    if (feat != nullptr && nf > 0) std::memcpy(feat + m * nf, p + 2 * Z, sizeof(float) * static_cast<std::size_t>(nf));
+  }
+  return static_cast<double>(V::hsum(acc)) + rest - 0.5 * static_cast<double>(rows * Z);
+}
+
+// Gradients of latent_forward for one image from gz [rows][Z] (dL/dz; null: zero), gk (dL/dKL of
+// the image) and gfeat [rows][P - 2Z] (dL/dfeat; null: zero): dpost [rows][2Z], dprior [rows][P].
+template <class V>
+void latent_backward_impl(const float* post, const float* prior, const float* eps, const float* gz, float gk,
+                          const float* gfeat, float* dpost, float* dprior, int64_t rows, int64_t Z, int64_t P,
+                          float t) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const int64_t zv = Z / W * W;
+  const int64_t nf = P - 2 * Z;
+  const F one = V::set1(1.0f), gkv = V::set1(gk), tv = V::set1(t);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* q = post + m * 2 * Z;
+    const float* p = prior + m * P;
+    float* dq = dpost + m * 2 * Z;
+    float* dp = dprior + m * P;
+    for (int64_t c = 0; c < zv; c += W) {
+      const F ql = V::load_s(q + c), qs = V::load_s(q + Z + c), pl = V::load_s(p + c), ps = V::load_s(p + Z + c);
+      const F g = gz != nullptr ? V::load_s(gz + m * Z + c) : V::zero();
+      const F ip = V::exp(V::sub(V::zero(), ps));
+      const F r = V::exp(V::sub(qs, ps));
+      const F dl = V::mul(V::sub(ql, pl), ip);
+      const F a = V::mul(gkv, V::mul(dl, ip));  // gk (q_loc - p_loc) / sigma_p^2
+      const F r2 = V::mul(r, r);
+      V::store_s(dq + c, V::add(g, a));
+      V::store_s(dq + Z + c, V::fmadd(gkv, V::sub(r2, one),
+                                      V::mul(V::mul(g, V::mul(tv, V::exp(qs))), V::load_s(eps + m * Z + c))));
+      V::store_s(dp + c, V::sub(V::zero(), a));
+      V::store_s(dp + Z + c, V::mul(gkv, V::sub(V::sub(one, r2), V::mul(dl, dl))));
+    }
+    for (int64_t c = zv; c < Z; ++c) {
+      const float ql = q[c], qs = q[Z + c], pl = p[c], ps = p[Z + c];
+      const float g = gz != nullptr ? gz[m * Z + c] : 0.0f;
+      const float ip = std::exp(-ps), r = std::exp(qs - ps), dl = (ql - pl) * ip;
+      const float a = gk * dl * ip;
+      dq[c] = g + a;
+      dq[Z + c] = g * t * std::exp(qs) * eps[m * Z + c] + gk * (r * r - 1.0f);
+      dp[c] = -a;
+      dp[Z + c] = gk * (1.0f - r * r - dl * dl);
+    }
+    if (nf > 0) {
+      if (gfeat != nullptr)
+        std::memcpy(dp + 2 * Z, gfeat + m * nf, sizeof(float) * static_cast<std::size_t>(nf));
+      else
+        std::memset(dp + 2 * Z, 0, sizeof(float) * static_cast<std::size_t>(nf));
+    }
+  }
+}
+
 template <class V>
 void gelu_chunk_impl(const float* x, float* y, float* dydx, int64_t n) {
   constexpr int W = V::W;

@@ -183,7 +183,8 @@ void backward_chunk(const Problem& p, int64_t b, int64_t begin, int64_t end, int
 KernelTable scalar_kernels() {
   return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk, &gelu_chunk_impl<VecF>,
           &conv3x3_forward_impl<VecF>, &conv3x3_backward_impl<VecF>,
-          &gelu_pointwise_backward_impl<VecF>};
+          &gelu_pointwise_backward_impl<VecF>,
+          &latent_forward_impl<VecF>, &latent_backward_impl<VecF>};
 }
 
 }  // namespace cpu

@@ -337,6 +337,46 @@ void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g,
   }
 }
 
+// The table for the latent kernels: with Z a multiple of 8 but not of 16, the AVX2 code (8 lanes)
+// fills its vectors where AVX-512's would leave half of each lane idle.
+KernelTable latent_table(int64_t Z) {
+  KernelTable table = select_table(DType::Float32);
+#if defined(SEGCFT_HAVE_X86_KERNELS)
+  if (Z % 16 != 0 && Z % 8 == 0 && std::string(table.name) == "avx512") table = avx2_kernels();
+#endif
+  return table;
+}
+
+void latent_forward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const float* post, const float* prior,
+                    const float* eps, float* z, float* feat, float* kl, float t, int num_threads) {
+  if (batch <= 0) return;
+  const auto kernel = latent_table(Z).latent_forward;
+  const int64_t nf = P - 2 * Z;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
+  run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t b, void*) {
+    const int64_t i = static_cast<int64_t>(b);
+    kl[i] = static_cast<float>(kernel(post + i * rows * 2 * Z, prior + i * rows * P, eps + i * rows * Z,
+                                      z + i * rows * Z, feat != nullptr ? feat + i * rows * nf : nullptr, rows, Z,
+                                      P, t));
+  });
+}
+
+void latent_backward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const float* post, const float* prior,
+                     const float* eps, const float* gz, const float* gkl, const float* gfeat, float* dpost,
+                     float* dprior, float t, int num_threads) {
+  if (batch <= 0) return;
+  const auto kernel = latent_table(Z).latent_backward;
+  const int64_t nf = P - 2 * Z;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
+  run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t b, void*) {
+    const int64_t i = static_cast<int64_t>(b);
+    kernel(post + i * rows * 2 * Z, prior + i * rows * P, eps + i * rows * Z,
+           gz != nullptr ? gz + i * rows * Z : nullptr, gkl != nullptr ? gkl[i] : 0.0f,
+           gfeat != nullptr ? gfeat + i * rows * nf : nullptr, dpost + i * rows * 2 * Z, dprior + i * rows * P, rows,
+           Z, P, t);
+  });
+}
+
 const char* active_isa() { return select_table(DType::Float32).name; }
 
 }  // namespace cpu

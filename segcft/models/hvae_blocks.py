@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcft.ops import GELU, Conv3x3, Conv3x3x3, gelu_pointwise
+from segcft.ops import GELU, Conv3x3, Conv3x3x3, gelu_pointwise, latent_kernel_applies, posterior_sample
 
 LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
@@ -353,23 +353,45 @@ class DecoderBlock(nn.Module):
             h, p_out = self._deterministic(h, p, pa, need_prior)
             return h, p_out, None, None
         prior = self.prior(p, pa) if self.conditional else self.prior(p)
+        if noise is None and act is not None:
+            post = self._posterior(h, act, pa)
+            if latent_kernel_applies(post, prior, self.z_dim):  # one kernel pass for z, KL and p_feat
+                zd = self.z_dim
+                eps = torch.randn((post.shape[0], zd, *post.shape[2:]), dtype=post.dtype)  # as randn_like_dense
+                z, kl, p_feat = posterior_sample(post, prior, eps, zd, temperature)
+                noise = (z - prior[:, :zd]) * torch.exp(-prior[:, zd : 2 * zd]) if self.conditional else z
+                h, p_out = self._update(h, p, pa, z, p_feat, need_prior)
+                return h, p_out, noise, kl
         p_loc, p_logscale, p_feat = split_dense(prior, [self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim])
         kl = None
         if noise is not None:
             z = p_loc + torch.exp(p_logscale) * noise if self.conditional else noise
         elif act is not None:
-            q_loc, q_logscale = split_dense(self._posterior(h, act, pa), [self.z_dim, self.z_dim])
+            q_loc, q_logscale = split_dense(post, [self.z_dim, self.z_dim])
             z = q_loc + _scaled(torch.exp(q_logscale), temperature) * randn_like_dense(q_loc)
             kl = gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)
         else:
             z = p_loc + _scaled(torch.exp(p_logscale), temperature) * randn_like_dense(p_loc)
         if noise is None:
             noise = (z - p_loc) * torch.exp(-p_logscale) if self.conditional else z
+        h, p_out = self._update(h, p, pa, z, p_feat, need_prior)
+        return h, p_out, noise, kl
+
+    def _update(
+        self,
+        h: torch.Tensor,
+        p: torch.Tensor,
+        pa: torch.Tensor,
+        z: torch.Tensor,
+        p_feat: torch.Tensor,
+        need_prior: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, p) after the block from its z and the prior's features (p None without ``need_prior``)."""
         # the sums accumulate into the fresh projection outputs, which nothing saves
         update = add_into(add_into(add_into(self.z_proj(z), h), p_feat), self._parent_term(pa))
         h = self.resnet(update)
         p_out = add_into(add_into(self.prior_z_proj(z), p), p_feat) if need_prior else None
-        return h, p_out, noise, kl
+        return h, p_out
 
     def activate(self, act: torch.Tensor) -> torch.Tensor:
         """The posterior's nonlinearity of an encoder activation: what :meth:`forward` takes as

@@ -18,6 +18,7 @@ from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
 from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3
 from segcft.ops._gelu import GELU, gelu, gelu_pointwise
+from segcft.ops._latent import latent_kernel_applies, posterior_sample
 from segcft.ops._validate import OpTypeError, OpValueError
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "cuda_backend",
     "gelu",
     "gelu_pointwise",
+    "latent_kernel_applies",
+    "posterior_sample",
     "reference",
     "soft_area",
 ]
