@@ -358,10 +358,10 @@ class DecoderBlock(nn.Module):
             if latent_kernel_applies(post, prior, self.z_dim):  # one kernel pass for z, KL and p_feat
                 zd = self.z_dim
                 eps = torch.randn((post.shape[0], zd, *post.shape[2:]), dtype=post.dtype)  # as randn_like_dense
-                z, kl, p_feat = posterior_sample(post, prior, eps, zd, temperature)
+                z, q_kl, p_feat = posterior_sample(post, prior, eps, zd, temperature)
                 noise = (z - prior[:, :zd]) * torch.exp(-prior[:, zd : 2 * zd]) if self.conditional else z
                 h, p_out = self._update(h, p, pa, z, p_feat, need_prior)
-                return h, p_out, noise, kl
+                return h, p_out, noise, q_kl
         p_loc, p_logscale, p_feat = split_dense(prior, [self.z_dim, self.z_dim, prior.shape[1] - 2 * self.z_dim])
         kl = None
         if noise is not None:
