@@ -329,7 +329,8 @@ bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
 
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                       bool channels_last, std::uintptr_t x_ptr, std::uintptr_t weight_ptr, std::uintptr_t gy_ptr,
-                      std::uintptr_t gx_ptr, std::uintptr_t dw_ptr, std::uintptr_t db_ptr, int num_threads) {
+                      std::uintptr_t gx_ptr, std::uintptr_t dw_ptr, std::uintptr_t db_ptr, int num_threads,
+                      std::uintptr_t mult_ptr) {
   check_conv_dims(batch, ci, co, d, h, w, d3);
   check_ptr(weight_ptr, "weight_ptr");
   check_ptr(dw_ptr, "dw_ptr");
@@ -344,7 +345,7 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
                                        reinterpret_cast<const float*>(weight_ptr),
                                        reinterpret_cast<const float*>(gy_ptr), reinterpret_cast<float*>(gx_ptr),
                                        reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr),
-                                       num_threads);
+                                       num_threads, reinterpret_cast<const float*>(mult_ptr));
 }
 
 }  // namespace
@@ -399,8 +400,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv3x3_backward", &conv3x3_backward, py::arg("batch"), py::arg("ci"), py::arg("co"), py::arg("d"),
         py::arg("h"), py::arg("w"), py::arg("d3"), py::arg("channels_last"), py::arg("x_ptr"), py::arg("weight_ptr"),
         py::arg("gy_ptr"), py::arg("gx_ptr"), py::arg("dw_ptr"), py::arg("db_ptr"), py::arg("num_threads"),
-        "Input (gx_ptr 0: skipped), weight and bias gradients of conv3x3_forward, summed over the batch in "
-        "image order; False when (ci, co) has no kernel.");
+        py::arg("mult_ptr") = 0,
+        "Input (gx_ptr 0: skipped; multiplied by mult, laid out as x, unless mult_ptr is 0), weight and bias "
+        "gradients of conv3x3_forward, summed over the batch in image order; False when (ci, co) has no kernel.");
   m.def("cpu_isa", &segcft::cpu::active_isa,
         "Instruction set the kernels use on this CPU: avx512, avx2 or scalar (SEGCFT_CPU_ISA lowers it).");
 }

@@ -141,12 +141,13 @@ void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_thre
 bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                      bool channels_last, const float* x, const float* weight, const float* bias, float* y,
                      int num_threads);
-// Gradients of conv3x3_forward for the output gradient gy (laid out as y): gx (skipped when null),
-// dw [co][ci][(3)][3][3] and db [co], the batch summed image by image in order (the same values
-// for any thread count).
+// Gradients of conv3x3_forward for the output gradient gy (laid out as y): gx (skipped when null;
+// multiplied element by element by mult, laid out as x, when mult is set: the derivative of an
+// activation before the convolution), dw [co][ci][(3)][3][3] and db [co], the batch summed image by
+// image in order (the same values for any thread count).
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                       bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
-                      float* db, int num_threads);
+                      float* db, int num_threads, const float* mult = nullptr);
 // Backward of out = conv1x1(GELU(x)) (weight w [O][C]) over `rows` channels-last positions, from
 // y = GELU(x) and d = GELU'(x) [rows][C] and the output gradient g [rows][O]: the input gradient
 // gx [rows][C], the weight gradient dw [O][C] and the bias gradient db [O], in one pass over the

@@ -189,3 +189,26 @@ def test_hvae_layer_is_a_conv2d_with_the_same_state_dict():
     x3 = torch.randn(2, 2, 4, 6, 16).contiguous(memory_format=torch.channels_last_3d)
     assert conv3x3_applies(x3, layer3.weight)
     torch.testing.assert_close(layer3(x3), plain3(x3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gelu_conv3x3_matches_gelu_then_convolution(dims):
+    """conv3x3(GELU(x)) with GELU's derivative applied inside the convolution's backward: values
+    and gradients of x, weight and bias as GELU then the convolution in float64."""
+    g = torch.Generator().manual_seed(3)
+    size = (9, 17) if dims == 2 else (4, 5, 16)
+    fmt = torch.channels_last if dims == 2 else torch.contiguous_format
+    x = torch.randn(3, 4, *size, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(4, 4, *(3,) * dims, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(4, generator=g).requires_grad_()
+    out = ops.gelu_conv3x3(x, w, b)
+    assert out.grad_fn.name() == "_GELUConv3x3Backward"
+    weight = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * weight).sum(), (x, w, b))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    conv = F.conv2d if dims == 2 else F.conv3d
+    ref = conv(F.gelu(x64), w64, b64, padding=1)
+    want = torch.autograd.grad((ref * weight.double()).sum(), (x64, w64, b64))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)

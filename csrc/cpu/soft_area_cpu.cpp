@@ -288,7 +288,7 @@ bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
 
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                       bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
-                      float* db, int num_threads) {
+                      float* db, int num_threads, const float* mult) {
   if (!conv3x3_supported(ci, co)) return false;
   const int64_t nw = co * ci * (d3 ? 27 : 9);
   std::fill(dw, dw + nw, 0.0f);
@@ -304,6 +304,11 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
     float* part = &partial[b * static_cast<std::size_t>(nw + co)];
     table.conv3x3_backward(g, x + i * n * ci, weight, gy + i * n * co, gx != nullptr ? gx + i * n * ci : nullptr,
                            part, part + nw, scratch);
+    if (gx != nullptr && mult != nullptr) {  // while the image's gradient is still in cache
+      float* gi = gx + i * n * ci;
+      const float* mi = mult + i * n * ci;
+      for (int64_t k = 0; k < n * ci; ++k) gi[k] *= mi[k];
+    }
   });
   for (int64_t i = 0; i < batch; ++i) {  // image order: the sums do not depend on the thread count
     const float* part = &partial[static_cast<std::size_t>(i * (nw + co))];

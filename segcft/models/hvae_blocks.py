@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcft.ops import GELU, Conv3x3, Conv3x3x3, gelu_pointwise, latent_kernel_applies, posterior_sample
+from segcft.ops import (
+    GELU,
+    Conv3x3,
+    Conv3x3x3,
+    gelu_conv3x3,
+    gelu_pointwise,
+    latent_kernel_applies,
+    posterior_sample,
+)
 
 LOG_BIN_WIDTH = math.log(2.0 / 255.0)
 """Log of the width of one of the 256 intensity bins on [-1, 1]."""
@@ -211,9 +219,13 @@ class Block(nn.Module):
                 last.weight.mul_(last_scale)
 
     def act_conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """layer(act(x)); a 1x1 convolution after GELU as one op (:func:`segcft.ops.gelu_pointwise`)."""
-        if isinstance(self.act, GELU) and isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
-            return gelu_pointwise(x, layer.weight, layer.bias)
+        """layer(act(x)); a 1x1 or 3x3 convolution after GELU as one op
+        (:func:`segcft.ops.gelu_pointwise`, :func:`segcft.ops.gelu_conv3x3`)."""
+        if isinstance(self.act, GELU):
+            if isinstance(layer, Conv3x3 | Conv3x3x3):
+                return gelu_conv3x3(x, layer.weight, layer.bias)
+            if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
+                return gelu_pointwise(x, layer.weight, layer.bias)
         return layer(self.act(x))
 
     def hidden(self, x: torch.Tensor, pa: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
-from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3
+from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3, gelu_conv3x3
 from segcft.ops._gelu import GELU, gelu, gelu_pointwise
 from segcft.ops._latent import latent_kernel_applies, posterior_sample
 from segcft.ops._validate import OpTypeError, OpValueError
@@ -35,6 +35,7 @@ __all__ = [
     "cpu_backend",
     "cuda_backend",
     "gelu",
+    "gelu_conv3x3",
     "gelu_pointwise",
     "latent_kernel_applies",
     "posterior_sample",

@@ -42,58 +42,84 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, bool]:
     return b, c, d, h, w, True
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's convolution of a dense x (channels-last or contiguous) into a fresh output."""
+    module = _backend.cpu_backend().module
+    assert module is not None  # checked by conv3x3_applies()
+    b, c, d, h, w, d3 = _geometry(x)
+    o = weight.shape[0]
+    fmt = _layout(x)
+    weight = weight.contiguous()
+    y = torch.empty((b, o, *x.shape[2:]), dtype=x.dtype, memory_format=fmt)
+    bias = bias.contiguous() if bias is not None else None  # held: the kernel reads its memory
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    cl = fmt != torch.contiguous_format
+    ok = module.conv3x3_forward(
+        b, c, o, d, h, w, d3, cl, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
+    )
+    assert ok, f"no 3x3 kernel for {c} -> {o} channels"  # CHANNELS mirrors the C++ check
+    return y
+
+
+def _backward(
+    x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_gx: bool, mult: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(gx, dw, db) of :func:`_forward` for the output gradient grad; gx times ``mult`` (laid out
+    as x) when given, multiplied in the kernel's pass."""
+    module = _backend.cpu_backend().module
+    assert module is not None
+    b, c, d, h, w, d3 = _geometry(x)
+    o = weight.shape[0]
+    fmt = _layout(x)
+    grad = grad.contiguous(memory_format=fmt)
+    gx = torch.empty_like(x) if need_gx else None
+    dw = torch.empty_like(weight)
+    db = torch.empty(o, dtype=weight.dtype)
+    cl = fmt != torch.contiguous_format
+    gx_ptr = gx.data_ptr() if gx is not None else 0
+    mult_ptr = mult.data_ptr() if mult is not None else 0
+    ptrs = (x.data_ptr(), weight.data_ptr(), grad.data_ptr(), gx_ptr, dw.data_ptr(), db.data_ptr())
+    module.conv3x3_backward(b, c, o, d, h, w, d3, cl, *ptrs, torch.get_num_threads(), mult_ptr)
+    return gx, dw, db
+
+
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        module = _backend.cpu_backend().module
-        assert module is not None  # checked by conv3x3_applies()
-        b, c, d, h, w, d3 = _geometry(x)
-        o = weight.shape[0]
-        fmt = _layout(x)
-        x = x.contiguous(memory_format=fmt)
-        weight = weight.contiguous()
-        y = torch.empty((b, o, *x.shape[2:]), dtype=x.dtype, memory_format=fmt)
-        bias = bias.contiguous() if bias is not None else None  # held: the kernel reads its memory
-        bias_ptr = bias.data_ptr() if bias is not None else 0
-        cl = fmt != torch.contiguous_format
-        ok = module.conv3x3_forward(
-            b, c, o, d, h, w, d3, cl, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), torch.get_num_threads()
-        )
-        assert ok, f"no 3x3 kernel for {c} -> {o} channels"  # CHANNELS mirrors the C++ check
+        x, weight = x.contiguous(memory_format=_layout(x)), weight.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y
+        return _forward(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        module = _backend.cpu_backend().module
-        assert module is not None
         x, weight = ctx.saved_tensors
-        b, c, d, h, w, d3 = _geometry(x)
-        o = weight.shape[0]
-        fmt = _layout(x)
-        grad = grad.contiguous(memory_format=fmt)
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        dw = torch.empty_like(weight)
-        db = torch.empty(o, dtype=weight.dtype)
-        module.conv3x3_backward(
-            b,
-            c,
-            o,
-            d,
-            h,
-            w,
-            d3,
-            fmt != torch.contiguous_format,
-            x.data_ptr(),
-            weight.data_ptr(),
-            grad.data_ptr(),
-            gx.data_ptr() if gx is not None else 0,
-            dw.data_ptr(),
-            db.data_ptr(),
-            torch.get_num_threads(),
-        )
+        gx, dw, db = _backward(x, weight, grad, ctx.needs_input_grad[0])
+        return gx, dw, db if ctx.has_bias else None
+
+
+class _GELUConv3x3(torch.autograd.Function):
+    """conv3x3(GELU(x)): GELU(x) and GELU'(x) in one pass (as :func:`segcft.ops.gelu`), the
+    convolution on the kernel, and a backward whose input gradient is multiplied by GELU'(x) while
+    each image is still in cache, instead of in a separate pass over the batch."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        module = _backend.cpu_backend().module
+        assert module is not None  # checked by gelu_conv3x3()
+        x, weight = x.contiguous(memory_format=_layout(x)), weight.contiguous()
+        y, dydx = torch.empty_like(x), torch.empty_like(x)  # dense like x: element i <-> element i
+        module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+        ctx.save_for_backward(y, dydx, weight)
+        ctx.has_bias = bias is not None
+        return _forward(y, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        y, dydx, weight = ctx.saved_tensors
+        gx, dw, db = _backward(y, weight, grad, ctx.needs_input_grad[0], mult=dydx)
         return gx, dw, db if ctx.has_bias else None
 
 
@@ -121,6 +147,17 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if conv3x3_applies(x, weight):
         return _Conv3x3.apply(x, weight, bias)
     return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias, padding=1)
+
+
+def gelu_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3x3(gelu(x), weight, bias)``: on the kernel with gradients wherever :func:`conv3x3`
+    is (GELU's derivative applied inside the convolution's backward; the same values), through
+    those two functions otherwise."""
+    if conv3x3_applies(x, weight) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _GELUConv3x3.apply(x, weight, bias)
+    from segcft.ops._gelu import gelu
+
+    return conv3x3(gelu(x), weight, bias)
 
 
 class Conv3x3(nn.Conv2d):
