@@ -262,6 +262,45 @@ void gelu_pointwise_backward(int64_t rows, int64_t c, int64_t o, std::uintptr_t 
                                        reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr), num_threads);
 }
 
+void check_pointwise_dims(int64_t batch, int64_t s, int64_t c, int64_t o) {
+  if (batch < 0 || s < 0 || c <= 0 || o <= 0)
+    throw std::invalid_argument("pointwise: batch and positions must be >= 0 and c, o > 0");
+}
+
+void pointwise_cf_forward(int64_t batch, int64_t s, int64_t c, int64_t o, std::uintptr_t y_ptr, std::uintptr_t w_ptr,
+                          std::uintptr_t b_ptr, std::uintptr_t out_ptr, int num_threads) {
+  check_pointwise_dims(batch, s, c, o);
+  check_ptr(w_ptr, "w_ptr");
+  if (batch * s > 0) {
+    check_ptr(y_ptr, "y_ptr");
+    check_ptr(out_ptr, "out_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::pointwise_cf_forward(batch, s, c, o, reinterpret_cast<const float*>(y_ptr),
+                                    reinterpret_cast<const float*>(w_ptr), reinterpret_cast<const float*>(b_ptr),
+                                    reinterpret_cast<float*>(out_ptr), num_threads);
+}
+
+void gelu_pointwise_cf_backward(int64_t batch, int64_t s, int64_t c, int64_t o, std::uintptr_t g_ptr,
+                                std::uintptr_t y_ptr, std::uintptr_t d_ptr, std::uintptr_t w_ptr, std::uintptr_t gx_ptr,
+                                std::uintptr_t dw_ptr, std::uintptr_t db_ptr, int num_threads) {
+  check_pointwise_dims(batch, s, c, o);
+  check_ptr(w_ptr, "w_ptr");
+  check_ptr(dw_ptr, "dw_ptr");
+  check_ptr(db_ptr, "db_ptr");
+  if (batch * s > 0) {
+    check_ptr(g_ptr, "g_ptr");
+    check_ptr(y_ptr, "y_ptr");
+    check_ptr(d_ptr, "d_ptr");
+    check_ptr(gx_ptr, "gx_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::gelu_pointwise_cf_backward(
+      batch, s, c, o, reinterpret_cast<const float*>(g_ptr), reinterpret_cast<const float*>(y_ptr),
+      reinterpret_cast<const float*>(d_ptr), reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(gx_ptr),
+      reinterpret_cast<float*>(dw_ptr), reinterpret_cast<float*>(db_ptr), num_threads);
+}
+
 const float* opt_ptr(std::uintptr_t ptr) { return reinterpret_cast<const float*>(ptr); }
 
 void check_latent_dims(int64_t batch, int64_t rows, int64_t z, int64_t p) {
@@ -381,6 +420,15 @@ PYBIND11_MODULE(_C, m) {
         "Backward of conv1x1(GELU(x)) over rows channels-last positions (float32, contiguous): from y = GELU(x), "
         "d = GELU'(x) [rows][c], the output gradient g [rows][o] and the weight w [o][c], the input gradient "
         "gx [rows][c], dw [o][c] and db [o] in one pass.");
+  m.def("pointwise_cf_forward", &pointwise_cf_forward, py::arg("batch"), py::arg("s"), py::arg("c"), py::arg("o"),
+        py::arg("y_ptr"), py::arg("w_ptr"), py::arg("b_ptr"), py::arg("out_ptr"), py::arg("num_threads"),
+        "1x1 convolution of channels-first float32 images y [batch][c][s] with w [o][c] and bias b (b_ptr 0: "
+        "none) into out [batch][o][s].");
+  m.def("gelu_pointwise_cf_backward", &gelu_pointwise_cf_backward, py::arg("batch"), py::arg("s"), py::arg("c"),
+        py::arg("o"), py::arg("g_ptr"), py::arg("y_ptr"), py::arg("d_ptr"), py::arg("w_ptr"), py::arg("gx_ptr"),
+        py::arg("dw_ptr"), py::arg("db_ptr"), py::arg("num_threads"),
+        "Backward of conv1x1(GELU(x)) for channels-first images: from y = GELU(x), d = GELU'(x) [batch][c][s] "
+        "and g [batch][o][s], gx [batch][c][s], dw [o][c] and db [o] (summed image by image in order).");
   m.def("latent_forward", &latent_forward, py::arg("batch"), py::arg("rows"), py::arg("z"), py::arg("p"),
         py::arg("post_ptr"), py::arg("prior_ptr"), py::arg("eps_ptr"), py::arg("z_ptr"), py::arg("feat_ptr"),
         py::arg("kl_ptr"), py::arg("t"), py::arg("num_threads"),

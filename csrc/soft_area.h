@@ -154,6 +154,14 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
 // tensors; the sums run over fixed chunks of rows in order (the same values for any thread count).
 void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
                              const float* w, float* gx, float* dw, float* db, int num_threads);
+// The same two for channels-first images [batch][C or O][S]: pointwise_cf_forward writes
+// out = b + conv1x1(y, w) (b may be null); gelu_pointwise_cf_backward the gradients of
+// conv1x1(GELU(x)) from y = GELU(x), d = GELU'(x) and g, the weight and bias gradients summed
+// image by image in order.
+void pointwise_cf_forward(int64_t batch, int64_t S, int64_t C, int64_t O, const float* y, const float* w,
+                          const float* b, float* out, int num_threads);
+void gelu_pointwise_cf_backward(int64_t batch, int64_t S, int64_t C, int64_t O, const float* g, const float* y,
+                                const float* d, const float* w, float* gx, float* dw, float* db, int num_threads);
 // The HVAE's posterior sample and KL for `batch` images of `rows` channels-last positions each:
 // post [batch][rows][2Z] = (q_loc | q_logscale), prior [batch][rows][P] starting with (p_loc |
 // p_logscale), eps [batch][rows][Z]: z = q_loc + t exp(q_logscale) eps into z [batch][rows][Z],

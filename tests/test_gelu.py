@@ -134,12 +134,18 @@ def test_split_dense_equals_split(fmt):
         assert a.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-def _pointwise_case(batch: int, c: int, o: int, size: int, seed: int = 6) -> tuple[torch.Tensor, ...]:
+def _pointwise_case(
+    batch: int, c: int, o: int, size: int, seed: int = 6, layout: str = "rows"
+) -> tuple[torch.Tensor, ...]:
+    """x, weight, bias and an output gradient: channels-last 2D ("rows"), channels-first 2D
+    ("planes") or channels-first 3D of depth 3 ("planes3d")."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(batch, c, size, size, generator=g) * 2).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(o, c, 1, 1, generator=g) / c**0.5
+    spatial = (3, size, size) if layout == "planes3d" else (size, size)
+    fmt = torch.channels_last if layout == "rows" else torch.contiguous_format
+    x = (torch.randn(batch, c, *spatial, generator=g) * 2).contiguous(memory_format=fmt)
+    w = torch.randn(o, c, *(1,) * len(spatial), generator=g) / c**0.5
     b = torch.randn(o, generator=g)
-    grad = torch.randn(batch, o, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(batch, o, *spatial, generator=g).contiguous(memory_format=fmt)
     return x, w, b, grad
 
 
@@ -150,29 +156,44 @@ def _pointwise_grads(x, w, b, grad) -> tuple[torch.Tensor, ...]:
     return out.detach(), gx, gw, gb, out.grad_fn.name()
 
 
+POINTWISE_CASES = [
+    (16, 16, 4, 16, "rows"),
+    (3, 32, 8, 7, "rows"),
+    (2, 48, 5, 13, "rows"),
+    (5, 16, 2, 9, "rows"),
+    (4, 8, 2, 11, "planes3d"),
+    (2, 2, 8, 16, "planes3d"),
+    (3, 5, 3, 7, "planes"),
+]
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", [(16, 16, 4, 16), (3, 32, 8, 7), (2, 48, 5, 13), (5, 16, 2, 9)])
+@pytest.mark.parametrize("shape", POINTWISE_CASES)
 def test_gelu_pointwise_matches_float64(isa, shape, monkeypatch):
-    """conv1x1(GELU(x)) and its three gradients against float64, on every instruction set, for
-    row counts that do and do not fill the kernel's 256-position chunks and channel counts of one
-    or more whole vectors."""
+    """conv1x1(GELU(x)) and its three gradients against float64, on every instruction set, in both
+    layouts: row counts that do and do not fill the kernel's 256-position chunks, channel counts of
+    one or more whole vectors, position counts with and without a scalar tail."""
     monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
-    x, w, b, grad = _pointwise_case(*shape)
+    *case, layout = shape
+    x, w, b, grad = _pointwise_case(*case, layout=layout)
+    assert ops.gelu_pointwise_route(x.requires_grad_(), w, b) == ("rows" if layout == "rows" else "planes")
     out, gx, gw, gb, name = _pointwise_grads(x, w, b, grad)
     assert name == "_GELUPointwiseBackward"
-    assert gx.is_contiguous(memory_format=torch.channels_last)
-    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
-    out64 = F.conv2d(F.gelu(x64), w64, b64)
+    assert gx.stride() == x.stride() and out.stride() == grad.stride()
+    conv = F.conv2d if x.dim() == 4 else F.conv3d
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    out64 = conv(F.gelu(x64), w64, b64)
     rx, rw, rb = torch.autograd.grad(out64, (x64, w64, b64), grad.double())
     for got, ref in ((out, out64), (gx, rx), (gw, rw), (gb, rb)):
         scale = ref.abs().max().item()
         assert (got.double() - ref).abs().max().item() <= 2e-6 * max(scale, 1.0)
 
 
-def test_gelu_pointwise_threads_do_not_change_results():
-    """The weight and bias gradients sum fixed chunks of positions in order: 1 and 2 threads agree
-    bitwise (600 x 16 positions, several chunks per thread)."""
-    case = _pointwise_case(16, 32, 8, 24)
+@pytest.mark.parametrize("layout", ["rows", "planes3d"])
+def test_gelu_pointwise_threads_do_not_change_results(layout):
+    """The weight and bias gradients sum fixed chunks of positions (rows) or images (planes) in
+    order: 1 and 2 threads agree bitwise."""
+    case = _pointwise_case(16, 32, 8, 24) if layout == "rows" else _pointwise_case(4, 8, 2, 16, layout=layout)
     one = _pointwise_grads(*case)
     torch.set_num_threads(2)
     try:
@@ -184,18 +205,21 @@ def test_gelu_pointwise_threads_do_not_change_results():
 
 
 def test_gelu_pointwise_other_cases_are_gelu_then_conv():
-    """Narrow channels, the default layout, no gradient and float64 take torch's route, with the
-    same values."""
-    for x, w, b, _ in (
-        _pointwise_case(2, 8, 4, 6),  # 8 channels: not whole 16-lane vectors
-        tuple(t.contiguous() for t in _pointwise_case(2, 16, 4, 6)),  # channels-first
-    ):
-        xr = x.clone().requires_grad_()
-        out = ops.gelu_pointwise(xr, w, b)
-        assert out.grad_fn.name() != "_GELUPointwiseBackward"
-        assert torch.equal(out, F.conv2d(ops.gelu(xr), w, b))
+    """Narrow channels-last rows, channels-last rows without a gradient, other strides and float64
+    take torch's route, with the same values; channels-first inputs without a gradient the kernel's."""
+    x, w, b, _ = _pointwise_case(2, 8, 4, 6)  # 8 channels: not whole 16-lane vectors
+    xr = x.clone().requires_grad_()
+    assert ops.gelu_pointwise_route(xr, w, b) is None
+    assert torch.equal(ops.gelu_pointwise(xr, w, b), F.conv2d(ops.gelu(xr), w, b))
     x, w, b, _ = _pointwise_case(2, 16, 4, 6)
     with torch.no_grad():
+        assert ops.gelu_pointwise_route(x, w, b) is None
         assert torch.equal(ops.gelu_pointwise(x, w, b), F.conv2d(F.gelu(x), w, b))
+    strided = torch.randn(2, 6, 16, 5)[:, ::2]  # neither layout
+    assert ops.gelu_pointwise_route(strided, torch.randn(4, 3, 1, 1), None) is None
     x64 = x.double().requires_grad_()
     assert ops.gelu_pointwise(x64, w.double(), b.double()).grad_fn.name() == "ConvolutionBackward0"
+    xc, wc, bc, _ = _pointwise_case(2, 8, 2, 6, layout="planes3d")
+    with torch.no_grad():
+        assert ops.gelu_pointwise_route(xc, wc, bc) == "planes"
+        torch.testing.assert_close(ops.gelu_pointwise(xc, wc, bc), F.conv3d(F.gelu(xc), wc, bc))

@@ -87,6 +87,15 @@ struct KernelTable {
   // gradients dw[o][c] = sum_m g[m][o] y[m][c], db[o] = sum_m g[m][o] (overwritten, rows in order).
   void (*gelu_pointwise_backward)(const float* g, const float* y, const float* d, const float* w, float* gx,
                                   float* dw, float* db, int64_t rows, int64_t C, int64_t O);
+  // Channels-first 1x1 convolution of one image: out[o][s] = b[o] + sum_c w[o][c] y[c][s] over S
+  // positions (b may be null).
+  void (*pointwise_cf_forward)(const float* y, const float* w, const float* b, float* out, int64_t S, int64_t C,
+                               int64_t O);
+  // Backward of out = conv1x1(GELU(x)) for one channels-first image: gx[c][s] = d[c][s] sum_o
+  // w[o][c] g[o][s], and the image's dw[o][c] = sum_s g[o][s] y[c][s], db[o] = sum_s g[o][s]
+  // (overwritten; positions summed in a fixed order).
+  void (*gelu_pointwise_cf_backward)(const float* g, const float* y, const float* d, const float* w, float* gx,
+                                     float* dw, float* db, int64_t S, int64_t C, int64_t O);
   // The HVAE's posterior sample and KL for one image of `rows` channels-last positions (see
   // latent_forward in soft_area.h); returns the image's KL, summed over its positions in order.
   double (*latent_forward)(const float* post, const float* prior, const float* eps, float* z, float* feat,

@@ -342,6 +342,38 @@ void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g,
   }
 }
 
+void pointwise_cf_forward(int64_t batch, int64_t S, int64_t C, int64_t O, const float* y, const float* w,
+                          const float* b, float* out, int num_threads) {
+  if (batch <= 0 || S <= 0) return;
+  const auto kernel = select_table(DType::Float32).pointwise_cf_forward;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
+  run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t i, void*) {
+    const int64_t b_ = static_cast<int64_t>(i);
+    kernel(y + b_ * C * S, w, b, out + b_ * O * S, S, C, O);
+  });
+}
+
+void gelu_pointwise_cf_backward(int64_t batch, int64_t S, int64_t C, int64_t O, const float* g, const float* y,
+                                const float* d, const float* w, float* gx, float* dw, float* db, int num_threads) {
+  std::fill(dw, dw + O * C, 0.0f);
+  std::fill(db, db + O, 0.0f);
+  if (batch <= 0 || S <= 0) return;
+  const auto kernel = select_table(DType::Float32).gelu_pointwise_cf_backward;
+  const int64_t stride = O * C + O;
+  std::vector<float> partial(static_cast<std::size_t>(batch * stride));
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
+  run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t i, void*) {
+    const int64_t b_ = static_cast<int64_t>(i);
+    float* part = &partial[i * static_cast<std::size_t>(stride)];
+    kernel(g + b_ * O * S, y + b_ * C * S, d + b_ * C * S, w, gx + b_ * C * S, part, part + O * C, S, C, O);
+  });
+  for (int64_t i = 0; i < batch; ++i) {  // image order: the sums do not depend on the thread count
+    const float* part = &partial[static_cast<std::size_t>(i * stride)];
+    for (int64_t k = 0; k < O * C; ++k) dw[k] += part[k];
+    for (int64_t k = 0; k < O; ++k) db[k] += part[O * C + k];
+  }
+}
+
 // The table for the latent kernels: with Z a multiple of 8 but not of 16, the AVX2 code (8 lanes)
 // fills its vectors where AVX-512's would leave half of each lane idle.
 KernelTable latent_table(int64_t Z) {

@@ -31,7 +31,7 @@ from segcft.models.hvae_blocks import (
     discretised_gaussian_log_prob,
     pointwise_conv,
 )
-from segcft.ops import gelu, gelu_pointwise
+from segcft.ops import gelu, gelu_pointwise, gelu_pointwise_route
 
 if TYPE_CHECKING:
     from segcft.data.variables import DatasetInfo
@@ -398,9 +398,12 @@ class HVAE(nn.Module):
             # both 1-channel heads as one 2-channel convolution: one pass over h, forward and backward
             weight = torch.cat([self.head_loc.weight, self.head_logscale.weight])
             bias = torch.cat([self.head_loc.bias, self.head_logscale.bias])  # type: ignore[list-item]
-            # 2D: GELU and the heads as one op (one kernel pass backward); 3D: the route
+            # GELU and the heads as one op on the CPU kernels; elsewhere the route that
             # benchmarks/head_grad.py times
-            out = gelu_pointwise(h, weight, bias) if h.dim() == 4 else pointwise_conv(gelu(h), weight, bias)
+            if gelu_pointwise_route(h, weight, bias) is not None:
+                out = gelu_pointwise(h, weight, bias)
+            else:
+                out = pointwise_conv(gelu(h), weight, bias)
             loc, logscale = out[:, :1], out[:, 1:].clamp_min(self.config.x_logscale_min)
         return loc, logscale
 

@@ -224,7 +224,7 @@ class Block(nn.Module):
         if isinstance(self.act, GELU):
             if isinstance(layer, Conv3x3 | Conv3x3x3):
                 return gelu_conv3x3(x, layer.weight, layer.bias)
-            if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
+            if isinstance(layer, nn.Conv2d | nn.Conv3d) and all(k == 1 for k in layer.kernel_size):
                 return gelu_pointwise(x, layer.weight, layer.bias)
         return layer(self.act(x))
 
@@ -423,7 +423,7 @@ class DecoderBlock(nn.Module):
         assert isinstance(first, nn.Conv2d | nn.Conv3d)
         conv_fn = F.conv2d if self.dims == 2 else F.conv3d
         width = h.shape[1]
-        if self.dims == 2 and first.kernel_size == (1, 1) and isinstance(post.act, GELU):
+        if all(k == 1 for k in first.kernel_size) and isinstance(post.act, GELU):
             t = gelu_pointwise(h, first.weight[:, :width], first.bias)
         else:
             t = conv_fn(post.act(h), first.weight[:, :width], first.bias, padding=first.padding)

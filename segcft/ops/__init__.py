@@ -17,7 +17,7 @@ from segcft.ops import _backend, _custom, reference
 from segcft.ops import _validate as v
 from segcft.ops._backend import Backend, KernelFallbackWarning, backend_report, cpu_backend, cuda_backend
 from segcft.ops._conv3x3 import Conv3x3, Conv3x3x3, conv3x3, gelu_conv3x3
-from segcft.ops._gelu import GELU, gelu, gelu_pointwise
+from segcft.ops._gelu import GELU, gelu, gelu_pointwise, gelu_pointwise_route
 from segcft.ops._latent import latent_kernel_applies, posterior_sample
 from segcft.ops._validate import OpTypeError, OpValueError
 
@@ -37,6 +37,7 @@ __all__ = [
     "gelu",
     "gelu_conv3x3",
     "gelu_pointwise",
+    "gelu_pointwise_route",
     "latent_kernel_applies",
     "posterior_sample",
     "reference",

@@ -70,57 +70,88 @@ class GELU(nn.Module):
 
 
 class _GELUPointwise(torch.autograd.Function):
-    """conv1x1(GELU(x), weight, bias) for a channels-last 2D x: forward as :class:`_GELU` and
-    oneDNN's convolution; backward in one pass of the CPU kernel over GELU(x), GELU'(x) and the
-    output gradient, which writes the input gradient d * (g W) directly: the convolution's input
-    gradient is never stored and read back for the multiply."""
+    """conv1x1(GELU(x), weight, bias) with GELU(x) and GELU'(x) from the one-pass kernel and a
+    backward in one kernel pass that writes the input gradient d * (g W) directly (the
+    convolution's input gradient is never stored and read back for the multiply). Two layouts:
+    ``rows`` (channels-last 2D: oneDNN's convolution forward, a position's channels per row
+    backward) and ``planes`` (channels-first 2D or 3D: both directions on the kernel, vectors of
+    positions, where torch's channels-first 1x1x1 convolution takes a slow path)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: str) -> torch.Tensor:
         module = _backend.cpu_backend().module
-        assert module is not None  # checked by gelu_pointwise()
-        y, dydx = torch.empty_like(x), torch.empty_like(x)  # x is dense channels-last: so are they
+        assert module is not None  # checked by gelu_pointwise_route()
+        y, dydx = torch.empty_like(x), torch.empty_like(x)  # x is dense: so are they, alike
         module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
         ctx.save_for_backward(y, dydx, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(y, weight, bias)
+        ctx.has_bias, ctx.route = bias is not None, route
+        if route == "rows":
+            return F.conv2d(y, weight, bias)
+        out_ch, in_ch = weight.shape[:2]
+        out = torch.empty((x.shape[0], out_ch, *x.shape[2:]), dtype=x.dtype)
+        w = weight.reshape(out_ch, in_ch).contiguous()
+        b = bias.contiguous() if bias is not None else None
+        module.pointwise_cf_forward(
+            x.shape[0], x[0, 0].numel(), in_ch, out_ch, y.data_ptr(), w.data_ptr(),
+            b.data_ptr() if b is not None else 0, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         module = _backend.cpu_backend().module
         assert module is not None
         y, dydx, weight = ctx.saved_tensors
-        g = grad.contiguous(memory_format=torch.channels_last)
         out_ch, in_ch = weight.shape[:2]
         w = weight.reshape(out_ch, in_ch).contiguous()
         gx = torch.empty_like(y)
         dw = torch.empty((out_ch, in_ch), dtype=y.dtype)
         db = torch.empty(out_ch, dtype=y.dtype)
-        ptrs = (t.data_ptr() for t in (g, y, dydx, w, gx, dw, db))
-        module.gelu_pointwise_backward(y.numel() // in_ch, in_ch, out_ch, *ptrs, torch.get_num_threads())
-        return gx, dw.view(weight.shape), db if ctx.has_bias else None
+        if ctx.route == "rows":
+            g = grad.contiguous(memory_format=torch.channels_last)
+            ptrs = (t.data_ptr() for t in (g, y, dydx, w, gx, dw, db))
+            module.gelu_pointwise_backward(y.numel() // in_ch, in_ch, out_ch, *ptrs, torch.get_num_threads())
+        else:
+            g = grad.contiguous()
+            ptrs = (t.data_ptr() for t in (g, y, dydx, w, gx, dw, db))
+            module.gelu_pointwise_cf_backward(
+                y.shape[0], y[0, 0].numel(), in_ch, out_ch, *ptrs, torch.get_num_threads()
+            )
+        return gx, dw.view(weight.shape), db if ctx.has_bias else None, None
+
+
+def gelu_pointwise_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """How :func:`gelu_pointwise` runs ``x``: "rows" (a channels-last 2D x with gradients whose
+    channels fill whole 16-lane vectors; narrower rows ran slower than oneDNN), "planes" (a
+    channels-first 2D or 3D x), or None (torch: another device or dtype, a kernel size above 1,
+    no compiled kernels)."""
+    if not (
+        x.device.type == "cpu"
+        and x.dim() in (4, 5)
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and weight.dim() == x.dim()
+        and all(k == 1 for k in weight.shape[2:])
+        and weight.shape[1] == x.shape[1]
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and _backend.cpu_backend().module is not None
+    ):
+        return None
+    if x.dim() == 4 and x.shape[1] % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last):
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return "rows" if grad else None
+    return "planes" if x.is_contiguous() else None
 
 
 def gelu_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv2d(gelu(x), weight, bias)`` for a 1x1 ``weight`` (O, C, 1, 1) (``F.conv3d`` for a
-    5D x); on the CPU in float32 with gradients, for a channels-last 2D x whose channels fill whole
-    16-lane vectors (C a multiple of 16; narrower rows ran slower than oneDNN), through one kernel
-    pass backward (the same values to float rounding: the weight gradient sums fixed chunks of 256
-    positions in order, whatever the thread count)."""
-    if (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and weight.shape[2:] == (1, 1)
-        and x.shape[1] % 16 == 0
-        and torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-        and x.numel() > 0
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and _backend.cpu_backend().module is not None
-    ):
-        return _GELUPointwise.apply(x, weight, bias)
+    """``F.conv2d(gelu(x), weight, bias)`` for a 1x1 ``weight`` (O, C, 1, 1) (``F.conv3d`` and a
+    1x1x1 weight for a 5D x); on segcft's CPU kernels where :func:`gelu_pointwise_route` says so
+    (the same values to float rounding; the weight gradient sums fixed chunks of positions in
+    order, whatever the thread count), through torch otherwise."""
+    route = gelu_pointwise_route(x, weight, bias)
+    if route is not None:
+        return _GELUPointwise.apply(x, weight, bias, route)
     conv = F.conv2d if x.dim() == 4 else F.conv3d
     return conv(gelu(x), weight, bias)
