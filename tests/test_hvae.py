@@ -455,3 +455,41 @@ def test_stage_bias_adds_in_place_with_a_flat_batch_reduction(fmt) -> None:
     assert bias.grad is not None and src.grad is not None
     torch.testing.assert_close(bias.grad, g.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(src.grad, 2 * g)
+
+
+@pytest.mark.parametrize("edges", ["some", "none", "all"])
+def test_likelihood_evaluates_edge_tails_on_edge_pixels_alone(edges) -> None:
+    """On the CPU the edge bins' log-CDFs run on the edge pixels only: the log-probabilities and
+    both gradients are bitwise those of evaluating every branch everywhere and selecting."""
+    import math
+
+    from segcft.models.hvae_blocks import LOG_BIN_WIDTH, discretised_gaussian_log_prob
+
+    def every_branch(x, loc, logscale):
+        inv = torch.exp(-logscale)
+        upper, lower = inv * (x - loc + 1 / 255), inv * (x - loc - 1 / 255)
+        mass = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+        mid = inv * (x - loc)
+        log_pdf = -0.5 * mid**2 - logscale - 0.5 * math.log(2 * math.pi) + LOG_BIN_WIDTH
+        log_mass = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_pdf)
+        tails = torch.where(x > 0.999, torch.special.log_ndtr(-lower), log_mass)
+        return torch.where(x < -0.999, torch.special.log_ndtr(upper), tails)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 1, 9, 11), generator=g).float() / 127.5 - 1
+    if edges == "none":
+        x = x.clamp(-0.99, 0.99)
+    elif edges == "all":
+        x = torch.where(x < 0, -1.0, 1.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    loc0 = x + 0.3 * torch.randn(x.shape, generator=g)
+    ls0 = torch.randn(x.shape, generator=g) - 3.0
+    ls0.view(-1)[:20] = torch.linspace(-9.0, 1.0, 20)  # bins whose mass underflows, and wide ones
+    weight = torch.randn(x.shape, generator=g)
+    results = []
+    for fn in (discretised_gaussian_log_prob, every_branch):
+        loc, ls = loc0.clone().requires_grad_(), ls0.clone().requires_grad_()
+        out = fn(x, loc, ls)
+        results.append((out.detach(), *torch.autograd.grad((out * weight).sum(), (loc, ls))))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

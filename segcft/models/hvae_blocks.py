@@ -268,19 +268,29 @@ def gaussian_kl(
 def discretised_gaussian_log_prob(x: torch.Tensor, loc: torch.Tensor, logscale: torch.Tensor) -> torch.Tensor:
     """Per-pixel log-probability of x in [-1, 1] under a Gaussian discretised into 256 bins
     (edge bins take the tails), in float32. Falls back to the density times the bin width where
-    the bin mass underflows, so the gradient never vanishes."""
+    the bin mass underflows, so the gradient never vanishes.
+
+    On the CPU the edge bins' log-CDFs (``log_ndtr``, the costliest op here) are evaluated for the
+    edge pixels alone (a fifth of a chest X-ray, none of a CT volume) and scattered into place: the
+    same values element by element. Elsewhere every branch is evaluated and selected, which needs no
+    host sync."""
     x, loc, logscale = x.float(), loc.float(), logscale.float()
     inv_scale = torch.exp(-logscale)
     centred = x - loc
     upper = inv_scale * (centred + 1.0 / 255.0)
     lower = inv_scale * (centred - 1.0 / 255.0)
-    log_cdf_upper = torch.special.log_ndtr(upper)
-    log_sf_lower = torch.special.log_ndtr(-lower)
     mass = torch.special.ndtr(upper) - torch.special.ndtr(lower)
     mid = inv_scale * centred
     log_pdf_mid = -0.5 * mid**2 - logscale - 0.5 * math.log(2 * math.pi)
     log_mass = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_pdf_mid + LOG_BIN_WIDTH)
-    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mass))
+    low, high = x < -0.999, x > 0.999
+    if x.device.type == "cpu":
+        low, high = low.expand_as(log_mass), high.expand_as(log_mass)
+        out = log_mass.masked_scatter(low, torch.special.log_ndtr(upper[low]))
+        return out.masked_scatter(high, torch.special.log_ndtr(-lower[high]))
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)
+    return torch.where(low, log_cdf_upper, torch.where(high, log_sf_lower, log_mass))
 
 
 class DecoderBlock(nn.Module):
