@@ -13,7 +13,9 @@ Side by side in one process: the head alone (forward + backward, each route's re
 against float64), then the 3D step (reg:bf16 and pos-seg, ``step.bench_3d``) with the head on each
 route, the routes alternating round by round. Rows go to --out (CSV); the last line is
 ``head route step speed-up (reg:bf16): N.NNx`` (conv step time over product-sum step time). The
-product's head stays the convolution until this shows a gain on a GPU.
+product's head stays the convolution until this shows a gain on a GPU. On the CPU the head runs
+``segcft.ops.gelu_pointwise`` (the route swapped here is the one it falls back to elsewhere), so
+there both routes time the same step.
 """
 
 from __future__ import annotations
