@@ -212,3 +212,14 @@ def test_gelu_conv3x3_matches_gelu_then_convolution(dims):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_of_another_length_is_torchs_error():
+    """conv3x3 and gelu_conv3x3 leave a bias of the wrong length to torch's convolution, which
+    reports it, instead of reading past its end."""
+    x = torch.randn(2, 4, 5, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, bad = torch.randn(4, 4, 3, 3), torch.zeros(3)
+    assert not conv3x3_applies(x, w, bad)
+    for fn in (ops.conv3x3, ops.gelu_conv3x3):
+        with pytest.raises(RuntimeError):
+            fn(x, w, bad)

@@ -223,3 +223,14 @@ def test_gelu_pointwise_other_cases_are_gelu_then_conv():
     with torch.no_grad():
         assert ops.gelu_pointwise_route(xc, wc, bc) == "planes"
         torch.testing.assert_close(ops.gelu_pointwise(xc, wc, bc), F.conv3d(F.gelu(xc), wc, bc))
+
+
+def test_gelu_pointwise_bias_of_another_length_is_torchs_error():
+    """A bias whose length is not the output channels never reaches the kernels: torch's
+    convolution reports it, in both layouts."""
+    for layout in ("rows", "planes3d"):
+        x, w, _, _ = _pointwise_case(2, 16, 4, 6, layout=layout)
+        bad = torch.zeros(3)
+        assert ops.gelu_pointwise_route(x.requires_grad_(), w, bad) is None
+        with pytest.raises(RuntimeError):
+            ops.gelu_pointwise(x, w, bad)

@@ -117,3 +117,17 @@ def test_decoder_block_matches_the_torch_route(conditional, monkeypatch):
             assert a is None
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    """Tensors the kernel cannot read, or noise of another shape, are refused with an OpValueError
+    naming the argument, before any memory is read."""
+    from segcft.ops import OpValueError
+
+    post, prior, eps, *_ = _case(4, 4)
+    with pytest.raises(OpValueError, match="post"):
+        ops.posterior_sample(post.contiguous(), prior, eps, 4)
+    with pytest.raises(OpValueError, match="eps must be"):
+        ops.posterior_sample(post, prior, eps[:, :3], 4)
+    with pytest.raises(OpValueError, match="eps must be"):
+        ops.posterior_sample(post, prior, eps[:2], 4)

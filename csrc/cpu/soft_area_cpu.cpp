@@ -270,6 +270,17 @@ void gelu_forward(const float* x, float* y, float* dydx, int64_t n, int num_thre
   });
 }
 
+// dw[0..nw) and db[0..nb) += the parts' weight and bias gradients, part i at partial[i * (nw + nb)],
+// summed part by part in order: the result does not depend on which thread computed which part.
+static void add_parts_in_order(const std::vector<float>& partial, int64_t parts, int64_t nw, int64_t nb,
+                               float* dw, float* db) {
+  for (int64_t i = 0; i < parts; ++i) {
+    const float* part = &partial[static_cast<std::size_t>(i * (nw + nb))];
+    for (int64_t k = 0; k < nw; ++k) dw[k] += part[k];
+    for (int64_t k = 0; k < nb; ++k) db[k] += part[nw + k];
+  }
+}
+
 bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                      bool channels_last, const float* x, const float* weight, const float* bias, float* y,
                      int num_threads) {
@@ -310,11 +321,7 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
       for (int64_t k = 0; k < n * ci; ++k) gi[k] *= mi[k];
     }
   });
-  for (int64_t i = 0; i < batch; ++i) {  // image order: the sums do not depend on the thread count
-    const float* part = &partial[static_cast<std::size_t>(i * (nw + co))];
-    for (int64_t k = 0; k < nw; ++k) dw[k] += part[k];
-    for (int64_t k = 0; k < co; ++k) db[k] += part[nw + k];
-  }
+  add_parts_in_order(partial, batch, nw, co, dw, db);
   return true;
 }
 
@@ -335,11 +342,7 @@ void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g,
     float* part = &partial[i * static_cast<std::size_t>(stride)];
     kernel(g + begin * O, y + begin * C, d + begin * C, w, gx + begin * C, part, part + O * C, len, C, O);
   });
-  for (int64_t i = 0; i < num_chunks; ++i) {  // chunk order: the sums do not depend on the thread count
-    const float* part = &partial[static_cast<std::size_t>(i * stride)];
-    for (int64_t k = 0; k < O * C; ++k) dw[k] += part[k];
-    for (int64_t k = 0; k < O; ++k) db[k] += part[O * C + k];
-  }
+  add_parts_in_order(partial, num_chunks, O * C, O, dw, db);
 }
 
 void pointwise_cf_forward(int64_t batch, int64_t S, int64_t C, int64_t O, const float* y, const float* w,
@@ -367,11 +370,7 @@ void gelu_pointwise_cf_backward(int64_t batch, int64_t S, int64_t C, int64_t O, 
     float* part = &partial[i * static_cast<std::size_t>(stride)];
     kernel(g + b_ * O * S, y + b_ * C * S, d + b_ * C * S, w, gx + b_ * C * S, part, part + O * C, S, C, O);
   });
-  for (int64_t i = 0; i < batch; ++i) {  // image order: the sums do not depend on the thread count
-    const float* part = &partial[static_cast<std::size_t>(i * stride)];
-    for (int64_t k = 0; k < O * C; ++k) dw[k] += part[k];
-    for (int64_t k = 0; k < O; ++k) db[k] += part[O * C + k];
-  }
+  add_parts_in_order(partial, batch, O * C, O, dw, db);
 }
 
 // The table for the latent kernels: with Z a multiple of 8 but not of 16, the AVX2 code (8 lanes)

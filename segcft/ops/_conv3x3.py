@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcft.ops import _backend
+from segcft.ops._gelu import gelu, gelu_pass
 
 CHANNELS = (2, 4, 8)
 """Channel counts (in = out) with a kernel; csrc/cpu/kernels.h ``conv3x3_supported`` agrees."""
@@ -106,11 +107,8 @@ class _GELUConv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        module = _backend.cpu_backend().module
-        assert module is not None  # checked by gelu_conv3x3()
         x, weight = x.contiguous(memory_format=_layout(x)), weight.contiguous()
-        y, dydx = torch.empty_like(x), torch.empty_like(x)  # dense like x: element i <-> element i
-        module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+        y, dydx = gelu_pass(x)
         ctx.save_for_backward(y, dydx, weight)
         ctx.has_bias = bias is not None
         return _forward(y, weight, bias)
@@ -123,12 +121,14 @@ class _GELUConv3x3(torch.autograd.Function):
         return gx, dw, db if ctx.has_bias else None
 
 
-def conv3x3_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`conv3x3` runs the kernel for this input and weight (else ``F.conv2d``)."""
+def conv3x3_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`conv3x3` runs the kernel for this input, weight and bias (else ``F.conv2d``,
+    which also reports shapes that do not match)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (weight.shape[0],)))
         and x.dim() in _FORMATS
         and tuple(weight.shape[1:]) == (x.shape[1],) + (3,) * (x.dim() - 2)
         and weight.shape[0] == x.shape[1]
@@ -144,7 +144,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     (C, C, 3, 3, 3) one): on the CPU kernel for a float32 x with C in :data:`CHANNELS` and rows of
     at least :data:`MIN_WIDTH` pixels outside autocast, through torch otherwise. The output keeps
     x's layout (channels-last, or else contiguous)."""
-    if conv3x3_applies(x, weight):
+    if conv3x3_applies(x, weight, bias):
         return _Conv3x3.apply(x, weight, bias)
     return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias, padding=1)
 
@@ -153,10 +153,8 @@ def gelu_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``conv3x3(gelu(x), weight, bias)``: on the kernel with gradients wherever :func:`conv3x3`
     is (GELU's derivative applied inside the convolution's backward; the same values), through
     those two functions otherwise."""
-    if conv3x3_applies(x, weight) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if conv3x3_applies(x, weight, bias) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _GELUConv3x3.apply(x, weight, bias)
-    from segcft.ops._gelu import gelu
-
     return conv3x3(gelu(x), weight, bias)
 
 

@@ -29,14 +29,20 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def gelu_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(x), GELU'(x)) of a dense float32 CPU x from the one-pass kernel, laid out as x
+    (element i of each is element i of x)."""
+    module = _backend.cpu_backend().module
+    assert module is not None  # checked by the callers' routes
+    y, dydx = torch.empty_like(x), torch.empty_like(x)
+    module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+    return y, dydx
+
+
 class _GELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        module = _backend.cpu_backend().module
-        assert module is not None  # checked by gelu()
-        x = _dense(x)
-        y, dydx = torch.empty_like(x), torch.empty_like(x)  # same strides: element i <-> element i
-        module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+        y, dydx = gelu_pass(_dense(x))
         ctx.save_for_backward(dydx)
         return y
 
@@ -81,8 +87,7 @@ class _GELUPointwise(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: str) -> torch.Tensor:
         module = _backend.cpu_backend().module
         assert module is not None  # checked by gelu_pointwise_route()
-        y, dydx = torch.empty_like(x), torch.empty_like(x)  # x is dense: so are they, alike
-        module.gelu_forward(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+        y, dydx = gelu_pass(x)  # x is dense (the route checked): so are they, alike
         ctx.save_for_backward(y, dydx, weight)
         ctx.has_bias, ctx.route = bias is not None, route
         if route == "rows":
@@ -124,13 +129,13 @@ class _GELUPointwise(torch.autograd.Function):
 def gelu_pointwise_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """How :func:`gelu_pointwise` runs ``x``: "rows" (a channels-last 2D x with gradients whose
     channels fill whole 16-lane vectors; narrower rows ran slower than oneDNN), "planes" (a
-    channels-first 2D or 3D x), or None (torch: another device or dtype, a kernel size above 1,
-    no compiled kernels)."""
+    channels-first 2D or 3D x), or None (torch, which also reports shapes that do not match: another
+    device or dtype, a kernel size above 1, no compiled kernels)."""
     if not (
         x.device.type == "cpu"
         and x.dim() in (4, 5)
         and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
+        and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (weight.shape[0],)))
         and weight.dim() == x.dim()
         and all(k == 1 for k in weight.shape[2:])
         and weight.shape[1] == x.shape[1]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from segcft.ops import _backend
+from segcft.ops._validate import OpValueError
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -88,6 +89,18 @@ def posterior_sample(
     prior's output prior (B, P, H, W) starting with (p_loc | p_logscale), and the noise eps (B, z_dim,
     H, W), all dense channels-last float32 on the CPU (:func:`latent_kernel_applies`): z = q_loc +
     temperature exp(q_logscale) eps, kl (B,) = KL(q || p) summed over each image in position order,
-    feat = the prior's other channels (dense). The values of the torch route to float rounding."""
+    feat = the prior's other channels (dense). The values of the torch route to float rounding.
+    Other inputs raise :class:`OpValueError`."""
+    if not latent_kernel_applies(post, prior, z_dim):
+        raise OpValueError(
+            f"posterior_sample: post {tuple(post.shape)} and prior {tuple(prior.shape)} must be dense "
+            f"channels-last float32 CPU tensors with 2 z_dim = {2 * z_dim} and at least that many channels "
+            "and the same batch and size (segcft._C loaded); see latent_kernel_applies"
+        )
+    want = (post.shape[0], z_dim, *post.shape[2:])
+    if tuple(eps.shape) != want or eps.dtype != torch.float32 or eps.device.type != "cpu":
+        raise OpValueError(
+            f"posterior_sample: eps must be a float32 CPU tensor of shape {want}, got {tuple(eps.shape)}"
+        )
     eps = eps.contiguous(memory_format=torch.channels_last)
     return _PosteriorSample.apply(post, prior, eps, z_dim, float(temperature))
