@@ -241,6 +241,25 @@ void gelu_forward(std::uintptr_t x_ptr, std::uintptr_t y_ptr, std::uintptr_t dyd
                             reinterpret_cast<float*>(dydx_ptr), n, num_threads);
 }
 
+void gelu_pointwise_forward(int64_t rows, int64_t c, int64_t o, std::uintptr_t x_ptr, std::uintptr_t w_ptr,
+                            std::uintptr_t b_ptr, std::uintptr_t y_ptr, std::uintptr_t d_ptr, std::uintptr_t out_ptr,
+                            int num_threads) {
+  if (rows < 0 || c <= 0 || o <= 0)
+    throw std::invalid_argument("gelu_pointwise_forward: rows must be >= 0 and c, o > 0");
+  check_ptr(w_ptr, "w_ptr");
+  if (rows > 0) {
+    check_ptr(x_ptr, "x_ptr");
+    check_ptr(y_ptr, "y_ptr");
+    check_ptr(d_ptr, "d_ptr");
+    check_ptr(out_ptr, "out_ptr");
+  }
+  py::gil_scoped_release release;
+  segcft::cpu::gelu_pointwise_forward(rows, c, o, reinterpret_cast<const float*>(x_ptr),
+                                      reinterpret_cast<const float*>(w_ptr), reinterpret_cast<const float*>(b_ptr),
+                                      reinterpret_cast<float*>(y_ptr), reinterpret_cast<float*>(d_ptr),
+                                      reinterpret_cast<float*>(out_ptr), num_threads);
+}
+
 void gelu_pointwise_backward(int64_t rows, int64_t c, int64_t o, std::uintptr_t g_ptr, std::uintptr_t y_ptr,
                              std::uintptr_t d_ptr, std::uintptr_t w_ptr, std::uintptr_t gx_ptr, std::uintptr_t dw_ptr,
                              std::uintptr_t db_ptr, int num_threads) {
@@ -414,6 +433,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("gelu_forward", &gelu_forward, py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dydx_ptr"), py::arg("n"),
         py::arg("num_threads"),
         "GELU (erf form) of n contiguous float32 values into y, and its derivative into dydx, in one pass.");
+  m.def("gelu_pointwise_forward", &gelu_pointwise_forward, py::arg("rows"), py::arg("c"), py::arg("o"),
+        py::arg("x_ptr"), py::arg("w_ptr"), py::arg("b_ptr"), py::arg("y_ptr"), py::arg("d_ptr"), py::arg("out_ptr"),
+        py::arg("num_threads"),
+        "conv1x1(GELU(x), w) + b over rows channels-last positions (float32, contiguous): x [rows][c], w [o][c], "
+        "b [o] (0: none) -> out [rows][o], with y = GELU(x) and d = GELU'(x) [rows][c] written for the backward; "
+        "each chunk of rows is convolved while its GELU is in cache.");
   m.def("gelu_pointwise_backward", &gelu_pointwise_backward, py::arg("rows"), py::arg("c"), py::arg("o"),
         py::arg("g_ptr"), py::arg("y_ptr"), py::arg("d_ptr"), py::arg("w_ptr"), py::arg("gx_ptr"), py::arg("dw_ptr"),
         py::arg("db_ptr"), py::arg("num_threads"),

@@ -148,10 +148,14 @@ bool conv3x3_forward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h
 bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t h, int64_t w, bool d3,
                       bool channels_last, const float* x, const float* weight, const float* gy, float* gx, float* dw,
                       float* db, int num_threads, const float* mult = nullptr);
-// Backward of out = conv1x1(GELU(x)) (weight w [O][C]) over `rows` channels-last positions, from
-// y = GELU(x) and d = GELU'(x) [rows][C] and the output gradient g [rows][O]: the input gradient
-// gx [rows][C], the weight gradient dw [O][C] and the bias gradient db [O], in one pass over the
-// tensors; the sums run over fixed chunks of rows in order (the same values for any thread count).
+// out = conv1x1(GELU(x), w) + b (weight w [O][C], b [O] or null) over `rows` channels-last
+// positions x [rows][C] -> out [rows][O], with y = GELU(x) and d = GELU'(x) [rows][C] written for
+// the backward; each chunk of rows is convolved while its GELU is in cache.
+void gelu_pointwise_forward(int64_t rows, int64_t C, int64_t O, const float* x, const float* w, const float* b,
+                            float* y, float* d, float* out, int num_threads);
+// Its backward from y, d and the output gradient g [rows][O]: the input gradient gx [rows][C], the
+// weight gradient dw [O][C] and the bias gradient db [O], in one pass over the tensors; the sums
+// run over fixed chunks of rows in order (the same values for any thread count).
 void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
                              const float* w, float* gx, float* dw, float* db, int num_threads);
 // The same two for channels-first images [batch][C or O][S]: pointwise_cf_forward writes

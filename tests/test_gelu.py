@@ -161,6 +161,8 @@ POINTWISE_CASES = [
     (3, 32, 8, 7, "rows"),
     (2, 48, 5, 13, "rows"),
     (5, 16, 2, 9, "rows"),
+    (2, 16, 20, 5, "rows"),
+    (1, 32, 48, 3, "rows"),
     (4, 8, 2, 11, "planes3d"),
     (2, 2, 8, 16, "planes3d"),
     (3, 5, 3, 7, "planes"),
@@ -172,7 +174,9 @@ POINTWISE_CASES = [
 def test_gelu_pointwise_matches_float64(isa, shape, monkeypatch):
     """conv1x1(GELU(x)) and its three gradients against float64, on every instruction set, in both
     layouts: row counts that do and do not fill the kernel's 256-position chunks, channel counts of
-    one or more whole vectors, position counts with and without a scalar tail."""
+    one or more whole vectors, position counts with and without a scalar tail, outputs that fill
+    part of a vector, one, two or three vectors (the forward's tiles of 4 or 8 rows and the rows
+    left over)."""
     monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
     *case, layout = shape
     x, w, b, grad = _pointwise_case(*case, layout=layout)

@@ -87,6 +87,11 @@ struct KernelTable {
   // gradients dw[o][c] = sum_m g[m][o] y[m][c], db[o] = sum_m g[m][o] (overwritten, rows in order).
   void (*gelu_pointwise_backward)(const float* g, const float* y, const float* d, const float* w, float* gx,
                                   float* dw, float* db, int64_t rows, int64_t C, int64_t O);
+  // Channels-last 1x1 convolution of `rows` rows: out[m][o] = bias[o] + sum_c y[m][c] wt[c][o], the
+  // weight transposed into wt [C][OP] and the bias into bias [OP], zero-padded to OP outputs (a
+  // multiple of 16).
+  void (*pointwise_rows)(const float* y, const float* wt, const float* bias, float* out, int64_t rows, int64_t C,
+                         int64_t O, int64_t OP);
   // Channels-first 1x1 convolution of one image: out[o][s] = b[o] + sum_c w[o][c] y[c][s] over S
   // positions (b may be null).
   void (*pointwise_cf_forward)(const float* y, const float* w, const float* b, float* out, int64_t S, int64_t C,

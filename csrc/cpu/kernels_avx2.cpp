@@ -151,6 +151,7 @@ KernelTable avx2_kernels() {
           &gelu_chunk_impl<Vec256>,
           &conv3x3_forward_impl<Vec256>, &conv3x3_backward_impl<Vec256>,
           &gelu_pointwise_backward_impl<Vec256>,
+          &pointwise_rows_impl<Vec256>,
           &pointwise_cf_forward_impl<Vec256>, &gelu_pointwise_cf_backward_impl<Vec256>,
           &latent_forward_impl<Vec256>, &latent_backward_impl<Vec256>};
 }

@@ -159,6 +159,7 @@ KernelTable avx512_kernels() {
           &gelu_chunk_impl<Vec512>,
           &conv3x3_forward_impl<Vec512>, &conv3x3_backward_impl<Vec512>,
           &gelu_pointwise_backward_impl<Vec512>,
+          &pointwise_rows_impl<Vec512>,
           &pointwise_cf_forward_impl<Vec512>, &gelu_pointwise_cf_backward_impl<Vec512>,
           &latent_forward_impl<Vec512>, &latent_backward_impl<Vec512>};
 }

@@ -625,6 +625,62 @@ void gelu_pointwise_backward_impl(const float* g, const float* y, const float* d
   }
 }
 
+// R rows by Q output vectors of pointwise_rows_impl from output o0: R * Q independent
+// accumulators, each summing its channels in order, so that the FMAs' latency is hidden.
+template <class V, int R, int Q>
+inline void pointwise_rows_tile(const float* y, const float* wt, const float* bias, float* out, int64_t C, int64_t O,
+                                int64_t OP, int64_t o0) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  F acc[R][Q];
+  for (int q = 0; q < Q; ++q) {
+    const F bq = V::load_s(bias + o0 + q * W);
+    for (int r = 0; r < R; ++r) acc[r][q] = bq;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    F wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = V::load_s(wt + c * OP + o0 + q * W);
+    for (int r = 0; r < R; ++r) {
+      const F yv = V::set1(y[r * C + c]);
+      for (int q = 0; q < Q; ++q) acc[r][q] = V::fmadd(yv, wv[q], acc[r][q]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const int64_t o = o0 + q * W;
+    const int64_t n = min64(W, O - o);  // outputs of this vector that exist
+    for (int r = 0; r < R; ++r) {
+      if (n == W) {
+        V::store_s(out + r * O + o, acc[r][q]);
+      } else {
+        alignas(64) float lanes[W];
+        V::store_s(lanes, acc[r][q]);
+        for (int64_t k = 0; k < n; ++k) out[r * O + o + k] = lanes[k];
+      }
+    }
+  }
+}
+
+// out[m][o] = bias[o] + sum_c y[m][c] wt[c][o] for `rows` channels-last rows y [rows][C] (out
+// [rows][O]), from the weight transposed with its outputs zero-padded, wt [C][OP], and the bias
+// padded alike, bias [OP] (OP a multiple of W).
+template <class V>
+void pointwise_rows_impl(const float* y, const float* wt, const float* bias, float* out, int64_t rows, int64_t C,
+                         int64_t O, int64_t OP) {
+  constexpr int W = V::W;
+  const int64_t ov = (O + W - 1) / W * W;  // outputs in vectors that hold any
+  int64_t o0 = 0;
+  for (; o0 + 2 * W <= ov; o0 += 2 * W) {  // two output vectors, four rows at a time
+    int64_t m = 0;
+    for (; m + 4 <= rows; m += 4) pointwise_rows_tile<V, 4, 2>(y + m * C, wt, bias, out + m * O, C, O, OP, o0);
+    for (; m < rows; ++m) pointwise_rows_tile<V, 1, 2>(y + m * C, wt, bias, out + m * O, C, O, OP, o0);
+  }
+  if (o0 < ov) {  // one output vector, eight rows at a time
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8) pointwise_rows_tile<V, 8, 1>(y + m * C, wt, bias, out + m * O, C, O, OP, o0);
+    for (; m < rows; ++m) pointwise_rows_tile<V, 1, 1>(y + m * C, wt, bias, out + m * O, C, O, OP, o0);
+  }
+}
+
 template <class V>
 void pointwise_cf_forward_impl(const float* y, const float* w, const float* b, float* out, int64_t S, int64_t C,
                                int64_t O) {

@@ -184,6 +184,7 @@ KernelTable scalar_kernels() {
   return {"scalar", &scratch_bytes, &forward_chunk, &backward_chunk, &gelu_chunk_impl<VecF>,
           &conv3x3_forward_impl<VecF>, &conv3x3_backward_impl<VecF>,
           &gelu_pointwise_backward_impl<VecF>,
+          &pointwise_rows_impl<VecF>,
           &pointwise_cf_forward_impl<VecF>, &gelu_pointwise_cf_backward_impl<VecF>,
           &latent_forward_impl<VecF>, &latent_backward_impl<VecF>};
 }

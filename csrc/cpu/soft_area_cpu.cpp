@@ -325,6 +325,33 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
   return true;
 }
 
+// Workers for the channels-last gelu_pointwise passes over `rows` rows of C channels.
+static int pointwise_threads(int64_t rows, int64_t C, int64_t num_chunks, int num_threads) {
+  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), num_chunks);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows * C / kMinElementsPerThread)));
+}
+
+void gelu_pointwise_forward(int64_t rows, int64_t C, int64_t O, const float* x, const float* w, const float* b,
+                            float* y, float* d, float* out, int num_threads) {
+  if (rows <= 0 || C <= 0 || O <= 0) return;
+  const KernelTable table = select_table(DType::Float32);
+  const int64_t OP = (O + 15) / 16 * 16;  // whole vectors of any table's width
+  std::vector<float> wt(static_cast<std::size_t>(C * OP), 0.0f), bias(static_cast<std::size_t>(OP), 0.0f);
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t c = 0; c < C; ++c) wt[static_cast<std::size_t>(c * OP + o)] = w[o * C + c];
+    if (b != nullptr) bias[static_cast<std::size_t>(o)] = b[o];
+  }
+  const int64_t num_chunks = (rows + kPointwiseRows - 1) / kPointwiseRows;
+  run_chunks(static_cast<std::size_t>(num_chunks), pointwise_threads(rows, C, num_chunks, num_threads), 0,
+             [&](std::size_t i, void*) {
+               const int64_t begin = static_cast<int64_t>(i) * kPointwiseRows;
+               const int64_t len = std::min(kPointwiseRows, rows - begin);
+               table.gelu_chunk(x + begin * C, y + begin * C, d + begin * C, len * C);
+               // the chunk's GELU(x) is still in cache
+               table.pointwise_rows(y + begin * C, wt.data(), bias.data(), out + begin * O, len, C, O, OP);
+             });
+}
+
 void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g, const float* y, const float* d,
                              const float* w, float* gx, float* dw, float* db, int num_threads) {
   std::fill(dw, dw + O * C, 0.0f);
@@ -334,14 +361,13 @@ void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g,
   const int64_t num_chunks = (rows + kPointwiseRows - 1) / kPointwiseRows;
   const int64_t stride = O * C + O;
   std::vector<float> partial(static_cast<std::size_t>(num_chunks * stride));
-  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), num_chunks);
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows * C / kMinElementsPerThread));
-  run_chunks(static_cast<std::size_t>(num_chunks), static_cast<int>(threads), 0, [&](std::size_t i, void*) {
-    const int64_t begin = static_cast<int64_t>(i) * kPointwiseRows;
-    const int64_t len = std::min(kPointwiseRows, rows - begin);
-    float* part = &partial[i * static_cast<std::size_t>(stride)];
-    kernel(g + begin * O, y + begin * C, d + begin * C, w, gx + begin * C, part, part + O * C, len, C, O);
-  });
+  run_chunks(static_cast<std::size_t>(num_chunks), pointwise_threads(rows, C, num_chunks, num_threads), 0,
+             [&](std::size_t i, void*) {
+               const int64_t begin = static_cast<int64_t>(i) * kPointwiseRows;
+               const int64_t len = std::min(kPointwiseRows, rows - begin);
+               float* part = &partial[i * static_cast<std::size_t>(stride)];
+               kernel(g + begin * O, y + begin * C, d + begin * C, w, gx + begin * C, part, part + O * C, len, C, O);
+             });
   add_parts_in_order(partial, num_chunks, O * C, O, dw, db);
 }
 
