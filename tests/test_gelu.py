@@ -163,6 +163,8 @@ POINTWISE_CASES = [
     (5, 16, 2, 9, "rows"),
     (2, 16, 20, 5, "rows"),
     (1, 32, 48, 3, "rows"),
+    (3, 8, 32, 7, "rows"),
+    (2, 24, 6, 5, "rows"),
     (4, 8, 2, 11, "planes3d"),
     (2, 2, 8, 16, "planes3d"),
     (3, 5, 3, 7, "planes"),
@@ -176,7 +178,8 @@ def test_gelu_pointwise_matches_float64(isa, shape, monkeypatch):
     layouts: row counts that do and do not fill the kernel's 256-position chunks, channel counts of
     one or more whole vectors, position counts with and without a scalar tail, outputs that fill
     part of a vector, one, two or three vectors (the forward's tiles of 4 or 8 rows and the rows
-    left over)."""
+    left over); rows of 8 and 24 channels (whole 8-lane vectors: the AVX2 code on an AVX-512
+    build)."""
     monkeypatch.setenv("SEGCFT_CPU_ISA", isa)
     *case, layout = shape
     x, w, b, grad = _pointwise_case(*case, layout=layout)
@@ -211,7 +214,7 @@ def test_gelu_pointwise_threads_do_not_change_results(layout):
 def test_gelu_pointwise_other_cases_are_gelu_then_conv():
     """Narrow channels-last rows, channels-last rows without a gradient, other strides and float64
     take torch's route, with the same values; channels-first inputs without a gradient the kernel's."""
-    x, w, b, _ = _pointwise_case(2, 8, 4, 6)  # 8 channels: not whole 16-lane vectors
+    x, w, b, _ = _pointwise_case(2, 4, 4, 6)  # 4 channels: not whole 8-lane vectors
     xr = x.clone().requires_grad_()
     assert ops.gelu_pointwise_route(xr, w, b) is None
     assert torch.equal(ops.gelu_pointwise(xr, w, b), F.conv2d(ops.gelu(xr), w, b))

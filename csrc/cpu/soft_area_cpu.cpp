@@ -325,6 +325,16 @@ bool conv3x3_backward(int64_t batch, int64_t ci, int64_t co, int64_t d, int64_t 
   return true;
 }
 
+// The table for rows of n channels (or latents): with n a multiple of 8 but not of 16, the AVX2 code
+// (8 lanes) fills its vectors where AVX-512's would leave half of each idle or run a scalar tail.
+static KernelTable channels_table(int64_t n) {
+  KernelTable table = select_table(DType::Float32);
+#if defined(SEGCFT_HAVE_X86_KERNELS)
+  if (n % 16 != 0 && n % 8 == 0 && std::string(table.name) == "avx512") table = avx2_kernels();
+#endif
+  return table;
+}
+
 // Workers for the channels-last gelu_pointwise passes over `rows` rows of C channels.
 static int pointwise_threads(int64_t rows, int64_t C, int64_t num_chunks, int num_threads) {
   int64_t threads = std::min<int64_t>(std::max(num_threads, 1), num_chunks);
@@ -334,7 +344,7 @@ static int pointwise_threads(int64_t rows, int64_t C, int64_t num_chunks, int nu
 void gelu_pointwise_forward(int64_t rows, int64_t C, int64_t O, const float* x, const float* w, const float* b,
                             float* y, float* d, float* out, int num_threads) {
   if (rows <= 0 || C <= 0 || O <= 0) return;
-  const KernelTable table = select_table(DType::Float32);
+  const KernelTable table = channels_table(C);
   const int64_t OP = (O + 15) / 16 * 16;  // whole vectors of any table's width
   std::vector<float> wt(static_cast<std::size_t>(C * OP), 0.0f), bias(static_cast<std::size_t>(OP), 0.0f);
   for (int64_t o = 0; o < O; ++o) {
@@ -357,7 +367,7 @@ void gelu_pointwise_backward(int64_t rows, int64_t C, int64_t O, const float* g,
   std::fill(dw, dw + O * C, 0.0f);
   std::fill(db, db + O, 0.0f);
   if (rows <= 0 || C <= 0 || O <= 0) return;
-  const auto kernel = select_table(DType::Float32).gelu_pointwise_backward;
+  const auto kernel = channels_table(C).gelu_pointwise_backward;
   const int64_t num_chunks = (rows + kPointwiseRows - 1) / kPointwiseRows;
   const int64_t stride = O * C + O;
   std::vector<float> partial(static_cast<std::size_t>(num_chunks * stride));
@@ -399,20 +409,10 @@ void gelu_pointwise_cf_backward(int64_t batch, int64_t S, int64_t C, int64_t O, 
   add_parts_in_order(partial, batch, O * C, O, dw, db);
 }
 
-// The table for the latent kernels: with Z a multiple of 8 but not of 16, the AVX2 code (8 lanes)
-// fills its vectors where AVX-512's would leave half of each lane idle.
-KernelTable latent_table(int64_t Z) {
-  KernelTable table = select_table(DType::Float32);
-#if defined(SEGCFT_HAVE_X86_KERNELS)
-  if (Z % 16 != 0 && Z % 8 == 0 && std::string(table.name) == "avx512") table = avx2_kernels();
-#endif
-  return table;
-}
-
 void latent_forward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const float* post, const float* prior,
                     const float* eps, float* z, float* feat, float* kl, float t, int num_threads) {
   if (batch <= 0) return;
-  const auto kernel = latent_table(Z).latent_forward;
+  const auto kernel = channels_table(Z).latent_forward;
   const int64_t nf = P - 2 * Z;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
   run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t b, void*) {
@@ -427,7 +427,7 @@ void latent_backward(int64_t batch, int64_t rows, int64_t Z, int64_t P, const fl
                      const float* eps, const float* gz, const float* gkl, const float* gfeat, float* dpost,
                      float* dprior, float t, int num_threads) {
   if (batch <= 0) return;
-  const auto kernel = latent_table(Z).latent_backward;
+  const auto kernel = channels_table(Z).latent_backward;
   const int64_t nf = P - 2 * Z;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), batch));
   run_chunks(static_cast<std::size_t>(batch), threads, 0, [&](std::size_t b, void*) {

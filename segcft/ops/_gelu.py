@@ -139,7 +139,7 @@ class _GELUPointwise(torch.autograd.Function):
 
 def gelu_pointwise_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """How :func:`gelu_pointwise` runs ``x``: "rows" (a channels-last 2D x with gradients whose
-    channels fill whole 16-lane vectors; narrower rows ran slower than oneDNN), "planes" (a
+    channels fill whole 8-lane vectors; 4-channel rows ran slower than oneDNN), "planes" (a
     channels-first 2D or 3D x), or None (torch, which also reports shapes that do not match: another
     device or dtype, a kernel size above 1, no compiled kernels)."""
     if not (
@@ -155,7 +155,7 @@ def gelu_pointwise_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         and _backend.cpu_backend().module is not None
     ):
         return None
-    if x.dim() == 4 and x.shape[1] % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last):
+    if x.dim() == 4 and x.shape[1] % 8 == 0 and x.is_contiguous(memory_format=torch.channels_last):
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         return "rows" if grad else None
     return "planes" if x.is_contiguous() else None
