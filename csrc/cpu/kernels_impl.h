@@ -643,10 +643,20 @@ void gelu_pointwise_backward_impl(const float* g, const float* y, const float* d
       dw[o * C + c] = s;
     }
   }
-  for (int64_t o = 0; o < O; ++o) {
-    float s = 0.0f;
-    for (int64_t m = 0; m < rows; ++m) s += g[m * O + o];
-    db[o] = s;
+  // db[o]: each output's sum over the rows in order, whole vectors of outputs at a time, the rest
+  // side by side in one pass over the rows (one output's serial chain of adds at a time waited on
+  // each add's latency: a third of a millisecond a call for 64 outputs of 4096 rows)
+  const int64_t ov = O / W * W;
+  for (int64_t o = 0; o < ov; o += W) {
+    F acc = V::zero();
+    for (int64_t m = 0; m < rows; ++m) acc = V::add(acc, V::load_s(g + m * O + o));
+    V::store_s(db + o, acc);
+  }
+  if (ov < O) {
+    float acc[W > 1 ? W : 1] = {};
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t o = ov; o < O; ++o) acc[o - ov] += g[m * O + o];
+    for (int64_t o = ov; o < O; ++o) db[o] = acc[o - ov];
   }
 }
 
