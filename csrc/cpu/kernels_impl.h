@@ -739,6 +739,31 @@ void pointwise_cf_forward_impl(const float* y, const float* w, const float* b, f
   }
 }
 
+// out[k * step] = sum over the S positions of g[k * S + s] * y[s] (of g[k * S + s] alone when y is
+// null) for NB outputs k, their chains of FMAs side by side (one output's chain at a time waited
+// on each FMA's latency); each sums its whole vectors in order, then its scalar tail.
+template <class V, int NB>
+inline void cf_sums_block(const float* g, const float* y, float* out, int64_t S, int64_t step) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const int64_t sv = S / W * W;
+  F acc[NB];
+  for (int k = 0; k < NB; ++k) acc[k] = V::zero();
+  for (int64_t s = 0; s < sv; s += W) {
+    if (y != nullptr) {
+      const F yv = V::load_s(y + s);
+      for (int k = 0; k < NB; ++k) acc[k] = V::fmadd(V::load_s(g + k * S + s), yv, acc[k]);
+    } else {
+      for (int k = 0; k < NB; ++k) acc[k] = V::add(acc[k], V::load_s(g + k * S + s));
+    }
+  }
+  for (int k = 0; k < NB; ++k) {
+    float rest = 0.0f;
+    for (int64_t s = sv; s < S; ++s) rest += y != nullptr ? g[k * S + s] * y[s] : g[k * S + s];
+    out[k * step] = V::hsum(acc[k]) + rest;
+  }
+}
+
 template <class V>
 void gelu_pointwise_cf_backward_impl(const float* g, const float* y, const float* d, const float* w, float* gx,
                                      float* dw, float* db, int64_t S, int64_t C, int64_t O) {
@@ -759,22 +784,22 @@ void gelu_pointwise_cf_backward_impl(const float* g, const float* y, const float
       for (int64_t o = 0; o < O; ++o) acc += w[o * C + c] * g[o * S + s];
       gxc[s] = dc[s] * acc;
     }
-    for (int64_t o = 0; o < O; ++o) {  // dw[o][c]: a dot product over the positions
-      const float* go = g + o * S;
-      F acc = V::zero();
-      for (int64_t s = 0; s < sv; s += W) acc = V::fmadd(V::load_s(go + s), V::load_s(yc + s), acc);
-      float rest = 0.0f;
-      for (int64_t s = sv; s < S; ++s) rest += go[s] * yc[s];
-      dw[o * C + c] = V::hsum(acc) + rest;
+    for (int64_t o0 = 0; o0 < O; o0 += 4) {  // dw[o][c]: dot products over the positions
+      switch (min64(4, O - o0)) {
+        case 1: cf_sums_block<V, 1>(g + o0 * S, yc, dw + o0 * C + c, S, C); break;
+        case 2: cf_sums_block<V, 2>(g + o0 * S, yc, dw + o0 * C + c, S, C); break;
+        case 3: cf_sums_block<V, 3>(g + o0 * S, yc, dw + o0 * C + c, S, C); break;
+        default: cf_sums_block<V, 4>(g + o0 * S, yc, dw + o0 * C + c, S, C); break;
+      }
     }
   }
-  for (int64_t o = 0; o < O; ++o) {
-    const float* go = g + o * S;
-    F acc = V::zero();
-    for (int64_t s = 0; s < sv; s += W) acc = V::add(acc, V::load_s(go + s));
-    float rest = 0.0f;
-    for (int64_t s = sv; s < S; ++s) rest += go[s];
-    db[o] = V::hsum(acc) + rest;
+  for (int64_t o0 = 0; o0 < O; o0 += 4) {  // db[o]: sums over the positions
+    switch (min64(4, O - o0)) {
+      case 1: cf_sums_block<V, 1>(g + o0 * S, nullptr, db + o0, S, 1); break;
+      case 2: cf_sums_block<V, 2>(g + o0 * S, nullptr, db + o0, S, 1); break;
+      case 3: cf_sums_block<V, 3>(g + o0 * S, nullptr, db + o0, S, 1); break;
+      default: cf_sums_block<V, 4>(g + o0 * S, nullptr, db + o0, S, 1); break;
+    }
   }
 }
 
