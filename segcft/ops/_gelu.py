@@ -97,10 +97,9 @@ class _GELUPointwise(torch.autograd.Function):
         if route == "rows":  # each chunk of rows convolved while its GELU is in cache
             y, dydx = torch.empty_like(x), torch.empty_like(x)
             out = torch.empty((x.shape[0], out_ch, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
-            ptrs = (t.data_ptr() for t in (x, w))
             module.gelu_pointwise_forward(
-                x.numel() // in_ch, in_ch, out_ch, *ptrs, b_ptr, y.data_ptr(), dydx.data_ptr(), out.data_ptr(),
-                torch.get_num_threads(),
+                x.numel() // in_ch, in_ch, out_ch, x.data_ptr(), w.data_ptr(), b_ptr, y.data_ptr(), dydx.data_ptr(),
+                out.data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
             ctx.save_for_backward(y, dydx, weight)
             return out
