@@ -241,11 +241,14 @@ void gelu_forward(std::uintptr_t x_ptr, std::uintptr_t y_ptr, std::uintptr_t dyd
                             reinterpret_cast<float*>(dydx_ptr), n, num_threads);
 }
 
+void check_rows_dims(const char* name, int64_t rows, int64_t c, int64_t o) {
+  if (rows < 0 || c <= 0 || o <= 0) throw std::invalid_argument(std::string(name) + ": rows must be >= 0 and c, o > 0");
+}
+
 void gelu_pointwise_forward(int64_t rows, int64_t c, int64_t o, std::uintptr_t x_ptr, std::uintptr_t w_ptr,
                             std::uintptr_t b_ptr, std::uintptr_t y_ptr, std::uintptr_t d_ptr, std::uintptr_t out_ptr,
                             int num_threads) {
-  if (rows < 0 || c <= 0 || o <= 0)
-    throw std::invalid_argument("gelu_pointwise_forward: rows must be >= 0 and c, o > 0");
+  check_rows_dims("gelu_pointwise_forward", rows, c, o);
   check_ptr(w_ptr, "w_ptr");
   if (rows > 0) {
     check_ptr(x_ptr, "x_ptr");
@@ -263,8 +266,7 @@ void gelu_pointwise_forward(int64_t rows, int64_t c, int64_t o, std::uintptr_t x
 void gelu_pointwise_backward(int64_t rows, int64_t c, int64_t o, std::uintptr_t g_ptr, std::uintptr_t y_ptr,
                              std::uintptr_t d_ptr, std::uintptr_t w_ptr, std::uintptr_t gx_ptr, std::uintptr_t dw_ptr,
                              std::uintptr_t db_ptr, int num_threads) {
-  if (rows < 0 || c <= 0 || o <= 0)
-    throw std::invalid_argument("gelu_pointwise_backward: rows must be >= 0 and c, o > 0");
+  check_rows_dims("gelu_pointwise_backward", rows, c, o);
   check_ptr(w_ptr, "w_ptr");
   check_ptr(dw_ptr, "dw_ptr");
   check_ptr(db_ptr, "db_ptr");

@@ -123,13 +123,12 @@ class _GELUPointwise(torch.autograd.Function):
         gx = torch.empty_like(y)
         dw = torch.empty((out_ch, in_ch), dtype=y.dtype)
         db = torch.empty(out_ch, dtype=y.dtype)
-        if ctx.route == "rows":
-            g = grad.contiguous(memory_format=torch.channels_last)
-            ptrs = (t.data_ptr() for t in (g, y, dydx, w, gx, dw, db))
+        rows = ctx.route == "rows"
+        g = grad.contiguous(memory_format=torch.channels_last if rows else torch.contiguous_format)
+        ptrs = [t.data_ptr() for t in (g, y, dydx, w, gx, dw, db)]
+        if rows:
             module.gelu_pointwise_backward(y.numel() // in_ch, in_ch, out_ch, *ptrs, torch.get_num_threads())
         else:
-            g = grad.contiguous()
-            ptrs = (t.data_ptr() for t in (g, y, dydx, w, gx, dw, db))
             module.gelu_pointwise_cf_backward(
                 y.shape[0], y[0, 0].numel(), in_ch, out_ch, *ptrs, torch.get_num_threads()
             )
