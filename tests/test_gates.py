@@ -202,6 +202,33 @@ def test_responsiveness_separates_a_generator_that_follows_from_one_that_ignores
     assert evaluate(toy_run, tmp_path / "off", figures=False)["responsiveness"] == {}
 
 
+def test_responsiveness_tells_the_decoder_mean_from_the_abducted_pixel_noise(tmp_path, toy_run):
+    """A generator whose decoder mean re-renders the subject exactly but whose abducted latent
+    misreads the background (0.5 too bright), so the pixel noise u = x - mu holds -0.5 outside
+    the structures: new structure pixels come out at mu* - 0.5 and are not counted, removed ones
+    are. The decoder-mean slope reads 1; the counterfactual's, which keeps the factual outline
+    where the structure grows, falls well under it and is warned with the mean's beside it."""
+    from _toy_run import OracleGenerator
+
+    from segcft.evaluation import evaluate
+
+    class Misfit(OracleGenerator):
+        def abduct(self, x: torch.Tensor, pa: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+            return super().abduct(x, pa) + 0.5
+
+    toy_run.generators = {"misfit": Misfit(), "exact": _prior_mean_generators()["follows"]}
+    res = evaluate(toy_run, tmp_path, figures=False)
+    resp = res["responsiveness"]
+    for name in ("blob_area", "spot_area"):
+        assert resp["misfit"][name]["abducted_mean"] == pytest.approx(1.0, abs=0.05)
+        assert resp["misfit"][name]["abducted"] < 0.6  # 0.41-0.42: new pixels read as background
+        assert resp["exact"][name]["abducted_mean"] == pytest.approx(resp["exact"][name]["abducted"], abs=1e-9)
+    assert "slope (abducted, decoder mean)" in (tmp_path / "report.md").read_text()
+    low = [w for w in res["warnings"] if "'misfit'" in w]
+    assert len(low) == 2 and all("on their decoder mean alone" in w for w in low)
+    assert not any("'exact'" in w for w in res["warnings"])
+
+
 def test_responsiveness_goes_through_the_models_one_evaluation_batch_at_a_time(tmp_path, toy_run):
     """Sixteen subjects of 3D volumes at once can exhaust memory: the check abducts and decodes
     no more subjects at a time than the evaluation's batch, with the same slopes."""
@@ -225,7 +252,7 @@ def test_responsiveness_goes_through_the_models_one_evaluation_batch_at_a_time(t
     for mode, entry in whole.items():
         for name, r in entry.items():
             assert chunked[mode][name]["images"] == r["images"] == 12
-            for kind in ("abducted", "prior_mean"):
+            for kind in ("abducted", "abducted_mean", "prior_mean"):
                 assert chunked[mode][name][kind] == pytest.approx(r[kind], abs=1e-9)
 
 

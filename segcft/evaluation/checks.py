@@ -54,8 +54,10 @@ def responsiveness(
     """Per mode and structure variable, the within-subject slope of the area measured by ``seg``
     (the guide) against the intervened area, over the ``QUANTILES`` of the split's values, for
     (i) ``prior_mean`` decodes (``generator.sample(pa, temperature=0)``: z at its prior mean, the
-    parents of each subject of the batch ``data`` with the structure set) and (ii) ``abducted``
-    counterfactuals of those subjects; ``split_parents`` (N, P) gives the quantiles. 1 follows
+    parents of each subject of the batch ``data`` with the structure set), (ii) ``abducted``
+    counterfactuals of those subjects and (iii) ``abducted_mean``, their decoder mean mu* alone
+    (without the pixel noise u abducted from the factual image: where it is well above (ii), u
+    keeps the factual outline); ``split_parents`` (N, P) gives the quantiles. 1 follows
     the parent exactly, 0 ignores it; None where a slope is undefined (no ``sample``). Subjects
     go through the models ``batch_size`` at a time (all at once when None), so that the check
     needs no more memory than the evaluation's own batches."""
@@ -72,7 +74,7 @@ def responsiveness(
     for mode, dscm in dscms.items():
         sample = getattr(dscm.generator, "sample", None)
         rows: dict[str, dict[str, list[torch.Tensor]]] = {
-            var.name: {"t": [], "abducted": [], "prior": []} for var in info.structure_variables
+            var.name: {"t": [], "abducted": [], "mean": [], "prior": []} for var in info.structure_variables
         }
         torch.manual_seed(int(seed) * 7 + 3)
         for chunk in chunks:
@@ -86,8 +88,9 @@ def responsiveness(
                     for v in values[var.name]
                 ]
                 r["t"].append(torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1))
-                measured = [meas(seg(abduction.under(p)), regions)[:, j] for p in pa_cf]
-                r["abducted"].append(torch.stack(measured, 1))
+                decoded = [abduction.under_with_mean(p) for p in pa_cf]
+                r["abducted"].append(torch.stack([meas(seg(x_cf), regions)[:, j] for x_cf, _ in decoded], 1))
+                r["mean"].append(torch.stack([meas(seg(mu), regions)[:, j] for _, mu in decoded], 1))
                 if callable(sample):
                     measured = [meas(seg(sample(p, temperature=0.0)), regions)[:, j] for p in pa_cf]
                     r["prior"].append(torch.stack(measured, 1))
@@ -97,6 +100,7 @@ def responsiveness(
             t = torch.cat(r["t"])
             entry[var.name] = {
                 "abducted": _slope(t, torch.cat(r["abducted"])),
+                "abducted_mean": _slope(t, torch.cat(r["mean"])),
                 "prior_mean": _slope(t, torch.cat(r["prior"])) if r["prior"] else None,
                 "images": n,
                 "values": [float(a) for a in t.mean(0)],
@@ -223,9 +227,11 @@ def warnings(result: Mapping[str, Any]) -> list[str]:
         for name, e in entry.items():
             slope = e.get("abducted")
             if slope is not None and slope < SLOPE_WARN:
+                mean = e.get("abducted_mean")
                 lines.append(
                     f"generator {mode!r} barely responds to {name}: the guide measures a slope of {slope:.2f} "
                     f"(under {SLOPE_WARN}) of its area against the intervened one on abducted counterfactuals"
+                    + (f" ({mean:.2f} on their decoder mean alone)" if mean is not None else "")
                 )
     return lines
 
@@ -239,15 +245,27 @@ def sections(result: Mapping[str, Any]) -> list[str]:
         L.append(
             "Within-subject slope of the area measured by the guide against the intervened area "
             f"(quantiles {', '.join(f'{q:g}' for q in QUANTILES)} of the split's values): prior-mean decodes "
-            "(z at its prior mean) and abducted counterfactuals. 1: follows the parent; 0: ignores it."
+            "(z at its prior mean), abducted counterfactuals, and their decoder mean alone (without the pixel "
+            "noise abducted from the factual image; well above the abducted slope: that noise keeps the factual "
+            "outline). 1: follows the parent; 0: ignores it."
         )
         L.append("")
         rows = [
-            [mode, name, _num(e.get("prior_mean")), _num(e.get("abducted")), str(e.get("images", ""))]
+            [
+                mode,
+                name,
+                _num(e.get("prior_mean")),
+                _num(e.get("abducted")),
+                _num(e.get("abducted_mean")),
+                str(e.get("images", "")),
+            ]
             for mode, entry in resp.items()
             for name, e in entry.items()
         ]
-        L += _table(["mode", "structure", "slope (prior mean)", "slope (abducted)", "images"], rows)
+        L += _table(
+            ["mode", "structure", "slope (prior mean)", "slope (abducted)", "slope (abducted, decoder mean)", "images"],
+            rows,
+        )
         L.append("")
     reg = result.get("regressor")
     if reg:
