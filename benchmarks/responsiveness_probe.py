@@ -1,8 +1,9 @@
 """Does the pre-trained generator follow its structure parents? Slope of the guide-measured area
 change against the intended area change (4 steps of -1..+1 std of the variable, descendants
-following through the mechanisms), for prior-mean decodes (temperature 0) and for abducted decodes
-of 64 val images, per structure. A slope of 1 is a generator that draws what it is told; 0 one that
-ignores the parent. The run's evaluation reports the same check on the test split.
+following through the mechanisms), for prior-mean decodes (temperature 0), for abducted decodes
+of 64 val images and for those decodes' mean alone (without the abducted pixel noise), per
+structure. A slope of 1 is a generator that draws what it is told; 0 one that ignores the parent.
+The run's evaluation reports the same check on the test split.
 
     OMP_NUM_THREADS=1 python benchmarks/responsiveness_probe.py RUN_DIR [MODE]
 """
@@ -33,11 +34,13 @@ with torch.no_grad():
     for var in info.structure_variables:
         j = info.index(var.name)
         res = {}
-        for kind in ("prior", "abducted"):
+        for kind in ("prior", "abducted", "abducted_mean"):
 
             def decode(p, kind=kind):
                 if kind == "abducted":
                     return ab.under(p)
+                if kind == "abducted_mean":
+                    return ab.under_with_mean(p)[1]
                 torch.manual_seed(1)
                 return dscm.generator.sample(p, temperature=0.0)
 
