@@ -247,7 +247,8 @@ def sections(result: Mapping[str, Any]) -> list[str]:
             f"(quantiles {', '.join(f'{q:g}' for q in QUANTILES)} of the split's values): prior-mean decodes "
             "(z at its prior mean), abducted counterfactuals, and their decoder mean alone (without the pixel "
             "noise abducted from the factual image; well above the abducted slope: that noise keeps the factual "
-            "outline). 1: follows the parent; 0: ignores it."
+            "outline; well below it: the edit rides on the likelihood's scale, which rescales that noise). "
+            "1: follows the parent; 0: ignores it."
         )
         L.append("")
         rows = [
