@@ -148,7 +148,8 @@ class Abduction:
 
     def under(self, pa_cf: torch.Tensor) -> torch.Tensor:
         """The counterfactual under the parents ``pa_cf`` (B, P)."""
-        return self.under_with_mean(pa_cf)[0]
+        loc, scale = self.generator.decode(self.latents, _tile(pa_cf, self.particles))
+        return self._mean((loc + scale * self.u).clamp(-1.0, 1.0))
 
     def under_with_mean(self, pa_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the counterfactual under ``pa_cf``, the decoder's mean mu* alone): from one decode,

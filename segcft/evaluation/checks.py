@@ -88,12 +88,15 @@ def responsiveness(
                     for v in values[var.name]
                 ]
                 r["t"].append(torch.stack([info.denormalise(p.double())[:, j] for p in pa_cf], 1))
-                decoded = [abduction.under_with_mean(p) for p in pa_cf]
-                r["abducted"].append(torch.stack([meas(seg(x_cf), regions)[:, j] for x_cf, _ in decoded], 1))
-                r["mean"].append(torch.stack([meas(seg(mu), regions)[:, j] for _, mu in decoded], 1))
+                measured = []  # (counterfactual, decoder mean) per value, one decode each, measured at once
+                for p in pa_cf:
+                    x_cf, mu = abduction.under_with_mean(p)
+                    measured.append((meas(seg(x_cf), regions)[:, j], meas(seg(mu), regions)[:, j]))
+                r["abducted"].append(torch.stack([a for a, _ in measured], 1))
+                r["mean"].append(torch.stack([m for _, m in measured], 1))
                 if callable(sample):
-                    measured = [meas(seg(sample(p, temperature=0.0)), regions)[:, j] for p in pa_cf]
-                    r["prior"].append(torch.stack(measured, 1))
+                    prior = [meas(seg(sample(p, temperature=0.0)), regions)[:, j] for p in pa_cf]
+                    r["prior"].append(torch.stack(prior, 1))
         entry = {}
         for var in info.structure_variables:
             r = rows[var.name]
